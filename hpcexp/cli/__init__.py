@@ -1,0 +1,1 @@
+"""The thin Click layer over the hpcexp library (``hpcexp.cli.main:main``)."""

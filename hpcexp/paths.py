@@ -1,0 +1,114 @@
+"""The one owner of hpcexp's on-disk layout.
+
+Nothing else in hpcexp builds these paths by hand: recipes, reports, images, sidecars,
+run folders and the files inside them are all named here, so that local runs, Slurm
+runs, ``logs``, ``status`` and ``archive`` agree on where things live.
+
+    recipes/NAME.ARCH.def              generated recipe (deterministic)
+    recipes/NAME.ARCH.report.json      fidelity report of the conversion
+    images/NAME-ARCH-HASH.sif          built image, HASH = first 16 hex of the input hash
+    images/NAME-ARCH-HASH.json         provenance sidecar
+    images/.locks/NAME-ARCH-HASH.lock  build lock (owner recorded inside)
+    images/.logs/NAME-ARCH-HASH.log    full build log of the last build attempt
+    runs/NAME/RUN_ID/run.json          run record
+    runs/NAME/RUN_ID/stdout.log        payload stdout   (Slurm: one pair per attempt, see RunPaths)
+    runs/NAME/RUN_ID/stderr.log        payload stderr
+    runs/NAME/RUN_ID/job.sbatch        rendered job script (Slurm runs)
+    runs/NAME/RUN_ID/results/          the run's own artifacts folder
+    runs/.sweeps/SWEEP_ID.json         sweep record (Slurm job arrays)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcexp.config import Project
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file of one run folder."""
+
+    dir: Path
+
+    @property
+    def record(self) -> Path:
+        return self.dir / "run.json"
+
+    @property
+    def stdout(self) -> Path:
+        return self.dir / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.dir / "stderr.log"
+
+    @property
+    def script(self) -> Path:
+        return self.dir / "job.sbatch"
+
+    @property
+    def results(self) -> Path:
+        return self.dir / "results"
+
+    @property
+    def events(self) -> Path:
+        """One JSON file per state change written by the job itself (append-only history)."""
+        return self.dir / "events"
+
+    def attempt_stdout(self, attempt: int) -> Path:
+        """stdout of Slurm attempt N (N >= 2 after a requeue); attempt 1 is stdout.log."""
+        return self.stdout if attempt <= 1 else self.dir / f"stdout.{attempt}.log"
+
+    def attempt_stderr(self, attempt: int) -> Path:
+        return self.stderr if attempt <= 1 else self.dir / f"stderr.{attempt}.log"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one project."""
+
+    project: Project
+
+    def recipe(self, name: str, arch: str) -> Path:
+        return self.project.recipes_dir / f"{name}.{arch}.def"
+
+    def report(self, name: str, arch: str) -> Path:
+        return self.project.recipes_dir / f"{name}.{arch}.report.json"
+
+    def image(self, name: str, arch: str, input_hash: str) -> Path:
+        return self.project.images_dir / f"{name}-{arch}-{input_hash[:16]}.sif"
+
+    def image_sidecar(self, image: Path) -> Path:
+        return image.with_suffix(".json")
+
+    def build_lock(self, image: Path) -> Path:
+        return image.parent / ".locks" / (image.stem + ".lock")
+
+    def build_log(self, image: Path) -> Path:
+        return image.parent / ".logs" / (image.stem + ".log")
+
+    def stat_cache(self) -> Path:
+        """Hash cache keyed by (path, size, mtime_ns, inode), as git's index."""
+        return self.project.images_dir / ".hash-cache.json"
+
+    def experiment_runs(self, name: str) -> Path:
+        return self.project.runs_dir / name
+
+    def run(self, name: str, run_id: str) -> RunPaths:
+        return RunPaths(self.project.runs_dir / name / run_id)
+
+    def sweeps_dir(self) -> Path:
+        return self.project.runs_dir / ".sweeps"
+
+    def sweep(self, sweep_id: str) -> Path:
+        return self.sweeps_dir() / f"{sweep_id}.json"
+
+    def slurm_template(self, name: str | None) -> Path:
+        """slurm/NAME.sbatch if it exists, else slurm/default.sbatch."""
+        if name:
+            specific = self.project.slurm_dir / f"{name}.sbatch"
+            if specific.is_file():
+                return specific
+        return self.project.slurm_dir / "default.sbatch"

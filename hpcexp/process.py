@@ -1,0 +1,122 @@
+"""The one seam through which hpcexp runs child processes.
+
+Every ``apptainer``, ``sbatch``, ``squeue``... call goes through :func:`run` with an
+argument list (never a shell string, never ``shell=True``). Commands are logged at debug
+level, a missing executable becomes :class:`~hpcexp.errors.EnvironmentProblem` with a
+fix, and the result is a small dataclass rather than a dict, so callers decide what a
+non-zero exit means.
+
+Tests can substitute fakes by putting scripts on ``PATH``; nothing here caches the
+location of an executable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from hpcexp.errors import EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINTS: dict[str, str] = {
+    "apptainer": "install Apptainer >= 1.1 (https://apptainer.org/docs/admin/latest/installation.html) "
+    "or load its module (`module load apptainer`); run `hpcexp doctor`",
+    "sbatch": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+    "squeue": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+    "scancel": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+    "sacct": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+    "sinfo": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+    "scontrol": "Slurm's client commands are not on PATH; run on a login node or `module load slurm`",
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished child process left behind."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last_line(self) -> str:
+        """The last non-empty line of stderr (or stdout): usually the tool's own reason."""
+        for stream in (self.stderr, self.stdout):
+            lines = [ln.strip() for ln in stream.splitlines() if ln.strip()]
+            if lines:
+                return lines[-1]
+        return f"exit code {self.returncode}"
+
+
+def which(program: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Where ``program`` is on PATH (of ``env`` if given), or None."""
+    path = (env or os.environ).get("PATH")
+    return shutil.which(program, path=path)
+
+
+def require(program: str, env: Mapping[str, str] | None = None) -> str:
+    """The full path of ``program``, or an EnvironmentProblem naming the fix."""
+    found = which(program, env)
+    if found is None:
+        raise EnvironmentProblem(
+            f"`{program}` not found on PATH",
+            hint=INSTALL_HINTS.get(program, f"install {program} or add it to PATH"),
+        )
+    return found
+
+
+def describe(argv: Sequence[str]) -> str:
+    """A copy-pasteable rendering of ``argv`` for logs and messages (quoted once)."""
+    return shlex.join(list(argv))
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    input: str | None = None,
+    timeout: float | None = None,
+) -> Result:
+    """Run ``argv`` to completion and capture its output.
+
+    A missing program raises EnvironmentProblem; a timeout raises EnvironmentProblem too
+    (the tool did not answer), naming the command. Any exit code is returned, not raised:
+    what it means is the caller's business.
+    """
+    argv = [str(a) for a in argv]
+    if not argv:
+        raise ValueError("empty argv")
+    exe = require(argv[0], env) if os.sep not in argv[0] else argv[0]
+    log.debug("run: %s", describe(argv))
+    try:
+        proc = subprocess.run(
+            [exe, *argv[1:]],
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            input=input,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise EnvironmentProblem(
+            f"`{argv[0]}` could not be started: {exc.strerror}",
+            hint=INSTALL_HINTS.get(os.path.basename(argv[0])),
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise EnvironmentProblem(f"`{describe(argv)}` did not answer within {timeout:g} s") from exc
+    log.debug("exit %d: %s", proc.returncode, argv[0])
+    return Result(tuple(argv), proc.returncode, proc.stdout or "", proc.stderr or "")
