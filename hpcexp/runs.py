@@ -1,0 +1,292 @@
+"""Run records: the one contract shared by the local and the Slurm executor.
+
+A run is a folder ``runs/NAME/RUN_ID/`` (see :mod:`hpcexp.paths`) holding ``run.json``.
+The record is written before anything starts (invariant I1) and replaced atomically at
+each state change (I2). ``logs``, ``status``, ``stop`` and ``archive`` read only this
+record and the files beside it, never caring which executor ran the run.
+
+States
+    created      folder and record exist, nothing started yet
+    submitting   (Slurm) sbatch is being called
+    pending      (Slurm) queued
+    running      the payload is running
+    succeeded    exit code 0, proven by the executor (never assumed)
+    failed       non-zero exit code, a killing signal, or a launch error
+    cancelled    stopped by the user (hpcexp stop, Ctrl-C, scancel)
+    timeout      (Slurm) hit its time limit
+    out_of_memory(Slurm) killed for memory
+    node_fail    (Slurm) the node failed
+    lost         the owner is gone and no exit was recorded (evidence in ``reason``)
+    unknown      no evidence either way yet (never shown as success)
+
+Run ids sort by creation time and are allocated by exclusive ``mkdir`` of the run
+folder (atomic on local file systems and NFS), never by max+1, so concurrent starts from
+many users and hosts cannot collide (I8).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import json
+import logging
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from hpcexp import __version__, atomic
+from hpcexp.errors import NotFound, StorageError, UsageError
+from hpcexp.paths import Layout, RunPaths
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "lost"})
+ACTIVE = frozenset({"created", "submitting", "pending", "running"})
+STATES = TERMINAL | ACTIVE | {"unknown"}
+
+
+def utcnow() -> str:
+    """Wall-clock time as ISO 8601 UTC with milliseconds (records are read by people and scripts)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> float | None:
+    """Seconds since the epoch from a record time, or None."""
+    if not value:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot's id: a pid is only meaningful together with it (pids are reused after reboot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def username() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return str(os.getuid())
+
+
+@dataclass
+class RunRecord:
+    """Everything known about one run. Serialised as run.json (unknown keys are kept)."""
+
+    experiment: str
+    run_id: str
+    state: str = "created"
+    executor: str = "local"
+    created_at: str = field(default_factory=utcnow)
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    launch_error: str | None = None
+    reason: str | None = None
+    host: str = field(default_factory=hostname)
+    user: str = field(default_factory=username)
+    arch: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    image: str | None = None
+    image_sha256: str | None = None
+    input_hash: str | None = None
+    recipe_sha256: str | None = None
+    hpcexp_version: str = __version__
+    apptainer_version: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    executor_ids: dict[str, Any] = field(default_factory=dict)
+    sweep_id: str | None = None
+    task_index: int | None = None
+    attempt: int = 1
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    resources: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def duration(self) -> float | None:
+        start = parse_time(self.started_at)
+        if start is None:
+            return None
+        end = parse_time(self.ended_at)
+        if end is None:
+            end = _dt.datetime.now(_dt.timezone.utc).timestamp() if self.state == "running" else None
+        return None if end is None else max(0.0, end - start)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.update({k: v for k, v in extra.items() if k not in data})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known and k != "extra"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        rec = cls(**kwargs)
+        rec.extra = extra
+        return rec
+
+
+def new_run_id() -> str:
+    """A fresh candidate id: UTC time to the second, then 6 random hex digits."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def allocate_run(layout: Layout, experiment: str, *, attempts: int = 50) -> RunPaths:
+    """Create a new, unique run folder by exclusive mkdir and return its paths."""
+    parent = layout.experiment_runs(experiment)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise atomic.storage_error(exc, parent) from exc
+    for _ in range(attempts):
+        paths = layout.run(experiment, new_run_id())
+        try:
+            paths.dir.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise atomic.storage_error(exc, paths.dir) from exc
+        return paths
+    raise StorageError(f"could not allocate a unique run folder under {parent} after {attempts} tries")
+
+
+def write_record(paths: RunPaths, record: RunRecord) -> None:
+    """Atomically replace run.json (temp, fsync, rename, fsync dir)."""
+    atomic.write_json(paths.record, record.to_dict())
+
+
+def read_record(paths: RunPaths) -> RunRecord:
+    """Read run.json. An unreadable record is reported as state ``unknown``, never as success."""
+    try:
+        data = json.loads(paths.record.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return RunRecord.from_dict(data)
+    except FileNotFoundError:
+        raise NotFound(f"no run record at {paths.record}") from None
+    except (ValueError, TypeError) as exc:
+        exp, run_id = paths.dir.parent.name, paths.dir.name
+        return RunRecord(experiment=exp, run_id=run_id, state="unknown",
+                         reason=f"run.json is unreadable ({exc}); left in place for inspection")
+
+
+def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[RunPaths, RunRecord]]:
+    """Every run of the project (or of one experiment), oldest first by id."""
+    root = layout.project.runs_dir
+    if not root.is_dir():
+        return
+    exp_dirs = [root / experiment] if experiment else sorted(p for p in root.iterdir()
+                                                             if p.is_dir() and not p.name.startswith("."))
+    items: list[tuple[str, RunPaths]] = []
+    for exp_dir in exp_dirs:
+        if not exp_dir.is_dir():
+            continue
+        for run_dir in exp_dir.iterdir():
+            if run_dir.is_dir() and not run_dir.name.startswith(".") and (run_dir / "run.json").exists():
+                items.append((run_dir.name, RunPaths(run_dir)))
+    for _, paths in sorted(items, key=lambda t: t[0]):
+        yield paths, read_record(paths)
+
+
+def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
+    """Runs named by ``spec``: a run id, a unique prefix of one, an experiment name (its
+    latest run), ``@last`` (the newest run of the project), or a sweep id (all its tasks)."""
+    if not spec or any(c in spec for c in "/\x00\n") or spec in (".", ".."):
+        raise UsageError(f"invalid run reference {spec!r}")
+    runs = list(iter_runs(layout))
+    if spec == "@last":
+        if not runs:
+            raise NotFound("no runs yet in this project")
+        return [max(runs, key=lambda t: (t[1].created_at, t[1].run_id))]
+    exact = [r for r in runs if r[1].run_id == spec]
+    if exact:
+        return exact
+    sweep = [r for r in runs if r[1].sweep_id == spec]
+    if sweep:
+        return sorted(sweep, key=lambda t: (t[1].task_index or 0))
+    if spec in layout.project.experiments or (layout.project.runs_dir / spec).is_dir():
+        mine = [r for r in runs if r[1].experiment == spec]
+        if not mine:
+            raise NotFound(f"experiment {spec!r} has no runs yet")
+        return [max(mine, key=lambda t: (t[1].created_at, t[1].run_id))]
+    prefixed = [r for r in runs if r[1].run_id.startswith(spec) or (r[1].sweep_id or "").startswith(spec)]
+    sweeps = {r[1].sweep_id for r in prefixed if r[1].sweep_id and r[1].sweep_id.startswith(spec)}
+    ids = {r[1].run_id for r in prefixed if r[1].run_id.startswith(spec)}
+    if len(ids) == 1 and not sweeps:
+        return [r for r in prefixed if r[1].run_id in ids]
+    if len(sweeps) == 1 and not ids:
+        return sorted([r for r in runs if r[1].sweep_id in sweeps], key=lambda t: (t[1].task_index or 0))
+    if ids or sweeps:
+        sample = ", ".join(sorted(ids | sweeps)[:5])
+        raise UsageError(f"run reference {spec!r} is ambiguous: matches {sample}"
+                         + (" ..." if len(ids | sweeps) > 5 else ""))
+    raise NotFound(f"no run, sweep or experiment matches {spec!r}",
+                   hint="`hpcexp runs` lists runs; use a run id, a unique prefix, an experiment name or @last")
+
+
+def git_state(root: Path) -> tuple[str | None, bool | None]:
+    """The project's git commit and whether the work tree is dirty (None when not a repo)."""
+    from hpcexp import process
+
+    if process.which("git") is None:
+        return None, None
+    try:
+        head = process.run(["git", "-C", str(root), "rev-parse", "HEAD"], timeout=10)
+        if not head.ok:
+            return None, None
+        dirty = process.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                            timeout=20)
+        return head.stdout.strip(), bool(dirty.stdout.strip()) if dirty.ok else None
+    except Exception:  # noqa: BLE001 - provenance is best effort, never a reason to fail a run
+        return None, None
+
+
+def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, RunRecord]]) -> list[tuple[RunPaths, RunRecord]]:
+    """Bring non-terminal records up to date with the evidence each executor has.
+
+    Local runs are checked by their owner process (``hpcexp.local.reconcile``), Slurm
+    runs with one squeue/sacct call for all of them (``hpcexp.slurm.reconcile``).
+    """
+    items = list(items)
+    out: dict[Path, tuple[RunPaths, RunRecord]] = {p.dir: (p, r) for p, r in items}
+    by_exec: dict[str, list[tuple[RunPaths, RunRecord]]] = {}
+    for p, r in items:
+        if not r.terminal:
+            by_exec.setdefault(r.executor, []).append((p, r))
+    for executor, group in by_exec.items():
+        try:
+            module = __import__(f"hpcexp.{executor}", fromlist=["reconcile"])
+        except ImportError:
+            continue
+        fn = getattr(module, "reconcile", None)
+        if fn is None:
+            continue
+        for p, r in fn(layout, group):
+            out[p.dir] = (p, r)
+    return [out[p.dir] for p, _ in items]
+
