@@ -152,11 +152,11 @@ def _csv_field(text: str) -> str:
 
 
 def action_argv(program: str, action: str, image: Path, *, args: Sequence[str] = (),
-                mounts: Sequence[Mount] = (), env: Mapping[str, str] | None = None,
-                containall: bool = True, cleanenv: bool = True, nv: bool = False, pwd: str | None = None,
+                mounts: Sequence[Mount] = (), containall: bool = True, cleanenv: bool = True, nv: bool = False, pwd: str | None = None,
                 writable_tmpfs: bool = True, no_home: bool = False, extra: Sequence[str] = ()) -> list[str]:
-    """``apptainer run|exec`` argv. Environment values are passed with --env, one each,
-    so their bytes reach the container unchanged (no shell in between)."""
+    """``apptainer run|exec`` argv. The container's environment is not on the command line:
+    pass :func:`payload_env` as the child's environment (``--env`` parses CSV and would
+    split a value holding a comma)."""
     if action not in ("run", "exec"):
         raise ValueError(action)
     argv = [program, action]
@@ -174,12 +174,23 @@ def action_argv(program: str, action: str, image: Path, *, args: Sequence[str] =
         argv += ["--pwd", pwd]
     for m in mounts:
         argv += m.argv()
-    for key in sorted(env or {}):
-        argv += ["--env", f"{key}={(env or {})[key]}"]
     argv += list(extra)
     argv.append(str(image))
     argv += list(args)
     return argv
+
+
+def payload_env(program: str, env: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for an ``apptainer run/exec`` process that injects ``env`` into the container.
+
+    Each value travels as ``APPTAINERENV_KEY`` (``SINGULARITYENV_`` for singularity), which
+    Apptainer passes through even with --cleanenv/--containall, byte for byte.
+    """
+    prefix = "SINGULARITYENV_" if os.path.basename(program) == "singularity" else "APPTAINERENV_"
+    out = clean_env(base)
+    for key, value in env.items():
+        out[prefix + key] = value
+    return out
 
 
 def inspect_labels(image: Path) -> dict[str, str]:
