@@ -1,0 +1,145 @@
+"""How a run's container is launched: the same plan for the local and the Slurm executor.
+
+:func:`plan` is pure: from an experiment, an image and a run folder it produces the
+``apptainer`` argument list, the environment to inject into the container and the
+mounts, so that ``hpcexp run`` and a Slurm job run the payload identically and the run
+record can store the exact command.
+
+What the payload sees
+  - the experiment folder at ``exp.mount`` (default ``/experiment``), read-only unless
+    ``writable``;
+  - the run's own ``results/`` folder at ``<mount>/<artifacts>`` and, when the working
+    directory differs from the mount, also at ``<workdir>/<artifacts>``, so code that
+    writes ``results/...`` relative to its Dockerfile WORKDIR lands in this run's folder
+    and concurrent runs never share results;
+  - parameters as arguments ``--KEY=VALUE`` appended to the command (``params_as: args``)
+    and/or environment variables ``HPCEXP_PARAM_KEY`` (``params_as: env``), plus
+    ``HPCEXP_PARAMS`` (all of them as JSON), ``HPCEXP_RUN_ID``, ``HPCEXP_EXPERIMENT`` and
+    ``HPCEXP_RESULTS``; values reach the payload byte for byte (no shell in between);
+  - ``--containall`` (own PID/IPC namespaces, clean environment, no host $HOME) with the
+    configured environment passed explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from hpcexp import apptainer
+from hpcexp.config import PARAM_RE, Experiment, Project
+from hpcexp.errors import UsageError
+from hpcexp.paths import RunPaths
+
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
+               "/usr", "/var")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything needed to start one run's container."""
+
+    argv: tuple[str, ...]                # apptainer run|exec ... IMAGE PAYLOAD...
+    container_env: Mapping[str, str]     # injected as APPTAINERENV_* (see apptainer.payload_env)
+    mounts: tuple[apptainer.Mount, ...]
+    pwd: str
+    payload: tuple[str, ...]             # what runs inside: runscript args, or the command
+
+    def process_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of the apptainer process itself."""
+        return apptainer.payload_env(self.argv[0], self.container_env, base)
+
+
+def parse_params(items: Sequence[str]) -> dict[str, str]:
+    """``-p KEY=VALUE`` options into a dict; the value is kept byte for byte."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"parameter {item!r} is not KEY=VALUE")
+        if not PARAM_RE.match(key):
+            raise UsageError(f"invalid parameter name {key!r}: letters, digits and _, not starting with a digit")
+        if "\x00" in value:
+            raise UsageError(f"parameter {key!r} holds a NUL byte, which no process argument can carry")
+        out[key] = value
+    return out
+
+
+def canonical_bind_source(src: str, project: Project, *, allow_any: bool = False) -> str:
+    """Resolve a bind's host path and refuse ones that expose too much.
+
+    Refused unless ``allow_any``: ``/``, the user's home itself, any parent of the project,
+    and system directories. The path is canonicalised (symlinks resolved), so a link to
+    ``/`` is caught too.
+    """
+    path = os.path.realpath(os.path.expanduser(src))
+    if not os.path.exists(path):
+        raise UsageError(f"bind source {src!r} does not exist")
+    if allow_any:
+        return path
+    home = os.path.realpath(os.path.expanduser("~"))
+    root = str(project.root)
+    if path == "/" or path == home:
+        raise UsageError(f"refusing to bind {src!r} (resolves to {path}): it exposes too much",
+                         hint="bind a narrower folder, or allow it explicitly with --allow-bind")
+    if root == path or root.startswith(path.rstrip("/") + "/"):
+        if path != root:
+            raise UsageError(f"refusing to bind {src!r} (resolves to {path}): it is a parent of the project",
+                             hint="bind a narrower folder, or allow it explicitly with --allow-bind")
+    if path in SYSTEM_DIRS:
+        raise UsageError(f"refusing to bind system folder {path}", hint="allow it explicitly with --allow-bind")
+    return path
+
+
+def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_id: str,
+         params: Mapping[str, str] | None = None, args: Sequence[str] | None = None,
+         image_workdir: str | None = None, gpu: bool | None = None, writable: bool | None = None,
+         allow_binds: bool = False, program: str = "apptainer") -> LaunchPlan:
+    """Plan the container launch for one run. Pure, apart from resolving bind paths."""
+    merged = dict(exp.params)
+    merged.update(params or {})
+    for key in merged:
+        if not PARAM_RE.match(key):
+            raise UsageError(f"invalid parameter name {key!r}")
+
+    mount = exp.mount
+    workdir = exp.workdir or image_workdir or mount
+    results_dst = f"{mount.rstrip('/')}/{exp.artifacts}"
+    is_writable = exp.writable if writable is None else writable
+
+    mounts: list[apptainer.Mount] = [
+        apptainer.Mount(str(exp.path.resolve()), mount, readonly=not is_writable),
+        apptainer.Mount(str(run.results), results_dst, readonly=False),
+    ]
+    wd_results = f"{workdir.rstrip('/')}/{exp.artifacts}"
+    if workdir != mount and wd_results != results_dst:
+        mounts.append(apptainer.Mount(str(run.results), wd_results, readonly=False))
+    for b in exp.binds:
+        mounts.append(apptainer.Mount(canonical_bind_source(b.src, project, allow_any=allow_binds), b.dst,
+                                      readonly=b.mode != "rw"))
+
+    env: dict[str, str] = dict(exp.env)
+    env.update({
+        "HPCEXP_RUN_ID": run_id,
+        "HPCEXP_EXPERIMENT": exp.name,
+        "HPCEXP_RESULTS": results_dst,
+        "HPCEXP_PARAMS": json.dumps(merged, sort_keys=True, ensure_ascii=False),
+    })
+    if "env" in exp.params_as:
+        for key, value in merged.items():
+            env[f"HPCEXP_PARAM_{key}"] = value
+
+    payload: list[str] = list(exp.command or ())
+    payload += list(args) if args else list(exp.args)
+    if "args" in exp.params_as:
+        payload += [f"--{key}={value}" for key, value in merged.items()]
+
+    argv = apptainer.action_argv(
+        program, "exec" if exp.command else "run", image, args=payload, mounts=mounts,
+        containall=True, cleanenv=True, nv=exp.gpu if gpu is None else gpu, pwd=workdir,
+        writable_tmpfs=True,
+    )
+    return LaunchPlan(argv=tuple(argv), container_env=env, mounts=tuple(mounts), pwd=workdir,
+                      payload=tuple(payload))
