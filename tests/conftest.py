@@ -97,6 +97,8 @@ def run_cli(*args: str, cwd: Path | str | None = None, env: dict[str, str] | Non
     full_env.pop("HPCEXP_PROJECT", None)
     if env:
         full_env.update(env)
+    # The child imports this checkout's hpcexp whether or not it is installed.
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "hpcexp", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout, input=input)
 

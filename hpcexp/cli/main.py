@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> Any:
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        return cli.main(args=argv, prog_name="hpcexp", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="hpcexp", standalone_mode=False)
+        # With standalone_mode=False click returns ctx.exit(N)'s code instead of exiting.
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            sys.exit(rv)
+        return rv
     except HpcexpError as exc:
         if debug:
             import traceback

@@ -1,0 +1,96 @@
+"""What ``hpcexp list`` knows about each experiment, cheaply.
+
+Listing must start as fast as ``import click, yaml`` (it is benchmarked), so nothing
+here imports spython or runs apptainer: recipe state comes from the sha256 of the
+Dockerfile recorded in the recipe's header comment, image state from the newest image
+sidecar's recorded recipe hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcexp.config import ARCHES, Experiment, Project
+from hpcexp.paths import Layout
+
+HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    name: str
+    path: str
+    declared: bool
+    ref: str | None
+    code: str | None
+    dockerfiles: dict[str, str]
+    arches: list[str]
+    recipe: dict[str, str] = field(default_factory=dict)   # arch -> missing | current | stale
+    image: dict[str, str] = field(default_factory=dict)    # arch -> none | current | stale
+
+
+def file_sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def recipe_state(layout: Layout, exp: Experiment, arch: str) -> str:
+    recipe = layout.recipe(exp.name, arch)
+    try:
+        with open(recipe, encoding="utf-8", errors="replace") as fh:
+            head = [next(fh, "") for _ in range(8)]
+    except OSError:
+        return "missing"
+    df = exp.dockerfiles.get(arch)
+    want = file_sha256(df) if df else None
+    recorded = {m for line in head if line.startswith("#") for m in HEX64.findall(line)}
+    return "current" if want and want in recorded else "stale"
+
+
+def image_state(layout: Layout, exp: Experiment, arch: str) -> str:
+    images = layout.project.images_dir
+    sidecars = sorted(images.glob(f"{exp.name}-{arch}-*.json"), key=lambda p: p.stat().st_mtime) \
+        if images.is_dir() else []
+    sidecars = [s for s in sidecars if s.with_suffix(".sif").exists()]
+    if not sidecars:
+        return "none"
+    recipe_sha = file_sha256(layout.recipe(exp.name, arch))
+    try:
+        data = json.loads(sidecars[-1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "stale"
+    return "current" if recipe_sha and data.get("recipe_sha256") == recipe_sha else "stale"
+
+
+def describe(project: Project) -> list[ExperimentInfo]:
+    """One entry per experiment, sorted by name."""
+    layout = Layout(project)
+    out = []
+    for name in sorted(project.experiments):
+        exp = project.experiments[name]
+        arches = [a for a in ARCHES if a in exp.dockerfiles]
+        out.append(ExperimentInfo(
+            name=name, path=_rel(exp.path, project.root), declared=exp.declared, ref=exp.ref, code=exp.code,
+            dockerfiles={a: _rel(p, exp.path) for a, p in sorted(exp.dockerfiles.items())},
+            arches=arches,
+            recipe={a: recipe_state(layout, exp, a) for a in arches},
+            image={a: image_state(layout, exp, a) for a in arches},
+        ))
+    return out
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base))
+    except ValueError:
+        return str(path)
