@@ -15,6 +15,7 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     runs/NAME/RUN_ID/stderr.log        payload stderr
     runs/NAME/RUN_ID/job.sbatch        rendered job script (Slurm runs)
     runs/NAME/RUN_ID/results/          the run's own artifacts folder
+    runs/NAME/RUN_ID/stop.json         stop request (local runs: who, when, grace)
     runs/.sweeps/SWEEP_ID.json         sweep record (Slurm job arrays)
 """
 
@@ -56,6 +57,11 @@ class RunPaths:
     def events(self) -> Path:
         """One JSON file per state change written by the job itself (append-only history)."""
         return self.dir / "events"
+
+    @property
+    def stop_request(self) -> Path:
+        """Written by ``hpcexp stop`` (who, when, grace) before it signals the run's supervisor."""
+        return self.dir / "stop.json"
 
     def attempt_stdout(self, attempt: int) -> Path:
         """stdout of Slurm attempt N (N >= 2 after a requeue); attempt 1 is stdout.log."""

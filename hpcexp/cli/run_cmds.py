@@ -1,0 +1,385 @@
+"""``hpcexp run``, ``status``, ``runs``, ``logs`` and ``stop``: local runs and the run records of all executors.
+
+Exit codes of ``hpcexp run`` (foreground): 0 the payload succeeded; 5 the payload ran and
+failed (its own exit code is in the record and in the message); 3 Apptainer could not
+start the container (a launch error such as a missing bind source); 4 the image build
+failed; 130 interrupted (Ctrl-C; the run is stopped and recorded ``cancelled``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, Sequence
+
+import click
+
+from hpcexp.cli.common import arch_option, echo_table, emit_json, human_age, info, json_option, pass_ctx, warn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.cli.common import Ctx
+    from hpcexp.paths import Layout, RunPaths
+    from hpcexp.runs import RunRecord
+
+STATE_ORDER = ("succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "lost", "running",
+               "pending", "submitting", "created", "unknown")
+
+
+# --------------------------------------------------------------------------------------
+# Shared helpers (also used by the Slurm commands)
+# --------------------------------------------------------------------------------------
+
+def summarize(records: Sequence["RunRecord"]) -> str:
+    """One line such as ``8 succeeded, 2 failed, 5 pending`` (states in a fixed order)."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        counts[rec.state] = counts.get(rec.state, 0) + 1
+    order = [s for s in STATE_ORDER if s in counts] + sorted(s for s in counts if s not in STATE_ORDER)
+    return ", ".join(f"{counts[s]} {s}" for s in order) if order else "no runs"
+
+
+def _cell(value: str, limit: int = 24) -> str:
+    """A parameter value made safe for one table cell: control characters escaped, long values cut."""
+    out = []
+    for ch in value:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 32 or ord(ch) == 127:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if " " in text or text == "":
+        text = repr(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_params(params: dict[str, str], limit: int = 60) -> str:
+    text = " ".join(f"{k}={_cell(str(v))}" for k, v in sorted(params.items()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def exit_cell(rec: "RunRecord") -> str:
+    if rec.launch_error:
+        return "launch"
+    if rec.exit_code is not None:
+        return str(rec.exit_code)
+    if rec.signal is not None:
+        return f"sig{rec.signal}"
+    return "-"
+
+
+def run_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[list[str]]:
+    """Rows of the run table: RUN_ID, EXPERIMENT, STATE, AGE, DURATION, EXIT, PARAMS."""
+    import time
+
+    from hpcexp.runs import parse_time
+
+    now = time.time()
+    rows = []
+    for _, rec in items:
+        created = parse_time(rec.created_at)
+        rows.append([rec.run_id, rec.experiment, rec.state, human_age(None if created is None else now - created),
+                     human_age(rec.duration()), exit_cell(rec), format_params(rec.params)])
+    return rows
+
+
+RUN_HEADERS = ("RUN_ID", "EXPERIMENT", "STATE", "AGE", "DURATION", "EXIT", "PARAMS")
+
+
+def echo_runs(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> None:
+    echo_table(run_rows(items), RUN_HEADERS)
+
+
+def _details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
+    """key: value lines describing one run (status RUN)."""
+    import shlex
+
+    lines = [f"run: {rec.run_id}", f"experiment: {rec.experiment}", f"state: {rec.state}"]
+    if rec.reason:
+        lines.append(f"reason: {rec.reason}")
+    if rec.launch_error:
+        lines.append(f"launch_error: {rec.launch_error}")
+    lines += [
+        f"exit_code: {'-' if rec.exit_code is None else rec.exit_code}",
+        f"signal: {'-' if rec.signal is None else rec.signal}",
+        f"created: {rec.created_at}",
+        f"started: {rec.started_at or '-'}",
+        f"ended: {rec.ended_at or '-'}",
+        f"duration: {human_age(rec.duration())}",
+        f"executor: {rec.executor} {' '.join(f'{k}={v}' for k, v in sorted(rec.executor_ids.items()))}".rstrip(),
+        f"host: {rec.host}",
+        f"user: {rec.user}",
+        f"params: {format_params(rec.params, limit=10_000) or '-'}",
+        f"image: {rec.image or '-'}",
+        f"image_sha256: {rec.image_sha256 or '-'}",
+        f"recipe_sha256: {rec.recipe_sha256 or '-'}",
+        f"git: {rec.git_commit or '-'}{' (dirty)' if rec.git_dirty else ''}",
+        f"versions: hpcexp {rec.hpcexp_version}, apptainer {rec.apptainer_version or '-'}",
+        f"command: {shlex.join(rec.command) if rec.command else '-'}",
+        f"folder: {paths.dir}",
+        f"stdout: {paths.stdout}",
+        f"stderr: {paths.stderr}",
+        f"results: {paths.results}",
+    ]
+    return lines
+
+
+def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]]
+                ) -> list[tuple["RunPaths", "RunRecord"]]:
+    from hpcexp.runs import reconcile
+
+    return reconcile(layout, items)
+
+
+# --------------------------------------------------------------------------------------
+# run
+# --------------------------------------------------------------------------------------
+
+@click.command("run", context_settings={"ignore_unknown_options": False})
+@click.argument("name")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter (repeatable). Passed byte for byte as --KEY=VALUE and/or HPCEXP_PARAM_KEY "
+                   "(experiment setting params_as).")
+@click.option("-d", "--detach", is_flag=True, help="Start in the background and print the run id.")
+@arch_option
+@click.option("--gpu", is_flag=True, default=None, help="Pass the host GPUs in (apptainer --nv).")
+@click.option("--writable", is_flag=True, default=None, help="Bind the experiment folder read-write.")
+@click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME, project parents and system folders.")
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when the run is stopped.")
+@click.option("--rebuild", is_flag=True, help="Rebuild the image even when it is cached.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@pass_ctx
+def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...], detach: bool,
+            arch: str | None, gpu: bool | None, writable: bool | None, allow_bind: bool, grace: float,
+            rebuild: bool, quiet: bool) -> None:
+    """Run experiment NAME without root; results land in runs/NAME/RUN_ID/.
+
+    \b
+    Arguments after `--` replace the experiment's configured args:
+      hpcexp run train -p lr=0.1 -- --epochs 3
+    Exit code: 0 succeeded, 5 the experiment failed (its code is in the record),
+    3 apptainer could not start it, 4 the image build failed, 130 interrupted.
+    """
+    from hpcexp import apptainer, launch, local
+    from hpcexp.config import host_arch
+    from hpcexp.errors import EnvironmentProblem, Interrupted, PayloadFailed
+    from hpcexp.image import ensure_image
+
+    project = ctx.project()
+    exp = project.experiment(name)
+    parsed = launch.parse_params(params)
+    arch = arch or host_arch()
+    apptainer.require()
+    dropped = apptainer.scrubbed_vars()
+    if dropped:
+        warn(f"ignoring {', '.join(dropped)} from your shell (binds and environment come from hpcexp.yaml)")
+
+    def progress(kind: str, text: str) -> None:
+        if kind == "warn":
+            warn(text)
+        elif not quiet:
+            info(text)
+
+    image = ensure_image(project, exp, arch, force=rebuild, quiet=quiet, progress=progress)
+
+    def created(paths: "RunPaths", rec: "RunRecord") -> None:
+        if not detach:
+            info(f"run {rec.run_id} ({paths.dir})", quiet)
+
+    paths, rec = local.start_run(project, exp, image, params=parsed, args=list(args) if args else None,
+                                 arch=arch, gpu=gpu, writable=writable, allow_binds=allow_bind, detach=detach,
+                                 grace=grace, tee=True, interactive=True, cmdline=["hpcexp", *sys.argv[1:]],
+                                 on_created=created)
+    if detach:
+        click.echo(rec.run_id)
+        if rec.state == "running":
+            info(f"run {rec.run_id} started in the background: hpcexp logs -f {rec.run_id}", quiet)
+        elif rec.state == "succeeded":
+            info(f"run {rec.run_id} already finished: succeeded", quiet)
+    _raise_for(paths, rec, detach)
+
+
+def _raise_for(paths: "RunPaths", rec: "RunRecord", detach: bool) -> None:
+    from hpcexp.errors import EnvironmentProblem, Interrupted, PayloadFailed
+
+    if rec.state in ("succeeded", "running", "created"):
+        if not detach and rec.state == "succeeded":
+            info(f"run {rec.run_id}: succeeded; results in {paths.results}")
+        return
+    if rec.launch_error:
+        raise EnvironmentProblem(f"run {rec.run_id}: apptainer could not start the container: {rec.launch_error}",
+                                 hint=f"full output in {paths.stderr}")
+    if rec.state == "cancelled":
+        raise Interrupted(f"run {rec.run_id} was stopped ({rec.reason or 'cancelled'}); recorded as cancelled")
+    what = f"exit code {rec.exit_code}" if rec.exit_code is not None else (rec.reason or rec.state)
+    raise PayloadFailed(f"run {rec.run_id} failed with {what}; see {paths.stderr}", code=rec.exit_code,
+                        hint=f"hpcexp logs --stderr {rec.run_id}")
+
+
+# --------------------------------------------------------------------------------------
+# status / runs
+# --------------------------------------------------------------------------------------
+
+@click.command("status")
+@click.argument("ref", required=False)
+@json_option
+@pass_ctx
+def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
+    """State of all runs, or details of one RUN (id, unique prefix, experiment name, @last, sweep id)."""
+    from hpcexp.paths import Layout
+    from hpcexp.runs import iter_runs, resolve
+
+    layout = Layout(ctx.project())
+    if ref is None:
+        items = _reconciled(layout, list(iter_runs(layout)))
+    else:
+        items = _reconciled(layout, resolve(layout, ref))
+    if as_json:
+        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        return
+    if ref is not None and len(items) == 1 and not items[0][1].sweep_id:
+        click.echo("\n".join(_details(*items[0])))
+        return
+    if ref is not None and items and items[0][1].sweep_id and all(r.sweep_id == items[0][1].sweep_id
+                                                                  for _, r in items):
+        click.echo(f"sweep {items[0][1].sweep_id}: {summarize([r for _, r in items])}")
+    echo_runs(items)
+
+
+@click.command("runs")
+@click.argument("name", required=False)
+@json_option
+@pass_ctx
+def runs_cmd(ctx: "Ctx", name: str | None, as_json: bool) -> None:
+    """Table of runs (of experiment NAME, or all): state, age, duration, exit code, parameters."""
+    from hpcexp.config import check_name
+    from hpcexp.paths import Layout
+    from hpcexp.runs import iter_runs
+
+    project = ctx.project()
+    layout = Layout(project)
+    if name is not None:
+        check_name(name, "experiment name")
+        if name not in project.experiments and not layout.experiment_runs(name).is_dir():
+            project.experiment(name)  # NotFound with a did-you-mean
+    items = _reconciled(layout, list(iter_runs(layout, name)))
+    if as_json:
+        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        return
+    echo_runs(items)
+
+
+# --------------------------------------------------------------------------------------
+# logs
+# --------------------------------------------------------------------------------------
+
+@click.command("logs")
+@click.argument("ref")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the run ends (follows by name, as tail -F).")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=None, help="Only the last N lines.")
+@click.option("--stderr", "which", flag_value="stderr", help="Show stderr instead of stdout.")
+@click.option("--both", "which", flag_value="both", help="Show stdout and stderr, lines prefixed.")
+@click.option("--stdout", "which", flag_value="stdout", default=True, hidden=True)
+@pass_ctx
+def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) -> None:
+    """Print a run's output: RUN is an id, a unique prefix, an experiment name (its latest run) or @last.
+
+    With -f, keeps printing until the run ends, then exits (a sweep id follows all its tasks).
+    """
+    import time
+
+    from hpcexp import logs
+    from hpcexp.paths import Layout
+    from hpcexp.runs import read_record, reconcile, resolve
+
+    layout = Layout(ctx.project())
+    items = resolve(layout, ref)
+    several = len(items) > 1
+    files = []
+    for paths, rec in items:
+        tag = f"{rec.task_index if rec.task_index is not None else rec.run_id}" if several else ""
+        if which in ("stdout", "both"):
+            files.append(((f"[{tag}] " if several else "") + ("out: " if which == "both" else ""),
+                          paths.attempt_stdout(rec.attempt)))
+        if which in ("stderr", "both"):
+            files.append(((f"[{tag}] " if several else "") + ("err: " if which == "both" else ""),
+                          paths.attempt_stderr(rec.attempt)))
+    out = sys.stdout.buffer
+    if not follow:
+        logs.show(files, out=out, lines=lines)
+        return
+
+    state = {"next": 0.0}
+
+    def until() -> bool:
+        now = time.monotonic()
+        current = [(p, read_record(p)) for p, _ in items]
+        if all(r.terminal for _, r in current):
+            return True
+        interval = 2.0 if all(r.executor == "local" for _, r in current) else 10.0
+        if now >= state["next"]:
+            state["next"] = now + interval
+            current = reconcile(layout, current)
+            return all(r.terminal for _, r in current)
+        return False
+
+    logs.follow(files, until, out=out, lines=lines)
+
+
+# --------------------------------------------------------------------------------------
+# stop
+# --------------------------------------------------------------------------------------
+
+@click.command("stop")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL.")
+@json_option
+@pass_ctx
+def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> None:
+    """Stop runs: SIGTERM to the whole container process tree, SIGKILL after --grace seconds.
+
+    RUN is an id, a unique prefix, an experiment name (its latest run), @last or a sweep id.
+    The record then says `cancelled`.
+    """
+    import importlib
+
+    from hpcexp.errors import UsageError
+    from hpcexp.paths import Layout
+    from hpcexp.runs import resolve
+
+    layout = Layout(ctx.project())
+    items: list[tuple[Any, Any]] = []
+    seen = set()
+    for ref in refs:
+        for paths, rec in resolve(layout, ref):
+            if paths.dir not in seen:
+                seen.add(paths.dir)
+                items.append((paths, rec))
+    by_exec: dict[str, list[tuple[Any, Any]]] = {}
+    for paths, rec in items:
+        by_exec.setdefault(rec.executor, []).append((paths, rec))
+    results: dict[Any, Any] = {}
+    for executor, group in by_exec.items():
+        try:
+            module = importlib.import_module(f"hpcexp.{executor}")
+        except ImportError:
+            module = None
+        fn = getattr(module, "stop", None) if module is not None else None
+        if fn is None:
+            raise UsageError(f"cannot stop runs of executor {executor!r} from this version of hpcexp")
+        for paths, rec in fn(layout, group, grace=grace):
+            results[paths.dir] = (paths, rec)
+    final = [results.get(p.dir, (p, r)) for p, r in items]
+    if as_json:
+        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in final])
+        return
+    for (paths, before), (_, rec) in zip(items, final):
+        if before.terminal:
+            info(f"run {rec.run_id} had already ended: {rec.state}")
+        else:
+            info(f"run {rec.run_id}: {rec.state}" + (f" ({rec.reason})" if rec.reason else ""))

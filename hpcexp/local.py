@@ -1,0 +1,727 @@
+"""The local executor: start a run's container here, supervise it, stop it, and notice when it is lost.
+
+One run has one *supervisor*: the process that starts ``apptainer`` (in its own session
+and process group, so signals for hpcexp never hit the payload by accident), copies the
+payload's stdout and stderr into the run folder (and to the terminal in the foreground)
+from reader threads so the payload never blocks on a full pipe, and is the only writer
+of ``run.json`` once the run has started. In the foreground the supervisor is the
+``hpcexp run`` process itself (no extra interpreter start-up); with ``--detach`` it is
+``python -m hpcexp.local RUN_DIR`` in a new session, detached from the terminal.
+
+Why a watchdog: Apptainer's runtime parent does not keep ``PR_SET_PDEATHSIG`` (checked
+with 1.4.5), so a supervisor killed with SIGKILL would leave the container running. The
+supervisor therefore forks a tiny watchdog (own session) that blocks on a pipe; when
+the pipe closes without the "done" byte, the supervisor died and the watchdog kills the
+container's process group and every process carrying the run's marker environment
+(``HPCEXP_RUN_ID``). :func:`reconcile` later finds the supervisor gone (pid and its
+start time on the same host and boot) and records the run ``lost`` with that evidence.
+
+Exit decoding (``--containall`` makes Apptainer the parent in the PID namespace):
+payload exit N -> Apptainer exits N; a payload killed by signal S -> 128+S; Apptainer's
+own failure before the payload ran -> 255 with a ``FATAL:`` line on stderr, recorded as
+``launch_error`` (state ``failed``, no exit code), never as the payload's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
+
+from hpcexp import apptainer, atomic, runs
+from hpcexp.config import Experiment, Project
+from hpcexp.errors import HpcexpError, NotFound, UsageError
+from hpcexp.paths import Layout, RunPaths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 10.0
+CHUNK = 65536
+MARKER = "HPCEXP_RUN_ID"
+_TERMINAL_QUEUE_CHUNKS = 256        # bounded: a stuck terminal drops output, never blocks the payload
+
+
+# --------------------------------------------------------------------------------------
+# Processes: identity, liveness, leftovers
+# --------------------------------------------------------------------------------------
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    A pid alone is not an identity (pids are reused); pid + start time on the same boot is.
+    Returns None when the process does not exist or is a zombie (it has exited).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(b")") + 2:].split()
+    if not rest or rest[0] in (b"Z", b"X"):
+        return None
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def alive(pid: int | None, start: int | None = None) -> bool:
+    """Whether the process ``pid`` (started at ``start`` ticks, if known) still runs here."""
+    if not pid or pid <= 0:
+        return False
+    ticks = proc_start_ticks(int(pid))
+    if ticks is None:
+        return False
+    return start is None or int(start) == ticks
+
+
+def marker_pids(run_id: str, *, exclude: Iterable[int] = ()) -> list[int]:
+    """Processes of this user whose environment carries the run's marker (``HPCEXP_RUN_ID``).
+
+    Apptainer passes ``APPTAINERENV_HPCEXP_RUN_ID`` to its helpers and the payload sees
+    ``HPCEXP_RUN_ID``, so this finds every process of the run, including children that
+    left the process group. The supervisor and watchdog never carry the marker.
+    """
+    want = run_id.encode()
+    skip = {os.getpid(), *exclude}
+    uid = os.getuid()
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in entries:
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid in skip:
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != uid:
+                continue
+            env = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        for item in env.split(b"\0"):
+            key, _, value = item.partition(b"=")
+            if value == want and key.endswith(MARKER.encode()):
+                found.append(pid)
+                break
+    return found
+
+
+def kill_tree(pgid: int | None, run_id: str, *, grace: float = 2.0, exclude: Iterable[int] = ()) -> int:
+    """SIGTERM the run's process group and marked processes, SIGKILL what is left after ``grace``.
+
+    Returns how many processes had to be signalled.
+    """
+    exclude = set(exclude)
+
+    def targets() -> set[int]:
+        return set(marker_pids(run_id, exclude=exclude))
+
+    touched = 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        victims = targets()
+        group_alive = False
+        if pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+                group_alive = True
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        touched = max(touched, len(victims) + (1 if group_alive else 0))
+        if sig == signal.SIGKILL:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            group_alive = False
+            if pgid:
+                try:
+                    os.killpg(pgid, 0)
+                    group_alive = True
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not group_alive and not targets():
+                return touched
+            time.sleep(0.05)
+    return touched
+
+
+# --------------------------------------------------------------------------------------
+# Creating a run
+# --------------------------------------------------------------------------------------
+
+def _image_fields(image: Any) -> dict[str, Any]:
+    """The provenance of an ImageInfo-like object (or a bare path)."""
+    if isinstance(image, (str, os.PathLike)):
+        return {"path": Path(image)}
+    return {name: getattr(image, name, None)
+            for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version")}
+
+
+def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
+                args: Sequence[str] | None = None, arch: str | None = None, gpu: bool | None = None,
+                writable: bool | None = None, allow_binds: bool = False, grace: float = DEFAULT_GRACE,
+                cmdline: Sequence[str] | None = None) -> tuple[RunPaths, runs.RunRecord]:
+    """Allocate the run folder and write its ``created`` record (before anything starts)."""
+    from hpcexp import launch
+    from hpcexp.config import host_arch
+
+    info = _image_fields(image)
+    if info.get("path") is None:
+        raise UsageError("no image to run")
+    inst = apptainer.require()
+    layout = Layout(project)
+    run_paths = runs.allocate_run(layout, exp.name)
+    run_id = run_paths.dir.name
+    try:
+        run_paths.results.mkdir()
+        the_plan = launch.plan(project, exp, Path(info["path"]), run_paths, run_id=run_id, params=params,
+                               args=args, image_workdir=info.get("workdir"), gpu=gpu, writable=writable,
+                               allow_binds=allow_binds, program=inst.path)
+    except BaseException:
+        # nothing was started: leave no half-made run behind
+        import shutil
+
+        shutil.rmtree(run_paths.dir, ignore_errors=True)
+        raise
+    merged = dict(exp.params)
+    merged.update(params or {})
+    commit, dirty = runs.git_state(project.root)
+    rec = runs.RunRecord(
+        experiment=exp.name, run_id=run_id, state="created", executor="local",
+        arch=arch or host_arch(), params=merged, args=list(args or exp.args),
+        command=list(the_plan.argv), image=str(info["path"]), image_sha256=info.get("sha256"),
+        input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
+        apptainer_version=inst.version, git_commit=commit, git_dirty=dirty,
+        executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(), "launcher_pid": os.getpid(),
+                      "launcher_start": proc_start_ticks(os.getpid())},
+    )
+    rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
+                 "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
+                 "pwd": the_plan.pwd, "runtime": inst.program}
+    runs.write_record(run_paths, rec)
+    return run_paths, rec
+
+
+def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
+              args: Sequence[str] | None = None, arch: str | None = None, gpu: bool | None = None,
+              writable: bool | None = None, allow_binds: bool = False, detach: bool = False,
+              grace: float = DEFAULT_GRACE, tee: bool = True, interactive: bool = True,
+              cmdline: Sequence[str] | None = None,
+              on_created: Callable[[RunPaths, runs.RunRecord], None] | None = None,
+              ) -> tuple[RunPaths, runs.RunRecord]:
+    """Run ``exp`` from ``image`` (an ImageInfo-like object with ``.path``, ``.sha256``...).
+
+    Foreground: supervise here and return the final record (never raises for a payload
+    failure: the caller decides what the state means). Detached: start the supervisor in
+    a new session and return once it has started the container (state ``running``) or
+    already finished.
+    """
+    run_paths, rec = prepare_run(project, exp, image, params=params, args=args, arch=arch, gpu=gpu,
+                                 writable=writable, allow_binds=allow_binds, grace=grace, cmdline=cmdline)
+    if on_created is not None:
+        on_created(run_paths, rec)
+    if not detach:
+        return run_paths, supervise(run_paths, tee=tee, interactive=interactive)
+    return run_paths, spawn_detached(run_paths)
+
+
+def spawn_detached(run_paths: RunPaths, *, wait: float = 60.0) -> runs.RunRecord:
+    """Start ``python -m hpcexp.local RUN_DIR`` in a new session; wait until it left ``created``."""
+    env = apptainer.clean_env()
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+        [sys.executable, "-m", "hpcexp.local", str(run_paths.dir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=str(run_paths.dir), env=env, start_new_session=True, close_fds=True,
+    )
+    deadline = time.monotonic() + wait
+    while True:
+        rec = runs.read_record(run_paths)
+        if rec.state != "created":
+            proc.returncode = 0  # do not reap later: it outlives us on purpose
+            return rec
+        code = proc.poll()
+        if code is not None:
+            rec = runs.read_record(run_paths)
+            if rec.state != "created":
+                return rec
+            return _mark(run_paths, rec, "failed",
+                         launch_error=f"the run's supervisor exited with code {code} before starting the container")
+        if time.monotonic() > deadline:
+            return rec
+        time.sleep(0.01)
+
+
+def _mark(run_paths: RunPaths, rec: runs.RunRecord, state: str, **changes: Any) -> runs.RunRecord:
+    rec.state = state
+    for key, value in changes.items():
+        setattr(rec, key, value)
+    if state in runs.TERMINAL and rec.ended_at is None:
+        rec.ended_at = runs.utcnow()
+    runs.write_record(run_paths, rec)
+    return rec
+
+
+# --------------------------------------------------------------------------------------
+# Supervision
+# --------------------------------------------------------------------------------------
+
+class _Stream(threading.Thread):
+    """Copies one pipe to a log file (and optionally the terminal) without ever blocking the payload."""
+
+    def __init__(self, fd: int, log_path: Path, terminal: IO[bytes] | None, watch_fatal: bool) -> None:
+        super().__init__(daemon=True)
+        self.fd = fd
+        self.log_path = log_path
+        self.terminal = terminal
+        self.watch_fatal = watch_fatal
+        self.fatal: str | None = None
+        self.write_error: str | None = None
+        self.dropped = 0
+        self._carry = b""
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._tee: threading.Thread | None = None
+        if terminal is not None:
+            self._queue = queue.Queue(maxsize=_TERMINAL_QUEUE_CHUNKS)
+            self._tee = threading.Thread(target=self._tee_loop, daemon=True)
+
+    def _tee_loop(self) -> None:
+        assert self._queue is not None and self.terminal is not None
+        broken = False
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if broken:
+                continue
+            try:
+                self.terminal.write(chunk)
+                self.terminal.flush()
+            except (OSError, ValueError):
+                broken = True
+
+    def _scan(self, chunk: bytes) -> None:
+        data = self._carry + chunk
+        lines = data.split(b"\n")
+        self._carry = lines.pop()[-4096:]
+        for line in lines:
+            if line.startswith(b"FATAL:"):
+                self.fatal = line.decode("utf-8", "replace").strip()
+
+    def run(self) -> None:
+        if self._tee is not None:
+            self._tee.start()
+        try:
+            out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            out = -1
+            self.write_error = f"cannot write {self.log_path}: {exc.strerror}"
+        try:
+            while True:
+                try:
+                    chunk = os.read(self.fd, CHUNK)
+                except InterruptedError:
+                    continue
+                if not chunk:
+                    break
+                if out >= 0:
+                    try:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(out, view):]
+                    except OSError as exc:  # disk full: keep draining the pipe, say so in the record
+                        self.write_error = f"cannot write {self.log_path}: {exc.strerror}"
+                        os.close(out)
+                        out = -1
+                if self.watch_fatal:
+                    self._scan(chunk)
+                if self._queue is not None:
+                    try:
+                        self._queue.put_nowait(chunk)
+                    except queue.Full:
+                        self.dropped += len(chunk)
+        finally:
+            if self.watch_fatal and self._carry.startswith(b"FATAL:"):
+                self.fatal = self._carry.decode("utf-8", "replace").strip()
+            if out >= 0:
+                with contextlib.suppress(OSError):
+                    os.fsync(out)
+                os.close(out)
+            os.close(self.fd)
+            if self._queue is not None:
+                self._queue.put(None)
+                assert self._tee is not None
+                self._tee.join(timeout=5)
+
+
+def _watchdog(read_fd: int, pgid: int, run_id: str, keep: Sequence[int]) -> None:
+    """Body of the forked watchdog: if the supervisor dies (pipe closes without a byte), kill the run."""
+    try:
+        os.setsid()
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
+        for fd in range(3, 1024):
+            if fd != read_fd and fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        while True:
+            try:
+                data = os.read(read_fd, 1)
+                break
+            except InterruptedError:
+                continue
+        if not data:
+            kill_tree(pgid, run_id, grace=2.0)
+    finally:
+        os._exit(0)
+
+
+def _decode_exit(rc: int, fatal: str | None, stop: "_StopState") -> dict[str, Any]:
+    """Turn Apptainer's exit status into record fields (see the module docstring)."""
+    if stop.requested:
+        return {"state": "cancelled", "exit_code": rc if rc >= 0 else None,
+                "signal": stop.signal_sent or (-rc if rc < 0 else None)}
+    if rc == 0:
+        return {"state": "succeeded", "exit_code": 0}
+    if rc < 0:
+        return {"state": "failed", "exit_code": None, "signal": -rc,
+                "reason": f"apptainer was killed by signal {-rc} ({_signame(-rc)})"}
+    if rc == 255 and fatal:
+        return {"state": "failed", "exit_code": None, "launch_error": fatal}
+    out: dict[str, Any] = {"state": "failed", "exit_code": rc}
+    if 128 < rc < 128 + 65:
+        out["signal"] = rc - 128
+        out["reason"] = (f"exit code {rc} = 128 + {rc - 128}: the payload was most likely killed by "
+                         f"{_signame(rc - 128)}")
+    return out
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+class _StopState:
+    """What the signal handlers decided; the supervisor's main loop acts on it."""
+
+    def __init__(self, grace: float) -> None:
+        self.requested = False
+        self.requested_at: str | None = None
+        self.by: str | None = None
+        self.grace = grace
+        self.deadline: float | None = None
+        self.signal_sent: int | None = None
+        self.kill_now = False
+
+
+def _read_stop_request(run_paths: RunPaths) -> dict[str, Any] | None:
+    try:
+        data = json.loads(run_paths.stop_request.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = False) -> runs.RunRecord:
+    """Start the run's container, copy its output, wait, and record how it ended.
+
+    ``interactive`` (foreground): Ctrl-C stops the run (a second one kills at once) and
+    the payload's output is also copied to this process's stdout/stderr when ``tee``.
+    Otherwise (detached): SIGTERM, SIGINT, SIGHUP and SIGUSR1 all mean "stop requested".
+    """
+    rec = runs.read_record(run_paths)
+    if rec.state != "created":
+        raise UsageError(f"run {rec.run_id} is already {rec.state}; a run is started once")
+    stop = _StopState(float(rec.extra.get("grace", DEFAULT_GRACE)))
+    request = _read_stop_request(run_paths)
+    if request is not None:
+        return _mark(run_paths, rec, "cancelled", reason="stopped before the container started",
+                     started_at=None)
+
+    env = apptainer.payload_env(rec.command[0], rec.extra.get("container_env") or {})
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list from launch.plan, no shell
+            rec.command, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env,
+            cwd=str(run_paths.dir), start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        return _mark(run_paths, rec, "failed", launch_error=f"cannot start {rec.command[0]}: {exc.strerror}")
+    os.close(out_w)
+    os.close(err_w)
+    pgid = proc.pid
+
+    # the watchdog must exist before any thread does (fork + threads do not mix)
+    wd_r, wd_w = os.pipe()
+    watchdog = os.fork()
+    if watchdog == 0:  # pragma: no cover - child, exits in _watchdog
+        _watchdog(wd_r, pgid, rec.run_id, keep=())
+    os.close(wd_r)
+
+    def request_stop(by: str, grace: float | None = None) -> None:
+        if not stop.requested:
+            stop.requested = True
+            stop.requested_at = runs.utcnow()
+            stop.by = by
+            if grace is not None:
+                stop.grace = grace
+            stop.deadline = time.monotonic() + stop.grace
+            stop.signal_sent = signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+        else:
+            stop.kill_now = True
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGUSR1:
+            req = _read_stop_request(run_paths) or {}
+            grace = req.get("grace")
+            if stop.requested and req.get("kill"):
+                stop.kill_now = True
+            request_stop(f"hpcexp stop ({req.get('user', '?')}@{req.get('host', '?')} pid {req.get('pid', '?')})",
+                         float(grace) if isinstance(grace, (int, float)) else None)
+            return
+        if signum == signal.SIGINT and interactive:
+            if stop.requested:
+                stop.kill_now = True
+            else:
+                sys.stderr.write("\nhpcexp: stopping the run (Ctrl-C again to kill it at once)\n")
+                sys.stderr.flush()
+            request_stop("Ctrl-C")
+            return
+        request_stop(f"signal {_signame(signum)} to the supervisor")
+
+    handled = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in handled:
+            previous[sig] = signal.signal(sig, on_signal)
+
+    term_out = getattr(sys.stdout, "buffer", None) if tee else None
+    term_err = getattr(sys.stderr, "buffer", None) if tee else None
+    readers = [_Stream(out_r, run_paths.stdout, term_out, False),
+               _Stream(err_r, run_paths.stderr, term_err, True)]
+    for reader in readers:
+        reader.start()
+
+    try:
+        rec.state = "running"
+        rec.started_at = runs.utcnow()
+        rec.executor_ids.update({
+            "host": runs.hostname(), "boot_id": runs.boot_id(), "supervisor_pid": os.getpid(),
+            "supervisor_start": proc_start_ticks(os.getpid()), "apptainer_pid": proc.pid, "pgid": pgid,
+            "watchdog_pid": watchdog,
+        })
+        try:
+            runs.write_record(run_paths, rec)
+        except HpcexpError as exc:
+            request_stop(f"the run record could not be written ({exc})")
+        # a stop requested between `created` and now (the request file was there first)
+        if _read_stop_request(run_paths) is not None and not stop.requested:
+            on_signal(signal.SIGUSR1, None)
+
+        rc: int | None = None
+        while rc is None:
+            try:
+                rc = proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if rc is None and stop.requested:
+                if stop.kill_now or (stop.deadline is not None and time.monotonic() >= stop.deadline):
+                    if stop.signal_sent != signal.SIGKILL:
+                        stop.signal_sent = signal.SIGKILL
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(pgid, signal.SIGKILL)
+        # leftovers (helpers that left the group, or a payload whose parent died first)
+        leftovers = kill_tree(pgid, rec.run_id, grace=1.0 if stop.requested else 0.5, exclude=(watchdog,))
+        for reader in readers:
+            reader.join(timeout=10)
+        fatal = readers[1].fatal
+        outcome = _decode_exit(rc, fatal, stop)
+        notes = [n for n in (readers[0].write_error, readers[1].write_error) if n]
+        if leftovers:
+            notes.append(f"{leftovers} leftover process(es) of the run were killed after apptainer exited")
+        dropped = sum(r.dropped for r in readers)
+        if dropped:
+            notes.append(f"{dropped} bytes were not shown on the terminal (it did not keep up); the logs are complete")
+        if stop.requested:
+            outcome["reason"] = f"stopped by {stop.by}" + (
+                f"; SIGKILL after {stop.grace:g} s grace" if stop.signal_sent == signal.SIGKILL else "")
+            rec.extra["stop_requested_at"] = stop.requested_at
+        if notes:
+            outcome["reason"] = "; ".join(([outcome["reason"]] if outcome.get("reason") else []) + notes)
+        rec.ended_at = runs.utcnow()
+        for key, value in outcome.items():
+            setattr(rec, key, value)
+        runs.write_record(run_paths, rec)
+        return rec
+    finally:
+        with contextlib.suppress(OSError):
+            os.write(wd_w, b"x")
+        with contextlib.suppress(OSError):
+            os.close(wd_w)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(watchdog, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------
+# Stop and reconcile
+# --------------------------------------------------------------------------------------
+
+def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, grace: float = DEFAULT_GRACE,
+         wait: bool = True) -> list[tuple[RunPaths, runs.RunRecord]]:
+    """Stop local runs: ask each supervisor (it sends SIGTERM, then SIGKILL after ``grace``)
+    and wait until the record says how it ended. A run whose supervisor is gone has its
+    leftover processes killed here and is recorded ``lost``."""
+    here = runs.hostname()
+    results: list[tuple[RunPaths, runs.RunRecord]] = []
+    pending: list[tuple[RunPaths, runs.RunRecord]] = []
+    for run_paths, rec in items:
+        if rec.terminal:
+            results.append((run_paths, rec))
+            continue
+        host = rec.executor_ids.get("host", rec.host)
+        if host != here:
+            raise UsageError(f"run {rec.run_id} runs on host {host}, not here ({here})",
+                             hint=f"run `hpcexp stop {rec.run_id}` on {host}")
+        atomic.write_json(run_paths.stop_request, {
+            "requested_at": runs.utcnow(), "grace": grace, "user": runs.username(), "host": here,
+            "pid": os.getpid(),
+        })
+        sup = rec.executor_ids.get("supervisor_pid")
+        if sup and alive(sup, rec.executor_ids.get("supervisor_start")):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(sup), signal.SIGUSR1)
+        pending.append((run_paths, rec))
+    deadline = time.monotonic() + grace + 20
+    for run_paths, rec in pending:
+        while True:
+            rec = runs.read_record(run_paths)
+            if rec.terminal or not wait:
+                break
+            ids = rec.executor_ids
+            owner = ids.get("supervisor_pid") or ids.get("launcher_pid")
+            owner_start = ids.get("supervisor_start") if ids.get("supervisor_pid") else ids.get("launcher_start")
+            if not alive(owner, owner_start):
+                time.sleep(0.2)
+                rec = runs.read_record(run_paths)
+                if not rec.terminal:
+                    killed = kill_tree(ids.get("pgid"), rec.run_id, grace=min(grace, 5.0))
+                    rec = _lost(run_paths, rec, owner, killed)
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        results.append((run_paths, rec))
+    order = {p.dir: i for i, (p, _) in enumerate(items)}
+    return sorted(results, key=lambda t: order[t[0].dir])
+
+
+def _lost(run_paths: RunPaths, rec: runs.RunRecord, owner: Any, killed: int) -> runs.RunRecord:
+    host = rec.executor_ids.get("host", rec.host)
+    role = "supervisor" if rec.executor_ids.get("supervisor_pid") else "launching hpcexp"
+    reason = f"{role} pid {owner} on host {host} is gone and no exit was recorded"
+    if killed:
+        reason += f"; {killed} leftover process(es) of the run were killed"
+    rec.state = "lost"
+    rec.reason = reason
+    rec.ended_at = rec.ended_at or runs.utcnow()
+    rec.extra["lost_detected_at"] = runs.utcnow()
+    try:
+        runs.write_record(run_paths, rec)
+    except HpcexpError as exc:  # another user's run: report, do not fail the listing
+        log.debug("could not persist lost state of %s: %s", rec.run_id, exc)
+    return rec
+
+
+def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
+              ) -> list[tuple[RunPaths, runs.RunRecord]]:
+    """Mark non-terminal local runs whose owner process is gone (same host and boot) ``lost``.
+
+    Runs of other hosts are left as they are: this host cannot see their processes.
+    """
+    here, boot = runs.hostname(), runs.boot_id()
+    out: list[tuple[RunPaths, runs.RunRecord]] = []
+    for run_paths, rec in items:
+        if rec.terminal or rec.executor != "local":
+            out.append((run_paths, rec))
+            continue
+        ids = rec.executor_ids
+        host = ids.get("host", rec.host)
+        if host != here:
+            out.append((run_paths, rec))
+            continue
+        if ids.get("boot_id") and boot and ids["boot_id"] != boot:
+            fresh = runs.read_record(run_paths)
+            if fresh.terminal:
+                out.append((run_paths, fresh))
+                continue
+            fresh.state = "lost"
+            fresh.reason = f"host {host} rebooted since the run started (boot id changed); no exit was recorded"
+            fresh.ended_at = fresh.ended_at or runs.utcnow()
+            with contextlib.suppress(HpcexpError):
+                runs.write_record(run_paths, fresh)
+            out.append((run_paths, fresh))
+            continue
+        if ids.get("supervisor_pid"):
+            owner, start = ids.get("supervisor_pid"), ids.get("supervisor_start")
+        else:
+            owner, start = ids.get("launcher_pid"), ids.get("launcher_start")
+        if owner is None or alive(owner, start):
+            out.append((run_paths, rec))
+            continue
+        fresh = runs.read_record(run_paths)  # it may have finished between our two reads
+        if fresh.terminal or fresh.executor_ids.get("supervisor_pid") != ids.get("supervisor_pid"):
+            out.append((run_paths, fresh) if fresh.terminal else (run_paths, rec))
+            continue
+        killed = kill_tree(ids.get("pgid"), fresh.run_id, grace=1.0) if ids.get("pgid") else 0
+        out.append((run_paths, _lost(run_paths, fresh, owner, killed)))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hpcexp.local RUN_DIR``: the detached supervisor."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m hpcexp.local RUN_DIR\n")
+        return 2
+    run_paths = RunPaths(Path(args[0]))
+    try:
+        rec = supervise(run_paths, tee=False, interactive=False)
+    except NotFound:
+        return 2
+    except Exception as exc:  # noqa: BLE001 - record the supervisor's own failure, never leave `created`
+        try:
+            rec = runs.read_record(run_paths)
+            if not rec.terminal:
+                _mark(run_paths, rec, "failed", launch_error=f"supervisor error: {type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001
+            pass
+        return 1
+    return 0 if rec.state == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
