@@ -1,0 +1,251 @@
+"""Base images without a registry: local SIFs, site mirrors, and Debian bases built here.
+
+A Dockerfile's ``FROM`` reference can be mapped in hpcexp.yaml (``bases:``) to
+
+* ``sif``: a local SIF (``Bootstrap: localimage``); its identity is its sha256;
+* ``image``: a URI Apptainer can bootstrap from on a registry the site runs
+  (``docker://`` or ``oras://``); its identity is the URI;
+* ``debootstrap``: a Debian/Ubuntu base hpcexp builds itself with ``Bootstrap:
+  debootstrap`` from a package mirror. The mirror is the spec's own, else
+  ``debian_mirror`` from hpcexp.yaml, else the machine's Debian mirror read from its apt
+  configuration. No mirror host is written into hpcexp: clusters without internet nearly
+  always have a package mirror, and apt already knows where it is.
+
+Debootstrap bases live in the per-user cache (``project.cache_dir / "bases"``), named by
+a hash of the spec, so every project of the user shares them, and are built atomically
+under a lock like any image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from hpcexp.config import BaseSpec, host_arch
+from hpcexp.errors import EnvironmentProblem
+from hpcexp.recipe import BaseResolution
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.config import Experiment, Project
+
+log = logging.getLogger(__name__)
+
+BASE_FORMAT = 1
+APT_ROOT = Path("/etc/apt")
+URI_RE = re.compile(r"^(https?|file)://\S+$")
+
+
+# --------------------------------------------------------------------------------------
+# The machine's Debian mirror
+# --------------------------------------------------------------------------------------
+
+def _deb822_stanzas(text: str) -> list[dict[str, str]]:
+    stanzas: list[dict[str, str]] = []
+    cur: dict[str, str] = {}
+    key: str | None = None
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if line.lstrip().startswith("#"):
+            continue
+        if not line.strip():
+            if cur:
+                stanzas.append(cur)
+            cur, key = {}, None
+            continue
+        if line[0] in " \t" and key is not None:
+            cur[key] += " " + line.strip()
+            continue
+        if ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            cur[key] = value.strip()
+    if cur:
+        stanzas.append(cur)
+    return stanzas
+
+
+def apt_sources(apt_root: Path = APT_ROOT) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of every enabled ``deb`` source in the apt configuration, in file order."""
+    out: list[tuple[str, list[str]]] = []
+    sources_d = apt_root / "sources.list.d"
+    files = sorted(sources_d.glob("*.sources")) if sources_d.is_dir() else []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for st in _deb822_stanzas(text):
+            if "deb" not in st.get("types", "").split():
+                continue
+            if st.get("enabled", "yes").lower() == "no":
+                continue
+            suites = st.get("suites", "").split()
+            for uri in st.get("uris", "").split():
+                out.append((uri, suites))
+    lists = [apt_root / "sources.list"]
+    if sources_d.is_dir():
+        lists += sorted(sources_d.glob("*.list"))
+    for f in lists:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            words = line.split()
+            if not words or words[0] != "deb":
+                continue
+            words = words[1:]
+            if words and words[0].startswith("["):
+                while words and not words[0].endswith("]"):
+                    words = words[1:]
+                words = words[1:]
+            if len(words) >= 2:
+                out.append((words[0], [words[1]]))
+    return out
+
+
+def machine_mirror(suite: str | None = None, apt_root: Path = APT_ROOT) -> str | None:
+    """The package mirror apt uses on this machine, preferring one that carries ``suite``.
+
+    Security and update archives are skipped (debootstrap needs the main archive).
+    """
+    candidates: list[tuple[int, str]] = []
+    for i, (uri, suites) in enumerate(apt_sources(apt_root)):
+        if not URI_RE.match(uri):
+            continue  # cdrom:, mirror+file:, tor+... are not something debootstrap can use
+        if uri.rstrip("/").endswith("-security"):
+            continue
+        plain = [s for s in suites if "-" not in s and "/" not in s]
+        if not plain:
+            continue
+        score = 0 if suite is not None and suite in plain else 1
+        candidates.append((score * 10000 + i, uri.rstrip("/")))
+    if not candidates:
+        return None
+    return min(candidates)[1]
+
+
+def mirror_for(project: "Project", spec: BaseSpec, apt_root: Path = APT_ROOT) -> str:
+    """The mirror a debootstrap base is built from, or EnvironmentProblem saying how to set one."""
+    mirror = spec.mirror or project.debian_mirror or machine_mirror(spec.suite, apt_root)
+    if not mirror:
+        raise EnvironmentProblem(
+            f"no Debian/Ubuntu package mirror known for base {spec.ref!r} (none in "
+            f"{apt_root}/sources.list.d/*.sources or {apt_root}/sources.list)",
+            hint="set `debian_mirror: URL` in hpcexp.yaml, or `mirror:` on that base")
+    return mirror
+
+
+# --------------------------------------------------------------------------------------
+# Identity and paths
+# --------------------------------------------------------------------------------------
+
+def spec_hash(spec: BaseSpec) -> str:
+    """Identity of a debootstrap base: what determines its content, not how it is fetched.
+
+    The FROM reference is left out (two references may map to the same base) and so is an
+    auto-detected mirror (a transport detail); an explicit ``mirror:`` is kept because it
+    may select another distribution.
+    """
+    doc = {"format": BASE_FORMAT, "kind": spec.kind, "suite": spec.suite, "include": sorted(spec.include),
+           "components": list(spec.components), "mirror": spec.mirror, "arch": host_arch()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
+    """Where the SIF of a debootstrap base lives (deterministic; it may not exist yet)."""
+    return project.cache_dir / "bases" / f"debootstrap-{spec.suite}-{host_arch()}-{spec_hash(spec)[:16]}.sif"
+
+
+def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
+    """The Apptainer recipe of a debootstrap base (pure)."""
+    lines = ["Bootstrap: debootstrap", f"OSVersion: {spec.suite}", f"MirrorURL: {mirror}"]
+    if spec.include:
+        lines.append(f"Include: {' '.join(spec.include)}")
+    lines.append("")
+    extra = [c for c in spec.components if c != "main"]
+    if extra:
+        # debootstrap writes a sources.list with `main` only; add the other components.
+        comps = " ".join(spec.components)
+        lines += ["%post", f"    sed -i 's/ main$/ {comps}/' /etc/apt/sources.list", ""]
+    return "\n".join(lines)
+
+
+def spec_for(exp: "Experiment", project: "Project", ref: str) -> BaseSpec | None:
+    """The mapping for FROM reference ``ref`` (experiment's own, then the project's)."""
+    return exp.bases.get(ref) or project.bases.get(ref)
+
+
+def resolution(project: "Project", spec: BaseSpec) -> BaseResolution:
+    """What the recipe header becomes for a mapped base."""
+    if spec.kind == "sif":
+        assert spec.sif is not None
+        return BaseResolution("localimage", str(spec.sif))
+    if spec.kind == "image":
+        assert spec.image is not None
+        scheme, _, rest = spec.image.partition("://")
+        return BaseResolution(scheme, rest)
+    return BaseResolution("localimage", str(base_sif_path(project, spec)))
+
+
+def resolver(project: "Project", exp: "Experiment") -> Callable[[str], BaseResolution | None]:
+    """A ``resolve_base`` callback for :func:`hpcexp.recipe.convert`."""
+    def resolve(ref: str) -> BaseResolution | None:
+        spec = spec_for(exp, project, ref)
+        return None if spec is None else resolution(project, spec)
+    return resolve
+
+
+def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callable[[Path], str]) -> str:
+    """What goes into an image's input hash for one base.
+
+    sif: its content hash (through the stat cache, so cheap when unchanged); image URI:
+    the URI; debootstrap: the spec hash; unmapped: the reference itself.
+    """
+    if spec is None:
+        return f"ref:{ref}"
+    if spec.kind == "sif":
+        assert spec.sif is not None
+        try:
+            return f"sif:{digest(spec.sif)}"
+        except FileNotFoundError:
+            from hpcexp.errors import NotFound
+            raise NotFound(f"base image {spec.sif} (mapped from FROM {ref!r} in hpcexp.yaml bases) does not exist",
+                           hint="fix the path under `bases:` or build/copy that SIF there") from None
+    if spec.kind == "image":
+        return f"image:{spec.image}"
+    return f"debootstrap:{spec_hash(spec)}"
+
+
+def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str], None] | None = None, *,
+                wait: bool = True) -> Path:
+    """The SIF of a debootstrap base, building it first if missing (atomic, under a lock)."""
+    if spec.kind == "sif":
+        assert spec.sif is not None
+        return spec.sif
+    if spec.kind != "debootstrap":
+        raise ValueError(f"ensure_base: {spec.kind} bases are not built by hpcexp")
+    from hpcexp import image, process
+
+    final = base_sif_path(project, spec)
+    if image.valid_sif(final):
+        return final
+    if process.which("debootstrap") is None:
+        raise EnvironmentProblem(f"base {spec.ref!r} is built with debootstrap, which is not installed",
+                                 hint="install Debian's `debootstrap` package (or ask your admins), or map "
+                                      "the base to a SIF under `bases:` in hpcexp.yaml")
+    mirror = mirror_for(project, spec)
+    text = debootstrap_recipe(spec, mirror)
+    image.build_sif(project, text, final, context=final.parent, label=f"base {spec.ref}",
+                    labels={"org.hpcexp.base.ref": spec.ref, "org.hpcexp.base.spec-hash": spec_hash(spec),
+                            "org.hpcexp.base.mirror": mirror},
+                    sidecar_extra={"kind": "debootstrap-base", "ref": spec.ref, "suite": spec.suite,
+                                   "include": list(spec.include), "mirror": mirror,
+                                   "spec_hash": spec_hash(spec)},
+                    progress=progress, wait=wait)
+    return final

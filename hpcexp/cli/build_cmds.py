@@ -1,0 +1,211 @@
+"""``hpcexp build``, ``hpcexp images`` and ``hpcexp clean``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcexp.cli.common import (Ctx, arch_option, echo_table, emit_json, human_age, human_size, info, json_option,
+                               pass_ctx, warn)
+
+
+def _rel(path: Path | str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("../..") else str(path)
+
+
+class LiveLine:
+    """Progress for people: one live line with elapsed time and the current step on a
+    terminal, plain lines otherwise."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.text = ""
+        self.label = ""
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._width = 0
+
+    def __call__(self, kind: str, text: str) -> None:
+        if kind == "warn":
+            self._clear()
+            warn(text)
+            return
+        if kind == "wait":
+            self._clear()
+            click.echo(f"hpcexp: {text}", err=True)
+            return
+        if kind == "start":
+            self.label = text
+            self.t0 = time.monotonic()
+            if self.tty:
+                self._start_ticker()
+            else:
+                click.echo(text, err=True)
+            return
+        if kind == "step":
+            if self.tty:
+                with self._lock:
+                    self.text = text.split(": ", 1)[-1]
+                self._draw()
+            elif text.split(": ", 1)[-1].startswith(("Running", "Copying", "Creating", "Extracting")):
+                click.echo(text, err=True)
+            return
+        if kind == "done":
+            self.finish()
+
+    def _start_ticker(self) -> None:
+        self._stop.clear()
+
+        def tick() -> None:
+            while not self._stop.wait(0.5):
+                self._draw()
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> None:
+        if not self.tty:
+            return
+        with self._lock:
+            try:
+                cols = os.get_terminal_size(sys.stderr.fileno()).columns
+            except OSError:
+                cols = 80
+            line = f"{self.label} {time.monotonic() - self.t0:5.1f} s  {self.text}"[: max(cols - 1, 20)]
+            sys.stderr.write("\r" + line.ljust(self._width) + "\r" + line)
+            sys.stderr.flush()
+            self._width = len(line)
+
+    def _clear(self) -> None:
+        if self.tty and self._width:
+            with self._lock:
+                sys.stderr.write("\r" + " " * self._width + "\r")
+                sys.stderr.flush()
+                self._width = 0
+
+    def finish(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+            self._thread = None
+        self._clear()
+
+
+@click.command("build")
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Build every experiment.")
+@arch_option
+@click.option("--force", is_flag=True, help="Rebuild even when a current image exists.")
+@click.option("--no-wait", is_flag=True, help="Exit 75 instead of waiting when someone else builds the same image.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@json_option
+@pass_ctx
+def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, force: bool, no_wait: bool,
+              quiet: bool, as_json: bool) -> None:
+    """Convert (when stale) and build images rootless, cached by content.
+
+    Same inputs, same image: when nothing the image is made of changed, no apptainer
+    command runs at all. Images land in the images folder as NAME-ARCH-HASH.sif, each with
+    a provenance sidecar (.json) and labels (`apptainer inspect --labels`).
+    """
+    from hpcexp.config import host_arch
+    from hpcexp.errors import HpcexpError
+    from hpcexp.image import ensure_image
+
+    project = ctx.project()
+    exps = project.select(list(names), all_)
+    arch = arch or host_arch()
+    live = LiveLine(tty=sys.stderr.isatty() and not quiet and not as_json)
+    results = []
+    errors: list[HpcexpError] = []
+    for exp in exps:
+        if all_ and arch not in exp.dockerfiles:
+            continue
+        t0 = time.monotonic()
+        try:
+            img = ensure_image(project, exp, arch, force=force, quiet=quiet, progress=live, wait=not no_wait)
+        except HpcexpError as exc:
+            live.finish()
+            tail = getattr(exc, "tail", None)
+            if tail:
+                for line in tail:
+                    click.echo(f"  | {line}", err=True)
+            if len(exps) == 1:
+                raise
+            click.echo(f"hpcexp: error: {exc.message}", err=True)
+            errors.append(exc)
+            continue
+        finally:
+            live.finish()
+        results.append(img)
+        if as_json or quiet:
+            continue
+        where = _rel(img.path)
+        if img.built:
+            click.echo(f"{exp.name} {arch}: built in {time.monotonic() - t0:.1f} s ({where})")
+        else:
+            click.echo(f"{exp.name} {arch}: cached ({where})")
+    if as_json:
+        emit_json(results)
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            first.message = f"{len(errors)} of {len(exps)} builds failed; first: {first.message}"
+        raise first
+
+
+@click.command("images")
+@json_option
+@pass_ctx
+def images_cmd(ctx: Ctx, as_json: bool) -> None:
+    """List built images: experiment, architecture, size, age, current or stale."""
+    from hpcexp.image import list_images
+
+    entries = list_images(ctx.project())
+    if as_json:
+        emit_json(entries)
+        return
+    echo_table(((e.experiment, e.arch, human_size(e.size), human_age(e.age_seconds), e.state,
+                 ",".join(e.used_by[-1:]) + ("+" if len(e.used_by) > 1 else ""), _rel(e.path)) for e in entries),
+               ("EXPERIMENT", "ARCH", "SIZE", "AGE", "STATE", "USED BY", "PATH"))
+
+
+@click.command("clean")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--force", is_flag=True, help="Also remove stale images that run records still point to.")
+@json_option
+@pass_ctx
+def clean_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool) -> None:
+    """Remove stale images, orphaned temporary files whose owner is gone, and dead owners' locks.
+
+    An image a run record points to is kept unless --force (the run could not be
+    reproduced from it otherwise).
+    """
+    from hpcexp.image import clean
+
+    report = clean(ctx.project(), dry_run=dry_run, force=force)
+    if as_json:
+        emit_json({"dry_run": dry_run, **_report_dict(report)})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for path, why in report.removed:
+        click.echo(f"{verb} {_rel(path)} ({why})")
+    for path, why in report.kept:
+        info(f"kept {_rel(path)}: {why}")
+    click.echo(f"{verb} {len(report.removed)} file(s), {human_size(report.freed_bytes)}")
+
+
+def _report_dict(report: Any) -> dict[str, Any]:
+    return {"removed": [{"path": p, "why": w} for p, w in report.removed],
+            "kept": [{"path": p, "why": w} for p, w in report.kept], "freed_bytes": report.freed_bytes}
