@@ -1,0 +1,1318 @@
+"""Archives of runs: results plus everything needed to trust and reproduce them.
+
+``hpcexp archive`` bundles, per run, the run folder (``run.json``, logs, the rendered job
+script, ``results/``, ``events/``) with the recipe and the Dockerfile it came from, and
+puts ``MANIFEST.json`` first: path, size and sha256 of every member, each run's
+provenance (image sha256, recipe sha256, git commit) and hpcexp's version (reliability
+invariant I7: an archive is verifiable).
+
+Why it is built the way it is
+  - Two passes. The manifest is the first member but lists every file's sha256, so a
+    first pass walks and hashes everything, spooling entries to an unlinked temporary
+    file (memory stays bounded whatever the number of files); the second pass writes the
+    archive and re-hashes each file as it is copied: a file that changed in between is
+    an error naming it, never an archive that lies.
+  - Nothing outside the run leaks in. The walk never follows a symlink (``lstat``,
+    ``scandir(follow_symlinks=False)``, ``O_NOFOLLOW``): a link is stored as a link, so a
+    link to ``~/.ssh/id_rsa`` puts the string ``~/.ssh/id_rsa`` in the archive, never the
+    key. FIFOs, sockets and devices are skipped before anything opens them (no hang).
+  - Deterministic. Members are sorted, every timestamp is one fixed value derived from
+    the runs, owners are 0/"" and modes are normalised, the gzip header carries no name
+    and mtime 0: the same runs give a byte-identical ``.tar.gz``.
+  - Crash consistent. The archive is written under a temporary name in the destination
+    folder (:mod:`hpcexp.atomic`) and renamed only when complete; archived runs are only
+    read, never modified.
+
+``extract`` restores an archive into a new (or empty) folder and refuses, before writing
+anything, absolute names, ``..``, links leading outside the folder (also through chains
+of links), writing through a link, and device or FIFO members, naming the member.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import gzip
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import queue
+import re
+import shutil
+import stat
+import struct
+import tarfile
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from hpcexp import __version__, atomic
+from hpcexp.errors import Failure, HpcexpError, NotFound, UsageError
+from hpcexp.paths import Layout, RunPaths
+from hpcexp.runs import RunRecord, iter_runs, parse_time, resolve
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("tar.gz", "zip")
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = "hpcexp-archive"
+MANIFEST_SCHEMA = 1
+CHUNK = 1 << 20                  # read/write granularity: large copies, bounded memory
+SMALL = 1 << 20                  # files up to this size are read in one call
+ZIP_MIN_TIME = 315532800         # 1980-01-01, the earliest time a zip entry can hold
+GZIP_LEVEL = 6                   # what `tar czf` (gzip -6) and `zip` use; level 9 is ~3x slower
+TAR_RECORD = tarfile.RECORDSIZE
+FAULT_ENV = "HPCEXP_TEST_FAULT"
+
+Warn = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    """What ``create_archive`` wrote."""
+
+    path: Path
+    format: str
+    runs: list[str]
+    files: int                    # regular files (MANIFEST.json excluded)
+    links: int
+    bytes: int                    # total size of the files archived
+    archive_bytes: int            # size of the archive itself
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One member that does not match the manifest."""
+
+    member: str
+    kind: str                     # differs | missing | extra | duplicate | corrupt | manifest
+    detail: str
+
+    def line(self) -> str:
+        return f"{_show(self.member)}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: Path
+    format: str
+    ok: bool
+    checked: int
+    runs: list[str]
+    problems: list[Problem]
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    path: Path
+    format: str
+    files: int
+    bytes: int
+    verified: bool                # every file matched MANIFEST.json
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _show(name: str) -> str:
+    """A member name safe to print on one line (control characters escaped)."""
+    if _CONTROL.search(name) or any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return repr(name.encode("utf-8", "surrogateescape"))[2:-1]
+    return name
+
+
+def _fault(point: str) -> None:
+    """Test hook: ``HPCEXP_TEST_FAULT=archive.write:sleep`` (or ``:enospc``) at ``point``."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in spec.split(","):
+        where, _, what = item.partition(":")
+        if where != point:
+            continue
+        if what == "sleep":
+            time.sleep(float(os.environ.get("HPCEXP_TEST_FAULT_SECONDS", "60")))
+        elif what == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def detect_format(path: Path) -> str:
+    """``zip`` or ``tar.gz`` (or ``tar``) from the file's first bytes, not its name."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except FileNotFoundError:
+        raise NotFound(f"no archive at {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not an archive") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        return "tar.gz"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise UsageError(f"{path} is not a zip or tar.gz archive")
+
+
+def format_for(output: Path | None, fmt: str | None) -> str:
+    """The archive format from ``--format`` and/or the output file name (they must agree)."""
+    by_name = None
+    if output is not None:
+        name = output.name.lower()
+        if name.endswith(".zip"):
+            by_name = "zip"
+        elif name.endswith((".tar.gz", ".tgz")):
+            by_name = "tar.gz"
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown archive format {fmt!r}: choose zip or tar.gz")
+    if fmt and by_name and fmt != by_name:
+        raise UsageError(f"--format {fmt} does not match the output name {output}",
+                         hint=f"name the file *.{fmt} or drop --format")
+    return fmt or by_name or "tar.gz"
+
+
+def default_name(records: list[RunRecord], fmt: str, today: _dt.date | None = None) -> str:
+    """A file name saying what the archive holds: experiment, run or sweep id, date."""
+    day = (today or _dt.datetime.now(_dt.timezone.utc).date()).strftime("%Y%m%d")
+    exps = sorted({r.experiment for r in records})
+    sweeps = {r.sweep_id for r in records}
+    if len(records) == 1:
+        stem = f"{records[0].experiment}-{records[0].run_id}"
+    elif len(sweeps) == 1 and None not in sweeps and len(exps) == 1:
+        sweep = re.sub(r"[^A-Za-z0-9._-]", "_", str(next(iter(sweeps))))
+        stem = f"{exps[0]}-sweep-{sweep}-{day}"
+    elif len(exps) == 1:
+        stem = f"{exps[0]}-{len(records)}runs-{day}"
+    else:
+        stem = f"hpcexp-{len(records)}runs-{day}"
+    return f"{stem}.{fmt}"
+
+
+def _is_inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+# --------------------------------------------------------------------------------------
+# Pass 1: walk and hash into a spool
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    paths: RunPaths
+    record: RunRecord
+    prefix: str                               # "<experiment>/<run_id>"
+    extras: list[tuple[str, Path]] = field(default_factory=list)   # (name in recipe/, source)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Scanner:
+    """Walks the runs without following links and spools one JSON line per member."""
+
+    def __init__(self, *, warn: Warn, skip_unreadable: bool) -> None:
+        self.warn_cb = warn
+        self.skip_unreadable = skip_unreadable
+        self.warnings: list[str] = []
+        self.errors: list[str] = []
+        self.skipped: list[dict[str, str]] = []
+        self.spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-archive-")  # noqa: SIM115
+        self.entries = 0
+        self.files = 0
+        self.links = 0
+        self.bytes = 0
+        self.buf = bytearray(CHUNK)
+        self.project_digests: dict[str, str] = {}
+
+    # -- reporting
+    def warn(self, arcname: str, message: str, *, skipped: bool = True) -> None:
+        text = f"{_show(arcname)}: {message}"
+        self.warnings.append(text)
+        if skipped:
+            self.skipped.append({"path": arcname, "reason": message})
+        self.warn_cb(text)
+
+    def unreadable(self, arcname: str, exc: OSError) -> None:
+        message = f"cannot read {_show(arcname)}: {exc.strerror or exc}"
+        if self.skip_unreadable:
+            self.warn(arcname, f"unreadable ({exc.strerror or exc}); skipped")
+        else:
+            self.errors.append(message)
+
+    def emit(self, entry: list[Any]) -> None:
+        self.spool.write(json.dumps(entry, ensure_ascii=False).encode("utf-8", "surrogateescape") + b"\n")
+        self.entries += 1
+
+    # -- hashing
+    def hash_file(self, src: str, arcname: str, st: os.stat_result) -> tuple[str, os.stat_result] | None:
+        """sha256 of a regular file opened without following links; None if skipped."""
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                self.unreadable(arcname, exc)
+            elif exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+                self.warn(arcname, "vanished or changed type while archiving; skipped")
+            else:
+                self.unreadable(arcname, exc)
+            return None
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or fst.st_ino != st.st_ino:
+                self.warn(arcname, "changed type while archiving; skipped")
+                return None
+            h = hashlib.sha256()
+            view = memoryview(self.buf)
+            while True:
+                n = os.readv(fd, [self.buf])
+                if not n:
+                    break
+                h.update(view[:n])
+            return h.hexdigest(), fst
+        except OSError as exc:
+            self.unreadable(arcname, exc)
+            return None
+        finally:
+            os.close(fd)
+
+    # -- walking
+    def add_path(self, src: str, arcname: str, run_root: str) -> None:
+        """One directory entry (already known not to be followed) and, for a folder, its tree."""
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            self.warn(arcname, "vanished while archiving; skipped")
+            return
+        except OSError as exc:
+            self.unreadable(arcname, exc)
+            return
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            self.add_link(src, arcname, run_root)
+        elif stat.S_ISREG(mode):
+            got = self.hash_file(src, arcname, st)
+            if got is None:
+                return
+            digest, fst = got
+            perm = 0o755 if fst.st_mode & 0o111 else 0o644
+            self.emit(["file", arcname, src, fst.st_size, digest, perm, fst.st_ino, fst.st_mtime_ns])
+            self.files += 1
+            self.bytes += fst.st_size
+        elif stat.S_ISDIR(mode):
+            self.emit(["dir", arcname])
+            self.walk_dir(src, arcname, run_root)
+        else:
+            kind = ("FIFO" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+                    else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+            self.warn(arcname, f"is a {kind}; skipped (never opened)")
+
+    def walk_dir(self, src: str, arcname: str, run_root: str, *, top: bool = False,
+                 extra: list[tuple[str, Path]] | None = None) -> None:
+        try:
+            with os.scandir(src) as it:
+                names = sorted(e.name for e in it)
+        except OSError as exc:
+            self.unreadable(arcname + "/", exc)
+            return
+        for name in names:
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                self.warn(f"{arcname}/{name}", "file name is not valid UTF-8; skipped")
+                continue
+            if top and name.startswith(atomic.TMP_PREFIX):
+                continue  # a record being replaced right now: the published one is archived
+            if top and name == "recipe" and extra:
+                self.warn(f"{arcname}/recipe", "the run folder has its own recipe/; the project's recipe "
+                          "and Dockerfile are not added", skipped=False)
+                extra = None
+            self.add_path(os.path.join(src, name), f"{arcname}/{name}", run_root)
+        if top and extra:
+            self.emit(["dir", f"{arcname}/recipe"])
+            for name, path in sorted(extra):
+                self.add_project_file(path, f"{arcname}/recipe/{name}")
+
+    def add_link(self, src: str, arcname: str, run_root: str) -> None:
+        try:
+            target = os.readlink(src)
+        except OSError as exc:
+            self.unreadable(arcname, exc)
+            return
+        try:
+            target.encode("utf-8")
+        except UnicodeEncodeError:
+            self.warn(arcname, "symlink target is not valid UTF-8; skipped")
+            return
+        note = None
+        try:
+            os.stat(src)  # follows the link without opening anything: only to judge it
+            real = os.path.realpath(src)
+            if not _is_inside(real, run_root):
+                note = f"symlink to {_show(target)} outside the run; stored as a link, not followed"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                note = f"symlink loop ({_show(target)}); stored as a link, not followed"
+            else:
+                note = f"dangling symlink to {_show(target)}; stored as a link"
+        if note:
+            self.warn(arcname, note, skipped=False)
+        self.emit(["symlink", arcname, target])
+        self.links += 1
+
+    def add_project_file(self, path: Path, arcname: str) -> None:
+        """A recipe or Dockerfile: read through its link only if it stays in the project."""
+        src = str(path)
+        try:
+            st = os.stat(src)
+        except OSError as exc:
+            self.unreadable(arcname, exc)
+            return
+        got = self.hash_file(os.path.realpath(src), arcname, st)
+        if got is None:
+            return
+        digest, fst = got
+        self.emit(["file", arcname, os.path.realpath(src), fst.st_size, digest, 0o644, fst.st_ino,
+                   fst.st_mtime_ns])
+        self.project_digests[arcname] = digest
+        self.files += 1
+        self.bytes += fst.st_size
+
+    def entries_iter(self) -> Iterator[list[Any]]:
+        self.spool.seek(0)
+        for line in self.spool:
+            yield json.loads(line.decode("utf-8", "surrogateescape"))
+
+
+def _collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tuple[RunPaths, RunRecord]]:
+    if not specs and not all_runs:
+        raise UsageError("name runs, experiments or sweeps to archive, or pass --all",
+                         hint="`hpcexp runs` lists them; @last is the newest run")
+    found: dict[str, tuple[RunPaths, RunRecord]] = {}
+    if all_runs:
+        for paths, rec in iter_runs(layout):
+            found[str(paths.dir)] = (paths, rec)
+        if not found:
+            raise NotFound("no runs yet in this project")
+    for spec in specs:
+        for paths, rec in resolve(layout, spec):
+            found[str(paths.dir)] = (paths, rec)
+    return sorted(found.values(), key=lambda t: (t[1].experiment, t[1].run_id))
+
+
+def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scanner) -> _Run:
+    from hpcexp.config import host_arch
+
+    # The folder name is the truth on disk; a record naming another place is reported.
+    exp_name, run_id = paths.dir.parent.name, paths.dir.name
+    prefix = f"{exp_name}/{run_id}"
+    run = _Run(paths=paths, record=rec, prefix=prefix)
+    if (rec.experiment, rec.run_id) != (exp_name, run_id):
+        scanner.warn(prefix, f"run.json names {rec.experiment}/{rec.run_id}; archived under its folder name",
+                     skipped=False)
+    if not rec.terminal:
+        scanner.warn(prefix, f"run is not finished (state {rec.state}); archiving what exists now",
+                     skipped=False)
+    if not rec.image_sha256:
+        scanner.warn(prefix, "run.json records no image sha256", skipped=False)
+    arch = rec.arch or host_arch()
+    recipe_info: dict[str, Any] | None = None
+    recipe = layout.recipe(exp_name, arch)
+    if recipe.is_file():
+        run.extras.append((recipe.name, recipe))
+        recipe_info = {"path": f"{prefix}/recipe/{recipe.name}", "recorded_sha256": rec.recipe_sha256}
+    else:
+        scanner.warn(prefix, f"recipe {recipe} does not exist; not archived", skipped=False)
+    dockerfile_info: dict[str, Any] | None = None
+    exp = layout.project.experiments.get(exp_name)
+    if exp is None:
+        scanner.warn(prefix, f"experiment {exp_name!r} is not in the project any more; "
+                     "its Dockerfile is not archived", skipped=False)
+    else:
+        try:
+            dockerfile = exp.dockerfile(arch)
+        except HpcexpError as exc:
+            scanner.warn(prefix, f"no Dockerfile archived: {exc}", skipped=False)
+        else:
+            real = os.path.realpath(dockerfile)
+            if not _is_inside(real, os.path.realpath(layout.project.root)):
+                scanner.warn(prefix, f"Dockerfile {dockerfile} leads outside the project; not archived",
+                             skipped=False)
+            elif not os.path.isfile(real):
+                scanner.warn(prefix, f"Dockerfile {dockerfile} does not exist; not archived", skipped=False)
+            else:
+                name = dockerfile.name if dockerfile.name != recipe.name else "Dockerfile"
+                run.extras.append((name, dockerfile))
+                try:
+                    source = str(dockerfile.relative_to(layout.project.root))
+                except ValueError:
+                    source = str(dockerfile)
+                dockerfile_info = {"path": f"{prefix}/recipe/{name}", "source": source}
+    run.info = {
+        "path": prefix,
+        "experiment": rec.experiment,
+        "run_id": rec.run_id,
+        "sweep_id": rec.sweep_id,
+        "task_index": rec.task_index,
+        "state": rec.state,
+        "executor": rec.executor,
+        "exit_code": rec.exit_code,
+        "created_at": rec.created_at,
+        "ended_at": rec.ended_at,
+        "arch": arch,
+        "params": rec.params,
+        "image": rec.image,
+        "image_sha256": rec.image_sha256,
+        "input_hash": rec.input_hash,
+        "recipe_sha256": rec.recipe_sha256,
+        "git_commit": rec.git_commit,
+        "git_dirty": rec.git_dirty,
+        "run_hpcexp_version": rec.hpcexp_version,
+        "recipe": recipe_info,
+        "dockerfile": dockerfile_info,
+    }
+    return run
+
+
+def _fixed_mtime(records: list[RunRecord]) -> int:
+    """The one timestamp every member carries: the newest run's creation time (deterministic)."""
+    times = [parse_time(r.created_at) for r in records]
+    best = max((int(t) for t in times if t is not None), default=ZIP_MIN_TIME)
+    return max(best, ZIP_MIN_TIME)
+
+
+def _manifest_bytes(runs: list[_Run], scanner: _Scanner, spool_out: IO[bytes]) -> int:
+    """Write MANIFEST.json (one member per line, so it is streamed, never held whole)."""
+    images: dict[tuple[str | None, str], None] = {}
+    for run in runs:
+        if run.info.get("image_sha256"):
+            images[(run.info.get("image"), str(run.info["image_sha256"]))] = None
+    head = {
+        "format": MANIFEST_FORMAT,
+        "schema": MANIFEST_SCHEMA,
+        "hpcexp_version": __version__,
+        "images": [{"image": i, "sha256": s} for i, s in images],
+    }
+    image_sha = sorted({s for _, s in images})
+    head["image_sha256"] = image_sha[0] if len(image_sha) == 1 else None
+
+    def dump(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogateescape")
+
+    out = spool_out
+    out.write(b"{\n")
+    for key, value in head.items():
+        out.write(b'  "' + key.encode() + b'": ' + dump(value) + b",\n")
+    out.write(b'  "runs": [\n')
+    out.write(b",\n".join(b"    " + dump(r.info) for r in runs))
+    out.write(b'\n  ],\n  "files": [\n')
+    first = True
+    for entry in scanner.entries_iter():
+        kind, arcname = entry[0], entry[1]
+        if kind == "file":
+            item: dict[str, Any] = {"path": arcname, "type": "file", "size": entry[3], "sha256": entry[4]}
+        elif kind == "symlink":
+            target = entry[2]
+            item = {"path": arcname, "type": "symlink", "target": target,
+                    "size": len(target.encode("utf-8")),
+                    "sha256": hashlib.sha256(target.encode("utf-8")).hexdigest()}
+        else:
+            item = {"path": arcname, "type": "dir"}
+        out.write((b"" if first else b",\n") + b"    " + dump(item))
+        first = False
+    out.write(b'\n  ],\n  "skipped": [\n')
+    out.write(b",\n".join(b"    " + dump(s) for s in scanner.skipped))
+    totals = {"runs": len(runs), "files": scanner.files, "links": scanner.links, "bytes": scanner.bytes}
+    out.write(b'\n  ],\n  "totals": ' + dump(totals) + b"\n}\n")
+    out.flush()
+    return out.tell()
+
+
+# --------------------------------------------------------------------------------------
+# Pass 2: writers
+# --------------------------------------------------------------------------------------
+
+class _Changed(Exception):
+    """A file differs between the hashing pass and the writing pass."""
+
+
+class _Source:
+    """A regular file reopened for pass 2, checked against what pass 1 saw."""
+
+    def __init__(self, src: str, arcname: str, size: int, digest: str, ino: int) -> None:
+        self.arcname, self.size, self.digest = arcname, size, digest
+        try:
+            self.fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _Changed(f"{_show(arcname)} could not be reopened ({exc.strerror})") from None
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != ino or st.st_size != size:
+            os.close(self.fd)
+            raise _Changed(f"{_show(arcname)} changed while archiving (size {size} -> {st.st_size})")
+        self.hash = hashlib.sha256()
+        self.left = size
+
+    def chunks(self, buf: bytearray) -> Iterator[memoryview]:
+        view = memoryview(buf)
+        while self.left > 0:
+            n = os.readv(self.fd, [view[:min(self.left, len(buf))]])
+            if n == 0:
+                raise _Changed(f"{_show(self.arcname)} shrank while archiving")
+            chunk = view[:n]
+            self.hash.update(chunk)
+            self.left -= n
+            yield chunk
+
+    def read_all(self) -> bytes:
+        data = os.read(self.fd, self.size + 1) if self.size else b""
+        if len(data) != self.size:
+            raise _Changed(f"{_show(self.arcname)} changed size while archiving")
+        self.hash.update(data)
+        self.left = 0
+        return data
+
+    def finish(self) -> None:
+        os.close(self.fd)
+        if self.hash.hexdigest() != self.digest:
+            raise _Changed(f"{_show(self.arcname)} changed while archiving (sha256 differs)")
+
+
+class _Compressor:
+    """gzip in a second thread (zlib releases the GIL), as `tar czf` pipes into gzip."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0)
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="hpcexp-gzip", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.gz.write(item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the writer thread
+                    self.error = exc
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(data)
+
+    def close(self, ok: bool = True) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if ok:
+            self.gz.close()
+
+
+class _TarGzWriter:
+    """A ustar/pax stream written member by member (no member list kept in memory)."""
+
+    def __init__(self, raw: IO[bytes], mtime: int) -> None:
+        self.out = _Compressor(raw)
+        self.mtime = mtime
+        self.buf = bytearray()
+        self.offset = 0
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self.buf += data
+        self.offset += len(data)
+        if len(self.buf) >= CHUNK:
+            self.out.write(bytes(self.buf))
+            self.buf.clear()
+
+    def _pad(self, size: int) -> None:
+        rem = size % tarfile.BLOCKSIZE
+        if rem:
+            self._put(tarfile.NUL * (tarfile.BLOCKSIZE - rem))
+
+    def _header(self, name: str, kind: bytes, size: int = 0, mode: int = 0o644, linkname: str = "") -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.size, ti.mode, ti.mtime, ti.linkname = kind, size, mode, self.mtime, linkname
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        self._put(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def add_bytes_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
+        self._header(name, tarfile.REGTYPE, size)
+        left = size
+        while left:
+            data = stream.read(min(CHUNK, left))
+            if not data:
+                raise _Changed(f"{name} shrank while archiving")
+            self._put(data)
+            left -= len(data)
+        self._pad(size)
+
+    def add_file(self, source: _Source, mode: int, buf: bytearray) -> None:
+        self._header(source.arcname, tarfile.REGTYPE, source.size, mode)
+        if source.size <= SMALL:
+            self._put(source.read_all())
+        else:
+            for chunk in source.chunks(buf):
+                self._put(chunk)
+        self._pad(source.size)
+
+    def add_dir(self, name: str) -> None:
+        self._header(name, tarfile.DIRTYPE, mode=0o755)
+
+    def add_symlink(self, name: str, target: str) -> None:
+        self._header(name, tarfile.SYMTYPE, mode=0o777, linkname=target)
+
+    def close(self) -> None:
+        self._put(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
+        rem = self.offset % TAR_RECORD
+        if rem:
+            self._put(tarfile.NUL * (TAR_RECORD - rem))
+        if self.buf:
+            self.out.write(bytes(self.buf))
+            self.buf.clear()
+        self.out.close()
+
+    def abort(self) -> None:
+        try:
+            self.out.close(ok=False)
+        except BaseException:  # noqa: BLE001 - the original error is what matters
+            pass
+
+
+class _ZipWriter:
+    """zip with deflate level 6, zip64 where needed, fixed timestamps."""
+
+    def __init__(self, raw: IO[bytes], mtime: int) -> None:
+        self.zf = zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=GZIP_LEVEL,
+                                  allowZip64=True)
+        self.date_time = time.gmtime(max(mtime, ZIP_MIN_TIME))[:6]
+
+    def _info(self, name: str, mode: int, compress: bool = True) -> zipfile.ZipInfo:
+        zi = zipfile.ZipInfo(name, date_time=self.date_time)
+        zi.create_system = 3
+        zi.external_attr = (mode & 0xFFFF) << 16
+        zi.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        return zi
+
+    def add_bytes_stream(self, name: str, size: int, stream: IO[bytes]) -> None:
+        zi = self._info(name, stat.S_IFREG | 0o644)
+        zi.file_size = size
+        with self.zf.open(zi, "w") as dst:
+            shutil.copyfileobj(stream, dst, CHUNK)
+
+    def add_file(self, source: _Source, mode: int, buf: bytearray) -> None:
+        zi = self._info(source.arcname, stat.S_IFREG | mode)
+        if source.size <= SMALL:
+            self.zf.writestr(zi, source.read_all())
+            return
+        zi.file_size = source.size
+        # file_size is known, so zipfile switches to zip64 by itself when the member needs it
+        with self.zf.open(zi, "w") as dst:
+            for chunk in source.chunks(buf):
+                dst.write(chunk)
+
+    def add_dir(self, name: str) -> None:
+        zi = self._info(name + "/", stat.S_IFDIR | 0o755, compress=False)
+        zi.external_attr |= 0x10  # MS-DOS directory bit
+        self.zf.writestr(zi, b"")
+
+    def add_symlink(self, name: str, target: str) -> None:
+        self.zf.writestr(self._info(name, stat.S_IFLNK | 0o777, compress=False), target.encode("utf-8"))
+
+    def close(self) -> None:
+        self.zf.close()
+
+    def abort(self) -> None:
+        try:
+            self.zf.close()
+        except BaseException:  # noqa: BLE001 - the original error is what matters
+            pass
+
+
+# --------------------------------------------------------------------------------------
+# create
+# --------------------------------------------------------------------------------------
+
+def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
+                   output: Path | str | None = None, fmt: str | None = None, strict: bool = False,
+                   skip_unreadable: bool = False, force: bool = False,
+                   warn: Warn | None = None) -> ArchiveResult:
+    """Archive the runs named by ``specs`` (and all runs with ``all_runs``) into one file.
+
+    Raises UsageError for unreadable files (unless ``skip_unreadable``), for any warning
+    under ``strict``, and for an existing output (unless ``force``); StorageError when
+    writing fails, with the temporary file removed. Archived runs are only read.
+    """
+    warn = warn or (lambda msg: log.warning("%s", msg))
+    out_path = Path(output) if output is not None else None
+    fmt = format_for(out_path if out_path is not None and not out_path.is_dir() else None, fmt)
+    items = _collect_runs(layout, specs, all_runs)
+    records = [rec for _, rec in items]
+    if out_path is None:
+        out_path = Path.cwd() / default_name(records, fmt)
+    elif out_path.is_dir():
+        out_path = out_path / default_name(records, fmt)
+    out_path = Path(os.path.abspath(out_path))
+    if out_path.exists() and not force:
+        raise UsageError(f"{out_path} already exists", hint="pass --force to replace it, or -o another name")
+    if not out_path.parent.is_dir():
+        raise NotFound(f"output folder {out_path.parent} does not exist")
+    real_parent = os.path.realpath(out_path.parent)
+    for paths, _ in items:
+        if _is_inside(real_parent, os.path.realpath(paths.dir)):
+            raise UsageError(f"the output {out_path} is inside the run folder {paths.dir} being archived",
+                             hint="write the archive somewhere else with -o (runs are never modified)")
+
+    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable)
+    manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
+    try:
+        runs = [_prepare_run(layout, paths, rec, scanner) for paths, rec in items]
+        for run in runs:
+            root = os.path.realpath(run.paths.dir)
+            scanner.walk_dir(str(run.paths.dir), run.prefix, root, top=True, extra=run.extras)
+        _fill_recipe_hashes(runs, scanner)
+        if scanner.errors:
+            more = len(scanner.errors) - 1
+            raise UsageError(scanner.errors[0] + (f" (and {more} more)" if more else ""),
+                             hint="fix the permissions, or pass --skip-unreadable to leave such files out")
+        if strict and scanner.warnings:
+            more = len(scanner.warnings) - 1
+            raise UsageError(f"--strict: {scanner.warnings[0]}" + (f" (and {more} more)" if more else ""),
+                             hint="fix the run folder, or drop --strict to archive with warnings")
+        manifest_size = _manifest_bytes(runs, scanner, manifest_spool)
+        mtime = _fixed_mtime(records)
+        try:
+            archive_bytes = _write(out_path, fmt, mtime, scanner, manifest_spool, manifest_size)
+        except _Changed as exc:
+            raise UsageError(f"{exc}; no archive was written",
+                             hint="archive again when the run has stopped writing") from None
+    finally:
+        scanner.spool.close()
+        manifest_spool.close()
+    return ArchiveResult(path=out_path, format=fmt, runs=[r.prefix for r in runs], files=scanner.files,
+                         links=scanner.links, bytes=scanner.bytes, archive_bytes=archive_bytes,
+                         warnings=list(scanner.warnings), skipped=list(scanner.skipped))
+
+
+def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
+    """Record the archived recipe's sha256 and whether it is the one the run used."""
+    for run in runs:
+        info = run.info.get("recipe")
+        digest = scanner.project_digests.get(info["path"]) if info else None
+        if not info or digest is None:
+            continue
+        info["sha256"] = digest
+        recorded = info.get("recorded_sha256")
+        info["matches_record"] = None if not recorded else recorded == digest
+        if recorded and recorded != digest:
+            scanner.warn(info["path"], "recipe changed since the run (its sha256 differs from run.json's "
+                         "recipe_sha256); archived as it is now", skipped=False)
+
+
+def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO[bytes],
+           manifest_size: int) -> int:
+    buf = bytearray(CHUNK)
+    with atomic.atomic_open(out_path, "wb") as raw:
+        writer: _TarGzWriter | _ZipWriter = _TarGzWriter(raw, mtime) if fmt == "tar.gz" else _ZipWriter(raw, mtime)
+        try:
+            manifest.seek(0)
+            writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
+            _fault("archive.write")
+            for entry in scanner.entries_iter():
+                kind, arcname = entry[0], entry[1]
+                if kind == "dir":
+                    writer.add_dir(arcname)
+                elif kind == "symlink":
+                    writer.add_symlink(arcname, entry[2])
+                else:
+                    _, _, src, size, digest, perm, ino, _mt = entry
+                    source = _Source(src, arcname, size, digest, ino)
+                    try:
+                        writer.add_file(source, perm, buf)
+                    except BaseException:
+                        os.close(source.fd)
+                        raise
+                    source.finish()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        size = raw.tell()
+    return size
+
+
+# --------------------------------------------------------------------------------------
+# Reading archives (verify and extract share the member iteration)
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class _Member:
+    name: str                      # as stored, without a trailing "/" for folders
+    kind: str                      # file | dir | symlink | hardlink | special
+    size: int = 0
+    target: str = ""
+    mode: int = 0o644
+    detail: str = ""               # for special: what it is
+    open: Callable[[], IO[bytes]] | None = None
+
+
+class _Corrupt(Exception):
+    def __init__(self, member: str, detail: str) -> None:
+        super().__init__(detail)
+        self.member, self.detail = member, detail
+
+
+# What reading a damaged or odd archive raises (zipfile: RuntimeError for encrypted members,
+# NotImplementedError for unknown compression; tarfile/gzip: their own errors, zlib.error).
+_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError,
+                                                 gzip.BadGzipFile, struct.error, ValueError,
+                                                 NotImplementedError, RuntimeError)
+
+
+def _iter_members(path: Path, fmt: str) -> Iterator[_Member]:
+    """Members in archive order; raises _Corrupt naming the member being read."""
+    if fmt == "zip":
+        yield from _iter_zip(path)
+    else:
+        yield from _iter_tar(path)
+
+
+def _iter_tar(path: Path) -> Iterator[_Member]:
+    last = "(start of archive)"
+    try:
+        with tarfile.open(path, "r|*") as tf:
+            for ti in tf:
+                last = ti.name
+                name = ti.name.rstrip("/") if ti.isdir() else ti.name
+                if ti.isreg():
+                    m = _Member(name, "file", ti.size, mode=ti.mode, open=lambda ti=ti: tf.extractfile(ti))
+                elif ti.isdir():
+                    m = _Member(name, "dir", mode=ti.mode)
+                elif ti.issym():
+                    m = _Member(name, "symlink", target=ti.linkname)
+                elif ti.islnk():
+                    m = _Member(name, "hardlink", target=ti.linkname)
+                else:
+                    what = ("FIFO" if ti.isfifo() else "character device" if ti.ischr()
+                            else "block device" if ti.isblk() else "special member")
+                    m = _Member(name, "special", detail=what)
+                yield m
+    except _READ_ERRORS as exc:
+        raise _Corrupt(last, f"{type(exc).__name__}: {exc}") from None
+
+
+def _iter_zip(path: Path) -> Iterator[_Member]:
+    last = "(central directory)"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for zi in zf.infolist():
+                last = zi.filename
+                mode = (zi.external_attr >> 16) & 0xFFFF if zi.create_system == 3 else 0
+                ftype = stat.S_IFMT(mode)
+                name = zi.filename
+                if zi.is_dir() or ftype == stat.S_IFDIR:
+                    yield _Member(name.rstrip("/"), "dir", mode=mode & 0o7777 or 0o755)
+                elif ftype == stat.S_IFLNK:
+                    if zi.file_size > 65536:
+                        raise _Corrupt(name, "symlink target longer than 64 KiB")
+                    target = zf.read(zi).decode("utf-8", "surrogateescape")
+                    yield _Member(name, "symlink", target=target)
+                elif ftype in (0, stat.S_IFREG):
+                    yield _Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
+                                  open=lambda zi=zi: zf.open(zi))
+                else:
+                    what = ("FIFO" if ftype == stat.S_IFIFO else "socket" if ftype == stat.S_IFSOCK
+                            else "device" if ftype in (stat.S_IFCHR, stat.S_IFBLK) else "special member")
+                    yield _Member(name, "special", detail=what)
+    except _READ_ERRORS as exc:
+        raise _Corrupt(last, f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise _Corrupt(last, f"{exc.strerror or exc}") from None
+
+
+def _hash_member(m: _Member) -> tuple[int, str]:
+    assert m.open is not None
+    h = hashlib.sha256()
+    size = 0
+    with m.open() as fh:
+        while True:
+            data = fh.read(CHUNK)
+            if not data:
+                break
+            h.update(data)
+            size += len(data)
+    return size, h.hexdigest()
+
+
+def _load_manifest(m: _Member, archive: Path) -> dict[str, Any]:
+    assert m.open is not None
+    with m.open() as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        raise Failure(f"{archive}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+        raise Failure(f"{archive}: {MANIFEST_NAME} is not an hpcexp manifest")
+    return data
+
+
+def verify_archive(path: Path | str) -> VerifyReport:
+    """Re-check every member against MANIFEST.json; the report lists every mismatch.
+
+    Files that differ (size or sha256), are missing, are not in the manifest or appear
+    twice are all listed; a damaged archive is reported at the member being read.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    problems: list[Problem] = []
+    expected: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    runs: list[str] = []
+    checked = 0
+    have_manifest = False
+    try:
+        for i, m in enumerate(_iter_members(path, fmt)):
+            if m.name == MANIFEST_NAME and not have_manifest:
+                if i != 0:
+                    problems.append(Problem(m.name, "manifest", "not the first member"))
+                data = _load_manifest(m, path)
+                have_manifest = True
+                for item in data["files"]:
+                    if isinstance(item, dict) and isinstance(item.get("path"), str):
+                        expected[item["path"]] = item
+                runs = [str(r.get("path")) for r in data.get("runs", []) if isinstance(r, dict)]
+                continue
+            if not have_manifest:
+                raise Failure(f"{path}: {MANIFEST_NAME} is not the first member (found {_show(m.name)})",
+                              hint="this is not an hpcexp archive, or it was re-packed")
+            if m.name in seen:
+                problems.append(Problem(m.name, "duplicate", "member appears twice"))
+                continue
+            seen.add(m.name)
+            want = expected.get(m.name)
+            if want is None:
+                problems.append(Problem(m.name, "extra", "not in the manifest"))
+                continue
+            if want.get("type") != m.kind:
+                problems.append(Problem(m.name, "differs", f"is a {m.kind}, manifest says {want.get('type')}"))
+                continue
+            checked += 1
+            if m.kind == "file":
+                try:
+                    size, digest = _hash_member(m)
+                except _READ_ERRORS as exc:
+                    problems.append(Problem(m.name, "corrupt", f"{type(exc).__name__}: {exc}"))
+                    if fmt != "zip":
+                        break  # a broken compressed stream cannot be read past this point
+                    continue
+                if size != want.get("size") or digest != want.get("sha256"):
+                    problems.append(Problem(m.name, "differs", f"size {size}, sha256 {digest[:12]}...; "
+                                            f"manifest: size {want.get('size')}, "
+                                            f"sha256 {str(want.get('sha256'))[:12]}..."))
+            elif m.kind == "symlink" and m.target != want.get("target"):
+                problems.append(Problem(m.name, "differs", f"link to {_show(m.target)}, manifest says "
+                                        f"{_show(str(want.get('target')))}"))
+    except _Corrupt as exc:
+        problems.append(Problem(exc.member, "corrupt", exc.detail))
+    if not have_manifest and not problems:
+        raise Failure(f"{path}: no {MANIFEST_NAME} in the archive", hint="this is not an hpcexp archive")
+    if have_manifest and not any(p.kind == "corrupt" for p in problems):
+        for name in expected:
+            if name not in seen:
+                problems.append(Problem(name, "missing", "listed in the manifest, not in the archive"))
+    return VerifyReport(path=path, format=fmt, ok=not problems, checked=checked, runs=runs, problems=problems)
+
+
+# --------------------------------------------------------------------------------------
+# extract
+# --------------------------------------------------------------------------------------
+
+MAX_LINK_HOPS = 40
+
+
+def _safe_name(name: str) -> tuple[str, str | None]:
+    """(normalised name, why it is unsafe or None). ``./a//b`` becomes ``a/b``; ``.`` is ""."""
+    if "\x00" in name:
+        return name, "NUL byte in the name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        return name, "absolute path"
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return name, "'..' in the path"
+    return "/".join(parts), None
+
+
+def _resolve_link(start_dir: list[str], target: str, links: dict[str, str]) -> str:
+    """Where ``target`` (relative to ``start_dir``) leads, following the archive's own
+    symlinks so a chain of links cannot step out: "inside", "outside" or "loop"."""
+    if target.startswith("/"):
+        return "outside"
+    stack = list(start_dir)
+    todo = [p for p in target.split("/") if p not in ("", ".")]
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if not stack:
+                return "outside"
+            stack.pop()
+            continue
+        stack.append(part)
+        key = "/".join(stack)
+        if key in links:
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                return "loop"
+            nxt = links[key]
+            if nxt.startswith("/"):
+                return "outside"
+            stack.pop()
+            todo = [p for p in nxt.split("/") if p not in ("", ".")] + todo
+    return "inside"
+
+
+def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
+              warn: Warn | None = None) -> set[str]:
+    """First pass over an untrusted archive: refuse (UsageError naming the member) before
+    anything is written. Returns the links to leave out (only with ``skip_outside_links``)."""
+    names: set[str] = set()
+    files: set[str] = set()
+    links: dict[str, str] = {}
+
+    def refuse(name: str, why: str) -> UsageError:
+        return UsageError(f"refusing to extract {path}: member {_show(name)}: {why}; nothing was written",
+                          hint="the archive may be hostile or damaged; inspect it with `tar tvzf` / `unzip -l`")
+
+    try:
+        for m in _iter_members(path, fmt):
+            name, why = _safe_name(m.name)
+            if why:
+                raise refuse(m.name, why)
+            if not name:
+                if m.kind == "dir":
+                    continue  # "./": the destination itself
+                raise refuse(m.name, "empty name")
+            if m.kind == "special":
+                raise refuse(m.name, f"{m.detail} members are never extracted")
+            if name in names:
+                raise refuse(m.name, "appears twice in the archive")
+            parts = name.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                if parent in links:
+                    raise refuse(m.name, f"would be written through the symlink {_show(parent)}")
+                if parent in files:
+                    raise refuse(m.name, f"its parent {_show(parent)} is a file")
+            if m.kind == "symlink":
+                if not m.target:
+                    raise refuse(m.name, "symlink with an empty target")
+                if m.target.startswith("/") and not skip_outside_links:
+                    raise refuse(m.name, f"symlink to the absolute path {_show(m.target)}")
+                links[name] = m.target
+            elif m.kind == "hardlink":
+                tname, why = _safe_name(m.target)
+                if why or tname not in files:
+                    raise refuse(m.name, f"hard link to {_show(m.target)}, which is not a file extracted before")
+                files.add(name)
+            elif m.kind == "file":
+                files.add(name)
+            names.add(name)
+    except _Corrupt as exc:
+        raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+    skip: set[str] = set()
+    while True:  # leaving a link out changes where others lead: repeat until stable
+        kept = {n: t for n, t in links.items() if n not in skip}
+        bad = [n for n, t in sorted(kept.items()) if _resolve_link(n.split("/")[:-1], t, kept) == "outside"]
+        if not bad:
+            break
+        if not skip_outside_links:
+            raise refuse(bad[0], f"symlink to {_show(links[bad[0]])} leads outside the destination")
+        skip.update(bad)
+    for name in skip:
+        if warn is not None:
+            warn(f"{_show(name)}: symlink to {_show(links[name])} leads outside the destination; left out")
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in links:
+                raise refuse(name, f"would be written through the symlink {_show('/'.join(parts[:i]))}")
+    return skip
+
+
+def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: bool = False,
+                    warn: Warn | None = None) -> ExtractResult:
+    """Restore an archive into ``dest`` (new or empty), refusing anything unsafe.
+
+    Every member is validated before the first byte is written; the tree is built in a
+    temporary sibling folder and renamed to ``dest`` when complete. When the archive has
+    an hpcexp manifest, each file's sha256 is checked as it is written.
+    """
+    path, dest = Path(path), Path(os.path.abspath(dest))
+    fmt = detect_format(path)
+    if dest.is_symlink():
+        raise UsageError(f"destination {dest} is a symlink", hint="extract into a new folder")
+    if dest.exists():
+        if not dest.is_dir():
+            raise UsageError(f"destination {dest} exists and is not a folder")
+        if any(dest.iterdir()):
+            raise UsageError(f"destination {dest} is not empty",
+                             hint="extract into a new or empty folder (nothing is ever overwritten)")
+    skip = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise atomic.storage_error(exc, dest.parent) from exc
+    tmp = atomic.tmp_name_for(dest)
+    try:
+        tmp.mkdir(mode=0o700)
+    except OSError as exc:
+        raise atomic.storage_error(exc, tmp) from exc
+    try:
+        files, total, verified = _extract_into(path, fmt, tmp, skip)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise UsageError(f"destination {dest} was filled while extracting; nothing was written") from None
+            raise
+        atomic.fsync_dir(dest.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise atomic.storage_error(exc, dest) from exc
+        raise
+    return ExtractResult(path=dest, format=fmt, files=files, bytes=total, verified=verified)
+
+
+def _extract_into(path: Path, fmt: str, root: Path, skip: set[str]) -> tuple[int, int, bool]:
+    expected: dict[str, dict[str, Any]] | None = None
+    mismatches: list[str] = []
+    files = total = 0
+    dirfd_root = str(root)
+    try:
+        for i, m in enumerate(_iter_members(path, fmt)):
+            name, why = _safe_name(m.name)
+            if why or (not name and m.kind != "dir"):  # validated before; the archive changed since
+                raise UsageError(f"refusing to extract {path}: member {_show(m.name)}: {why or 'empty name'}")
+            if not name or name in skip:
+                continue
+            target = os.path.join(dirfd_root, *name.split("/"))
+            parent = os.path.dirname(target)
+            _make_dirs(dirfd_root, parent)
+            if m.kind == "dir":
+                if not os.path.lexists(target):
+                    os.mkdir(target, 0o755)
+            elif m.kind == "symlink":
+                os.symlink(m.target, target)
+            elif m.kind == "hardlink":
+                tname, _ = _safe_name(m.target)
+                os.link(os.path.join(dirfd_root, *tname.split("/")), target, follow_symlinks=False)
+            elif m.kind == "file":
+                size, digest = _write_member(m, target)
+                if i == 0 and m.name == MANIFEST_NAME:
+                    expected = _read_extracted_manifest(target)
+                files += 1
+                total += size
+                if expected is not None and i != 0:
+                    want = expected.get(m.name)
+                    if want is None or want.get("sha256") != digest or want.get("size") != size:
+                        mismatches.append(m.name)
+            else:  # validated away in the first pass; never reached
+                raise UsageError(f"member {_show(m.name)} cannot be extracted")
+    except _Corrupt as exc:
+        raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+    if mismatches:
+        more = len(mismatches) - 1
+        raise Failure(f"{path}: {_show(mismatches[0])} does not match {MANIFEST_NAME}"
+                      + (f" (and {more} more)" if more else "") + "; nothing was written",
+                      hint=f"`hpcexp archive --verify {path}` lists every difference")
+    return files, total, expected is not None
+
+
+def _read_extracted_manifest(target: str) -> dict[str, dict[str, Any]] | None:
+    """The file entries of an extracted MANIFEST.json, or None if it is not an hpcexp one."""
+    try:
+        with open(target, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8", "surrogateescape"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+        return None
+    return {it["path"]: it for it in data["files"] if isinstance(it, dict) and isinstance(it.get("path"), str)}
+
+
+def _make_dirs(root: str, parent: str) -> None:
+    """mkdir -p below ``root``, refusing to pass through anything but real folders."""
+    rel = os.path.relpath(parent, root)
+    if rel == ".":
+        return
+    cur = root
+    for part in rel.split(os.sep):
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"refusing to write below {cur}: not a folder (symlink or file)")
+
+
+def _write_member(m: _Member, target: str) -> tuple[int, str]:
+    assert m.open is not None
+    mode = (m.mode & 0o755) | 0o600
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with m.open() as src, open(fd, "wb", closefd=False) as dst:
+            while True:
+                data = src.read(CHUNK)
+                if not data:
+                    break
+                h.update(data)
+                dst.write(data)
+                size += len(data)
+        os.fchmod(fd, mode)
+    except _READ_ERRORS as exc:
+        raise _Corrupt(m.name, f"{type(exc).__name__}: {exc}") from None
+    finally:
+        os.close(fd)
+    return size, h.hexdigest()
+
+
+def human_summary(result: ArchiveResult) -> str:
+    """One line for people: where, what, how big."""
+    from_size = _human(result.bytes)
+    return (f"{result.path} ({result.format}, {len(result.runs)} run{'s' if len(result.runs) != 1 else ''}, "
+            f"{result.files} files, {from_size} archived into {_human(result.archive_bytes)})")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
