@@ -168,9 +168,9 @@ def check_slurm() -> list[Check]:
                       "check that slurmctld runs (`scontrol ping`) or ask your admins")]
     checks = [Check("slurm", OK, "controller answers (sinfo)")]
     try:
-        from hpcexp import slurm as slurm_mod  # written alongside; optional here
+        import importlib
 
-        extra = getattr(slurm_mod, "doctor_checks", None)
+        extra = getattr(importlib.import_module("hpcexp.slurm"), "doctor_checks", None)
         if extra is not None:
             for name, status, detail, fix in extra():
                 checks.append(Check(name, status, detail, fix))

@@ -75,8 +75,7 @@ def load_yaml(path: Path, *, label: str | None = None) -> tuple[Any, dict[str, i
 
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[str, int], name: str) -> Any:
     lines[path] = node.start_mark.line + 1
-    standard = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
-    expected = standard.get(type(node))
+    expected = {"mapping": "tag:yaml.org,2002:map", "sequence": "tag:yaml.org,2002:seq"}.get(getattr(node, "id", ""))
     if expected is not None and node.tag != expected:
         raise ConfigError(f"{name}:{node.start_mark.line + 1}: {path or 'top level'}: invalid YAML: "
                           f"tag {node.tag!r} is not allowed")

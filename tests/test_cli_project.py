@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_clean_error, run_cli
+
 from hpcexp.scaffold import template_files
 
 
