@@ -195,7 +195,18 @@ def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _convert(project: Project, exp: Experiment, arch: str) -> Any:
+def _resolver(project: Project, exp: Experiment) -> Callable[[str], Any]:
+    """The converter's own FROM resolver when it has one (so ``hpcexp convert`` and ``hpcexp
+    build`` write identical recipes), else :func:`hpcexp.bases.resolver`."""
+    from hpcexp import recipe
+
+    make = getattr(recipe, "base_resolver", None)
+    if make is not None:
+        return make(project, exp, exp.path)
+    return bases.resolver(project, exp)
+
+
+def _convert(project: Project, exp: Experiment, arch: str, resolve: Callable[[str], Any]) -> Any:
     from hpcexp import recipe
 
     dockerfile = exp.dockerfile(arch)
@@ -204,7 +215,7 @@ def _convert(project: Project, exp: Experiment, arch: str) -> Any:
     except ValueError:
         label = str(dockerfile)
     return recipe.convert(dockerfile, context=exp.path, arch=arch, build_args=dict(exp.build_args),
-                          resolve_base=bases.resolver(project, exp), source_label=label)
+                          resolve_base=resolve, source_label=label)
 
 
 def _write_recipe(project: Project, exp: Experiment, arch: str, conv: Any) -> Path:
@@ -217,33 +228,31 @@ def _write_recipe(project: Project, exp: Experiment, arch: str, conv: Any) -> Pa
         current = None
     if current != conv.recipe:
         path.parent.mkdir(parents=True, exist_ok=True)
-        from hpcexp import recipe
-
-        writer = getattr(recipe, "write_outputs", None) or getattr(recipe, "write_conversion", None)
-        if writer is not None:
-            writer(layout, exp.name, arch, conv)
-        else:
-            atomic.write_text(path, conv.recipe)
-            atomic.write_json(layout.report(exp.name, arch), {
-                "experiment": exp.name, "arch": arch, "dockerfile": str(conv.dockerfile),
-                "dockerfile_sha256": conv.dockerfile_sha256,
-                "notes": [{"line": n.line, "construct": n.construct, "action": n.action,
-                           "reason": n.reason, "code": n.code} for n in conv.notes],
-            })
+        atomic.write_text(path, conv.recipe)
+        report = conv.report(path.name) if hasattr(conv, "report") else {
+            "dockerfile": str(conv.dockerfile), "dockerfile_sha256": conv.dockerfile_sha256,
+            "notes": [{"line": n.line, "construct": n.construct, "action": n.action, "reason": n.reason,
+                       "code": n.code} for n in conv.notes]}
+        atomic.write_json(layout.report(exp.name, arch), report)
     return path
 
 
 def prepare(project: Project, exp: Experiment, arch: str, *, write: bool = True) -> Prepared:
     """Convert (writing the recipe when stale if ``write``) and compute the image identity."""
-    conv = _convert(project, exp, arch)
+    resolve = _resolver(project, exp)
+    conv = _convert(project, exp, arch, resolve)
     recipe_path = Layout(project).recipe(exp.name, arch)
     if write:
         _write_recipe(project, exp, arch, conv)
     cache = stat_cache(project)
     specs = tuple((ref, bases.spec_for(exp, project, ref)) for ref in conv.base_refs)
     idents = tuple((ref, bases.identity(project, spec, ref, cache.digest)) for ref, spec in specs)
-    base_paths = [bases.resolution(project, s).source for _, s in specs
-                  if s is not None and s.kind in ("sif", "debootstrap")]
+    base_paths = []
+    for ref, spec in specs:
+        if spec is not None and spec.kind in ("sif", "debootstrap"):
+            res = resolve(ref)
+            if res is not None and res.source:
+                base_paths.append(res.source)
     files = _file_entries(cache, conv.context_files)
     h = input_hash(conv.recipe, files, idents, arch, conv.build_args, base_paths)
     cache.save()
@@ -394,24 +403,29 @@ def labelled_recipe(text: str, labels: Mapping[str, str]) -> str:
 _warned_fakeroot = False
 
 
-def _fakeroot_check(progress: Progress | None) -> None:
-    """Warn once when no subuid range exists (Apptainer falls back to a root-mapped namespace
-    plus the fakeroot command); fail with the fix when that command is missing too."""
+def _fakeroot_check(progress: Progress | None) -> str:
+    """How --fakeroot will map ids here; warn once when there is no subuid range.
+
+    Without a range Apptainer (>= 1.1) falls back to a root-mapped user namespace, running
+    %post under the ``fakeroot`` command when the host has one and bare otherwise; both
+    build most recipes, but package managers that chown to other ids may fail, so the
+    user is told once per process.
+    """
     global _warned_fakeroot
     mode = apptainer.fakeroot_mode()
-    if mode == "subuid" or _warned_fakeroot:
-        return
-    if mode == "none":
-        raise EnvironmentProblem(
-            f"no /etc/subuid range for user {_user()} and no `fakeroot` command: rootless builds are impossible",
-            hint="ask your admins for a subuid/subgid range (`usermod --add-subuids`), or install the "
-                 "`fakeroot` package; `hpcexp doctor` shows details")
-    _warned_fakeroot = True
-    msg = (f"no /etc/subuid range for user {_user()}: building in a root-mapped user namespace with the "
-           "fakeroot command (some package installs may fail)")
-    log.info(msg)
-    if progress is not None:
-        progress("warn", msg)
+    if mode != "subuid" and not _warned_fakeroot:
+        _warned_fakeroot = True
+        how = "the fakeroot command" if mode == "fakeroot-command" else "no fakeroot command (none installed)"
+        msg = (f"no /etc/subuid range for user {_user()}: --fakeroot cannot map ids, so Apptainer builds in a "
+               f"root-mapped user namespace with {how}; some package installs may fail "
+               "(ask your admins for a subuid range; `hpcexp doctor` shows details)")
+        log.info(msg)
+        if progress is not None:
+            progress("warn", msg)
+    return mode
+
+
+FAKED_FAILURE = ("error while starting the `faked' daemon", "libs/faked: not found")
 
 
 def _pdeathsig() -> None:  # pragma: no cover - runs in the child
@@ -483,14 +497,28 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
         if side is not None and fresh and (reuse_if is None or reuse_if(side)) and valid_sif(final, side):
             side["_built"] = False
             return side
-        _fakeroot_check(progress)
-        return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
-                          sidecar_extra=sidecar_extra, progress=progress, arch=arch)
+        mode = _fakeroot_check(progress)
+        extra = ["--ignore-fakeroot-command"] if mode == "none" else []
+        try:
+            return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
+                              sidecar_extra=sidecar_extra, progress=progress, arch=arch, extra=extra)
+        except BuildError as exc:
+            tail = "\n".join(getattr(exc, "tail", []))
+            if mode != "fakeroot-command" or not any(s in tail for s in FAKED_FAILURE):
+                raise
+            # The fakeroot command is bound in from the host and cannot start in some bases
+            # (a static busybox has no dynamic loader): the bare root-mapped namespace can.
+            if progress is not None:
+                progress("warn", f"{label}: the fakeroot command cannot run inside this base; "
+                                 "retrying in the root-mapped namespace without it")
+            return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
+                              sidecar_extra=sidecar_extra, progress=progress, arch=arch,
+                              extra=["--ignore-fakeroot-command"])
 
 
 def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str, final: Path, *,
                context: Path, label: str, labels: Mapping[str, str], sidecar_extra: Mapping[str, Any],
-               progress: Progress | None, arch: str | None) -> dict[str, Any]:
+               progress: Progress | None, arch: str | None, extra: list[str] | None = None) -> dict[str, Any]:
     layout = Layout(project)
     log_path = layout.build_log(final)
     tmp = atomic.tmp_name_for(final)
@@ -507,7 +535,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
     build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
     argv = apptainer.build_argv(inst.path, build_recipe, tmp, fakeroot=True,
-                                arch=arch if arch and arch != _host_arch() else None)
+                                arch=arch if arch and arch != _host_arch() else None, extra=extra or ())
     if progress is not None:
         progress("start", f"{label}: building")
     t0 = time.monotonic()

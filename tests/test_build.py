@@ -280,22 +280,38 @@ def test_images_and_clean_respect_run_records(proj: Path, fake_env: Path) -> Non
     assert not old.path.exists() and not old.sidecar.exists() and new.path.exists()
 
 
-def test_no_subuid_warns_once_and_no_fakeroot_fails(proj: Path, fake_env: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpcexp.errors import EnvironmentProblem
-
+def test_no_subuid_warns_once_and_without_fakeroot_skips_it(proj: Path, fake_env: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     empty = tmp_path / "empty-subuid"
     empty.write_text("someoneelse:100000:65536\n")
     monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(empty))
     monkeypatch.setattr(image, "_warned_fakeroot", False)
     events: list[tuple[str, str]] = []
     build(proj, progress=lambda k, t: events.append((k, t)))
-    assert [t for k, t in events if k == "warn" and "subuid" in t]
-    monkeypatch.setattr(image, "_warned_fakeroot", False)
+    assert len([t for k, t in events if k == "warn" and "subuid" in t]) == 1
+    assert "--ignore-fakeroot-command" not in calls(fake_env)[-1]
+    build(proj, force=True, progress=lambda k, t: events.append((k, t)))
+    assert len([t for k, t in events if k == "warn" and "subuid" in t]) == 1, "warned once per process"
     monkeypatch.setattr(apptainer.process, "which", lambda prog, env=None: None if prog == "fakeroot" else "/x")
-    with pytest.raises(EnvironmentProblem) as ei:
-        build(proj, force=True)
-    assert ei.value.exit_code == 3 and "fakeroot" in ei.value.message
+    build(proj, force=True)
+    assert "--ignore-fakeroot-command" in calls(fake_env)[-1]
+
+
+def test_faked_failure_without_subuid_is_retried_bare(fake_env: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "base.sif").write_bytes(b"base")
+    make_project(tmp_path / "st", tmp_path / "base.sif", run="true FAKEDFAIL")
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(tmp_path / "empty"))
+    events: list[tuple[str, str]] = []
+    info = build(tmp_path / "st", progress=lambda k, t: events.append((k, t)))
+    assert info.built
+    assert [c.count("--ignore-fakeroot-command") for c in calls(fake_env)] == [0, 1]
+    assert any("cannot run inside this base" in t for k, t in events if k == "warn")
+    # with a subuid range the same failure is a plain build error (no retry)
+    monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(tmp_path / "subuid"))
+    with pytest.raises(BuildError):
+        build(tmp_path / "st", force=True)
 
 
 def test_has_subuid_range(tmp_path: Path) -> None:

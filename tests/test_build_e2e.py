@@ -1,0 +1,199 @@
+"""Image builds through the real Apptainer as an ordinary user, with no registry reachable.
+
+Apptainer calls are counted with a PATH shim that logs its arguments and then execs the
+real apptainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_clean_error, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def shim(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    real = shutil.which("apptainer")
+    assert real
+    bindir = tmp_path / "shim"
+    bindir.mkdir()
+    log = tmp_path / "apptainer-calls.log"
+    script = bindir / "apptainer"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\nexec "{real}" "$@"\n')
+    script.chmod(0o755)
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    return env, log
+
+
+def builds(log: Path) -> list[str]:
+    return [ln for ln in log.read_text().splitlines() if ln.startswith("build")] if log.exists() else []
+
+
+def project(root: Path, base: Path, run: str = "echo built > /app/stamp") -> Path:
+    exp = root / "experiments" / "hello"
+    exp.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(f'bases:\n  "busybox:latest": {{sif: "{base}"}}\n')
+    (exp / "Dockerfile").write_text(f"FROM busybox:latest\nCOPY hello.sh data/ /app/\nRUN {run}\n"
+                                    "WORKDIR /app\nCMD [\"sh\", \"/app/hello.sh\"]\n")
+    (exp / "hello.sh").write_text("echo hello\n")
+    (exp / "data").mkdir()
+    (exp / "data" / "keep.txt").write_text("data\n")
+    (exp / "data" / "skip.tmp").write_text("ignored\n")
+    (exp / ".dockerignore").write_text("**/*.tmp\n")
+    return root
+
+
+def test_offline_build_cache_hit_and_what_triggers_a_rebuild(tmp_path: Path, busybox_sif: Path, shim) -> None:
+    env, log = shim
+    root = project(tmp_path / "p", busybox_sif)
+    first = run_cli("build", "hello", cwd=root, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "hello amd64: built in" in first.stdout
+    assert len(builds(log)) == 1
+    sifs = list((root / "images").glob("hello-amd64-*.sif"))
+    assert len(sifs) == 1
+    side = json.loads(sifs[0].with_suffix(".json").read_text())
+    labels = subprocess.run(["apptainer", "inspect", "--json", "--labels", str(sifs[0])],
+                            capture_output=True, text=True, check=True).stdout
+    assert side["input_hash"] in labels and "org.hpcexp.base.0.digest" in labels
+
+    calls_before = log.read_text()
+    second = run_cli("build", "hello", cwd=root, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "hello amd64: cached (" in second.stdout
+    assert log.read_text() == calls_before, "a cache hit must not call apptainer at all"
+
+    # outside the context (a run's results) and a .dockerignored file: still cached
+    results = root / "runs" / "hello" / "r1" / "results"
+    results.mkdir(parents=True)
+    (results / "out.txt").write_text("result\n")
+    (root / "experiments" / "hello" / "data" / "skip.tmp").write_text("changed\n")
+    third = run_cli("build", "hello", "--json", cwd=root, env=env)
+    assert third.returncode == 0, third.stderr
+    info = json.loads(third.stdout)
+    assert info[0]["built"] is False and info[0]["workdir"] == "/app"
+    assert len(builds(log)) == 1
+
+    # a copied file changes: rebuilt, and the new image has the new content
+    (root / "experiments" / "hello" / "data" / "keep.txt").write_text("new data\n")
+    fourth = run_cli("build", "hello", cwd=root, env=env)
+    assert fourth.returncode == 0, fourth.stderr
+    assert "built in" in fourth.stdout and len(builds(log)) == 2
+    images = run_cli("images", "--json", cwd=root, env=env)
+    states = sorted(e["state"] for e in json.loads(images.stdout))
+    assert states == ["current", "stale"]
+    new = [e["path"] for e in json.loads(images.stdout) if e["state"] == "current"][0]
+    cat = subprocess.run(["apptainer", "exec", new, "cat", "/app/keep.txt"], capture_output=True, text=True)
+    assert cat.stdout == "new data\n", cat.stderr
+    clean = run_cli("clean", cwd=root, env=env)
+    assert clean.returncode == 0 and "removed" in clean.stdout
+    assert [e["state"] for e in json.loads(run_cli("images", "--json", cwd=root, env=env).stdout)] == ["current"]
+
+
+def test_failing_run_step(tmp_path: Path, busybox_sif: Path, shim) -> None:
+    env, _ = shim
+    root = project(tmp_path / "p", busybox_sif, run="echo about to fail && false")
+    proc = run_cli("build", "hello", cwd=root, env=env)
+    assert_clean_error(proc, 4, "build of hello amd64 failed", "log: ")
+    first = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpcexp: error:")]
+    assert len(first) == 1
+    log_path = Path(first[0].rsplit("log: ", 1)[1].split(";")[0].strip())
+    assert log_path.is_file() and "about to fail" in log_path.read_text()
+    assert "about to fail" in proc.stderr  # the last lines are shown
+    assert not list((root / "images").glob("*.sif"))
+    assert not [p for p in (root / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+
+
+def test_killed_build_leaves_no_image_and_next_build_succeeds(tmp_path: Path, busybox_sif: Path, shim) -> None:
+    env, log = shim
+    root = project(tmp_path / "p", busybox_sif, run="echo sleeping && sleep 4")
+    full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    logs = root / "images" / ".logs"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if logs.is_dir() and any("sleeping" in p.read_text(errors="replace") for p in logs.glob("*.log")):
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the build never reached its RUN step")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    time.sleep(0.5)
+    assert not list((root / "images").glob("*.sif"))
+    listed = run_cli("images", "--json", cwd=root, env=env)
+    assert json.loads(listed.stdout) == []
+    again = run_cli("build", "hello", cwd=root, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "built in" in again.stdout
+    clean = run_cli("clean", cwd=root, env=env)
+    assert clean.returncode == 0, clean.stderr
+    assert not [p for p in (root / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    assert not list((root / "images" / ".locks").glob("*"))
+
+
+def test_two_concurrent_builds_run_apptainer_once(tmp_path: Path, busybox_sif: Path, shim) -> None:
+    env, log = shim
+    root = project(tmp_path / "p", busybox_sif, run="sleep 2")
+    full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(builds(log)) == 1, log.read_text()
+    joined = "".join(o[0] for o in outs)
+    assert "built in" in joined and "cached" in joined
+    assert len(list((root / "images").glob("*.sif"))) == 1
+
+
+def test_no_subuid_range_falls_back_with_a_warning(tmp_path: Path, busybox_sif: Path) -> None:
+    real = shutil.which("apptainer")
+    bindir = tmp_path / "shim"
+    bindir.mkdir()
+    # Make Apptainer behave as for a user without a subuid range, as `--ignore-subuid` does.
+    (bindir / "apptainer").write_text(
+        f'#!/bin/sh\nif [ "$1" = build ]; then shift; exec "{real}" build --ignore-subuid "$@"; fi\n'
+        f'exec "{real}" "$@"\n')
+    (bindir / "apptainer").chmod(0o755)
+    empty = tmp_path / "subuid"
+    empty.write_text("")
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "HPCEXP_SUBUID_FILE": str(empty)}
+    root = project(tmp_path / "p", busybox_sif)
+    proc = run_cli("build", "hello", cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: no /etc/subuid range" in proc.stderr and "fakeroot" in proc.stderr
+
+
+@pytest.mark.slow
+def test_debootstrap_base_from_the_apt_mirror(tmp_path: Path) -> None:
+    """The one slow test: a Debian + python3-minimal base built by debootstrap from the
+    mirror in this machine's apt configuration (cached in the user's cache dir, so a
+    rerun is instant), and an image on top of it."""
+    root = tmp_path / "p"
+    exp = root / "experiments" / "py"
+    exp.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(
+        'bases:\n  "python:3.11-slim": {debootstrap: bookworm, include: [python3-minimal]}\n')
+    (exp / "Dockerfile").write_text("FROM python:3.11-slim\nCOPY main.py /app/main.py\n"
+                                    "RUN python3 /app/main.py > /app/out.txt\n")
+    (exp / "main.py").write_text("import sys; print('python', sys.version_info[0])\n")
+    proc = run_cli("build", "py", cwd=root, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    sif = next((root / "images").glob("py-amd64-*.sif"))
+    out = subprocess.run(["apptainer", "exec", str(sif), "cat", "/app/out.txt"], capture_output=True, text=True)
+    assert out.stdout == "python 3\n", out.stderr
+    side = json.loads(sif.with_suffix(".json").read_text())
+    assert side["bases"][0]["digest"].startswith("sha256:") and "?" not in side["bases"][0]["digest"]
