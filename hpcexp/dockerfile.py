@@ -302,6 +302,7 @@ class WordProcessor:
         self.unset = unset
         self.closed = closed          # no base image environment here (global scope): unknown = unset
         self.unknown_used: list[str] = []
+        self.unset_used: list[str] = []
 
     def words(self, text: str) -> list[Value]:
         """Split ``text`` into words on unquoted whitespace, expanding variables."""
@@ -316,6 +317,7 @@ class WordProcessor:
         if name in self.known:
             return self.known[name]
         if name in self.unset:
+            self.unset_used.append(name)
             return None
         if self.closed:
             self.unknown_used.append(name)
@@ -403,6 +405,7 @@ class WordProcessor:
             sub = WordProcessor(self.known, self.esc, self.unset, self.closed)
             word = sub.word(rest[len(op):])
             self.unknown_used.extend(sub.unknown_used)
+            self.unset_used.extend(sub.unset_used)
             val = self._lookup(name)
             if val is not None and len(val) == 1 and isinstance(val[0], Ref) and val[0].name == name:
                 self.unknown_used.append(name)

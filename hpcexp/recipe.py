@@ -368,6 +368,7 @@ class _Stage:
     cmd: tuple[str, ...] | None = None
     cmd_set: bool = False
     entrypoint: tuple[str, ...] | None = None
+    entrypoint_shell: bool = False
     runscript_line: int = 0
     stage_no: int = 0              # staging counter
     uses_cp: bool = False
@@ -423,6 +424,7 @@ class _Converter:
             out = wp.words(text)
         except ValueError as exc:
             raise self.fail(ins, str(exc)) from None
+        self.global_only_note(ins, wp)
         return out
 
     def processor(self, global_scope: bool = False):
@@ -436,6 +438,14 @@ class _Converter:
         # a global ARG used in a stage without `ARG NAME` expands to nothing, as in Docker
         unset |= {k for k in self.global_args if k not in known}
         return WordProcessor(known, self.df.escape, unset)
+
+    def global_only_note(self, ins: "Instruction", wp: Any) -> None:
+        st = self.cur
+        for name in dict.fromkeys(wp.unset_used):
+            if st is not None and name in self.global_args and name not in st.args and name not in st.env \
+                    and name not in st.arg_unset:
+                self.note(ins, f"${name}", "translated", f"{name} is a global ARG not declared in this stage, so it "
+                          f"expands to nothing, as in Docker (add `ARG {name}` after FROM to use it)", "P02")
 
     def path_value(self, ins: "Instruction", value: "Value", what: str) -> str:
         from hpcexp.dockerfile import has_refs, literal
@@ -626,7 +636,8 @@ class _Converter:
         from hpcexp.dockerfile import split_key_values
 
         text = ins.args
-        first = text.split(None, 1)[0] if text.split() else ""
+        tokens = _split_unquoted(text)
+        first = tokens[0] if tokens else ""
         if "=" not in first:
             if keyword == "LABEL":
                 raise self.fail(ins, "expects KEY=VALUE pairs")
@@ -641,13 +652,16 @@ class _Converter:
             ours = split_key_values(text, self.df.escape)
         except ValueError as exc:
             raise self.fail(ins, str(exc)) from None
+        if self.df.escape in text or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k, _ in ours):
+            return ours  # escapes or quoted keys: spython splits these wrongly or crashes (P10, P26)
         spy = _spython_mod()
         theirs = _spython(self.label, ins.line, keyword, spy["parser"].parse_env, text)
         theirs_pairs = [tuple(item.split("=", 1)) for item in theirs]
-        if [k for k, _ in theirs_pairs] != [k for k, _ in ours]:
-            log.debug("%s:%d: spython split %s differently (%s); using hpcexp's tokenizer",
+        if theirs_pairs != ours:
+            log.debug("%s:%d: spython split %s as %s; using hpcexp's tokenizer",
                       self.label, ins.line, keyword, theirs)
-        return ours
+            return ours
+        return theirs_pairs
 
     def do_env(self, ins: "Instruction") -> None:
         from hpcexp.dockerfile import render_shell
@@ -662,6 +676,7 @@ class _Converter:
                 value = wp.word(raw)
             except ValueError as exc:
                 raise self.fail(ins, str(exc)) from None
+            self.global_only_note(ins, wp)
             st.env[key] = value
             shown = render_shell(value)
             self.emit(f'export {key}="{shown}"')
@@ -1085,6 +1100,7 @@ class _Converter:
         assert st is not None
         value = self.command_value(ins)
         st.entrypoint = value or None
+        st.entrypoint_shell = ins.exec_form is None and bool(value)
         if not st.cmd_set:
             st.cmd = None
         st.runscript_line = ins.line
@@ -1109,8 +1125,9 @@ class _Converter:
         lines = []
         if st.workdir_set:
             lines.append(f"cd {shlex.quote(st.workdir)}")
-        if ep:
-            shell_form = len(ep) >= 2 and ep[:-1] == st.shell and ep[-2:-1] == ("-c",) and False
+        if ep and st.entrypoint_shell:
+            lines.append(f"exec {shlex.join(ep)}")  # Docker: CMD and run arguments never reach it
+        elif ep:
             if cmd:
                 lines += ['if [ "$#" -gt 0 ]; then', f'    exec {shlex.join(ep)} "$@"', "else",
                           f"    exec {shlex.join([*ep, *cmd])}", "fi"]
@@ -1182,7 +1199,9 @@ class _Converter:
         last = self.stages[-1]
         line = last.runscript_line
         if last.entrypoint or last.cmd:
-            if last.entrypoint and last.cmd:
+            if last.entrypoint and last.entrypoint_shell:
+                pass  # the P17 note at the ENTRYPOINT line says it all
+            elif last.entrypoint and last.cmd:
                 self.notes.append(Note(line, "ENTRYPOINT + CMD", "translated", "%runscript runs ENTRYPOINT with "
                                        "CMD as default arguments; run arguments replace CMD (Docker's rule)", "P16"))
             elif last.cmd:
