@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import functools
 import gzip
 import hashlib
 import json
 import logging
 import os
-import posixpath
 import queue
 import re
 import shutil
@@ -903,7 +903,7 @@ def _iter_tar(path: Path) -> Iterator[_Member]:
                 last = ti.name
                 name = ti.name.rstrip("/") if ti.isdir() else ti.name
                 if ti.isreg():
-                    m = _Member(name, "file", ti.size, mode=ti.mode, open=lambda ti=ti: tf.extractfile(ti))
+                    m = _Member(name, "file", ti.size, mode=ti.mode, open=functools.partial(_tar_open, tf, ti))
                 elif ti.isdir():
                     m = _Member(name, "dir", mode=ti.mode)
                 elif ti.issym():
@@ -917,6 +917,13 @@ def _iter_tar(path: Path) -> Iterator[_Member]:
                 yield m
     except _READ_ERRORS as exc:
         raise _Corrupt(last, f"{type(exc).__name__}: {exc}") from None
+
+
+def _tar_open(tf: tarfile.TarFile, ti: tarfile.TarInfo) -> IO[bytes]:
+    fh = tf.extractfile(ti)
+    if fh is None:  # pragma: no cover - only regular members get an opener
+        raise tarfile.ReadError(f"{ti.name} has no data")
+    return fh
 
 
 def _iter_zip(path: Path) -> Iterator[_Member]:
@@ -937,7 +944,7 @@ def _iter_zip(path: Path) -> Iterator[_Member]:
                     yield _Member(name, "symlink", target=target)
                 elif ftype in (0, stat.S_IFREG):
                     yield _Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
-                                  open=lambda zi=zi: zf.open(zi))
+                                  open=functools.partial(zf.open, zi))
                 else:
                     what = ("FIFO" if ftype == stat.S_IFIFO else "socket" if ftype == stat.S_IFSOCK
                             else "device" if ftype in (stat.S_IFCHR, stat.S_IFBLK) else "special member")
