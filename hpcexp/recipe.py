@@ -148,7 +148,8 @@ def _spython_mod() -> dict[str, Any]:
 
             raise EnvironmentProblem(f"cannot import spython: {exc}",
                                      hint="pip install 'spython>=0.3.14'") from None
-        bot.level = -10                     # below ABORT: spython prints nothing
+        bot.level = -3                      # errors only, and only into our buffer (never the terminal)
+        bot.colorize = False
         bot.errorStream = io.StringIO()
         bot.outputStream = io.StringIO()
         _SPY.update(bot=bot, parser=DockerParser(filename=None, load=False), writer=writer)
@@ -164,7 +165,7 @@ def _spython(label: str, line: int, what: str, fn: Callable[..., Any], *args: An
         said = ""
         if bot is not None and isinstance(bot.errorStream, io.StringIO):
             said = bot.errorStream.getvalue().strip().splitlines()[-1:] or ""
-            said = said[0] if said else ""
+            said = said[0].removeprefix("ERROR").strip() if said else ""
             bot.errorStream.seek(0)
             bot.errorStream.truncate()
         detail = said or (f"exit {exc.code}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")

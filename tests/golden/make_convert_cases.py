@@ -1,6 +1,6 @@
 import os, json, tarfile, io, textwrap
 from pathlib import Path
-G = Path("/work/main/tests/golden/convert")
+G = Path(__file__).resolve().parent / "convert"
 cases = {}
 def case(name, dockerfile, files=None, args=None):
     cases[name] = (textwrap.dedent(dockerfile).lstrip("\n"), files or {}, args)
