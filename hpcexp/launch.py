@@ -15,7 +15,8 @@ What the payload sees
   - parameters as arguments ``--KEY=VALUE`` appended to the command (``params_as: args``)
     and/or environment variables ``HPCEXP_PARAM_KEY`` (``params_as: env``), plus
     ``HPCEXP_PARAMS`` (all of them as JSON), ``HPCEXP_RUN_ID``, ``HPCEXP_EXPERIMENT`` and
-    ``HPCEXP_RESULTS``; values reach the payload byte for byte (no shell in between);
+    ``HPCEXP_RESULTS``; values reach the payload byte for byte (no shell in between:
+    ``--no-eval`` stops Apptainer from shell-evaluating the injected environment);
   - ``--containall`` (own PID/IPC namespaces, clean environment, no host $HOME) with the
     configured environment passed explicitly.
 """
@@ -32,6 +33,12 @@ from hpcexp import apptainer
 from hpcexp.config import PARAM_RE, Experiment, Project
 from hpcexp.errors import UsageError
 from hpcexp.paths import RunPaths
+
+# Without --no-eval Apptainer writes each APPTAINERENV_ value into a generated script as
+# export KEY="VALUE" and sources it: `$(...)` in a parameter value would run inside the
+# container and quotes break the script (checked with 1.4.5). With it, values are single
+# quoted and arrive byte for byte (newlines included).
+NO_EVAL = ("--no-eval",)
 
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
                "/usr", "/var")
@@ -139,7 +146,7 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
     argv = apptainer.action_argv(
         program, "exec" if exp.command else "run", image, args=payload, mounts=mounts,
         containall=True, cleanenv=True, nv=exp.gpu if gpu is None else gpu, pwd=workdir,
-        writable_tmpfs=True,
+        writable_tmpfs=True, extra=NO_EVAL,
     )
     return LaunchPlan(argv=tuple(argv), container_env=env, mounts=tuple(mounts), pwd=workdir,
                       payload=tuple(payload))
