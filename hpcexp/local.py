@@ -180,7 +180,7 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
     info = _image_fields(image)
     if info.get("path") is None:
         raise UsageError("no image to run")
-    inst = apptainer.require()
+    program = _runtime_path()
     layout = Layout(project)
     run_paths = runs.allocate_run(layout, exp.name)
     run_id = run_paths.dir.name
@@ -188,7 +188,7 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         run_paths.results.mkdir()
         the_plan = launch.plan(project, exp, Path(info["path"]), run_paths, run_id=run_id, params=params,
                                args=args, image_workdir=info.get("workdir"), gpu=gpu, writable=writable,
-                               allow_binds=allow_binds, program=inst.path)
+                               allow_binds=allow_binds, program=program)
     except BaseException:
         # nothing was started: leave no half-made run behind
         import shutil
@@ -203,15 +203,50 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         arch=arch or host_arch(), params=merged, args=list(args or exp.args),
         command=list(the_plan.argv), image=str(info["path"]), image_sha256=info.get("sha256"),
         input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
-        apptainer_version=inst.version, git_commit=commit, git_dirty=dirty,
+        apptainer_version=None, git_commit=commit, git_dirty=dirty,
         executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(), "launcher_pid": os.getpid(),
                       "launcher_start": proc_start_ticks(os.getpid())},
     )
     rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
-                 "pwd": the_plan.pwd, "runtime": inst.program}
+                 "pwd": the_plan.pwd, "runtime": os.path.basename(program)}
     runs.write_record(run_paths, rec)
     return run_paths, rec
+
+
+def _runtime_path() -> str:
+    """Where apptainer (or singularity) is. Its version is asked while the payload runs
+    (see :func:`supervise`), so a run does not wait for ``apptainer --version`` first."""
+    from hpcexp import process
+
+    found = process.which("apptainer") or process.which("singularity")
+    if found is None:
+        apptainer.require()  # raises EnvironmentProblem with the fix
+        raise AssertionError("unreachable")
+    return found
+
+
+def _start_version_probe(program: str) -> "subprocess.Popen[str] | None":
+    try:
+        return subprocess.Popen([program, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
+                                stderr=subprocess.DEVNULL, text=True, close_fds=True)
+    except OSError:
+        return None
+
+
+def _finish_version_probe(probe: "subprocess.Popen[str] | None") -> str | None:
+    import re
+
+    if probe is None:
+        return None
+    try:
+        out, _ = probe.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe.wait()
+        return None
+    m = re.search(r"\d+\.\d+(?:\.\d+)?\S*", out or "")
+    return m.group(0) if m else None
 
 
 def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
@@ -439,6 +474,37 @@ def _read_stop_request(run_paths: RunPaths) -> dict[str, Any] | None:
         return {}
 
 
+class _ExitWaiter:
+    """Wait for a child with a timeout, waking the moment it exits (pidfd + select where the
+    kernel has it, else Popen's polling): short runs must not pay a polling delay."""
+
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+        self.proc = proc
+        self.pidfd: int | None = None
+        opener = getattr(os, "pidfd_open", None)
+        if opener is not None:
+            with contextlib.suppress(OSError):
+                self.pidfd = opener(proc.pid)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.pidfd is not None:
+            import select
+
+            try:
+                select.select([self.pidfd], [], [], timeout)
+            except InterruptedError:
+                pass
+            rc = self.proc.poll()
+            if rc is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
+            return rc
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
 def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = False) -> runs.RunRecord:
     """Start the run's container, copy its output, wait, and record how it ended.
 
@@ -470,6 +536,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     os.close(out_w)
     os.close(err_w)
     pgid = proc.pid
+    probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
 
     # the watchdog must exist before any thread does (fork + threads do not mix)
     wd_r, wd_w = os.pipe()
@@ -541,11 +608,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             on_signal(signal.SIGUSR1, None)
 
         rc: int | None = None
+        waiter = _ExitWaiter(proc)
         while rc is None:
-            try:
-                rc = proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
+            rc = waiter.wait(0.2)
             if rc is None and stop.requested:
                 if stop.kill_now or (stop.deadline is not None and time.monotonic() >= stop.deadline):
                     if stop.signal_sent != signal.SIGKILL:
@@ -571,11 +636,16 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         if notes:
             outcome["reason"] = "; ".join(([outcome["reason"]] if outcome.get("reason") else []) + notes)
         rec.ended_at = runs.utcnow()
+        if probe is not None:
+            rec.apptainer_version = _finish_version_probe(probe)
+            probe = None
         for key, value in outcome.items():
             setattr(rec, key, value)
         runs.write_record(run_paths, rec)
         return rec
     finally:
+        if probe is not None:
+            _finish_version_probe(probe)
         with contextlib.suppress(OSError):
             os.write(wd_w, b"x")
         with contextlib.suppress(OSError):

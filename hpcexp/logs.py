@@ -88,6 +88,7 @@ class _Followed:
         self.pos = 0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.mid_line = False
+        self.carry = b""
         self.first_open = True
 
     def _open(self) -> bool:
@@ -112,18 +113,21 @@ class _Followed:
 
     def _emit(self, data: bytes, out: IO[bytes], final: bool = False) -> None:
         text = self.decoder.decode(data, final).encode("utf-8")
-        if not text:
-            return
         if not self.prefix:
-            out.write(text)
+            if text:
+                out.write(text)
             return
-        parts = text.split(b"\n")
-        tail = parts.pop()
+        # prefixed streams are interleaved with others: pass on whole lines only, except a
+        # line longer than CHUNK, which goes on in pieces (bounded memory)
+        data = self.carry + text
+        parts = data.split(b"\n")
+        self.carry = parts.pop()
         for part in parts:
             out.write((b"" if self.mid_line else self.prefix) + part + b"\n")
             self.mid_line = False
-        if tail:
-            out.write((b"" if self.mid_line else self.prefix) + tail)
+        if len(self.carry) >= CHUNK or (final and self.carry):
+            out.write((b"" if self.mid_line else self.prefix) + self.carry)
+            self.carry = b""
             self.mid_line = True
 
     def drain(self, out: IO[bytes], budget: int = 64) -> bool:

@@ -173,7 +173,6 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
     exp = project.experiment(name)
     parsed = launch.parse_params(params)
     arch = arch or host_arch()
-    apptainer.require()
     dropped = apptainer.scrubbed_vars()
     if dropped:
         warn(f"ignoring {', '.join(dropped)} from your shell (binds and environment come from hpcexp.yaml)")

@@ -1,0 +1,213 @@
+"""hpcexp.local with a fake container runtime (a Python script in place of apptainer).
+
+The supervisor, exit decoding, stop, watchdog and reconcile are exercised for real;
+only apptainer is replaced. The real thing is in test_local_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcexp import local, runs
+from hpcexp.paths import RunPaths
+
+
+def _record(run_dir: Path, code: str, *, run_id: str | None = None, grace: float = 10.0) -> RunPaths:
+    run_dir.mkdir(parents=True)
+    paths = RunPaths(run_dir)
+    paths.results.mkdir()
+    rid = run_id or run_dir.name
+    rec = runs.RunRecord(experiment=run_dir.parent.name, run_id=rid, command=[sys.executable, "-c", code],
+                         executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(),
+                                       "launcher_pid": os.getpid(),
+                                       "launcher_start": local.proc_start_ticks(os.getpid())})
+    rec.extra = {"container_env": {"HPCEXP_RUN_ID": rid, "ODD": "a b\n$(x);'\""}, "grace": grace}
+    runs.write_record(paths, rec)
+    return paths
+
+
+def _wait(pred, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.mark.parametrize("rc,fatal,state,exit_code,sig,launch", [
+    (0, None, "succeeded", 0, None, None),
+    (7, None, "failed", 7, None, None),
+    (139, None, "failed", 139, 11, None),
+    (255, "FATAL:   container creation failed: x", "failed", None, None, "FATAL:   container creation failed: x"),
+    (255, None, "failed", 255, None, None),         # a payload's own 255 without FATAL stays its code
+    (-9, None, "failed", None, 9, None),
+])
+def test_decode_exit(rc, fatal, state, exit_code, sig, launch) -> None:
+    out = local._decode_exit(rc, fatal, local._StopState(10))
+    assert out["state"] == state
+    assert out.get("exit_code") == exit_code
+    assert out.get("signal") == sig
+    assert out.get("launch_error") == launch
+
+
+def test_decode_exit_when_stopped_is_cancelled() -> None:
+    stop = local._StopState(10)
+    stop.requested, stop.signal_sent = True, signal.SIGKILL
+    out = local._decode_exit(137, None, stop)
+    assert out == {"state": "cancelled", "exit_code": 137, "signal": 9}
+
+
+def test_alive_knows_pid_reuse_and_zombies() -> None:
+    me = os.getpid()
+    assert local.alive(me, local.proc_start_ticks(me))
+    assert not local.alive(me, (local.proc_start_ticks(me) or 0) + 1)  # same pid, another process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    _wait(lambda: local.proc_start_ticks(child.pid) is None)  # exited, not yet reaped: a zombie is not alive
+    assert not local.alive(child.pid)
+    child.wait()
+    assert not local.alive(None)
+
+
+def test_supervise_success_writes_logs_record_and_passes_env_verbatim(tmp_path: Path) -> None:
+    code = ("import os,sys; sys.stdout.write('out\\n'); sys.stderr.write('err\\n');"
+            "open('env.txt','w').write(os.environ['APPTAINERENV_ODD'])")
+    paths = _record(tmp_path / "exp" / "r1", code)
+    rec = local.supervise(paths)
+    assert rec.state == "succeeded" and rec.exit_code == 0
+    assert paths.stdout.read_bytes() == b"out\n" and paths.stderr.read_bytes() == b"err\n"
+    assert (paths.dir / "env.txt").read_text() == "a b\n$(x);'\""
+    disk = runs.read_record(paths)
+    assert disk.state == "succeeded" and disk.started_at and disk.ended_at
+    assert disk.executor_ids["supervisor_pid"] == os.getpid()
+    assert not local.alive(disk.executor_ids["watchdog_pid"])
+
+
+def test_supervise_failure_and_launch_error(tmp_path: Path) -> None:
+    rec = local.supervise(_record(tmp_path / "exp" / "r1", "import sys; sys.exit(3)"))
+    assert (rec.state, rec.exit_code, rec.launch_error) == ("failed", 3, None)
+    code = "import sys; sys.stderr.write('WARNING: x\\nFATAL:   bind source missing\\n'); sys.exit(255)"
+    rec = local.supervise(_record(tmp_path / "exp" / "r2", code))
+    assert (rec.state, rec.exit_code) == ("failed", None)
+    assert rec.launch_error == "FATAL:   bind source missing"
+
+
+def test_supervise_never_blocks_on_big_output(tmp_path: Path) -> None:
+    code = "import sys; [sys.stdout.write('x' * 1023 + '\\n') for _ in range(20000)]"
+    paths = _record(tmp_path / "exp" / "r1", code)
+    rec = local.supervise(paths, tee=False)
+    assert rec.state == "succeeded"
+    assert paths.stdout.stat().st_size == 20000 * 1024
+
+
+def test_stop_request_cancels_with_sigterm_then_sigkill(tmp_path: Path) -> None:
+    # the payload ignores SIGTERM and forks a child: the grace period ends in SIGKILL of the group
+    code = ("import signal,subprocess,sys,time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            "subprocess.Popen([sys.executable,'-c','import time; time.sleep(600)']);"
+            "print('ready', flush=True); time.sleep(600)")
+    paths = _record(tmp_path / "exp" / "r1", code, grace=0.5)
+    seen: dict[str, object] = {}
+
+    def stopper() -> None:
+        # stop as `hpcexp stop` does: a request file naming the grace, then SIGUSR1 to the supervisor (us)
+        _wait(lambda: b"ready" in paths.stdout.read_bytes() if paths.stdout.exists() else False)
+        rec = runs.read_record(paths)
+        seen["state"] = rec.state
+        seen["marked"] = len(local.marker_pids(rec.run_id))
+        paths.stop_request.write_text(json.dumps({"grace": 0.5, "user": "t", "host": "h", "pid": 1}))
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    th = threading.Thread(target=stopper)
+    th.start()
+    rec = local.supervise(paths)
+    th.join(timeout=30)
+    rid = rec.run_id
+    assert seen == {"state": "running", "marked": 2}
+    assert rec.state == "cancelled" and rec.signal == 9
+    assert "SIGKILL after 0.5 s" in (rec.reason or "")
+    assert local.marker_pids(rid) == []
+
+
+def test_supervise_in_main_thread_handles_sigterm_as_stop(tmp_path: Path) -> None:
+    paths = _record(tmp_path / "exp" / "r1", "import time; print('go', flush=True); time.sleep(600)")
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    rec = local.supervise(paths)
+    timer.join()
+    assert rec.state == "cancelled" and rec.signal == 15
+    assert "SIGTERM" in (rec.reason or "")
+
+
+def test_detached_run_stop_and_stop_of_finished_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(local.__file__).resolve().parent.parent))
+    paths = _record(tmp_path / "exp" / "r1", "import time; print('go', flush=True); time.sleep(600)")
+    rec = local.spawn_detached(paths)
+    assert rec.state == "running"
+    sup = rec.executor_ids["supervisor_pid"]
+    assert sup != os.getpid() and local.alive(sup)
+    [(p, stopped)] = local.stop(None, [(paths, rec)], grace=5)  # type: ignore[arg-type]
+    assert stopped.state == "cancelled" and stopped.signal == 15
+    assert "hpcexp stop" in stopped.reason
+    _wait(lambda: not local.alive(sup))
+    assert local.marker_pids(rec.run_id) == []
+    [(p, again)] = local.stop(None, [(paths, stopped)], grace=5)  # type: ignore[arg-type]
+    assert again.state == "cancelled"
+
+
+def test_killed_supervisor_is_lost_and_leaves_no_process(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(local.__file__).resolve().parent.parent))
+    paths = _record(tmp_path / "exp" / "r1", "import time; print('go', flush=True); time.sleep(600)")
+    rec = local.spawn_detached(paths)
+    sup = rec.executor_ids["supervisor_pid"]
+    os.kill(sup, signal.SIGKILL)
+    _wait(lambda: not local.alive(sup))
+    # the watchdog kills the payload although the supervisor could not
+    _wait(lambda: local.marker_pids(rec.run_id) == [])
+    [(p, after)] = local.reconcile(None, [(paths, runs.read_record(paths))])  # type: ignore[arg-type]
+    assert after.state == "lost"
+    assert f"supervisor pid {sup} on host {runs.hostname()} is gone" in after.reason
+    assert runs.read_record(paths).state == "lost"
+
+
+def test_reconcile_leaves_live_foreign_and_terminal_runs(tmp_path: Path) -> None:
+    paths = _record(tmp_path / "exp" / "alive", "pass")
+    rec = runs.read_record(paths)
+    [(_, same)] = local.reconcile(None, [(paths, rec)])  # type: ignore[arg-type]
+    assert same.state == "created"  # its launcher (this process) is alive
+    other = _record(tmp_path / "exp" / "other", "pass")
+    orec = runs.read_record(other)
+    orec.executor_ids = {"host": "elsewhere.example", "supervisor_pid": 1, "supervisor_start": 1}
+    orec.state = "running"
+    runs.write_record(other, orec)
+    [(_, o)] = local.reconcile(None, [(other, orec)])  # type: ignore[arg-type]
+    assert o.state == "running"
+    gone = _record(tmp_path / "exp" / "gone", "pass")
+    grec = runs.read_record(gone)
+    grec.executor_ids["launcher_pid"] = 2 ** 22 + 12345  # above pid_max: never a live process
+    runs.write_record(gone, grec)
+    [(_, g)] = local.reconcile(None, [(gone, grec)])  # type: ignore[arg-type]
+    assert g.state == "lost" and "launching hpcexp pid" in g.reason
+    rebooted = _record(tmp_path / "exp" / "rebooted", "pass")
+    rrec = runs.read_record(rebooted)
+    rrec.executor_ids["boot_id"] = "not-this-boot"
+    runs.write_record(rebooted, rrec)
+    [(_, r)] = local.reconcile(None, [(rebooted, rrec)])  # type: ignore[arg-type]
+    assert r.state == "lost" and "rebooted" in r.reason
+
+
+def test_stop_before_start_cancels_without_running(tmp_path: Path) -> None:
+    paths = _record(tmp_path / "exp" / "r1", "open('ran','w').write('x')")
+    paths.stop_request.write_text("{}")
+    rec = local.supervise(paths)
+    assert rec.state == "cancelled"
+    assert not (paths.dir / "ran").exists()
