@@ -17,6 +17,7 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     runs/NAME/RUN_ID/results/          the run's own artifacts folder
     runs/NAME/RUN_ID/stop.json         stop request (local runs: who, when, grace)
     runs/.sweeps/SWEEP_ID.json         sweep record (Slurm job arrays)
+    runs/.sweeps/SWEEP_ID/             array job scripts, Slurm's slurm-%A_%a.out files
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class Layout:
 
     def sweep(self, sweep_id: str) -> Path:
         return self.sweeps_dir() / f"{sweep_id}.json"
+
+    def sweep_dir(self, sweep_id: str) -> Path:
+        """runs/.sweeps/SWEEP_ID/: the array job scripts and Slurm's own per-task output files."""
+        return self.sweeps_dir() / sweep_id
 
     def slurm_template(self, name: str | None) -> Path:
         """slurm/NAME.sbatch if it exists, else slurm/default.sbatch."""

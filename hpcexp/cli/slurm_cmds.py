@@ -1,0 +1,176 @@
+"""``hpcexp submit`` and ``hpcexp resubmit``: runs and sweeps through Slurm.
+
+``submit`` is the documented spelling; the image is built (or reused) here on the login
+node, then one job (one run) or ONE job array (a sweep) is submitted. Exit codes: 0
+submitted; 2 bad input (nothing created, no sbatch call); 4 the image build failed; 6
+sbatch refused (the records say so).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from hpcexp.cli.common import arch_option, emit_json, info, json_option, pass_ctx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.cli.common import Ctx
+
+
+def _resources(partition: str | None, time: str | None, cpus: int | None, mem: str | None, gpus: str | None,
+               account: str | None, qos: str | None, max_parallel: int | None, sbatch_args: tuple[str, ...],
+               template: str | None = None) -> Any:
+    from hpcexp.config import SlurmResources
+
+    return SlurmResources(partition=partition, time=time, cpus=cpus, mem=mem, gpus=gpus, account=account, qos=qos,
+                          max_parallel=max_parallel, sbatch_args=tuple(sbatch_args), template=template)
+
+
+def _report(sub: Any, as_json: bool) -> None:
+    if sub.dry_run:
+        if as_json:
+            emit_json({"dry_run": True, "sweep_id": sub.sweep_id, "tasks": len(sub.runs), "scripts": sub.texts,
+                       "params": [rec.params for _, rec in sub.runs]})
+            return
+        for i, text in enumerate(sub.texts):
+            if len(sub.texts) > 1:
+                click.echo(f"# ===== job script {i + 1} of {len(sub.texts)} =====")
+            click.echo(text, nl=False)
+        info(f"dry run: {len(sub.runs)} task(s) in {len(sub.texts)} job script(s); nothing was submitted")
+        return
+    if as_json:
+        emit_json({"experiment": sub.experiment, "sweep_id": sub.sweep_id, "job_ids": sub.job_ids,
+                   "runs": [{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in sub.runs]})
+        return
+    if sub.sweep_id:
+        click.echo(f"sweep {sub.sweep_id}: {len(sub.runs)} task(s) submitted as array job "
+                   f"{', '.join(sub.job_ids)}")
+        click.echo(f"  hpcexp status {sub.sweep_id}    hpcexp logs -f {sub.sweep_id}")
+    else:
+        paths, rec = sub.runs[0]
+        click.echo(f"run {rec.run_id}: submitted as job {sub.job_ids[0]} ({paths.dir})")
+        click.echo(f"  hpcexp status {rec.run_id}    hpcexp logs -f {rec.run_id}")
+
+
+resource_options = [
+    click.option("--partition", default=None, help="Slurm partition (default: hpcexp.yaml, then Slurm's)."),
+    click.option("--time", "time_", default=None, help="Time limit, e.g. 30, 2:00:00, 1-12."),
+    click.option("--cpus", type=click.IntRange(1, 4096), default=None, help="CPUs per task."),
+    click.option("--mem", default=None, help="Memory per task, e.g. 4G."),
+    click.option("--gpus", default=None, help="GPUs per task: a count or TYPE:COUNT."),
+    click.option("--account", default=None, help="Slurm account."),
+    click.option("--qos", default=None, help="Slurm QOS."),
+    click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
+                 help="Extra sbatch option, e.g. --sbatch-arg=--constraint=a100 (repeatable)."),
+    click.option("--max-parallel", type=click.IntRange(min=1), default=None,
+                 help="At most N tasks of a sweep at once (--array=0-N%MAX)."),
+]
+
+
+def _with(options: list[Any]) -> Any:
+    def deco(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@click.command("submit", context_settings={"ignore_unknown_options": False})
+@click.argument("name")
+@click.argument("args", nargs=-1)
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="A parameter (repeatable).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Sweep a parameter over values; several --sweep give their cartesian product, "
+                   "submitted as ONE job array.")
+@click.option("--sweep-file", type=click.Path(dir_okay=False), default=None,
+              help="Parameter sets to sweep: YAML/JSON list of mappings (or name -> values), or CSV/TSV.")
+@_with(resource_options)
+@click.option("--template", default=None, help="Use slurm/TEMPLATE.sbatch (default: slurm/NAME.sbatch, "
+                                               "else slurm/default.sbatch).")
+@click.option("--hold", is_flag=True, help="Submit held (sbatch --hold); release with `scontrol release`.")
+@click.option("--dry-run", is_flag=True, help="Print the rendered job script(s); submit and write nothing.")
+@click.option("--allow-bind", is_flag=True, help="Allow binds of otherwise refused host folders.")
+@arch_option
+@json_option
+@pass_ctx
+def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...], sweeps: tuple[str, ...],
+               sweep_file: str | None, partition: str | None, time_: str | None, cpus: int | None, mem: str | None,
+               gpus: str | None, account: str | None, qos: str | None, sbatch_args: tuple[str, ...],
+               max_parallel: int | None, template: str | None, hold: bool, dry_run: bool, allow_bind: bool,
+               arch: str | None, as_json: bool) -> None:
+    """Submit experiment NAME to Slurm: one job, or one job array for a sweep.
+
+    \b
+    Resources come from hpcexp.yaml (project `slurm:`, then the experiment's), then
+    these options. The image is built or reused here, on the login node; the job only
+    runs it. Examples:
+      hpcexp submit hello -p greeting=hi --time 10
+      hpcexp submit train --sweep lr=0.1,0.01 --sweep seed=1,2,3 --max-parallel 4
+    """
+    import sys
+    from pathlib import Path
+
+    from hpcexp import launch, slurm, sweep
+    from hpcexp.config import host_arch
+
+    project = ctx.project()
+    exp = project.experiment(name)
+    fixed = launch.parse_params(params)
+    grid = [sweep.parse_sweep_option(s) for s in sweeps]
+    file_sets = sweep.load_sweep_file(Path(sweep_file)) if sweep_file else []
+    param_sets = sweep.product(fixed, grid, file_sets)
+    over = _resources(partition, time_, cpus, mem, gpus, account, qos, max_parallel, sbatch_args, template)
+    slurm.check_resources(over)
+    resources = exp.slurm.merged(over)
+    from hpcexp.sbatch import check_value
+
+    for a in args:
+        check_value("argument", a)
+    for a in resources.sbatch_args:
+        check_value("--sbatch-arg", a)
+    arch = arch or host_arch()
+    is_sweep = bool(grid or file_sets)
+    if dry_run:
+        from hpcexp import image
+
+        image_ref: Any = image.prepare(project, exp, arch, write=False).image
+    else:
+        from hpcexp import image
+
+        image_ref = image.ensure_image(project, exp, arch, quiet=as_json)
+    sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
+                            sweep=is_sweep, arch=arch, hold=hold, dry_run=dry_run, allow_binds=allow_bind,
+                            cmdline=["hpcexp", *sys.argv[1:]])
+    _report(sub, as_json)
+
+
+@click.command("resubmit")
+@click.argument("sweep_id")
+@click.option("--failed", "failed", is_flag=True, default=True,
+              help="Resubmit failed, timed-out, out-of-memory, node-failed and lost tasks (default).")
+@click.option("--cancelled", is_flag=True, help="Also resubmit cancelled tasks.")
+@click.option("--partition", default=None, help="Override the partition for this resubmission.")
+@click.option("--time", "time_", default=None, help="Override the time limit (e.g. for timed-out tasks).")
+@click.option("--mem", default=None, help="Override memory (e.g. for out-of-memory tasks).")
+@click.option("--hold", is_flag=True, help="Submit held (sbatch --hold).")
+@click.option("--dry-run", is_flag=True, help="Print the job script; submit and change nothing.")
+@json_option
+@pass_ctx
+def resubmit_cmd(ctx: "Ctx", sweep_id: str, failed: bool, cancelled: bool, partition: str | None,
+                 time_: str | None, mem: str | None, hold: bool, dry_run: bool, as_json: bool) -> None:
+    """Submit the failed tasks of SWEEP again, as one new job array.
+
+    Each task keeps its run record and folder and gets a new attempt; earlier attempts
+    and their logs are kept.
+    """
+    from hpcexp import slurm, sweep
+    from hpcexp.config import check_name
+
+    check_name(sweep_id, "sweep id")
+    project = ctx.project()
+    which = list(sweep.FAILED_STATES) + (["cancelled"] if cancelled else [])
+    over = _resources(partition, time_, None, mem, None, None, None, None, ())
+    slurm.check_resources(over)
+    sub = sweep.resubmit(project, sweep_id, which=which, hold=hold, dry_run=dry_run, resources=over)
+    _report(sub, as_json)
