@@ -26,6 +26,7 @@ printf '%s' "$HPCEXP_PARAM_msg" > "$HPCEXP_RESULTS/param-env.bin"
 for a in "$@"; do printf '%s\0' "$a"; done > "$HPCEXP_RESULTS/args.bin"
 echo "$HPCEXP_RUN_ID" > "$HPCEXP_RESULTS/result.txt"
 echo "to stderr" >&2
+if [ -e /leak ]; then echo leaked > "$HPCEXP_RESULTS/leak.txt"; fi
 exit "${HPCEXP_PARAM_code:-0}"
 """
 
@@ -91,15 +92,18 @@ def _latest(project: Path, exp: str) -> str:
     return sorted(os.listdir(project / "runs" / exp))[-1]
 
 
-def test_foreground_success_and_failure(project: Path) -> None:
-    proc = run_cli("run", "hello", cwd=project)
+def test_foreground_success_and_failure(project: Path, tmp_path: Path) -> None:
+    # a bind exported in the caller's shell must not reach the container silently
+    proc = run_cli("run", "hello", cwd=project, env={"APPTAINER_BIND": f"{tmp_path}:/leak"})
     assert proc.returncode == 0, proc.stderr
+    assert "ignoring APPTAINER_BIND" in proc.stderr
     assert "hello from the container" in proc.stdout
     run_id = _latest(project, "hello")
     rec = _record(project, "hello", run_id)
     assert rec["state"] == "succeeded" and rec["exit_code"] == 0
     run_dir = project / "runs" / "hello" / run_id
     assert (run_dir / "results" / "result.txt").read_text().strip() == run_id
+    assert not (run_dir / "results" / "leak.txt").exists()
     assert (run_dir / "stdout.log").read_text() == "hello from the container\n"
     assert "to stderr" in (run_dir / "stderr.log").read_text()
     for key in ("image", "image_sha256", "recipe_sha256", "apptainer_version", "git_commit", "git_dirty",
