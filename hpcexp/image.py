@@ -534,7 +534,9 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
                        "org.hpcexp.host": socket.gethostname(), "org.hpcexp.user": _user(),
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
     build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
-    argv = apptainer.build_argv(inst.path, build_recipe, tmp, fakeroot=True,
+    # --force: the temp output never exists, but without it Apptainer keeps a base image's
+    # label over ours when both set the same key (org.hpcexp.built-at of a debootstrap base).
+    argv = apptainer.build_argv(inst.path, build_recipe, tmp, fakeroot=True, force=True,
                                 arch=arch if arch and arch != _host_arch() else None, extra=extra or ())
     if progress is not None:
         progress("start", f"{label}: building")
@@ -628,12 +630,17 @@ def _pump(proc: "subprocess.Popen[bytes]", logf: Any, tail: list[str], progress:
                 progress("step", f"{label}: {step}")
         return proc.wait()
     except BaseException:
-        # Ctrl-C reached apptainer too (same process group); give it a moment, then insist.
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # Ctrl-C on a terminal reached apptainer too (same process group); a signal sent to
+        # hpcexp alone did not. Give it a moment, then ask, then insist.
+        for action, grace in ((None, 2.0), (proc.terminate, 5.0), (proc.kill, None)):
+            if action is not None:
+                with contextlib.suppress(OSError):
+                    action()
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         raise
 
 

@@ -333,3 +333,41 @@ def test_normalize_recipe_drops_header_and_base_paths() -> None:
 def test_labelled_recipe_is_one_line_per_label() -> None:
     text = image.labelled_recipe("Bootstrap: localimage\nFrom: x\n", {"a.b": "two\nlines", "c": ""})
     assert text.endswith("%labels\n    a.b two lines\n    c -\n")
+
+
+@pytest.mark.parametrize("lines,kind,needle", [
+    (["FATAL:   Failed to create container namespaces"], "EnvironmentProblem", "user namespaces"),
+    (["FATAL:   container creation failed: Failed to create container process: No space left on device"],
+     "EnvironmentProblem", "user namespaces"),
+    (["FATAL:   While performing build: packer failed: write /tmp/x: no space left on device"],
+     "StorageError", "no space left"),
+    (["+ pip install nothing", "FATAL:   While performing build: exit status 1"], "BuildError", "exit status 1"),
+])
+def test_translate_failure(lines: list[str], kind: str, needle: str, tmp_path: Path) -> None:
+    err = image._translate_failure("x amd64", 255, lines, tmp_path / "x.log", "/tmp/s", tmp_path)
+    assert type(err).__name__ == kind
+    assert needle in err.message and str(tmp_path / "x.log") in err.message and "\n" not in err.message
+
+
+def test_cli_build_images_clean(proj: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from hpcexp.cli.main import cli
+
+    monkeypatch.chdir(proj)
+    runner = CliRunner()
+    first = runner.invoke(cli, ["build", "hello"])
+    assert first.exit_code == 0, first.output
+    assert "hello amd64: built in" in first.output and "images/hello-amd64-" in first.output
+    second = runner.invoke(cli, ["build", "--all", "--json"])
+    data = json.loads(second.stdout)
+    assert data[0]["built"] is False and data[0]["experiment"] == "hello"
+    (proj / "experiments" / "hello" / "hello.sh").write_text("echo v2\n")
+    assert runner.invoke(cli, ["build", "hello", "-q"]).stdout == ""
+    table = runner.invoke(cli, ["images"]).stdout.splitlines()
+    assert table[0].split()[:5] == ["EXPERIMENT", "ARCH", "SIZE", "AGE", "STATE"]
+    assert sorted(line.split()[5] for line in table[1:]) == ["current", "stale"]
+    dry = runner.invoke(cli, ["clean", "--dry-run"])
+    assert "would remove" in dry.stdout and len(list((proj / "images").glob("*.sif"))) == 2
+    assert "removed" in runner.invoke(cli, ["clean"]).stdout
+    assert len(list((proj / "images").glob("*.sif"))) == 1

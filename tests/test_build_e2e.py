@@ -145,6 +145,25 @@ def test_killed_build_leaves_no_image_and_next_build_succeeds(tmp_path: Path, bu
     assert not list((root / "images" / ".locks").glob("*"))
 
 
+def test_interrupted_build_cleans_up_and_exits_130(tmp_path: Path, busybox_sif: Path, shim) -> None:
+    env, _ = shim
+    root = project(tmp_path / "p", busybox_sif, run="echo sleeping && sleep 20")
+    full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = root / "images" / ".logs"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+            logs.is_dir() and any("sleeping" in p.read_text(errors="replace") for p in logs.glob("*.log"))):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    leftovers = [p.name for p in (root / "images").rglob("*") if p.is_file() and not p.name.endswith(".log") and p.name != ".hash-cache.json"]
+    assert leftovers == [], leftovers
+
+
 def test_two_concurrent_builds_run_apptainer_once(tmp_path: Path, busybox_sif: Path, shim) -> None:
     env, log = shim
     root = project(tmp_path / "p", busybox_sif, run="sleep 2")
@@ -197,3 +216,9 @@ def test_debootstrap_base_from_the_apt_mirror(tmp_path: Path) -> None:
     assert out.stdout == "python 3\n", out.stderr
     side = json.loads(sif.with_suffix(".json").read_text())
     assert side["bases"][0]["digest"].startswith("sha256:") and "?" not in side["bases"][0]["digest"]
+    labels = json.loads(subprocess.run(["apptainer", "inspect", "--json", "--labels", str(sif)],
+                                       capture_output=True, text=True, check=True).stdout)
+    labels = labels["data"]["attributes"]["labels"]
+    # the image's own labels win over the base's (same keys)
+    assert labels["org.hpcexp.built-at"] == side["built_at"]
+    assert labels["org.hpcexp.input-hash"] == side["input_hash"]
