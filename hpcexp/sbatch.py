@@ -127,8 +127,9 @@ def container_env_value(value: str) -> str:
 
     Apptainer (1.4.5, checked) evaluates these values like a double-quoted shell word
     while setting up the container environment: ``$(...)``, backticks and ``$VAR``
-    expand inside the container. Escaping backslash, ``$`` and backtick makes the value
-    arrive verbatim (tests/test_slurm_e2e.py checks it through a real job).
+    expand inside the container. :mod:`hpcexp.launch` passes ``--no-eval``, which stops
+    that; for a command without it (a record made before that flag was added, being
+    resubmitted) escaping backslash, ``$`` and backtick makes the value arrive verbatim.
     """
     return value.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
 
@@ -146,7 +147,9 @@ def _task_block(task: TaskSpec, indent: str) -> list[str]:
         check_value(f"value of {key}", value)
     for arg in task.argv:
         check_value("argument", arg)
-    cmd = ["env"] + [f"{task.env_prefix}{k}={container_env_value(v)}" for k, v in sorted(task.container_env.items())]
+    no_eval = "--no-eval" in task.argv
+    cmd = ["env"] + [f"{task.env_prefix}{k}={v if no_eval else container_env_value(v)}"
+                     for k, v in sorted(task.container_env.items())]
     cmd += list(task.argv)
     return [
         f"{indent}HPCEXP_RUN_ID={_q(task.run_id)}",

@@ -139,7 +139,16 @@ def test_header_quoting_follows_sbatch_rules() -> None:
         sbatch.header_lines({}, ["--bad option=1"])
 
 
-def test_container_env_values_are_escaped_for_apptainer() -> None:
+def test_container_env_values_are_escaped_unless_no_eval(tmp_path: Path) -> None:
+    env = {"HPCEXP_PARAM_x": "$(id) `id`"}
+    plain = sbatch.render(sbatch.default_template(), _spec([_task(tmp_path, argv=("apptainer", "exec"), env=env)]))
+    assert "'APPTAINERENV_HPCEXP_PARAM_x=\\$(id) \\`id\\`'" in plain
+    no_eval = sbatch.render(sbatch.default_template(),
+                            _spec([_task(tmp_path, argv=("apptainer", "exec", "--no-eval"), env=env)]))
+    assert "'APPTAINERENV_HPCEXP_PARAM_x=$(id) `id`'" in no_eval
+
+
+def test_container_env_value_escaping() -> None:
     # Apptainer expands $(...), `...` and $VAR inside APPTAINERENV_ values; escaped, they arrive verbatim.
     assert sbatch.container_env_value("a $(id) `id` ${HOME} \\z") == "a \\$(id) \\`id\\` \\${HOME} \\\\z"
     assert sbatch.container_env_value("plain") == "plain"

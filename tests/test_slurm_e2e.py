@@ -1,0 +1,161 @@
+"""End to end through the real single-node Slurm and Apptainer, as an ordinary user.
+
+Lean on purpose: a busybox image, jobs of a second or two. The one slow test (a job
+past --time=1, about 1.5 minutes) is marked ``slow``. OOM cannot be produced on this
+cluster (no cgroup memory enforcement, no accounting); its mapping is tested from
+golden scheduler output in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import assert_clean_error, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
+
+RUN_SH = r'''
+for a in "$@"; do printf 'arg[%s]\n' "$a"; done
+printf 'env[%s]\n' "${HPCEXP_PARAM_msg:-}"
+printf '%s\n' "$@" > results/args.txt
+printf '%s' "${HPCEXP_PARAM_msg:-}" > results/env.txt
+if [ "${HPCEXP_PARAM_fail:-0}" = 1 ]; then echo "task fails on purpose" >&2; exit 3; fi
+if [ -n "${HPCEXP_PARAM_sleep:-}" ]; then sleep "$HPCEXP_PARAM_sleep"; fi
+echo done
+'''
+
+
+@pytest.fixture
+def proj(tmp_path: Path, busybox_sif: Path) -> dict[str, Any]:
+    root = tmp_path / "proj"
+    exp = root / "experiments" / "echo"
+    exp.mkdir(parents=True)
+    (exp / "Dockerfile").write_text("FROM busybox:latest\nCOPY . /app\nWORKDIR /app\n")
+    (exp / "run.sh").write_text(RUN_SH)
+    (root / "hpcexp.yaml").write_text(
+        f'bases:\n  "busybox:latest": {{sif: {busybox_sif}}}\n'
+        "slurm:\n  time: '5'\n"
+        "experiments:\n  echo:\n    command: [/bin/sh, /app/run.sh]\n    slurm: {mem: 200M}\n")
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    log = tmp_path / "sbatch-calls.log"
+    real = subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True, text=True).stdout.strip()
+    (shim_dir / "sbatch").write_text(f'#!/bin/bash\nprintf "%s\\n" "$*" >> {log}\nexec {real} "$@"\n')
+    (shim_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    return {"root": root, "env": env, "log": log, "tmp": tmp_path}
+
+
+def cli(p: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, cwd=p["root"], env=p["env"])
+
+
+def sbatch_calls(p: dict[str, Any]) -> list[str]:
+    return p["log"].read_text().splitlines() if p["log"].exists() else []
+
+
+def wait_terminal(p: dict[str, Any], ref: str, timeout: float = 120) -> list[dict[str, Any]]:
+    terminal = {"succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "lost", "unknown"}
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = cli(p, "status", ref, "--json")
+        assert proc.returncode == 0, proc.stderr
+        recs = json.loads(proc.stdout)
+        if all(r["state"] in terminal for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(1)
+
+
+def test_submit_runs_and_status_logs_and_script_are_right(proj: dict[str, Any]) -> None:
+    canary = proj["tmp"] / "pwned"
+    hostile = f"a b; $(touch {canary}) `touch {canary}` \"q\" 'x' \\z"
+    proc = cli(proj, "submit", "echo", "-p", f"msg={hostile}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)["runs"][0]
+    assert run["state"] == "pending" and run["executor_ids"]["job_id"]
+    (rec,) = wait_terminal(proj, run["run_id"])
+    assert rec["state"] == "succeeded" and rec["exit_code"] == 0, rec
+    run_dir = Path(rec["dir"])
+    assert (run_dir / "job.sbatch").read_text().startswith("#!/bin/bash\n#SBATCH ")
+    assert (run_dir / "results" / "args.txt").read_text() == f"--msg={hostile}\n"
+    assert (run_dir / "results" / "env.txt").read_text() == hostile       # verbatim through APPTAINERENV_
+    assert not canary.exists()
+    logs = cli(proj, "logs", run["run_id"])
+    assert logs.returncode == 0 and "done" in logs.stdout and f"env[{hostile}]" in logs.stdout
+    status = cli(proj, "status", run["run_id"])
+    assert "succeeded" in status.stdout
+    assert len(sbatch_calls(proj)) == 1
+
+
+def test_sweep_is_one_array_and_resubmit_failed_submits_only_those(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "submit", "echo", "--sweep", "a=1,2,3", "--sweep", "fail=0,1", "--max-parallel", "3",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    sweep_id = out["sweep_id"]
+    assert len(out["job_ids"]) == 1 and len(out["runs"]) == 6
+    assert len(sbatch_calls(proj)) == 1
+    recs = wait_terminal(proj, sweep_id)
+    assert [r["params"] for r in recs] == [{"a": a, "fail": f} for a in "123" for f in "01"]
+    assert [r["state"] for r in recs] == ["succeeded", "failed"] * 3
+    assert {r["executor_ids"]["array_job_id"] for r in recs} == {out["job_ids"][0]}
+    assert all((Path(r["dir"]) / "results" / "args.txt").read_text() == f"--a={r['params']['a']}\n"
+               f"--fail={r['params']['fail']}\n" for r in recs)
+    summary = cli(proj, "status", sweep_id)
+    assert "3 succeeded, 3 failed" in summary.stdout
+    logs = cli(proj, "logs", sweep_id)
+    assert logs.returncode == 0 and logs.stdout.count("done") == 3
+    # resubmit --failed: one new array with exactly the three failed tasks
+    proc = cli(proj, "resubmit", sweep_id, "--failed", "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert [r["task_index"] for r in again["runs"]] == [1, 3, 5]
+    assert len(sbatch_calls(proj)) == 2 and "--array=0-2" not in sbatch_calls(proj)[1]
+    recs = wait_terminal(proj, sweep_id)
+    failed = [r for r in recs if r["task_index"] in (1, 3, 5)]
+    assert all(r["attempt"] == 2 and r["attempts"][0]["exit_code"] == 3 for r in failed)
+    assert all((Path(r["dir"]) / "stderr.log").exists() and (Path(r["dir"]) / "stderr.2.log").exists()
+               for r in failed)
+
+
+def test_cancel_pending_and_vanished_image(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "submit", "echo", "--hold", "--json")
+    assert proc.returncode == 0, proc.stderr
+    held = json.loads(proc.stdout)["runs"][0]
+    stop = cli(proj, "stop", held["run_id"])
+    assert stop.returncode == 0, stop.stderr
+    (rec,) = wait_terminal(proj, held["run_id"], timeout=30)
+    assert rec["state"] == "cancelled", rec
+    # the image vanishes between submission and start: the job fails fast and says why
+    proc = cli(proj, "submit", "echo", "--hold", "--json")
+    run = json.loads(proc.stdout)["runs"][0]
+    Path(run["image"]).unlink()
+    subprocess.run(["scontrol", "release", run["executor_ids"]["job_id"]], check=True)
+    (rec,) = wait_terminal(proj, run["run_id"], timeout=60)
+    assert rec["state"] == "failed" and "is gone" in (rec["launch_error"] or ""), rec
+
+
+def test_control_characters_refused_before_any_sbatch_call(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "submit", "echo", "-p", "msg=x\n#SBATCH --mem=1T")
+    assert_clean_error(proc, 2, "control character")
+    proc = cli(proj, "submit", "echo", "--sweep", "a=1,2", "-p", "c=x\nrm -rf ~/canary")
+    assert_clean_error(proc, 2, "control character")
+    assert sbatch_calls(proj) == []
+    assert not (proj["root"] / "runs").exists() or not list((proj["root"] / "runs").rglob("run.json"))
+
+
+@pytest.mark.slow
+def test_job_past_its_time_limit_is_timeout(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "submit", "echo", "-p", "sleep=600", "--time", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)["runs"][0]
+    (rec,) = wait_terminal(proj, run["run_id"], timeout=200)
+    assert rec["state"] == "timeout", rec
+    assert "TIMEOUT" in rec["reason"]
