@@ -265,11 +265,23 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
     """
     run_paths, rec = prepare_run(project, exp, image, params=params, args=args, arch=arch, gpu=gpu,
                                  writable=writable, allow_binds=allow_binds, grace=grace, cmdline=cmdline)
-    if on_created is not None:
-        on_created(run_paths, rec)
-    if not detach:
-        return run_paths, supervise(run_paths, tee=tee, interactive=interactive)
-    return run_paths, spawn_detached(run_paths)
+    try:
+        if on_created is not None:
+            on_created(run_paths, rec)
+        if not detach:
+            return run_paths, supervise(run_paths, tee=tee, interactive=interactive)
+        return run_paths, spawn_detached(run_paths)
+    except BaseException as exc:
+        # interrupted (or failed) before the container started: say so in the record
+        with contextlib.suppress(Exception):
+            current = runs.read_record(run_paths)
+            if current.state == "created":
+                if isinstance(exc, KeyboardInterrupt):
+                    _mark(run_paths, current, "cancelled", reason="interrupted before the container started")
+                else:
+                    _mark(run_paths, current, "failed",
+                          launch_error=f"hpcexp failed before the container started: {type(exc).__name__}: {exc}")
+        raise
 
 
 def spawn_detached(run_paths: RunPaths, *, wait: float = 60.0) -> runs.RunRecord:

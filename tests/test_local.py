@@ -211,3 +211,23 @@ def test_stop_before_start_cancels_without_running(tmp_path: Path) -> None:
     rec = local.supervise(paths)
     assert rec.state == "cancelled"
     assert not (paths.dir / "ran").exists()
+
+
+def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
+    code = ("import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            "print('ready', flush=True); time.sleep(600)")
+    paths = _record(tmp_path / "exp" / "r1", code, grace=300)
+
+    def presser() -> None:
+        _wait(lambda: b"ready" in paths.stdout.read_bytes() if paths.stdout.exists() else False)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    th = threading.Thread(target=presser)
+    th.start()
+    started = time.monotonic()
+    rec = local.supervise(paths, interactive=True)
+    th.join()
+    assert time.monotonic() - started < 60  # not the 300 s grace
+    assert rec.state == "cancelled" and rec.signal == 9 and "Ctrl-C" in rec.reason
