@@ -300,7 +300,8 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         sha256=sidecar.get("sha256"), recipe_sha256=prep.recipe_sha256,
         dockerfile_sha256=prep.conversion.dockerfile_sha256, base_refs=tuple(prep.conversion.base_refs),
         workdir=prep.conversion.workdir, built=built, sidecar=prep.image.with_suffix(".json"),
-        apptainer_version=sidecar.get("apptainer_version"), build_seconds=sidecar.get("build_seconds") if built else None)
+        apptainer_version=sidecar.get("apptainer_version"),
+        build_seconds=sidecar.get("build_seconds") if built else None)
 
 
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:
@@ -361,7 +362,16 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         "bases": [{"ref": r, "digest": d} for r, d in base_digests],
         "workdir": conv.workdir, "build_args": dict(conv.build_args),
     }
-    sidecar = build_sif(project, conv.recipe, prep.image, context=Path(conv.context),
+    size_hint = 0
+    for _, absolute in conv.context_files:
+        with contextlib.suppress(OSError):
+            size_hint += os.stat(absolute).st_size
+    for _ref, spec in prep.base_specs:
+        if spec is not None and spec.kind in ("sif", "debootstrap"):
+            with contextlib.suppress(OSError):
+                size_hint += os.stat(spec.sif if spec.kind == "sif" and spec.sif else
+                                     bases.base_sif_path(project, spec)).st_size
+    sidecar = build_sif(project, conv.recipe, prep.image, context=Path(conv.context), size_hint=size_hint,
                         label=f"{exp.name} {arch}", labels=labels, sidecar_extra=extra, progress=progress,
                         wait=wait, force=force, arch=arch, reuse_if=lambda s: s.get("input_hash") == prep.input_hash)
     return _info(prep, sidecar, built=bool(sidecar.pop("_built", True)))
@@ -448,7 +458,8 @@ def _step_of(line: str) -> str | None:
 
 def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmpdir: str, out_dir: Path) -> HpcexpError:
     text = "\n".join(tail).lower()
-    last = next((ln.strip() for ln in reversed(tail) if ln.strip() and ("fatal" in ln.lower() or "error" in ln.lower())),
+    last = next((ln.strip() for ln in reversed(tail)
+                 if ln.strip() and ("fatal" in ln.lower() or "error" in ln.lower())),
                 next((ln.strip() for ln in reversed(tail) if ln.strip()), f"exit code {rc}"))
     if "failed to create container namespaces" in text or "create container process: no space left" in text \
             or "user namespace" in text and ("not allowed" in text or "permission denied" in text):
@@ -470,7 +481,7 @@ def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmp
 def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path, label: str,
               labels: Mapping[str, str], sidecar_extra: Mapping[str, Any], progress: Progress | None = None,
               wait: bool = True, force: bool = False, arch: str | None = None,
-              reuse_if: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+              reuse_if: Callable[[dict[str, Any]], bool] | None = None, size_hint: int = 0) -> dict[str, Any]:
     """Build ``recipe_text`` into ``final`` atomically under the image's lock; return its sidecar.
 
     If another process built ``final`` while we waited for the lock (and ``reuse_if``
@@ -501,7 +512,8 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
         extra = ["--ignore-fakeroot-command"] if mode == "none" else []
         try:
             return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
-                              sidecar_extra=sidecar_extra, progress=progress, arch=arch, extra=extra)
+                              sidecar_extra=sidecar_extra, progress=progress, arch=arch, extra=extra,
+                              size_hint=size_hint)
         except BuildError as exc:
             tail = "\n".join(getattr(exc, "tail", []))
             if mode != "fakeroot-command" or not any(s in tail for s in FAKED_FAILURE):
@@ -518,7 +530,8 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
 
 def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str, final: Path, *,
                context: Path, label: str, labels: Mapping[str, str], sidecar_extra: Mapping[str, Any],
-               progress: Progress | None, arch: str | None, extra: list[str] | None = None) -> dict[str, Any]:
+               progress: Progress | None, arch: str | None, extra: list[str] | None = None,
+               size_hint: int = 0) -> dict[str, Any]:
     layout = Layout(project)
     log_path = layout.build_log(final)
     tmp = atomic.tmp_name_for(final)
@@ -539,6 +552,10 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     argv = apptainer.build_argv(inst.path, build_recipe, tmp, fakeroot=True, force=True,
                                 arch=arch if arch and arch != _host_arch() else None, extra=extra or ())
     if progress is not None:
+        for where in dict.fromkeys((final.parent, Path(scratch))):
+            low = _low_space(where, size_hint)
+            if low:
+                progress("warn", f"{label}: {low}")
         progress("start", f"{label}: building")
     t0 = time.monotonic()
     tail: list[str] = []
@@ -589,6 +606,19 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
             build_recipe.unlink()
         if own_tmpdir:
             shutil.rmtree(own_tmpdir, ignore_errors=True)
+
+
+def _low_space(folder: Path, size_hint: int) -> str | None:
+    """A warning when ``folder`` has less than twice the estimated image size free."""
+    need = 2 * max(size_hint, 64 << 20)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= need:
+        return None
+    return (f"only {free >> 20} MiB free in {folder}; this build may need about {need >> 20} MiB "
+            "(set APPTAINER_TMPDIR or `images:` in hpcexp.yaml to a larger file system)")
 
 
 def _host_arch() -> str:
@@ -771,7 +801,8 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
         for extra in (entry.path.with_suffix(".json"), layout.build_log(entry.path)):
             if extra.exists():
                 remove(extra, f"belongs to {entry.state} image")
-    for d in (folder, folder / ".locks", folder / ".logs"):
+    base_dir = project.cache_dir / "bases"
+    for d in (folder, folder / ".locks", folder / ".logs", base_dir, base_dir / ".locks"):
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):

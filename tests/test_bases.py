@@ -107,7 +107,8 @@ def test_resolution_and_identity(tmp_path: Path) -> None:
     project = load_project(tmp_path)
     res = {ref: bases.resolution(project, spec) for ref, spec in project.bases.items()}
     assert (res["busybox:latest"].bootstrap, res["busybox:latest"].source) == ("localimage", str(sif))
-    assert (res["python:3.11"].bootstrap, res["python:3.11"].source) == ("docker", "registry.invalid/library/python:3.11")
+    assert (res["python:3.11"].bootstrap, res["python:3.11"].source) == \
+        ("docker", "registry.invalid/library/python:3.11")
     assert res["debian:12"].bootstrap == "localimage" and res["debian:12"].source.endswith(".sif")
     digest = lambda p: "d" * 64  # noqa: E731
     assert bases.identity(project, project.bases["busybox:latest"], "busybox:latest", digest) == "sif:" + "d" * 64

@@ -17,7 +17,6 @@ from hpcexp.config import load_project
 from hpcexp.errors import BuildError, LockBusy, StorageError
 from hpcexp.lock import Lock
 from hpcexp.paths import Layout
-
 from tests.buildfakes import convert_fake
 
 FAKES = Path(__file__).parent / "buildfakes"
@@ -371,3 +370,13 @@ def test_cli_build_images_clean(proj: Path, fake_env: Path, monkeypatch: pytest.
     assert "would remove" in dry.stdout and len(list((proj / "images").glob("*.sif"))) == 2
     assert "removed" in runner.invoke(cli, ["clean"]).stdout
     assert len(list((proj / "images").glob("*.sif"))) == 1
+
+
+def test_low_disk_space_is_warned_before_building(proj: Path, fake_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(image.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 10 << 20))
+    events: list[tuple[str, str]] = []
+    build(proj, progress=lambda k, t: events.append((k, t)))
+    assert any(k == "warn" and "only 10 MiB free" in t for k, t in events)

@@ -160,7 +160,8 @@ def test_interrupted_build_cleans_up_and_exits_130(tmp_path: Path, busybox_sif: 
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    leftovers = [p.name for p in (root / "images").rglob("*") if p.is_file() and not p.name.endswith(".log") and p.name != ".hash-cache.json"]
+    leftovers = [p.name for p in (root / "images").rglob("*")
+                 if p.is_file() and not p.name.endswith(".log") and p.name != ".hash-cache.json"]
     assert leftovers == [], leftovers
 
 

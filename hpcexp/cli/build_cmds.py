@@ -11,8 +11,18 @@ from typing import Any
 
 import click
 
-from hpcexp.cli.common import (Ctx, arch_option, echo_table, emit_json, human_age, human_size, info, json_option,
-                               pass_ctx, warn)
+from hpcexp.cli.common import (
+    Ctx,
+    arch_option,
+    echo_table,
+    emit_json,
+    human_age,
+    human_size,
+    info,
+    json_option,
+    pass_ctx,
+    warn,
+)
 
 
 def _rel(path: Path | str) -> str:
@@ -81,8 +91,9 @@ class LiveLine:
             try:
                 cols = os.get_terminal_size(sys.stderr.fileno()).columns
             except OSError:
-                cols = 80
-            line = f"{self.label} {time.monotonic() - self.t0:5.1f} s  {self.text}"[: max(cols - 1, 20)]
+                cols = 0
+            cols = cols if cols >= 20 else 80
+            line = f"{self.label} {time.monotonic() - self.t0:5.1f} s  {self.text}"[: cols - 1]
             sys.stderr.write("\r" + line.ljust(self._width) + "\r" + line)
             sys.stderr.flush()
             self._width = len(line)
