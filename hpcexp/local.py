@@ -45,6 +45,7 @@ from hpcexp.paths import Layout, RunPaths
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 10.0
+CREATED_PATIENCE = 60.0            # seconds a `created` run may wait for its supervisor to start
 CHUNK = 65536
 MARKER = "HPCEXP_RUN_ID"
 _TERMINAL_QUEUE_CHUNKS = 256        # bounded: a stuck terminal drops output, never blocks the payload
@@ -116,6 +117,19 @@ def marker_pids(run_id: str, *, exclude: Iterable[int] = ()) -> list[int]:
                 found.append(pid)
                 break
     return found
+
+
+def trusted_pgid(ids: Mapping[str, Any]) -> int | None:
+    """The run's process group, only while its leader is provably the run's apptainer.
+
+    Once the supervisor is gone the pid may have been reused: signalling a stale group id
+    could hit an unrelated job of the same user. Processes of the run that outlived the
+    leader still carry the run's marker and are found by :func:`marker_pids`.
+    """
+    pgid, pid, start = ids.get("pgid"), ids.get("apptainer_pid"), ids.get("apptainer_start")
+    if not pgid or pgid != pid or start is None:
+        return None
+    return int(pgid) if alive(pid, start) else None
 
 
 def kill_tree(pgid: int | None, run_id: str, *, grace: float = 2.0, exclude: Iterable[int] = ()) -> int:
@@ -548,6 +562,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     os.close(out_w)
     os.close(err_w)
     pgid = proc.pid
+    apptainer_start = proc_start_ticks(proc.pid)
     probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
 
     # the watchdog must exist before any thread does (fork + threads do not mix)
@@ -609,6 +624,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         rec.executor_ids.update({
             "host": runs.hostname(), "boot_id": runs.boot_id(), "supervisor_pid": os.getpid(),
             "supervisor_start": proc_start_ticks(os.getpid()), "apptainer_pid": proc.pid, "pgid": pgid,
+            "apptainer_start": apptainer_start,
             "watchdog_pid": watchdog,
         })
         try:
@@ -710,7 +726,7 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
                 time.sleep(0.2)
                 rec = runs.read_record(run_paths)
                 if not rec.terminal:
-                    killed = kill_tree(ids.get("pgid"), rec.run_id, grace=min(grace, 5.0))
+                    killed = kill_tree(trusted_pgid(ids), rec.run_id, grace=min(grace, 5.0))
                     rec = _lost(run_paths, rec, owner, killed)
                 break
             if time.monotonic() > deadline:
@@ -771,6 +787,11 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
             owner, start = ids.get("supervisor_pid"), ids.get("supervisor_start")
         else:
             owner, start = ids.get("launcher_pid"), ids.get("launcher_start")
+            created = runs.parse_time(rec.created_at)
+            if created is not None and time.time() - created < CREATED_PATIENCE:
+                # a detached supervisor may still be starting after its launcher exited
+                out.append((run_paths, rec))
+                continue
         if owner is None or alive(owner, start):
             out.append((run_paths, rec))
             continue
@@ -778,7 +799,7 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
         if fresh.terminal or fresh.executor_ids.get("supervisor_pid") != ids.get("supervisor_pid"):
             out.append((run_paths, fresh) if fresh.terminal else (run_paths, rec))
             continue
-        killed = kill_tree(ids.get("pgid"), fresh.run_id, grace=1.0) if ids.get("pgid") else 0
+        killed = kill_tree(trusted_pgid(ids), fresh.run_id, grace=1.0)
         out.append((run_paths, _lost(run_paths, fresh, owner, killed)))
     return out
 

@@ -195,6 +195,10 @@ def test_reconcile_leaves_live_foreign_and_terminal_runs(tmp_path: Path) -> None
     grec = runs.read_record(gone)
     grec.executor_ids["launcher_pid"] = 2 ** 22 + 12345  # above pid_max: never a live process
     runs.write_record(gone, grec)
+    [(_, young)] = local.reconcile(None, [(gone, grec)])  # type: ignore[arg-type]
+    assert young.state == "created"  # a detached supervisor may still be starting
+    grec.created_at = "2020-01-01T00:00:00.000Z"
+    runs.write_record(gone, grec)
     [(_, g)] = local.reconcile(None, [(gone, grec)])  # type: ignore[arg-type]
     assert g.state == "lost" and "launching hpcexp pid" in g.reason
     rebooted = _record(tmp_path / "exp" / "rebooted", "pass")
@@ -231,3 +235,14 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
     th.join()
     assert time.monotonic() - started < 60  # not the 300 s grace
     assert rec.state == "cancelled" and rec.signal == 9 and "Ctrl-C" in rec.reason
+
+
+def test_trusted_pgid_refuses_a_stale_group() -> None:
+    me = os.getpgid(0)
+    leader_start = local.proc_start_ticks(me)
+    if leader_start is None:
+        pytest.skip("process group leader not visible")
+    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me, "apptainer_start": leader_start}) == me
+    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me, "apptainer_start": leader_start + 1}) is None
+    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me}) is None
+    assert local.trusted_pgid({}) is None

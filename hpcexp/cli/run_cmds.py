@@ -145,8 +145,10 @@ def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]
                    "(experiment setting params_as).")
 @click.option("-d", "--detach", is_flag=True, help="Start in the background and print the run id.")
 @arch_option
-@click.option("--gpu", is_flag=True, default=None, help="Pass the host GPUs in (apptainer --nv).")
-@click.option("--writable", is_flag=True, default=None, help="Bind the experiment folder read-write.")
+@click.option("--gpu/--no-gpu", default=None, help="Pass the host GPUs in (apptainer --nv); default: the "
+              "experiment's `gpu` setting.")
+@click.option("--writable/--read-only", default=None, help="Bind the experiment folder read-write (default: "
+              "read-only unless the experiment sets `writable: true`).")
 @click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME, project parents and system folders.")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the run is stopped.")
