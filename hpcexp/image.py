@@ -539,7 +539,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     own_tmpdir = None
     if not env.get("APPTAINER_TMPDIR"):
         base_tmp = env.get("TMPDIR") or tempfile.gettempdir()
-        own_tmpdir = tempfile.mkdtemp(prefix="hpcexp-build-", dir=base_tmp)
+        own_tmpdir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_short_host()}-{os.getpid()}-", dir=base_tmp)
         env["APPTAINER_TMPDIR"] = own_tmpdir
     scratch = env["APPTAINER_TMPDIR"]
     all_labels = dict(labels)
@@ -606,6 +606,34 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
             build_recipe.unlink()
         if own_tmpdir:
             shutil.rmtree(own_tmpdir, ignore_errors=True)
+
+
+SCRATCH_PREFIX = "hpcexp-build-"
+
+
+def _short_host() -> str:
+    return socket.gethostname().split(".")[0] or "host"
+
+
+def scratch_dirs() -> list[tuple[Path, str, int]]:
+    """Build scratch folders of this user in the temp dir: (path, host, pid of the owner)."""
+    base = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+    out = []
+    try:
+        children = list(base.iterdir())
+    except OSError:
+        return out
+    for p in children:
+        if not p.name.startswith(SCRATCH_PREFIX):
+            continue
+        m = re.match(r"^(?P<host>.+)-(?P<pid>\d+)-[^-]+$", p.name[len(SCRATCH_PREFIX):])
+        try:
+            mine = p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid()
+        except OSError:
+            mine = False
+        if m and mine:
+            out.append((p, m.group("host"), int(m.group("pid"))))
+    return out
 
 
 def _low_space(folder: Path, size_hint: int) -> str | None:
@@ -815,4 +843,8 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
                 owner = read_owner(p)
                 if owner is not None and owner.is_dead():
                     remove(p, f"lock of {owner.describe()}, process gone")
+    from hpcexp.lock import pid_alive
+    for p, host, pid in scratch_dirs():
+        if host == _short_host() and not pid_alive(pid):
+            remove(p, f"build scratch of pid {pid}, process gone")
     return report

@@ -251,6 +251,11 @@ def test_dead_owner_lock_and_orphan_temp_are_recovered(proj: Path, fake_env: Pat
     p = ctx.Process(target=grab)
     p.start()
     p.join()
+    host = image._short_host()
+    dead_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{p.pid}-abc123"
+    live_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{os.getpid()}-def456"
+    for d in (dead_scratch, live_scratch):
+        (d / "build-temp-1").mkdir(parents=True)
     assert Layout(project).build_lock(prep.image).exists()
     info = build(proj)
     assert info.built
@@ -258,6 +263,7 @@ def test_dead_owner_lock_and_orphan_temp_are_recovered(proj: Path, fake_env: Pat
     assert any(".hpcexp-tmp-" in path for path, _ in report.removed)
     image.clean(project)
     assert not list(project.images_dir.glob(".hpcexp-tmp-*"))
+    assert not dead_scratch.exists() and live_scratch.exists()
     assert info.path.exists()
 
 

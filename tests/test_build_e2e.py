@@ -171,11 +171,18 @@ def test_two_concurrent_builds_run_apptainer_once(tmp_path: Path, busybox_sif: P
     full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    locks = root / "images" / ".locks"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (locks.is_dir() and list(locks.glob("*.lock"))):
+        time.sleep(0.05)
+    busy = run_cli("build", "hello", "--no-wait", cwd=root, env=env)
     outs = [p.communicate(timeout=300) for p in procs]
+    assert_clean_error(busy, 75, "is being built by", "pid ")
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(builds(log)) == 1, log.read_text()
     joined = "".join(o[0] for o in outs)
     assert "built in" in joined and "cached" in joined
+    assert "waiting for" in "".join(o[1] for o in outs)
     assert len(list((root / "images").glob("*.sif"))) == 1
 
 
