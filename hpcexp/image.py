@@ -618,7 +618,7 @@ def _short_host() -> str:
 def scratch_dirs() -> list[tuple[Path, str, int]]:
     """Build scratch folders of this user in the temp dir: (path, host, pid of the owner)."""
     base = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
-    out = []
+    out: list[tuple[Path, str, int]] = []
     try:
         children = list(base.iterdir())
     except OSError:
