@@ -40,7 +40,8 @@ def test_init_then_list_json_shows_both_arches(tmp_path: Path) -> None:
     proc = run_cli("init", str(target))
     assert proc.returncode == 0, proc.stderr
     for rel in ("hpcexp.yaml", "experiments/hello/Dockerfile", "experiments/hello/Dockerfile.arm64",
-                "experiments/hello/hello.py", ".gitignore", "experiments/hello/.dockerignore"):
+                "experiments/hello/hello.py", ".gitignore", "experiments/hello/.dockerignore",
+                "slurm/default.sbatch"):
         assert (target / rel).is_file(), rel
     proc = run_cli("list", "--json", cwd=target)
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +66,8 @@ def test_init_template_is_the_repository_example() -> None:
     """`hpcexp init` scaffolds exactly the example experiment this repository ships."""
     files = template_files()
     for rel in ("experiments/hello/Dockerfile", "experiments/hello/Dockerfile.arm64",
-                "experiments/hello/hello.py", "experiments/hello/.dockerignore", "hpcexp.yaml"):
+                "experiments/hello/hello.py", "experiments/hello/.dockerignore", "hpcexp.yaml",
+                "slurm/default.sbatch"):
         assert (REPO / rel).read_bytes() == files[rel], rel
 
 
