@@ -291,7 +291,14 @@ def valid_sif(image: Path, sidecar: dict[str, Any] | None = None) -> bool:
         return False
     if sidecar.get("sif_stat") == [st.st_size, st.st_mtime_ns, st.st_ino]:
         return True
-    return hashing.sha256_file(image) == sidecar.get("sha256")
+    if hashing.sha256_file(image) != sidecar.get("sha256"):
+        return False
+    # Same content under a new inode/mtime (a copied folder): remember it, so the next
+    # check is a stat again. Best effort: the folder may be read-only for us.
+    updated = dict(sidecar, sif_stat=[st.st_size, st.st_mtime_ns, st.st_ino])
+    with contextlib.suppress(HpcexpError, OSError):
+        atomic.write_json(image.with_suffix(".json"), updated)
+    return True
 
 
 def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:

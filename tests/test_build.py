@@ -7,6 +7,7 @@ import getpass
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -187,6 +188,19 @@ def test_truncated_image_is_rebuilt(proj: Path, fake_env: Path) -> None:
     again = build(proj)
     assert again.built and again.path == info.path
     assert image.valid_sif(again.path) and len(again.path.read_bytes()) >= len(data)
+
+
+def test_copied_image_is_verified_once_then_trusted(proj: Path, fake_env: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    info = build(proj)
+    copy = info.path.with_name("copy.sif")
+    shutil.copy(info.path, copy)
+    os.replace(copy, info.path)  # same bytes, new inode and mtime
+    reads: list[str] = []
+    real = image.hashing.sha256_file
+    monkeypatch.setattr(image.hashing, "sha256_file", lambda p: reads.append(str(p)) or real(p))
+    assert not build(proj).built and reads.count(str(info.path)) == 1
+    assert not build(proj).built and reads.count(str(info.path)) == 1
 
 
 def test_current_image_never_builds(proj: Path, fake_env: Path) -> None:
