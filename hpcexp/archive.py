@@ -1098,9 +1098,10 @@ def _resolve_link(start_dir: list[str], target: str, links: dict[str, str]) -> s
 
 
 def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
-              warn: Warn | None = None) -> set[str]:
+              warn: Warn | None = None) -> tuple[set[str], dict[str, str]]:
     """First pass over an untrusted archive: refuse (UsageError naming the member) before
-    anything is written. Returns the links to leave out (only with ``skip_outside_links``)."""
+    anything is written. Returns the links to leave out (only with ``skip_outside_links``)
+    and every validated link, which the second pass insists on finding unchanged."""
     names: set[str] = set()
     files: set[str] = set()
     links: dict[str, str] = {}
@@ -1162,7 +1163,7 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in links:
                 raise refuse(name, f"would be written through the symlink {_show('/'.join(parts[:i]))}")
-    return skip
+    return skip, links
 
 
 def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: bool = False,
@@ -1183,7 +1184,7 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
         if any(dest.iterdir()):
             raise UsageError(f"destination {dest} is not empty",
                              hint="extract into a new or empty folder (nothing is ever overwritten)")
-    skip = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn)
+    skip, links = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1194,7 +1195,7 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
     except OSError as exc:
         raise atomic.storage_error(exc, tmp) from exc
     try:
-        files, total, verified = _extract_into(path, fmt, tmp, skip)
+        files, total, verified = _extract_into(path, fmt, tmp, skip, links)
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, dest)
@@ -1211,7 +1212,8 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
     return ExtractResult(path=dest, format=fmt, files=files, bytes=total, verified=verified)
 
 
-def _extract_into(path: Path, fmt: str, root: Path, skip: set[str]) -> tuple[int, int, bool]:
+def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
+                  links: dict[str, str]) -> tuple[int, int, bool]:
     expected: dict[str, dict[str, Any]] | None = None
     mismatches: list[str] = []
     files = total = 0
@@ -1230,6 +1232,8 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str]) -> tuple[int
                 if not os.path.lexists(target):
                     os.mkdir(target, 0o755)
             elif m.kind == "symlink":
+                if links.get(name) != m.target:  # the archive was swapped after validation
+                    raise UsageError(f"refusing to extract {path}: member {_show(m.name)} changed while extracting")
                 os.symlink(m.target, target)
             elif m.kind == "hardlink":
                 tname, _ = _safe_name(m.target)

@@ -610,3 +610,22 @@ def test_cli_sigterm_midway_leaves_no_archive(project: Path, tmp_path: Path) -> 
     assert not out.exists()
     assert list(tmp_path.glob(".hpcexp-tmp-*")) == []
     assert (paths.results / "a.txt").read_bytes() == b"alpha\n"
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_hostile_and_odd_file_names_round_trip(project: Path, tmp_path: Path, fmt: str) -> None:
+    from tests.conftest import HOSTILE_VALUES
+
+    names = [v for v in HOSTILE_VALUES if "/" not in v] + ["new\nline", "tab\there", "x" * 200, "-rf"]
+    paths = make_run(project, {name: name.encode() for name in names})
+    bad = os.fsencode(str(paths.results)) + b"/latin1-\xe9t\xe9"
+    with open(bad, "wb") as fh:
+        fh.write(b"not utf-8 named")
+    result, warnings = create(project, "hello", output=tmp_path / f"a.{fmt}")
+    assert any("not valid UTF-8" in w and "\n" not in w for w in warnings)
+    assert archive.verify_archive(result.path).ok
+    got = archive.extract_archive(result.path, tmp_path / "back")
+    back = got.path / "hello" / paths.dir.name / "results"
+    for name in names:
+        assert (back / name).read_bytes() == name.encode(), name
+    assert not Path("/tmp/hpcexp-pwned").exists()
