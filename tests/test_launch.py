@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import HOSTILE_VALUES
+
 from hpcexp import launch
 from hpcexp.config import load_project
 from hpcexp.errors import UsageError

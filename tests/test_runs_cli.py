@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean_error, run_cli
+
 from hpcexp import runs
 from hpcexp.cli.run_cmds import format_params, summarize
 from hpcexp.paths import RunPaths

@@ -168,7 +168,6 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
     """
     from hpcexp import apptainer, launch, local
     from hpcexp.config import host_arch
-    from hpcexp.errors import EnvironmentProblem, Interrupted, PayloadFailed
     from hpcexp.image import ensure_image
 
     project = ctx.project()
@@ -379,7 +378,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     if as_json:
         emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in final])
         return
-    for (paths, before), (_, rec) in zip(items, final):
+    for (_paths, before), (_, rec) in zip(items, final):
         if before.terminal:
             info(f"run {rec.run_id} had already ended: {rec.state}")
         else:
