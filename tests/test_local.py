@@ -246,3 +246,47 @@ def test_trusted_pgid_refuses_a_stale_group() -> None:
     assert local.trusted_pgid({"pgid": me, "apptainer_pid": me, "apptainer_start": leader_start + 1}) is None
     assert local.trusted_pgid({"pgid": me, "apptainer_pid": me}) is None
     assert local.trusted_pgid({}) is None
+
+
+def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monkeypatch) -> None:
+    """The library entry point, with an ImageInfo-like object and a stand-in apptainer on PATH."""
+    from types import SimpleNamespace
+
+    from hpcexp.config import load_project
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "apptainer"
+    fake.write_text("#!/bin/sh\n"
+                    "if [ \"$1\" = --version ]; then echo 'apptainer version 9.8.7'; exit 0; fi\n"
+                    "printf '%s\\n' \"$@\" > argv.txt\n"
+                    "printf '%s' \"$APPTAINERENV_HPCEXP_PARAM_msg\" > msg.txt\n"
+                    "printf '%s' \"${APPTAINER_BIND-unset}\" > bind.txt\n"
+                    "echo payload-out; exit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("APPTAINER_BIND", "/:/host")
+    root = tmp_path / "proj"
+    (root / "experiments" / "hello").mkdir(parents=True)
+    (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
+    (root / "hpcexp.yaml").write_text("experiments:\n  hello:\n    params: {msg: default, lr: '0.1'}\n")
+    project = load_project(root)
+    image = SimpleNamespace(path=tmp_path / "img.sif", sha256="ab" * 32, input_hash="cd" * 32,
+                            recipe_sha256="ef" * 32, workdir=None, apptainer_version="1.0")
+    value = "x $(y) 'z'\nw"
+    paths, rec = local.start_run(project, project.experiment("hello"), image, params={"msg": value},
+                                 tee=False, interactive=False, cmdline=["hpcexp", "run", "hello"])
+    assert rec.state == "failed" and rec.exit_code == 3
+    assert paths.dir.parent == root / "runs" / "hello" and paths.results.is_dir()
+    assert rec.params == {"msg": value, "lr": "0.1"}
+    assert rec.image == str(tmp_path / "img.sif") and rec.image_sha256 == "ab" * 32
+    assert rec.recipe_sha256 == "ef" * 32 and rec.input_hash == "cd" * 32
+    assert rec.apptainer_version == "9.8.7"  # asked while the payload ran
+    assert rec.extra["hpcexp_argv"] == ["hpcexp", "run", "hello"]
+    argv = (paths.dir / "argv.txt").read_text().splitlines()
+    assert argv[0] == "run" and "--no-eval" in argv and "--containall" in argv
+    assert (paths.dir / "msg.txt").read_text() == value
+    assert paths.stdout.read_text() == "payload-out\n"
+    disk = runs.read_record(paths)
+    assert disk.to_dict() == rec.to_dict()
+    assert (paths.dir / "bind.txt").read_text() == "unset"  # the caller's APPTAINER_BIND was scrubbed
