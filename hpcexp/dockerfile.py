@@ -21,9 +21,11 @@ Everything here is pure and raises :class:`hpcexp.errors.ConvertError` with ``fi
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Container
 
 from hpcexp.errors import ConvertError
 
@@ -31,6 +33,7 @@ MAX_BYTES = 4 * 1024 * 1024  # a Dockerfile larger than this is not a Dockerfile
 
 INSTRUCTIONS = ("ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
                 "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR")
+_INSTRUCTION_SET = frozenset(INSTRUCTIONS)
 FLAG_INSTRUCTIONS = ("FROM", "RUN", "COPY", "ADD", "HEALTHCHECK")
 HEREDOC_INSTRUCTIONS = ("RUN", "COPY", "ADD")
 _DIRECTIVE_RE = re.compile(r"^#\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(.*?)\s*$")
@@ -38,7 +41,7 @@ _HEREDOC_RE = re.compile(r"<<(-?)(['\"]?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
 _FLAG_RE = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(\S*))?$")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Heredoc:
     """One here-document attached to an instruction."""
 
@@ -48,7 +51,7 @@ class Heredoc:
     quoted: bool       # <<'EOF' / <<"EOF": no expansion of the body
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Instruction:
     """One logical Dockerfile instruction."""
 
@@ -85,15 +88,14 @@ def read_dockerfile(path: Path, label: str | None = None) -> tuple[str, bytes]:
     """Read ``path`` as UTF-8 text; every way that fails is a one-line ConvertError."""
     label = label or str(path)
     try:
-        if path.is_dir():
-            raise ConvertError(f"{label} is a directory, not a Dockerfile",
-                               hint="give the Dockerfile itself, e.g. --dockerfile DIR/Dockerfile")
         with open(path, "rb") as fh:
-            data = fh.read(MAX_BYTES + 1)
+            size = os.fstat(fh.fileno()).st_size
+            data = fh.read(min(size, MAX_BYTES) + 1)
     except FileNotFoundError:
         raise ConvertError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise ConvertError(f"{label} is a directory, not a Dockerfile") from None
+        raise ConvertError(f"{label} is a directory, not a Dockerfile",
+                           hint="give the Dockerfile itself, e.g. --dockerfile DIR/Dockerfile") from None
     except OSError as exc:
         raise ConvertError(f"cannot read {label}: {exc.strerror or exc}") from None
     if len(data) > MAX_BYTES:
@@ -113,7 +115,9 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
     """Tokenize Dockerfile ``text`` into instructions (no semantic checks beyond syntax)."""
     label = label or str(path)
     df = Dockerfile(path=path, label=label)
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     n = len(lines)
@@ -167,7 +171,7 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
             word, _, more = word.partition("\t")
             rest = more + " " + rest
         keyword = word.upper()
-        if keyword not in INSTRUCTIONS:
+        if keyword not in _INSTRUCTION_SET:
             raise ConvertError(f"{label}:{start + 1}: unknown instruction {word[:40]!r}",
                                hint=f"Dockerfile instructions are {', '.join(INSTRUCTIONS)}")
         rest = rest.strip()
@@ -233,10 +237,9 @@ class Ref:
 
     name: str
     op: str = ""                      # "", ":-", "-", ":+", "+"
-    word: tuple["Seg", ...] = ()
+    word: tuple[Any, ...] = ()        # a Value
 
 
-Seg = "str | Ref"
 Value = tuple  # tuple[str | Ref, ...]
 
 
@@ -285,6 +288,7 @@ def _join(segs: list) -> Value:
 
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PLAIN_RE = {e: re.compile("[^\\s'\"$" + re.escape(e) + "]+") for e in ("\\", "`")}
 
 
 class WordProcessor:
@@ -295,7 +299,7 @@ class WordProcessor:
     ``unset``, declared without a value (expand to nothing, like Docker).
     """
 
-    def __init__(self, known: dict[str, Value], escape: str = "\\", unset: frozenset[str] | set[str] = frozenset(),
+    def __init__(self, known: dict[str, Value], escape: str = "\\", unset: Container[str] = frozenset(),
                  closed: bool = False):
         self.known = known
         self.esc = escape
@@ -306,10 +310,12 @@ class WordProcessor:
 
     def words(self, text: str) -> list[Value]:
         """Split ``text`` into words on unquoted whitespace, expanding variables."""
+        self.unknown_used, self.unset_used = [], []
         return self._process(text, split=True)
 
     def word(self, text: str) -> Value:
         """``text`` as one word (no splitting; quotes still removed)."""
+        self.unknown_used, self.unset_used = [], []
         res = self._process(text, split=False)
         return res[0] if res else ()
 
@@ -325,13 +331,24 @@ class WordProcessor:
         return (Ref(name),)
 
     def _process(self, text: str, split: bool) -> list[Value]:
+        if "$" not in text and "'" not in text and '"' not in text and self.esc not in text:
+            if split:
+                return [(w,) for w in text.replace("\t", " ").replace("\n", " ").split(" ") if w]
+            return [(text,) if text else ()]
         words: list[Value] = []
         cur: list = []
         started = False
         i, n = 0, len(text)
         quote = None
         esc = self.esc
+        plain = _PLAIN_RE[esc]
         while i < n:
+            m = plain.match(text, i)
+            if m and quote is None:
+                cur.append(m.group(0))
+                started = True
+                i = m.end()
+                continue
             c = text[i]
             if quote == "'":
                 if c == "'":
@@ -413,9 +430,9 @@ class WordProcessor:
             is_set = val is not None
             non_empty = bool(val) and val != ("",)
             if op == ":-":
-                return list(val if non_empty else word), j
+                return list(val if non_empty and val is not None else word), j
             if op == "-":
-                return list(val if is_set else word), j
+                return list(val if val is not None else word), j
             if op == ":+":
                 return list(word if non_empty else ()), j
             return list(word if is_set else ()), j

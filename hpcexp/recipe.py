@@ -30,7 +30,6 @@ the context as the working directory.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import hashlib
 import io
 import logging
@@ -38,15 +37,27 @@ import os
 import posixpath
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
+from hpcexp import __version__
+from hpcexp import dockerfile as dfmod
+from hpcexp.dockerfile import (
+    Dockerfile,
+    Instruction,
+    Value,
+    WordProcessor,
+    has_refs,
+    literal,
+    render_shell,
+    split_key_values,
+)
 from hpcexp.errors import ConvertError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.config import BaseSpec, Experiment, Project
-    from hpcexp.dockerfile import Dockerfile, Instruction, Value
+    from hpcexp.config import Experiment, Project
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +110,6 @@ class Conversion:
 
     def report(self, recipe_name: str | None = None) -> dict[str, Any]:
         """The fidelity report as saved in NAME.ARCH.report.json (no machine-specific paths)."""
-        from hpcexp import __version__
-
         return {
             "dockerfile": self.source_label,
             "dockerfile_sha256": self.dockerfile_sha256,
@@ -122,6 +131,12 @@ BaseResolver = Callable[[str], "BaseResolution | None"]
 STAGING = "/.hpcexp"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 _STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ARG_COMMENT = re.compile(r"(^|\s)#")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SPACES = re.compile(r"\s+")
+_CHMOD = re.compile(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*")
+_URL = re.compile(r"^(https?|git)://|^git@")
+_SIMPLE_PAIRS = re.compile(r"""\s*(?:[A-Za-z_][A-Za-z0-9_.-]*=(?:"[^"\\`]*"|'[^'\\`]*'|[^\s"'\\`]+)(?:\s+|$))+""")
 _CP_FUNC = r'''_hpcexp_cp() {  # Docker COPY semantics: a folder's contents, or a file (into DEST if a folder)
     if [ -d "$1" ] && [ ! -L "$1" ]; then mkdir -p "$2" && cp -a "$1/." "$2/"
     elif [ "$3" = dir ] || [ -d "$2" ]; then mkdir -p "$2" && cp -a "$1" "$2/"
@@ -164,8 +179,8 @@ def _spython(label: str, line: int, what: str, fn: Callable[..., Any], *args: An
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - spython raises anything, or exits
         said = ""
         if bot is not None and isinstance(bot.errorStream, io.StringIO):
-            said = bot.errorStream.getvalue().strip().splitlines()[-1:] or ""
-            said = said[0].removeprefix("ERROR").strip() if said else ""
+            last = bot.errorStream.getvalue().strip().splitlines()[-1:]
+            said = last[0].removeprefix("ERROR").strip() if last else ""
             bot.errorStream.seek(0)
             bot.errorStream.truncate()
         detail = said or (f"exit {exc.code}" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")
@@ -243,78 +258,100 @@ class IgnoreRules:
 
 
 class BuildContext:
-    """The files Docker would send as build context: walked once, .dockerignore applied."""
+    """The files Docker would send as build context, .dockerignore applied.
+
+    Folders are walked lazily, only those a COPY/ADD names (a plain file costs one stat),
+    which keeps converting cheap when the context also holds data and checkpoints.
+    """
 
     def __init__(self, root: Path, dockerfile: Path) -> None:
         self.root = root
-        ignore_file = dockerfile.with_name(dockerfile.name + ".dockerignore")
-        if not ignore_file.is_file():
-            ignore_file = root / ".dockerignore"
+        self.base = str(root).rstrip("/") or "/"
         lines: list[str] = []
-        if ignore_file.is_file():
+        for ignore_file in (str(dockerfile) + ".dockerignore", os.path.join(self.base, ".dockerignore")):
+            if not os.access(ignore_file, os.F_OK):  # no exception object when it is absent (the usual case)
+                continue
             try:
-                lines = ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+                with open(ignore_file, encoding="utf-8", errors="replace") as fh:
+                    lines = fh.read().splitlines()
+                break
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
             except OSError as exc:
-                raise ConvertError(f"cannot read {ignore_file.name}: {exc.strerror}") from None
+                raise ConvertError(f"cannot read {os.path.basename(ignore_file)}: {exc.strerror}") from None
         self.rules = IgnoreRules(lines)
         self.has_rules = bool(self.rules.rules)
-        self._files: list[str] | None = None
-        self._dirs: set[str] | None = None
-        self._ignored_under: set[str] = set()
+        self._walked: dict[str, tuple[list[str], list[str], bool]] = {}
+        self._kinds: dict[str, str] = {}
 
-    def _walk(self) -> None:
+    def _abs(self, rel: str) -> str:
+        return os.path.join(self.base, rel) if rel else self.base
+
+    def _walk(self, rel: str) -> tuple[list[str], list[str], bool]:
+        """(files, folders, something ignored) under folder ``rel``, relative to the context."""
+        got = self._walked.get(rel)
+        if got is not None:
+            return got
         files: list[str] = []
-        dirs: set[str] = {""}
-        ignored_under: set[str] = set()
-        root = str(self.root)
-        for dirpath, dirnames, filenames in os.walk(root):
-            rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-            rel_dir = "" if rel_dir == "." else rel_dir
-            keep = []
-            for d in sorted(dirnames):
-                rel = f"{rel_dir}/{d}" if rel_dir else d
-                full = os.path.join(dirpath, d)
-                if os.path.islink(full):
-                    filenames.append(d)
+        dirs: list[str] = []
+        ignored = False
+        rules = self.rules if self.has_rules else None
+        negations = rules is not None and any(neg for neg, _ in rules.rules)
+        stack = [(self._abs(rel), rel)]
+        while stack:
+            path, rdir = stack.pop()
+            try:
+                entries = list(os.scandir(path))
+            except OSError:
+                continue
+            for e in entries:
+                r = f"{rdir}/{e.name}" if rdir else e.name
+                is_dir = e.is_dir(follow_symlinks=False)
+                if rules is not None and rules.ignored(r) and not (is_dir and negations):
+                    ignored = True
                     continue
-                keep.append(d)
-                dirs.add(rel)
-            dirnames[:] = keep
-            for f in sorted(filenames):
-                rel = f"{rel_dir}/{f}" if rel_dir else f
-                if self.rules.ignored(rel):
-                    parts = rel.split("/")
-                    for k in range(len(parts)):
-                        ignored_under.add("/".join(parts[:k]))
-                    continue
-                files.append(rel)
-        self._files = sorted(files)
-        self._dirs = dirs
-        self._ignored_under = ignored_under
+                if is_dir:
+                    dirs.append(r)
+                    stack.append((e.path, r))
+                else:
+                    files.append(r)
+        files.sort()
+        dirs.sort()
+        self._walked[rel] = (files, dirs, ignored)
+        return files, dirs, ignored
 
     @property
     def files(self) -> list[str]:
-        if self._files is None:
-            self._walk()
-        assert self._files is not None
-        return self._files
+        return self._walk("")[0]
+
+    def _kind(self, rel: str) -> str:
+        """'dir', 'file' (files and symlinks, as Docker copies links as links) or ''."""
+        kind = self._kinds.get(rel)
+        if kind is None:
+            try:
+                mode = os.lstat(self._abs(rel)).st_mode
+                kind = "dir" if stat.S_ISDIR(mode) else "file"
+            except OSError:
+                kind = ""
+            self._kinds[rel] = kind
+        return kind
 
     def is_dir(self, rel: str) -> bool:
-        self.files
-        assert self._dirs is not None
-        return rel in self._dirs and not (rel and self.rules.ignored(rel))
+        if self._kind(rel) != "dir":
+            return False
+        return not (rel and self.has_rules and self.rules.ignored(rel) and not self._walk(rel)[0])
 
     def is_file(self, rel: str) -> bool:
-        return rel in set(self.files)
+        if not rel or self._kind(rel) != "file":
+            return False
+        return not (self.has_rules and self.rules.ignored(rel))
 
     def under(self, rel: str) -> list[str]:
-        prefix = rel + "/" if rel else ""
-        return [f for f in self.files if f.startswith(prefix)]
+        return self._walk(rel)[0]
 
     def filtered(self, rel: str) -> bool:
         """True when .dockerignore removed something under folder ``rel``."""
-        self.files
-        return rel in self._ignored_under
+        return self._walk(rel)[2]
 
     def match(self, pattern: str) -> list[str]:
         """Context paths (files or folders) matching a COPY source after normalisation."""
@@ -322,16 +359,23 @@ class BuildContext:
             if self.is_file(pattern) or self.is_dir(pattern):
                 return [pattern]
             return []
+        fixed = pattern.split("/")
+        prefix_parts = []
+        for part in fixed:
+            if any(ch in part for ch in "*?["):
+                break
+            prefix_parts.append(part)
+        prefix = "/".join(prefix_parts)
+        if prefix and not self.is_dir(prefix):
+            return []
+        files, dirs, _ = self._walk(prefix)
         rx = _pattern_regex(pattern)
-        self.files
-        assert self._dirs is not None
-        cands = sorted(set(self.files) | {d for d in self._dirs if d})
-        out = [c for c in cands if rx.match(c) and (c in self._dirs and self.is_dir(c) or c in set(self.files))]
+        out = sorted(c for c in (*files, *dirs) if rx.match(c))
         # a folder and files under it can both match: keep the outermost
         return [c for c in out if not any(c.startswith(o + "/") for o in out if o != c)]
 
 
-def _archive_kind(path: Path) -> bool:
+def _archive_kind(path: str) -> bool:
     """True when ``path`` is a tar archive Docker's ADD would extract (by content, as Docker)."""
     try:
         with open(path, "rb") as fh:
@@ -348,7 +392,7 @@ def _archive_kind(path: Path) -> bool:
 # Stages
 # --------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class _Stage:
     index: int
     name: str                      # Apptainer stage name
@@ -401,6 +445,7 @@ class _Converter:
         self.context_files: set[str] = set()
         self.base_refs: list[str] = []
         self.cur: _Stage | None = None
+        self._wp: WordProcessor | None = None     # the stage's word processor; reset when ARG/ENV change
 
     # -- helpers ----------------------------------------------------------------------
     def note(self, ins: "Instruction | None", construct: str, action: str, reason: str,
@@ -412,14 +457,12 @@ class _Converter:
 
     def context(self) -> BuildContext:
         if self.ctx is None:
-            if not self.ctx_root.is_dir():
+            if not os.path.isdir(self.ctx_root):
                 raise ConvertError(f"build context {self.ctx_root} is not a folder")
             self.ctx = BuildContext(self.ctx_root, self.df.path)
         return self.ctx
 
     def words(self, ins: "Instruction", text: str) -> list["Value"]:
-        from hpcexp.dockerfile import WordProcessor
-
         wp = self.processor()
         try:
             out = wp.words(text)
@@ -429,16 +472,15 @@ class _Converter:
         return out
 
     def processor(self, global_scope: bool = False):
-        from hpcexp.dockerfile import WordProcessor
-
         if global_scope or self.cur is None:
             return WordProcessor(self.global_args, self.df.escape, self.global_unset, closed=True)
+        if self._wp is not None:
+            return self._wp
         st = self.cur
-        known = {**st.args, **st.env}
-        unset = set(st.arg_unset) - set(known)
+        known = {**st.args, **st.env} if st.args else st.env
         # a global ARG used in a stage without `ARG NAME` expands to nothing, as in Docker
-        unset |= {k for k in self.global_args if k not in known}
-        return WordProcessor(known, self.df.escape, unset)
+        self._wp = WordProcessor(known, self.df.escape, _Unset(st.arg_unset, self.global_args))
+        return self._wp
 
     def global_only_note(self, ins: "Instruction", wp: Any) -> None:
         st = self.cur
@@ -449,8 +491,6 @@ class _Converter:
                           f"expands to nothing, as in Docker (add `ARG {name}` after FROM to use it)", "P02")
 
     def path_value(self, ins: "Instruction", value: "Value", what: str) -> str:
-        from hpcexp.dockerfile import has_refs, literal
-
         if has_refs(value):
             names = sorted({s.name for s in value if not isinstance(s, str)})
             self.note(ins, f"{ins.keyword} {what}", "approximated",
@@ -493,8 +533,6 @@ class _Converter:
 
     # -- FROM -------------------------------------------------------------------------
     def do_from(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import has_refs, literal
-
         wp = self.processor(global_scope=True)
         try:
             words = wp.words(ins.args)
@@ -511,8 +549,6 @@ class _Converter:
         if ref != ins.args.split()[0]:
             self.note(ins, "FROM with ARG", "translated", f"image reference resolved at conversion time to {ref}",
                       "P01")
-        if ins.keyword != "FROM" or ins.original.split()[0] != "FROM":
-            pass
         alias = literal(words[2]).lower() if len(words) == 3 else None
         platform = ins.flag("platform")
         if platform is not None:
@@ -531,7 +567,9 @@ class _Converter:
             name += "_"
         parent = self.find_stage(ref.lower()) if "/" not in ref and ":" not in ref else None
         if parent is not None:
-            st = copy.deepcopy(parent)
+            st = copy.copy(parent)
+            st.header, st.files, st.post = list(parent.header), list(parent.files), list(parent.post)
+            st.environment, st.labels, st.env = list(parent.environment), list(parent.labels), dict(parent.env)
             st.index, st.name, st.alias, st.line = index, name, alias, ins.line
             for k in st.args:
                 if k not in st.env:
@@ -550,6 +588,7 @@ class _Converter:
             self.note(ins, "FROM (unnamed stage)", "translated", f"stage {index} is named {name!r}", "P02")
         self.stages.append(st)
         self.cur = st
+        self._wp = None
 
     def find_stage(self, ref: str) -> _Stage | None:
         for st in self.stages:
@@ -581,10 +620,8 @@ class _Converter:
 
     # -- ARG --------------------------------------------------------------------------
     def do_arg(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import literal, render_shell, split_key_values
-
         text = ins.args
-        m = re.search(r"(^|\s)#", text)
+        m = _ARG_COMMENT.search(text)
         if m:
             self.note(ins, "ARG with # comment", "approximated",
                       "text after '#' was ignored (Docker has no trailing comments; it would declare more ARGs)",
@@ -595,7 +632,7 @@ class _Converter:
         global_scope = self.cur is None
         for tok in _split_unquoted(text):
             name, eq, default = tok.partition("=")
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            if not _VAR_NAME.match(name):
                 raise self.fail(ins, f"invalid ARG name {name[:40]!r}")
             wp = self.processor(global_scope)
             value: tuple | None
@@ -620,6 +657,7 @@ class _Converter:
             else:
                 st = self.cur
                 assert st is not None
+                self._wp = None
                 if value is None:
                     st.arg_unset.add(name)
                     st.args.pop(name, None)
@@ -634,8 +672,6 @@ class _Converter:
     # -- ENV --------------------------------------------------------------------------
     def env_pairs(self, ins: "Instruction", keyword: str) -> list[tuple[str, str]]:
         """Raw (key, value-text) pairs; spython's parse_env first, our tokenizer when they disagree."""
-        from hpcexp.dockerfile import split_key_values
-
         text = ins.args
         tokens = _split_unquoted(text)
         first = tokens[0] if tokens else ""
@@ -649,28 +685,22 @@ class _Converter:
                 self.note(ins, "ENV KEY value (legacy form)", "translated",
                           "the whole rest of the line is the value, as in Docker", "P10")
             return [(key, rest.strip())]
+        if _SIMPLE_PAIRS.fullmatch(text):
+            # plain KEY=VALUE / KEY="quoted value" pairs: spython's parse_env splits these right
+            spy = _spython_mod()
+            theirs = _spython(self.label, ins.line, keyword, spy["parser"].parse_env, text)
+            return [tuple(item.split("=", 1)) for item in theirs]  # type: ignore[misc]
+        # escapes, quoted keys, quotes inside words: spython splits these wrongly or crashes (P10, P26)
         try:
-            ours = split_key_values(text, self.df.escape)
+            return split_key_values(text, self.df.escape)
         except ValueError as exc:
             raise self.fail(ins, str(exc)) from None
-        if self.df.escape in text or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k, _ in ours):
-            return ours  # escapes or quoted keys: spython splits these wrongly or crashes (P10, P26)
-        spy = _spython_mod()
-        theirs = _spython(self.label, ins.line, keyword, spy["parser"].parse_env, text)
-        theirs_pairs = [tuple(item.split("=", 1)) for item in theirs]
-        if theirs_pairs != ours:
-            log.debug("%s:%d: spython split %s as %s; using hpcexp's tokenizer",
-                      self.label, ins.line, keyword, theirs)
-            return ours
-        return theirs_pairs
 
     def do_env(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import render_shell
-
         st = self.cur
         assert st is not None
         for key, raw in self.env_pairs(ins, "ENV"):
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not _VAR_NAME.match(key):
                 raise self.fail(ins, f"invalid variable name {key[:40]!r}")
             wp = self.processor()
             try:
@@ -679,14 +709,13 @@ class _Converter:
                 raise self.fail(ins, str(exc)) from None
             self.global_only_note(ins, wp)
             st.env[key] = value
+            self._wp = None
             shown = render_shell(value)
             self.emit(f'export {key}="{shown}"')
             st.environment.append((key, shown))
 
     # -- LABEL / MAINTAINER -----------------------------------------------------------
     def do_label(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import literal
-
         st = self.cur
         assert st is not None
         for key, raw in self.env_pairs(ins, "LABEL"):
@@ -696,7 +725,7 @@ class _Converter:
                 v = literal(wp.word(raw))
             except ValueError as exc:
                 raise self.fail(ins, str(exc)) from None
-            clean_k = re.sub(r"\s+", "_", k)
+            clean_k = _SPACES.sub("_", k)
             if clean_k != k:
                 self.note(ins, "LABEL", "approximated", f"label name {k!r} written as {clean_k!r} "
                           "(Apptainer label names end at the first space)", "P26")
@@ -717,8 +746,6 @@ class _Converter:
         return [shlex.join([*st.shell, text])]
 
     def do_run(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import literal
-
         st = self.cur
         assert st is not None
         before: list[str] = []
@@ -819,8 +846,6 @@ class _Converter:
 
     # -- COPY / ADD -------------------------------------------------------------------
     def from_stage(self, ins: "Instruction", ref: str) -> str:
-        from hpcexp.dockerfile import literal
-
         val = literal(self.processor().word(ref))
         st = self.find_stage(val.lower())
         if st is not None:
@@ -882,8 +907,6 @@ class _Converter:
         self.copy_or_add(ins, add=True)
 
     def copy_or_add(self, ins: "Instruction", add: bool) -> None:
-        from hpcexp.dockerfile import literal
-
         st = self.cur
         assert st is not None
         kw = ins.keyword
@@ -896,7 +919,7 @@ class _Converter:
                           "owners from the Dockerfile do not apply; files belong to root in the image", "P04")
             elif fl == "chmod":
                 chmod = val or ""
-                if not re.fullmatch(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*", chmod):
+                if not _CHMOD.fullmatch(chmod):
                     raise self.fail(ins, f"--chmod={chmod!r} is not a mode")
             elif fl == "from":
                 frm = self.from_stage(ins, val or "")
@@ -916,7 +939,6 @@ class _Converter:
             self.copy_heredoc(ins, chmod)
             return
         if ins.exec_form is not None:
-            raw_words = [(w,) for w in ins.exec_form]
             self.note(ins, f"{kw} [JSON form]", "translated", "sources and destination read as a JSON list", "P07")
             words = []
             for w in ins.exec_form:
@@ -939,7 +961,7 @@ class _Converter:
         lines = [f"# Dockerfile line {ins.line}: {kw}"]
         targets: list[str] = []
         for k, src in enumerate(srcs):
-            if add and re.match(r"^(https?|git)://|^git@", src):
+            if add and _URL.match(src):
                 lines += self.add_url(ins, src, dest, dest_is_dir)
                 continue
             if frm is not None:
@@ -963,7 +985,7 @@ class _Converter:
             for j, rel in enumerate(rels):
                 kk = f"{k}" if len(rels) == 1 else f"{k}.{j}"
                 ctx = self.context()
-                if add and not ctx.is_dir(rel) and _archive_kind(self.ctx_root / rel):
+                if add and not ctx.is_dir(rel) and _archive_kind(os.path.join(self.ctx_root, rel)):
                     staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
                     lines.append(f"mkdir -p {shlex.quote(dest)} && tar -xf {shlex.quote(staged)} "
                                  f"-C {shlex.quote(dest)}")
@@ -984,8 +1006,6 @@ class _Converter:
         self.emit(*lines)
 
     def copy_heredoc(self, ins: "Instruction", chmod: str | None) -> None:
-        from hpcexp.dockerfile import literal
-
         words = self.words(ins, ins.args)
         dest_raw = self.path_value(ins, words[-1], "destination")
         dest = self.abspath(dest_raw)
@@ -1041,8 +1061,6 @@ class _Converter:
         self.emit(f"mkdir -p {shlex.quote(st.workdir)}")
 
     def do_user(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import literal
-
         user = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
         if user.split(":")[0] in ("root", "0"):
             self.note(ins, f"USER {user}", "translated", "the build runs as root anyway")
@@ -1061,8 +1079,6 @@ class _Converter:
                   "later RUN steps and shell-form CMD/ENTRYPOINT run through this shell", "P19")
 
     def do_volume(self, ins: "Instruction") -> None:
-        from hpcexp.dockerfile import literal
-
         paths = list(ins.exec_form) if ins.exec_form is not None else [literal(w) for w in self.words(ins, ins.args)]
         for p in paths:
             ap = self.abspath(p)
@@ -1141,8 +1157,6 @@ class _Converter:
 
     # -- rendering --------------------------------------------------------------------
     def render(self, sha: str) -> str:
-        from hpcexp import __version__
-
         spy = _spython_mod()
         writer = spy["writer"]
         out = [f"# Generated by hpcexp {__version__} from {self.label} (sha256 {sha}) for {self.arch}.",
@@ -1216,7 +1230,21 @@ class _Converter:
                                    "no %runscript is written, so the base image's own runscript applies", "P18"))
 
 
+class _Unset:
+    """Names that expand to nothing in a stage: declared ARGs without value, and global ARGs."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: set[str], b: dict[str, tuple]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.a or name in self.b
+
+
 def _split_unquoted(text: str) -> list[str]:
+    if "'" not in text and '"' not in text:
+        return text.split()
     out, cur, quote = [], [], None
     for c in text:
         if quote:
@@ -1242,13 +1270,17 @@ def _basename(path: str) -> str:
     return b if b not in ("", ".", "..") else "_"
 
 
+_BAD_FILES_CHARS = re.compile(r'["\n\r\\]')
+_QUOTE_FILES_CHARS = re.compile(r"[\s']")
+
+
 def _files_path(label: str, path: str) -> str:
-    if any(c in path for c in "\"\n\r\\"):
+    if _BAD_FILES_CHARS.search(path):
         raise ConvertError(f"{label}: the path {path[:60]!r} cannot be written in %files "
                            "(it contains a quote, backslash or newline)")
     if path.startswith("-"):
         path = "./" + path
-    return f'"{path}"' if any(c.isspace() for c in path) or "'" in path else path
+    return f'"{path}"' if _QUOTE_FILES_CHARS.search(path) else path
 
 
 # --------------------------------------------------------------------------------------
@@ -1259,18 +1291,18 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
             build_args: Mapping[str, str] | None = None, resolve_base: BaseResolver | None = None,
             source_label: str | None = None) -> Conversion:
     """Convert ``dockerfile`` (build context ``context``, default its folder) into a recipe."""
-    from hpcexp import dockerfile as dfmod
 
-    dockerfile = Path(dockerfile)
+    if not isinstance(dockerfile, Path):
+        dockerfile = Path(dockerfile)
     label = source_label or str(dockerfile)
-    if any(c in label for c in "\n\r\x00"):
+    if "\n" in label or "\r" in label or "\x00" in label:
         raise ConvertError(f"invalid Dockerfile name {label!r}")
     if arch not in ("amd64", "arm64"):
         raise ConvertError(f"unknown architecture {arch!r}: choose amd64 or arm64")
     df, data = dfmod.load(dockerfile, label)
     sha = hashlib.sha256(data).hexdigest()
-    ctx = Path(context) if context is not None else dockerfile.parent
-    conv = _Converter(df, ctx.absolute(), arch, build_args or {}, resolve_base, label)
+    ctx = (context if isinstance(context, Path) else Path(context)) if context is not None else dockerfile.parent
+    conv = _Converter(df, ctx if ctx.is_absolute() else ctx.absolute(), arch, build_args or {}, resolve_base, label)
     try:
         conv.run()
     except RecursionError:
@@ -1278,7 +1310,8 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
     conv.finish_notes()
     recipe = conv.render(sha)
     last = conv.stages[-1]
-    files = tuple((rel, (conv.ctx_root / rel)) for rel in sorted(conv.context_files))
+    base = str(conv.ctx_root).rstrip("/") + "/"
+    files = tuple((rel, Path(base + rel)) for rel in sorted(conv.context_files))
     notes = tuple(sorted(conv.notes, key=lambda n: n.line))
     return Conversion(recipe=recipe, notes=notes, dockerfile=dockerfile, dockerfile_sha256=sha, context=ctx,
                       arch=arch, context_files=files, base_refs=tuple(conv.base_refs),
@@ -1315,11 +1348,11 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
             return BaseResolution(scheme, rest)
         if spec.kind == "debootstrap":
             try:
-                from hpcexp.bases import base_sif_path  # type: ignore[import-not-found]
+                from hpcexp import bases as bases_mod
             except ImportError:
-                base_sif_path = None
-            if base_sif_path is not None:
-                return BaseResolution("localimage", sif_path(base_sif_path(project, spec)))
+                bases_mod = None  # type: ignore[assignment]
+            if bases_mod is not None and hasattr(bases_mod, "base_sif_path"):
+                return BaseResolution("localimage", sif_path(bases_mod.base_sif_path(project, spec)))
             mirror = spec.mirror or project.debian_mirror or apt_mirror() or ""
             headers = [("OSVersion", spec.suite or "stable")]
             if mirror:

@@ -134,7 +134,8 @@ def test_build_args_precedence_and_report(tmp_path):
 
 def test_base_resolution_hook(tmp_path):
     c = conv(tmp_path, "FROM python:3.11-slim\nFROM busybox AS b\n",
-             resolve_base=lambda ref: BaseResolution("localimage", "bases/py.sif") if ref.startswith("python") else None)
+             resolve_base=lambda ref: (BaseResolution("localimage", "bases/py.sif")
+                                       if ref.startswith("python") else None))
     assert "Bootstrap: localimage\nFrom: bases/py.sif\nStage: stage0" in c.recipe
     assert "Bootstrap: docker\nFrom: busybox\nStage: b" in c.recipe
     assert c.base_refs == ("python:3.11-slim", "busybox")
@@ -342,7 +343,13 @@ def test_debootstrap_fallback_headers(tmp_path, monkeypatch):
     proj = dataclasses.replace(proj, bases={"debian:bookworm": BaseSpec(
         ref="debian:bookworm", kind="debootstrap", suite="bookworm", mirror="http://deb.invalid/debian",
         include=("python3-minimal",))})
-    monkeypatch.setitem(sys.modules, "hpcexp.bases", None)  # force the fallback
+    from hpcexp import bases
+
+    # with the build helper's module: the base SIF it builds, relative to the context when inside the project
+    monkeypatch.setattr(bases, "base_sif_path", lambda project, spec: project.root / "cache" / "deb.sif")
+    res = base_resolver(proj, None, tmp_path / "experiments" / "x")("debian:bookworm")
+    assert res == BaseResolution("localimage", "../../cache/deb.sif")
+    monkeypatch.delattr(bases, "base_sif_path")  # without it: debootstrap headers in the recipe itself
     res = base_resolver(proj)("debian:bookworm")
     assert res is not None and res.bootstrap == "debootstrap"
     assert dict(res.headers) == {"OSVersion": "bookworm", "MirrorURL": "http://deb.invalid/debian",

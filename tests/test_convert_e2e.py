@@ -200,7 +200,8 @@ def test_shell_form_cmd_replaced_by_arguments(images):
 
 
 def test_no_cmd_keeps_base_runscript(images):
-    assert "%runscript" not in (images["_recipes"] / f"plain.{'arm64' if os.uname().machine in ('aarch64', 'arm64') else 'amd64'}.def").read_text()
+    arch = "arm64" if os.uname().machine in ("aarch64", "arm64") else "amd64"
+    assert "%runscript" not in (images["_recipes"] / f"plain.{arch}.def").read_text()
     base = subprocess.run(["apptainer", "inspect", "--runscript", str(images["_base"])], capture_output=True, text=True)
     mine = subprocess.run(["apptainer", "inspect", "--runscript", str(images["plain"])], capture_output=True, text=True)
     assert base.returncode == 0 and mine.returncode == 0

@@ -155,7 +155,8 @@ def _convert_file(dockerfile: Path, context: Path | None, arch: str | None, cli_
     else:
         out = Path(target)
         atomic.write_text(out, conv.recipe)
-        report = out.with_name(out.name[:-4] + ".report.json" if out.name.endswith(".def") else out.name + ".report.json")
+        stem = out.name[:-4] if out.name.endswith(".def") else out.name
+        report = out.with_name(stem + ".report.json")
         atomic.write_json(report, conv.report(out.name))
         if as_json:
             emit_json({"dockerfile": str(dockerfile), "arch": arch, "recipe": str(out), "report": str(report),

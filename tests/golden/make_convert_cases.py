@@ -1,5 +1,9 @@
-import os, json, tarfile, io, textwrap
+import io
+import json
+import tarfile
+import textwrap
 from pathlib import Path
+
 G = Path(__file__).resolve().parent / "convert"
 cases = {}
 def case(name, dockerfile, files=None, args=None):
@@ -119,7 +123,8 @@ FROM alpine:3.19
 COPY scripts/bin/ /opt/s/bin/
 COPY scripts /opt/s
 COPY conf/*.yaml /etc/app/
-""", files={"scripts/bin/run": "run\n", "scripts/readme": "r\n", "conf/a.yaml": "a: 1\n", "conf/b.yaml": "b: 2\n", "conf/c.txt": "no\n"})
+""", files={"scripts/bin/run": "run\n", "scripts/readme": "r\n", "conf/a.yaml": "a: 1\n",
+            "conf/b.yaml": "b: 2\n", "conf/c.txt": "no\n"})
 case("p06_copy_after_run", """
 FROM python:3.11-slim
 RUN git clone https://example.invalid/repo.git /app
@@ -355,7 +360,8 @@ case("p31_dockerignore", """
 FROM python:3.11-slim
 COPY . /app
 COPY data /data
-""", files={".dockerignore": ".git\\n**/*.pyc\\ndata/*\\n!data/keep.txt\\ncheckpoints/\\n", "main.py": "x\n", "pkg/a.py": "a\n",
+""", files={".dockerignore": ".git\\n**/*.pyc\\ndata/*\\n!data/keep.txt\\ncheckpoints/\\n", "main.py": "x\n",
+            "pkg/a.py": "a\n",
             "pkg/a.pyc": "bin\n", "data/big.bin": "big\n", "data/keep.txt": "keep\n", "checkpoints/c.pt": "pt\n",
             ".git/HEAD": "ref\n"})
 case("exec_form_quoting", """
@@ -393,7 +399,9 @@ for name, (df, files, args) in cases.items():
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w:gz" if content == "@tar.gz" else "w") as tf:
                 data = b"inside\n"
-                ti = tarfile.TarInfo("inside.txt"); ti.size = len(data); ti.mtime = 0
+                ti = tarfile.TarInfo("inside.txt")
+                ti.size = len(data)
+                ti.mtime = 0
                 tf.addfile(ti, io.BytesIO(data))
             raw = buf.getvalue()
             if content == "@tar.gz":
