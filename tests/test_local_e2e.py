@@ -140,7 +140,7 @@ def test_hostile_parameter_arrives_verbatim_and_executes_nothing(project: Path) 
 
 
 def test_detach_then_follow_shows_lines_before_the_end(project: Path) -> None:
-    proc = run_cli("run", "--detach", "slow", "-p", "n=12", "-p", "s=0.5", cwd=project)
+    proc = run_cli("run", "--detach", "slow", "-p", "n=16", "-p", "s=0.5", cwd=project)
     assert proc.returncode == 0, proc.stderr
     run_id = proc.stdout.strip()
     assert _record(project, "slow", run_id)["state"] == "running"
@@ -154,7 +154,7 @@ def test_detach_then_follow_shows_lines_before_the_end(project: Path) -> None:
     assert _record(project, "slow", run_id)["state"] == "running"  # we saw a line while it still ran
     rest, err = follower.communicate(timeout=120)
     assert follower.returncode == 0, err
-    assert rest.decode().splitlines()[-1] == "tick 11"
+    assert rest.decode().splitlines()[-1] == "tick 15"
     assert _record(project, "slow", run_id)["state"] == "succeeded"
     assert (project / "runs" / "slow" / run_id / "results" / "done.txt").exists()
 
