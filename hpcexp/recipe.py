@@ -375,17 +375,20 @@ class BuildContext:
         return [c for c in out if not any(c.startswith(o + "/") for o in out if o != c)]
 
 
-def _archive_kind(path: str) -> bool:
-    """True when ``path`` is a tar archive Docker's ADD would extract (by content, as Docker)."""
+_DECOMPRESS = {"gz": "gzip", "bz2": "bzip2", "xz": "xz", "zst": "zstd"}
+
+
+def _archive_kind(path: str) -> str:
+    """'tar', 'gz', 'bz2', 'xz', 'zst' when Docker's ADD would extract ``path`` (by content, as Docker)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(512)
     except OSError:
-        return False
-    if head.startswith(b"\x1f\x8b") or head.startswith(b"BZh") or head.startswith(b"\xfd7zXZ\x00") \
-            or head.startswith(b"\x28\xb5\x2f\xfd"):
-        return True
-    return len(head) >= 262 and head[257:262] == b"ustar"
+        return ""
+    for magic, kind in ((b"\x1f\x8b", "gz"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zst")):
+        if head.startswith(magic):
+            return kind
+    return "tar" if len(head) >= 262 and head[257:262] == b"ustar" else ""
 
 
 # --------------------------------------------------------------------------------------
@@ -985,10 +988,14 @@ class _Converter:
             for j, rel in enumerate(rels):
                 kk = f"{k}" if len(rels) == 1 else f"{k}.{j}"
                 ctx = self.context()
-                if add and not ctx.is_dir(rel) and _archive_kind(os.path.join(self.ctx_root, rel)):
+                kind = _archive_kind(os.path.join(self.ctx_root, rel)) if add and not ctx.is_dir(rel) else ""
+                if kind:
                     staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
-                    lines.append(f"mkdir -p {shlex.quote(dest)} && tar -xf {shlex.quote(staged)} "
-                                 f"-C {shlex.quote(dest)}")
+                    if kind == "tar":
+                        unpack = f"tar -xf {shlex.quote(staged)} -C {shlex.quote(dest)}"
+                    else:  # a pipe works with every tar, busybox's included (no -z/-j/-J needed)
+                        unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {shlex.quote(dest)}"
+                    lines.append(f"mkdir -p {shlex.quote(dest)} && {unpack}")
                     self.note(ins, f"ADD {rel}", "translated", f"the archive is extracted into {dest}", "P08")
                     targets.append(dest)
                     continue

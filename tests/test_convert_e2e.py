@@ -6,8 +6,10 @@ behaviour inside a real image, against what Docker would do with the same Docker
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -70,6 +72,20 @@ DOCKERFILES = {
         WORKDIR /srv
         CMD echo shell-cmd "$(pwd)" && echo second
         """,
+    # ADD of a local archive, RUN --mount=type=bind, COPY --from=<image> (through the base map),
+    # exec-form RUN, VOLUME, USER dropped, lowercase keywords, ARG with ${X:-default}
+    "extras": """\
+        ARG TAG
+        FROM busybox:${TAG:-latest}
+        add data.tar.gz /opt/data
+        RUN --mount=type=bind,source=req.txt,target=/tmp/req.txt cp /tmp/req.txt /req-copy.txt
+        RUN test ! -e /tmp/req.txt && echo gone > /bind-removed.txt
+        COPY --from=busybox:latest /bin/busybox /opt/ext/busybox
+        RUN ["/bin/sh", "-c", "echo exec-form > /exec.txt"]
+        VOLUME /data/out
+        USER 1000
+        run id -u > /uid-during-build.txt
+        """,
     # no CMD/ENTRYPOINT: the base image's runscript is kept
     "plain": """\
         FROM busybox:latest
@@ -91,6 +107,13 @@ def images(busybox_sif: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (b / "secret.txt").write_text("do not ship\n")
     (b / "tool.sh").write_text("#!/bin/sh\necho tool\n")
     (b / ".dockerignore").write_text("secret.txt\n")
+    x = proj / "experiments" / "extras"
+    (x / "req.txt").write_text("numpy\n")
+    with tarfile.open(x / "data.tar.gz", "w:gz") as tf:
+        payload = b"from-archive\n"
+        info = tarfile.TarInfo("inner/file.txt")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
     arch = "arm64" if os.uname().machine in ("aarch64", "arm64") else "amd64"
     proc = run_cli("convert", "--all", "--arch", arch, cwd=proj)
     assert proc.returncode == 0, proc.stderr
@@ -212,3 +235,22 @@ def test_no_cmd_keeps_base_runscript(images):
 def test_staging_folder_removed(images):
     proc = subprocess.run(["apptainer", "exec", str(images["behave"]), "test", "-e", "/.hpcexp"], capture_output=True)
     assert proc.returncode == 1
+
+
+def test_add_extracts_local_archive(images):
+    assert _exec(images["extras"], "cat", "/opt/data/inner/file.txt") == "from-archive\n"
+
+
+def test_run_mount_bind_is_there_for_the_step_only(images):
+    assert _exec(images["extras"], "cat", "/req-copy.txt", "/bind-removed.txt") == "numpy\ngone\n"
+
+
+def test_copy_from_image_through_base_map(images):
+    assert _exec(images["extras"], "/opt/ext/busybox", "echo", "ext-ok") == "ext-ok\n"
+
+
+def test_exec_form_run_volume_and_user(images):
+    assert _exec(images["extras"], "cat", "/exec.txt") == "exec-form\n"
+    assert _exec(images["extras"], "sh", "-c", "test -d /data/out && echo dir") == "dir\n"
+    # USER is dropped: later RUN steps ran as (fake)root, as the fidelity report says
+    assert _exec(images["extras"], "cat", "/uid-during-build.txt") == "0\n"
