@@ -423,9 +423,12 @@ class _Stream(threading.Thread):
                 os.close(out)
             os.close(self.fd)
             if self._queue is not None:
-                self._queue.put(None)
                 assert self._tee is not None
-                self._tee.join(timeout=5)
+                try:  # a terminal that stopped reading must not hold the run's end hostage
+                    self._queue.put(None, timeout=5)
+                    self._tee.join(timeout=5)
+                except queue.Full:
+                    pass
 
 
 def _watchdog(read_fd: int, pgid: int, run_id: str, keep: Sequence[int]) -> None:

@@ -290,3 +290,29 @@ def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monk
     disk = runs.read_record(paths)
     assert disk.to_dict() == rec.to_dict()
     assert (paths.dir / "bind.txt").read_text() == "unset"  # the caller's APPTAINER_BIND was scrubbed
+
+
+def test_a_terminal_that_stops_reading_never_blocks_the_payload(tmp_path: Path, monkeypatch) -> None:
+    stuck = threading.Event()
+
+    class StuckBuffer:
+        def write(self, data: bytes) -> int:
+            stuck.wait(120)  # a terminal nobody reads
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    class StuckStream:
+        buffer = StuckBuffer()
+
+    monkeypatch.setattr(sys, "stdout", StuckStream())
+    code = "import sys; [sys.stdout.write('y' * 1023 + '\\n') for _ in range(30000)]"
+    paths = _record(tmp_path / "exp" / "r1", code)
+    try:
+        rec = local.supervise(paths, tee=True)
+    finally:
+        stuck.set()
+    assert rec.state == "succeeded"
+    assert paths.stdout.stat().st_size == 30000 * 1024  # the log is complete
+    assert "not shown on the terminal" in rec.reason
