@@ -30,7 +30,6 @@ carry that file's hash.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as _dt
 import errno
 import getpass
@@ -445,15 +444,6 @@ def _fakeroot_check(progress: Progress | None) -> str:
 FAKED_FAILURE = ("error while starting the `faked' daemon", "libs/faked: not found")
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child
-    """Make apptainer die with us: a SIGKILLed hpcexp must not leave a build writing on."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _step_of(line: str) -> str | None:
     s = line.strip()
     if s.startswith("INFO:"):
@@ -663,14 +653,66 @@ def _host_arch() -> str:
 
 def _stream(argv: list[str], env: dict[str, str], cwd: Path, logf: Any, tail: list[str],
             progress: Progress | None, label: str) -> int:
-    """Run apptainer, copying its output to the log and reporting build steps."""
+    """Run apptainer in its own process group, copying its output to the log and
+    reporting build steps.
+
+    Apptainer's build is a tree of processes (fakeroot re-exec, the build engine, the
+    container's %post) that outlives a killed parent: PR_SET_PDEATHSIG reaches only the
+    first one. So the tree gets its own process group, and a tiny forked watchdog kills
+    that group if hpcexp dies (kill -9, OOM) before saying the build is over. A
+    half-built temp file left behind is then recognisably orphaned (``hpcexp clean``).
+    """
     try:
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)  # noqa: PLW1509
+                                stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         raise EnvironmentProblem(f"could not start {argv[0]}: {exc.strerror}") from exc
-    with proc:
-        return _pump(proc, logf, tail, progress, label)
+    watchdog = _watchdog(proc.pid)
+    try:
+        with proc:
+            return _pump(proc, logf, tail, progress, label)
+    finally:
+        _watchdog_release(watchdog)
+
+
+WATCHDOG = ("import os, signal, sys\n"
+            "for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):\n"
+            "    signal.signal(s, signal.SIG_IGN)\n"
+            "if not sys.stdin.buffer.read(1):\n"
+            "    try:\n"
+            "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
+            "    except OSError:\n"
+            "        pass\n")
+
+
+def _watchdog(pgid: int) -> "subprocess.Popen[bytes] | None":
+    """A separate process (immune to terminal signals and to ``pkill -f hpcexp``) that kills
+    group ``pgid`` when its stdin, our pipe, closes before we said the build is over."""
+    import sys
+
+    try:
+        return subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(pgid)], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError as exc:
+        log.info("no build watchdog: %s", exc)
+        return None
+
+
+def _watchdog_release(watchdog: "subprocess.Popen[bytes] | None") -> None:
+    if watchdog is None or watchdog.stdin is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.write(b"x")
+        watchdog.stdin.flush()
+    with contextlib.suppress(OSError):
+        watchdog.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(timeout=10)
+
+
+def _signal_group(proc: "subprocess.Popen[bytes]", sig: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, sig)
 
 
 def _pump(proc: "subprocess.Popen[bytes]", logf: Any, tail: list[str], progress: Progress | None,
@@ -685,7 +727,7 @@ def _pump(proc: "subprocess.Popen[bytes]", logf: Any, tail: list[str], progress:
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     tail.append("no space left on device (writing the build log)")
-                    proc.terminate()
+                    _signal_group(proc, signal.SIGKILL)
                     break
                 raise
             tail.append(line)
@@ -695,12 +737,10 @@ def _pump(proc: "subprocess.Popen[bytes]", logf: Any, tail: list[str], progress:
                 progress("step", f"{label}: {step}")
         return proc.wait()
     except BaseException:
-        # Ctrl-C on a terminal reached apptainer too (same process group); a signal sent to
-        # hpcexp alone did not. Give it a moment, then ask, then insist.
-        for action, grace in ((None, 2.0), (proc.terminate, 5.0), (proc.kill, None)):
-            if action is not None:
-                with contextlib.suppress(OSError):
-                    action()
+        # Ctrl-C (or SIGTERM turned into an exception): apptainer is in its own group and
+        # did not see it. Ask the whole tree to stop, then insist; the output is discarded.
+        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, None)):
+            _signal_group(proc, sig)
             try:
                 proc.wait(timeout=grace)
                 break

@@ -120,6 +120,12 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, belongs to someone else
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+        if raw[raw.rindex(")") + 2:].startswith(("Z", "X")):
+            return False  # a zombie: dead, only not yet reaped by its parent
+    except (OSError, ValueError):
+        pass
     if start is not None:
         now = pid_start_time(pid)
         if now is not None and now != start:

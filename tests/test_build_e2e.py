@@ -36,6 +36,19 @@ def shim(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return env, log
 
 
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
 def builds(log: Path) -> list[str]:
     return [ln for ln in log.read_text().splitlines() if ln.startswith("build")] if log.exists() else []
 
@@ -132,7 +145,11 @@ def test_killed_build_leaves_no_image_and_next_build_succeeds(tmp_path: Path, bu
         pytest.fail("the build never reached its RUN step")
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    time.sleep(0.5)
+    # the whole apptainer tree dies with hpcexp (its watchdog kills the build's process group)
+    deadline = time.time() + 10
+    while time.time() < deadline and processes_mentioning(str(root / "images")):
+        time.sleep(0.1)
+    assert processes_mentioning(str(root / "images")) == []
     assert not list((root / "images").glob("*.sif"))
     listed = run_cli("images", "--json", cwd=root, env=env)
     assert json.loads(listed.stdout) == []

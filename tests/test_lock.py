@@ -52,6 +52,20 @@ def test_dead_owner_on_this_host_is_broken(tmp_path: Path) -> None:
     assert read_owner(path).pid == os.getpid()  # type: ignore[union-attr]
 
 
+def test_zombie_counts_as_dead(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and "Z" not in Path(f"/proc/{child.pid}/stat").read_text().split(")")[1][:3]:
+        time.sleep(0.02)
+    try:
+        assert not lockmod.pid_alive(child.pid)
+    finally:
+        child.wait()
+
+
 def test_reused_pid_counts_as_dead(tmp_path: Path) -> None:
     me = Owner.me()
     reused = Owner(host=me.host, pid=os.getpid(), user="u", started="t", boot_id=me.boot_id,
