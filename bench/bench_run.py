@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -45,12 +46,20 @@ def make_project(tmp: Path) -> tuple[Path, str]:
     return proj, "trivial"
 
 
-def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def timed(argv: list[str], cwd: Path, env: dict[str, str], label: str = "") -> float:
+    """Wall time of one call; its CPU time (user+sys of it and its children) goes to CPU[label]."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{argv[:4]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-500:]}")
+    if label:
+        CPU.setdefault(label, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return elapsed
 
 
@@ -85,12 +94,15 @@ def main() -> None:
         timed(bare, run_dir, bare_env)
         t_run, t_bare = [], []
         for _ in range(args.repeat):
-            t_bare.append(timed(bare, run_dir, bare_env))
-            t_run.append(timed(hpcexp, proj, env))
+            t_bare.append(timed(bare, run_dir, bare_env, "bare"))
+            t_run.append(timed(hpcexp, proj, env, "run"))
     m_run, m_bare = statistics.median(t_run), statistics.median(t_bare)
     diff = m_run - m_bare
     print(f"bare apptainer run (same flags, binds, env)  median {m_bare * 1000:7.1f} ms  (n={args.repeat})")
     print(f"hpcexp run -q (cached image)                 median {m_run * 1000:7.1f} ms  (n={args.repeat})")
+    c_run, c_bare = statistics.median(CPU["run"]), statistics.median(CPU["bare"])
+    print(f"CPU time (user+sys, incl. children) median: bare {c_bare * 1000:.1f} ms, hpcexp {c_run * 1000:.1f} ms, "
+          f"hpcexp's own {(c_run - c_bare) * 1000:+.1f} ms (less sensitive to other load on the machine)")
     print(f"overhead {diff * 1000:+.1f} ms  ratio {m_run / m_bare:.2f}x  target <= +200 ms -> "
           f"{'PASS' if diff <= 0.2 else 'FAIL'}")
 

@@ -602,8 +602,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             if stop.requested:
                 stop.kill_now = True
             else:
-                sys.stderr.write("\nhpcexp: stopping the run (Ctrl-C again to kill it at once)\n")
-                sys.stderr.flush()
+                with contextlib.suppress(Exception):  # a closed terminal must not break the stop
+                    sys.stderr.write("\nhpcexp: stopping the run (Ctrl-C again to kill it at once)\n")
+                    sys.stderr.flush()
             request_stop("Ctrl-C")
             return
         request_stop(f"signal {_signame(signum)} to the supervisor")
