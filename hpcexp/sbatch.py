@@ -188,11 +188,11 @@ def _record_start(spec: JobSpec) -> str:
         'HPCEXP_HOST="${HOSTNAME:-unknown}"; HPCEXP_HOST="${HPCEXP_HOST//[^A-Za-z0-9._-]/_}"',
         'HPCEXP_JOB="${SLURM_JOB_ID:-}"; HPCEXP_JOB="${HPCEXP_JOB//[^0-9_]/}"',
         "HPCEXP_RC=0; HPCEXP_TERM=false; HPCEXP_ENDED=false",
+        'mkdir -p "$HPCEXP_RUN_DIR/results" "$HPCEXP_RUN_DIR/events"',
         "hpcexp_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }",
         "# hpcexp_event KIND FORMAT ARGS...: write events/attempt-N.KIND atomically (temp name, then mv)",
         "hpcexp_event() {",
         '  local kind="$1" fmt="$2" dir="$HPCEXP_RUN_DIR/events" tmp; shift 2',
-        '  mkdir -p "$dir"',
         '  tmp="$dir/.hpcexp-tmp-${HPCEXP_HOST%%.*}-$$-$(printf %08x $(( (RANDOM << 15 | RANDOM) & 0xffffffff )))'
         '-attempt-$HPCEXP_ATTEMPT.$kind"',
         '  printf "$fmt\\n" "$@" > "$tmp"',

@@ -22,10 +22,9 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from hpcexp import atomic, process, runs
 from hpcexp.config import MEM_RE, TIME_RE, SlurmResources
@@ -35,6 +34,7 @@ from hpcexp.paths import Layout, RunPaths
 log = logging.getLogger(__name__)
 
 TIMEOUT = 60.0
+SBATCH_TIMEOUT = 180.0
 SUBMIT_GRACE = 120.0          # a "submitting" record younger than this may still get its job id
 FACTS_TTL = 3600.0
 JOB_PREFIX = "hpcexp-"
@@ -622,11 +622,23 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
     updated: dict[Path, runs.RunRecord] = {}
     for paths, rec in todo:
         new = decide(rec, read_markers(paths), ev)
-        if new.to_dict() != rec.to_dict():
+        if _worth_writing(rec, new):
             changed.append((paths, new))
         updated[paths.dir] = new
     _write_many(changed)
     return [(p, updated.get(p.dir, r)) for p, r in items]
+
+
+DURABLE_FIELDS = ("state", "attempt", "started_at", "ended_at", "exit_code", "signal", "launch_error")
+
+
+def _worth_writing(old: runs.RunRecord, new: runs.RunRecord) -> bool:
+    """Persist what a later reader needs (a new state, attempt, times, exit, job id); live
+    details such as a pending reason are shown but not rewritten into 1,000 records on
+    every status query."""
+    if any(getattr(old, k) != getattr(new, k) for k in DURABLE_FIELDS) or len(old.attempts) != len(new.attempts):
+        return True
+    return old.executor_ids.get("job_id") != new.executor_ids.get("job_id")
 
 
 def _write_one(item: tuple[RunPaths, runs.RunRecord]) -> None:
@@ -636,16 +648,21 @@ def _write_one(item: tuple[RunPaths, runs.RunRecord]) -> None:
         log.warning("could not update %s: %s", item[0].record, exc)
 
 
-def _write_many(items: Sequence[tuple[RunPaths, runs.RunRecord]], *, strict: bool = False) -> None:
-    """Write many records; fsync-bound, so a few threads overlap the waits."""
-    fn: Callable[[tuple[RunPaths, runs.RunRecord]], None] = (
-        (lambda it: runs.write_record(it[0], it[1])) if strict else _write_one)
-    if len(items) < 16:
-        for it in items:
-            fn(it)
+def _write_many(items: Sequence[tuple[RunPaths, runs.RunRecord]], *, strict: bool = False,
+                durable: bool = True) -> None:
+    """Write many records (batched: see :func:`hpcexp.runs.write_records`).
+
+    ``strict=False`` (status of possibly other users' runs): a record we may not write is
+    logged and skipped, never a reason to fail the listing.
+    """
+    if strict:
+        runs.write_records(items, durable=durable)
         return
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(fn, items))
+    try:
+        runs.write_records(items)
+    except HpcexpError:
+        for it in items:
+            _write_one(it)
 
 
 def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, grace: float | None = None,
@@ -783,11 +800,20 @@ def doctor_checks(f: Mapping[str, Any] | None = None) -> list[tuple[str, str, st
 # Submission
 # --------------------------------------------------------------------------------------
 
+class SubmitUncertain(SchedulerError):
+    """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
+
+
 def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None) -> str:
     """``sbatch --parsable SCRIPT`` -> job id, or SchedulerError with Slurm's own reason."""
     try:
-        res = process.run(sbatch_argv(script, hold=hold), cwd=cwd, timeout=TIMEOUT)
+        res = process.run(sbatch_argv(script, hold=hold), cwd=cwd, timeout=SBATCH_TIMEOUT)
     except EnvironmentProblem as exc:
+        if "did not answer" in exc.message:
+            # the controller may have queued the job anyway: that is not a refusal
+            raise SubmitUncertain(f"{exc.message}; the job may or may not have been queued",
+                                  hint="`hpcexp status` finds it by its job name and attaches it, or reports "
+                                       "the runs lost after a few minutes") from exc
         raise SchedulerError(exc.message, hint=exc.hint) from exc
     if not res.ok:
         raise SchedulerError(f"sbatch refused {script}: {res.last_line()}",
@@ -934,10 +960,11 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
     # keep the scripts and note every part in the sweep record before any sbatch call
     for rng, job_name, rendered, script in renders:
         atomic.write_text(script, rendered)
-        for i in rng:
+        for pos, i in enumerate(rng):
             t = tasks[i]
             t.record.executor_ids["job_name"] = job_name
             if array:
+                t.record.executor_ids.update(array_task_id=pos, array_size=len(rng))
                 _link_script(script, t.paths.script)
     if array and sweep_record is not None:
         subs = sweep_record.setdefault("submissions", [])
@@ -952,6 +979,15 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
     for n, (rng, job_name, _, script) in enumerate(renders):
         try:
             job = submit_script(script, hold=hold, cwd=proj.root)
+        except SubmitUncertain as exc:
+            done = f"; already submitted before it: job(s) {', '.join(job_ids)}" if job_ids else ""
+            rest = [tasks[i] for r in renders[n + 1:] for i in r[0]]
+            for t in rest:
+                t.record.state = "failed"
+                t.record.launch_error = t.record.reason = "not submitted: an earlier sbatch call did not answer"
+                t.record.ended_at = runs.utcnow()
+            _write_many([(t.paths, t.record) for t in rest])
+            raise SubmitUncertain(exc.message + done, hint=exc.hint) from exc
         except SchedulerError as exc:
             failed = [tasks[i] for r in renders[n:] for i in r[0]]
             for t in failed:
@@ -982,7 +1018,9 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                 if sub["job_name"] == job_name:
                     sub.update(array_job_id=job, submitted_at=now, held=hold)
             sweep_mod.write_sweep(layout, sweep_record)
-        _write_many([(tasks[i].paths, tasks[i].record) for i in rng])
+        # the array job id is now durable in the sweep record (and the job name), from which
+        # reconcile re-attaches it: the task records need not be fsynced one by one again
+        _write_many([(tasks[i].paths, tasks[i].record) for i in rng], strict=True, durable=not array)
     return Submission(exp_name, sweep_id, [(t.paths, t.record) for t in tasks], job_ids,
                       [r[3] for r in renders], [r[2] for r in renders])
 
@@ -1026,6 +1064,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     sweep_id = (sweep_mod.new_sweep_id() if dry_run else sweep_mod.allocate_sweep(layout)) if is_array else None
     res_dict = resources_dict(resources)
     hpcexp_argv = list(cmdline) if cmdline is not None else None
+    host, user = runs.hostname(), runs.username()
 
     tasks: list[_Task] = []
     try:
@@ -1043,14 +1082,13 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
                 apptainer_version=info.get("apptainer_version") or version, git_commit=commit, git_dirty=dirty,
                 sweep_id=sweep_id, task_index=index if is_array else None, resources=dict(res_dict),
-                executor_ids={"base_attempt": 1},
+                executor_ids={"base_attempt": 1}, host=host, user=user,
             )
             rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
             if hpcexp_argv is not None:
                 rec.extra["hpcexp_argv"] = hpcexp_argv
-            if not dry_run:
-                paths.results.mkdir(exist_ok=True)
-                paths.events.mkdir(exist_ok=True)
+            # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
+            # would cost more than the whole sbatch call on a busy shared file system
             spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
                                    container_env=dict(plan.container_env), attempt=1, env_prefix=prefix)
             tasks.append(_Task(paths, rec, spec))

@@ -29,6 +29,9 @@ with open(os.path.join(d, "calls.jsonl"), "a") as fh:
 def read(suffix, default=""):
     p = os.path.join(d, name + suffix)
     return open(p).read() if os.path.exists(p) else default
+if os.path.exists(os.path.join(d, name + ".sleep")):
+    import time
+    time.sleep(float(read(".sleep")))
 if name == "sbatch" and not os.path.exists(os.path.join(d, "sbatch.rc")):
     counter = os.path.join(d, "next_job")
     job = int(open(counter).read()) if os.path.exists(counter) else 1000
@@ -248,7 +251,7 @@ def test_single_submit_writes_record_before_sbatch_and_keeps_script(project: Any
     assert f"#SBATCH --job-name=hpcexp-{rec.run_id}" in script
     assert fake_slurm.calls("sbatch") == [["sbatch", "--parsable", str(paths.script)]] or \
         fake_slurm.calls("sbatch")[0][1:] == ["--parsable", str(paths.script)]
-    assert paths.results.is_dir() and paths.events.is_dir()
+    assert 'mkdir -p "$HPCEXP_RUN_DIR/results" "$HPCEXP_RUN_DIR/events"' in script   # made by the job
 
 
 def test_sweep_is_one_array_with_one_record_per_task(project: Any, fake_slurm: FakeSlurm) -> None:
@@ -340,6 +343,7 @@ def test_reconcile_one_squeue_call_and_sacct_skipped_once_disabled(project: Any,
     assert len(fake_slurm.calls("squeue")) == 1 and fake_slurm.calls("sacct") == []
     # tasks 0-2 finished (markers), 3 vanished without a trace, 4 still queued
     for i, (paths, _) in enumerate(sub.runs[:3]):
+        paths.events.mkdir()
         (paths.events / "attempt-1.started").write_text('{"time": "t", "host": "n1"}')
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": i, "time": "t2", "launch_error": None}))
     fake_slurm.set("squeue", "1000_4|1000|4|PENDING|Priority|hpcexp-x||0:00\n")
@@ -384,6 +388,7 @@ def test_stop_cancels_whole_array_or_single_tasks(project: Any, fake_slurm: Fake
 def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: FakeSlurm) -> None:
     sub = _submit(project, [{"i": str(i)} for i in range(4)], sweep=True)
     for i, (paths, _) in enumerate(sub.runs):
+        paths.events.mkdir()
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": 1 if i == 2 else 0, "time": "t"}))
     fake_slurm.set("squeue", "")
     fake_slurm.set("scontrol", "")
@@ -461,3 +466,40 @@ def test_cli_hostile_values_reach_the_script_quoted_once(project: Any, fake_slur
     words = shlex.split(line[len("HPCEXP_CMD=("):-1])
     for i, v in enumerate(HOSTILE_VALUES):
         assert f"--v{i}={v}" in words
+
+
+def test_batched_record_writes_publish_whole_records(tmp_path: Path, project: Any) -> None:
+    layout = Layout(project)
+    items = []
+    for i in range(40):
+        paths = runs.allocate_run(layout, "echo")
+        items.append((paths, runs.RunRecord(experiment="echo", run_id=paths.dir.name, params={"i": str(i)})))
+    runs.write_records(items)
+    assert [runs.read_record(p).params for p, _ in items] == [{"i": str(i)} for i in range(40)]
+    assert not [f for p, _ in items for f in os.listdir(p.dir) if f.startswith(".hpcexp-tmp-")]
+
+
+def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_slurm: FakeSlurm) -> None:
+    sub = _submit(project, [{"i": str(i)} for i in range(3)], sweep=True)
+    paths, _ = sub.runs[2]
+    rec = runs.read_record(paths)
+    # as if the machine crashed before the (unsynced) post-sbatch update reached the disk
+    rec.state = "submitting"
+    for key in ("job_id", "array_job_id", "submitted_at", "slurm_output"):
+        rec.executor_ids.pop(key)
+    runs.write_record(paths, rec)
+    fake_slurm.set("squeue", "1000_2|1000|2|PENDING|Priority|x||0:00\n")
+    (_, new), = runs.reconcile(Layout(project), [(paths, rec)])
+    assert new.executor_ids["job_id"] == "1000_2" and new.state == "pending"
+    assert runs.read_record(paths).executor_ids["job_id"] == "1000_2"
+
+
+def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fake_slurm: FakeSlurm,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 0.5)
+    (fake_slurm.root / "sbatch.sleep").write_text("3")
+    with pytest.raises(slurm.SubmitUncertain, match="may or may not have been queued") as err:
+        _submit(project, [{"a": "1"}, {"a": "2"}], sweep=True)
+    assert err.value.exit_code == 6
+    recs = [r for _, r in runs.iter_runs(Layout(project))]
+    assert len(recs) == 2 and all(r.state == "submitting" and not r.launch_error for r in recs)

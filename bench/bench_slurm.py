@@ -1,0 +1,155 @@
+"""Speed of `hpcexp submit` for a 1,000-task sweep and of `hpcexp status` over 1,000 runs.
+
+Targets (issue 6):
+  - a 1,000-task sweep is submitted in at most 3 s of hpcexp time with ONE sbatch call, and
+    within 1.5x of the baseline: a bare `sbatch --array=0-999` of a trivial script plus
+    writing 1,000 run records (hpcexp's own atomic, fsynced writer) into fresh folders;
+  - `hpcexp status` over those 1,000 runs answers in at most 1 s.
+
+Both sides are measured in this run on this machine. Jobs are submitted held (--hold) and
+cancelled right after, so the 2-core box is never flooded. Must run as an ordinary user
+with the real Slurm and Apptainer (the image is built once before timing):
+
+    runuser -u hpcexp-ci -- env HOME=/home/hpcexp-ci PYTHONPATH=$PWD \\
+        /home/hpcexp-ci/.cache/hpcexp-test-venv/bin/python bench/bench_slurm.py [--tasks 1000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def sh(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=True, **kw)  # type: ignore[call-overload]
+
+
+def make_project(root: Path) -> Path:
+    rootfs = root / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    shutil.copy2(busybox, rootfs / "bin" / "busybox")
+    for applet in ("sh", "true", "echo"):
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    sif = root / "busybox.sif"
+    sh("apptainer", "build", "-F", str(sif), str(rootfs))
+    proj = root / "proj"
+    (proj / "experiments" / "bench").mkdir(parents=True)
+    (proj / "experiments" / "bench" / "Dockerfile").write_text("FROM busybox:latest\nCMD true\n")
+    (proj / "hpcexp.yaml").write_text(f'bases:\n  "busybox:latest": {{sif: {sif}}}\n'
+                                      "slurm:\n  time: '1'\n  mem: 10M\n")
+    return proj
+
+
+def hpcexp(proj: Path, *args: str, env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "hpcexp", *args], cwd=proj, env=env, capture_output=True,
+                          text=True)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"hpcexp {' '.join(args)} failed: {proc.stderr}")
+    return dt, proc
+
+
+def baseline(root: Path, tasks: int) -> float:
+    """sbatch --hold --array=0-(N-1) of a trivial script + N run records written by hpcexp's writer."""
+    from hpcexp import runs
+    from hpcexp.config import load_project
+    from hpcexp.paths import Layout
+
+    proj = load_project(root / "proj")
+    layout = Layout(proj)
+    script = root / "bare.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --time=1\n#SBATCH --mem=10M\n"
+                      f"#SBATCH --output={root}/bare-%A_%a.out\ntrue\n")
+    t0 = time.perf_counter()
+    job = sh("sbatch", "--parsable", "--hold", f"--array=0-{tasks - 1}", str(script)).stdout.strip()
+    for i in range(tasks):
+        paths = runs.allocate_run(layout, "baseline")
+        runs.write_record(paths, runs.RunRecord(experiment="baseline", run_id=paths.dir.name, state="pending",
+                                                executor="slurm", params={"i": str(i)},
+                                                executor_ids={"job_id": f"{job}_{i}"}))
+    dt = time.perf_counter() - t0
+    subprocess.run(["scancel", job], check=False)
+    shutil.rmtree(layout.experiment_runs("baseline"), ignore_errors=True)
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() == 0:
+        raise SystemExit("run as an ordinary user (Apptainer fails as root here)")
+    root = Path(tempfile.mkdtemp(prefix="hpcexp-bench-slurm-"))
+    shim = root / "shim"
+    shim.mkdir()
+    log = root / "sbatch-calls.log"
+    real = shutil.which("sbatch")
+    (shim / "sbatch").write_text(f'#!/bin/bash\necho call >> {log}\nexec {real} "$@"\n')
+    (shim / "sbatch").chmod(0o755)
+    # a private copy of the package, so bytecode is cached as in an installed package
+    code = root / "code"
+    shutil.copytree(REPO / "hpcexp", code / "hpcexp", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(code),
+               XDG_CACHE_HOME=str(root / "cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    proj = make_project(root)
+    hpcexp(proj, "build", "bench", env=env)            # the image is cached before timing
+    _, warm = hpcexp(proj, "submit", "bench", "--hold", "--json", env=env)  # warm caches (facts, bytecode)
+    subprocess.run(["scancel", *json.loads(warm.stdout)["job_ids"]], check=False)
+    sweep_values = ",".join(str(i) for i in range(a.tasks))
+    submit_t, status_t, status_cancel_t, base_t, calls = [], [], [], [], []
+    try:
+        for _ in range(a.repeat):
+            base_t.append(baseline(root, a.tasks))
+            before = len(log.read_text().splitlines()) if log.exists() else 0
+            dt, proc = hpcexp(proj, "submit", "bench", "--sweep", f"i={sweep_values}", "--hold", "--json", env=env)
+            submit_t.append(dt)
+            calls.append(len(log.read_text().splitlines()) - before)
+            out = json.loads(proc.stdout)
+            sweep_id = out["sweep_id"]
+            dt, proc = hpcexp(proj, "status", sweep_id, env=env)
+            status_t.append(dt)
+            assert f"{a.tasks} pending" in proc.stdout, proc.stdout[:300]
+            for job in out["job_ids"]:
+                subprocess.run(["scancel", job], check=False)
+            time.sleep(1)
+            dt, proc = hpcexp(proj, "status", sweep_id, env=env)
+            status_cancel_t.append(dt)
+            assert f"{a.tasks} cancelled" in proc.stdout, proc.stdout[:300]
+            dt, proc = hpcexp(proj, "status", sweep_id, env=env)
+            status_t.append(dt)
+            time.sleep(5)  # let slurmctld finish purging the cancelled arrays before the next round
+    finally:
+        subprocess.run(["scancel", "--user", os.environ.get("USER", ""), "--name", "bare.sbatch"], check=False)
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    med = statistics.median
+    print(f"tasks: {a.tasks}, repeat: {a.repeat}")
+    print(f"baseline sbatch --array + {a.tasks} records: median {med(base_t):.3f} s  ({base_t})")
+    print(f"hpcexp submit --sweep ({a.tasks} tasks):      median {med(submit_t):.3f} s  ({submit_t}); "
+          f"sbatch calls per submit: {calls}")
+    print(f"ratio submit/baseline: {med(submit_t) / med(base_t):.2f}x (target <= 1.5x); "
+          f"absolute target <= 3 s: {'PASS' if max(submit_t) <= 3 else 'FAIL'}")
+    print(f"hpcexp status over {a.tasks} runs (no change):   median {med(status_t):.3f} s  ({status_t}) "
+          f"target <= 1 s: {'PASS' if max(status_t) <= 1 else 'FAIL'}")
+    print(f"hpcexp status right after scancel ({a.tasks} records rewritten): median {med(status_cancel_t):.3f} s "
+          f"({status_cancel_t})")
+
+
+if __name__ == "__main__":
+    main()
