@@ -319,6 +319,25 @@ class WordProcessor:
         res = self._process(text, split=False)
         return res[0] if res else ()
 
+    def expand(self, text: str) -> Value:
+        """Variables only (heredoc bodies): quotes stay, ``\\$`` is a literal ``$``."""
+        self.unknown_used, self.unset_used = [], []
+        out: list = []
+        i, n = 0, len(text)
+        while i < n:
+            j = text.find("$", i)
+            if j < 0:
+                out.append(text[i:])
+                break
+            if j > i and text[j - 1] == self.esc:
+                out.append(text[i:j - 1] + "$")
+                i = j + 1
+                continue
+            out.append(text[i:j])
+            segs, i = self._dollar(text, j)
+            out.extend(segs)
+        return _join(out)
+
     def _lookup(self, name: str) -> Value | None:
         if name in self.known:
             return self.known[name]

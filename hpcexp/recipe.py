@@ -498,7 +498,7 @@ class _Converter:
             names = sorted({s.name for s in value if not isinstance(s, str)})
             self.note(ins, f"{ins.keyword} {what}", "approximated",
                       f"${', $'.join(names)} comes from the base image, unknown at conversion time; "
-                      "it was taken as empty", "P05")
+                      "taken as unset", "P05")
         return literal(value)
 
     def abspath(self, path: str) -> str:
@@ -1020,14 +1020,25 @@ class _Converter:
         lines = [f"# Dockerfile line {ins.line}: {ins.keyword} <<heredoc"]
         for hd in ins.heredocs:
             target = posixpath.join(dest, hd.name) if dest_is_dir else dest
-            if not hd.quoted and "$" in hd.body:
-                self.note(ins, f"{ins.keyword} <<{hd.name}", "approximated",
-                          "variables in the here-document are written as is, not expanded")
+            body = hd.body
+            if not hd.quoted and "$" in body:
+                # Docker expands ARG/ENV in an unquoted COPY heredoc at build time; so do we, now
+                wp = self.processor()
+                try:
+                    value = wp.expand(body)
+                except ValueError as exc:
+                    raise self.fail(ins, f"<<{hd.name}: {exc}") from None
+                if has_refs(value):
+                    names = sorted({s.name for s in value if not isinstance(s, str)})
+                    self.note(ins, f"{ins.keyword} <<{hd.name}", "approximated",
+                              f"${', $'.join(names)} comes from the base image, unknown at conversion time; "
+                              "taken as unset", "P20")
+                body = literal(value)
             marker = "HPCEXP_EOF"
-            while marker in hd.body:
+            while marker in body:
                 marker += "_"
             lines += [f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}",
-                      f"cat > {shlex.quote(target)} <<'{marker}'", hd.body.rstrip("\n"), marker]
+                      f"cat > {shlex.quote(target)} <<'{marker}'", body.rstrip("\n"), marker]
             if chmod:
                 lines.append(f"chmod {shlex.quote(chmod)} {shlex.quote(target)}")
         self.note(ins, f"{ins.keyword} <<heredoc", "translated", f"written to {dest} in %post", "P20")

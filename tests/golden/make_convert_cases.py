@@ -268,8 +268,10 @@ CONF
 """)
 case("p20b_copy_heredoc", """
 FROM debian:bookworm
+ARG RELEASE=2.1
+ENV APP=trainer
 COPY <<EOT /etc/motd
-Welcome $USER
+Welcome to $APP ${RELEASE}, \\$literal, ${MISSING:-fallback} and $USER
 EOT
 COPY <<-'EOT' /opt/run.sh
 	#!/bin/sh
