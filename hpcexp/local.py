@@ -550,30 +550,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         return _mark(run_paths, rec, "cancelled", reason="stopped before the container started",
                      started_at=None)
 
-    env = apptainer.payload_env(rec.command[0], rec.extra.get("container_env") or {})
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list from launch.plan, no shell
-            rec.command, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env,
-            cwd=str(run_paths.dir), start_new_session=True, close_fds=True,
-        )
-    except OSError as exc:
-        for fd in (out_r, out_w, err_r, err_w):
-            os.close(fd)
-        return _mark(run_paths, rec, "failed", launch_error=f"cannot start {rec.command[0]}: {exc.strerror}")
-    os.close(out_w)
-    os.close(err_w)
-    pgid = proc.pid
-    apptainer_start = proc_start_ticks(proc.pid)
-    probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
-
-    # the watchdog must exist before any thread does (fork + threads do not mix)
-    wd_r, wd_w = os.pipe()
-    watchdog = os.fork()
-    if watchdog == 0:  # pragma: no cover - child, exits in _watchdog
-        _watchdog(wd_r, pgid, rec.run_id, keep=())
-    os.close(wd_r)
+    group: list[int | None] = [None]  # the container's process group, once it exists
 
     def request_stop(by: str, grace: float | None = None) -> None:
         if not stop.requested:
@@ -584,8 +561,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
                 stop.grace = grace
             stop.deadline = time.monotonic() + stop.grace
             stop.signal_sent = signal.SIGTERM
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
+            if group[0] is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group[0], signal.SIGTERM)
         else:
             stop.kill_now = True
 
@@ -614,6 +592,37 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     if threading.current_thread() is threading.main_thread():
         for sig in handled:
             previous[sig] = signal.signal(sig, on_signal)
+
+    env = apptainer.payload_env(rec.command[0], rec.extra.get("container_env") or {})
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list from launch.plan, no shell
+            rec.command, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env,
+            cwd=str(run_paths.dir), start_new_session=True, close_fds=True,
+        )
+    except OSError as exc:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        return _mark(run_paths, rec, "failed", launch_error=f"cannot start {rec.command[0]}: {exc.strerror}")
+    os.close(out_w)
+    os.close(err_w)
+    pgid = proc.pid
+    group[0] = pgid
+    apptainer_start = proc_start_ticks(proc.pid)
+    if stop.requested:  # a signal arrived while the container was being started
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+    probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
+
+    # the watchdog must exist before any thread does (fork + threads do not mix)
+    wd_r, wd_w = os.pipe()
+    watchdog = os.fork()
+    if watchdog == 0:  # pragma: no cover - child, exits in _watchdog
+        _watchdog(wd_r, pgid, rec.run_id, keep=())
+    os.close(wd_r)
 
     term_out = getattr(sys.stdout, "buffer", None) if tee else None
     term_err = getattr(sys.stderr, "buffer", None) if tee else None
