@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import HOSTILE_VALUES, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
 RUN_SH = r"""
 printf 'hello from the container\n'
 printf '%s' "$HPCEXP_PARAM_msg" > "$HPCEXP_RESULTS/param-env.bin"
+printf '%s' "$HPCEXP_PARAMS" > "$HPCEXP_RESULTS/params.json"
 for a in "$@"; do printf '%s\0' "$a"; done > "$HPCEXP_RESULTS/args.bin"
 echo "$HPCEXP_RUN_ID" > "$HPCEXP_RESULTS/result.txt"
 echo "to stderr" >&2
@@ -130,13 +131,20 @@ def test_launch_error_is_not_a_payload_exit_code(project: Path) -> None:
 
 def test_hostile_parameter_arrives_verbatim_and_executes_nothing(project: Path) -> None:
     value = "a b 'q' \"dq\" $(touch /experiment/results/pwned) `id` ; echo x\nsecond line"
-    proc = run_cli("run", "hello", "-p", f"msg={value}", cwd=project)
+    others = {f"h{i}": v for i, v in enumerate(HOSTILE_VALUES + ["$HOME ${HOME} \\u000A \\n", "tab\there"])}
+    argv = ["run", "hello", "-p", f"msg={value}"]
+    for key, val in others.items():
+        argv += ["-p", f"{key}={val}"]
+    proc = run_cli(*argv, cwd=project)
     assert proc.returncode == 0, proc.stderr
     results = project / "runs" / "hello" / _latest(project, "hello") / "results"
     assert (results / "param-env.bin").read_bytes() == value.encode()
-    assert (results / "args.bin").read_bytes() == f"--msg={value}\0".encode()
+    args = (results / "args.bin").read_bytes().split(b"\0")[:-1]
+    assert args == [f"--{k}={v}".encode() for k, v in {"msg": value, **others}.items()]
+    assert json.loads((results / "params.json").read_text()) == {"msg": value, **others}
     assert not (results / "pwned").exists()
-    assert _record(project, "hello", results.parent.name)["params"] == {"msg": value}
+    assert not Path("/tmp/hpcexp-pwned").exists()
+    assert _record(project, "hello", results.parent.name)["params"] == {"msg": value, **others}
 
 
 def test_detach_then_follow_shows_lines_before_the_end(project: Path) -> None:
