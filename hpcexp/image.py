@@ -64,6 +64,16 @@ Progress = Callable[[str, str], None]
 """progress(kind, text): kind is one of start, step, wait, warn, done."""
 
 
+class ImageBuildFailed(BuildError):
+    """apptainer build exited non-zero (exit code 4). The message is one line naming the
+    log; ``tail`` holds the log's last lines for the CLI to show above it."""
+
+    def __init__(self, message: str, *, tail: list[str], log_path: Path, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.tail = tail
+        self.log_path = log_path
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """A built (or cached) image and its provenance."""
@@ -468,11 +478,9 @@ def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmp
         return StorageError(
             f"build of {label} failed: no space left on device (scratch {tmpdir}, output {out_dir}); log: {log_path}",
             hint="free space, or set APPTAINER_TMPDIR / `images:` in hpcexp.yaml to a larger file system")
-    err = BuildError(f"build of {label} failed (exit {rc}): {last}; log: {log_path}",
-                     hint=f"the last lines are above; the full log is {log_path}")
-    err.tail = tail  # type: ignore[attr-defined]
-    err.log_path = log_path  # type: ignore[attr-defined]
-    return err
+    return ImageBuildFailed(f"build of {label} failed (exit {rc}): {last}; log: {log_path}",
+                            tail=list(tail), log_path=log_path,
+                            hint=f"the last lines are above; the full log is {log_path}")
 
 
 def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path, label: str,

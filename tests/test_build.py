@@ -360,7 +360,7 @@ def test_labelled_recipe_is_one_line_per_label() -> None:
      "EnvironmentProblem", "user namespaces"),
     (["FATAL:   While performing build: packer failed: write /tmp/x: no space left on device"],
      "StorageError", "no space left"),
-    (["+ pip install nothing", "FATAL:   While performing build: exit status 1"], "BuildError", "exit status 1"),
+    (["+ pip install nothing", "FATAL:   While performing build: exit status 1"], "ImageBuildFailed", "exit status 1"),
 ])
 def test_translate_failure(lines: list[str], kind: str, needle: str, tmp_path: Path) -> None:
     err = image._translate_failure("x amd64", 255, lines, tmp_path / "x.log", "/tmp/s", tmp_path)
