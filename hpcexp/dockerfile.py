@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Container
@@ -88,9 +89,15 @@ def read_dockerfile(path: Path, label: str | None = None) -> tuple[str, bytes]:
     """Read ``path`` as UTF-8 text; every way that fails is a one-line ConvertError."""
     label = label or str(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = fh.read(min(size, MAX_BYTES) + 1)
+        # O_NONBLOCK: a FIFO or device named by mistake must not hang the command
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as fh:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(st.st_mode):
+                raise ConvertError(f"{label} is not a regular file")
+            data = fh.read(min(st.st_size, MAX_BYTES) + 1)
     except FileNotFoundError:
         raise ConvertError(f"{label}: no such file") from None
     except IsADirectoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,9 +230,10 @@ def test_hostile_inputs(tmp_path):
     (tmp_path / "latin1").write_bytes(b"FROM a\nRUN echo \xe9\n")
     (tmp_path / "dir").mkdir()
     (tmp_path / "huge").write_text("".join(f"garbage line {i}\n" for i in range(10000)))
+    os.mkfifo(tmp_path / "fifo")
     for name, needle in [("empty", "no instructions"), ("nofrom", "before the first FROM"), ("nul", "NUL byte"),
                          ("latin1", "not valid UTF-8"), ("dir", "is a directory"), ("huge", "unknown instruction"),
-                         ("does-not-exist", "no such file")]:
+                         ("does-not-exist", "no such file"), ("fifo", "not a regular file")]:
         proc = run_cli("convert", "--dockerfile", str(tmp_path / name))
         assert_clean_error(proc, 2, needle)
         assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
