@@ -423,6 +423,7 @@ class _Stage:
     ext_before: list[str] = field(default_factory=list)
     base_ref: str | None = None
     merged_from: str | None = None
+    ctx_files: set[str] = field(default_factory=set)
 
 
 class _Converter:
@@ -573,11 +574,12 @@ class _Converter:
             st = copy.copy(parent)
             st.header, st.files, st.post = list(parent.header), list(parent.files), list(parent.post)
             st.environment, st.labels, st.env = list(parent.environment), list(parent.labels), dict(parent.env)
+            st.ctx_files, st.ext_before = set(parent.ctx_files), list(parent.ext_before)
             st.index, st.name, st.alias, st.line = index, name, alias, ins.line
             for k in st.args:
                 if k not in st.env:
                     st.post.append(f"unset {k}")
-            st.args, st.arg_unset, st.cmd_set, st.ext_before = {}, set(), False, []
+            st.args, st.arg_unset, st.cmd_set = {}, set(), False
             st.merged_from = parent.name
             self.note(ins, f"FROM {ref}", "translated",
                       f"Apptainer cannot base a stage on another stage; the steps of stage {parent.name!r} "
@@ -862,6 +864,7 @@ class _Converter:
             name = f"ext{len(self.ext)}"
             ext = _Stage(index=-1, name=name, alias=None, line=ins.line)
             ext.header = self.base_header(ins, val)
+            ext.base_ref = val
             self.ext[val] = ext
             self.note(ins, f"COPY --from={val}", "translated", f"the image is added as stage {name!r}", "P03")
         assert self.cur is not None
@@ -891,7 +894,7 @@ class _Converter:
         staged = f"{STAGING}/ctx/{n}/{k}/{base}"
         if ctx.is_dir(rel):
             members = ctx.under(rel)
-            self.context_files.update(members)
+            st.ctx_files.update(members)
             if ctx.filtered(rel):
                 for f in members:
                     inner = f[len(rel) + 1:] if rel else f
@@ -899,7 +902,7 @@ class _Converter:
             else:
                 st.files.append((None, rel or ".", staged))
         else:
-            self.context_files.add(rel)
+            st.ctx_files.add(rel)
             st.files.append((None, rel, staged))
         return staged
 
@@ -1174,6 +1177,36 @@ class _Converter:
         return lines
 
     # -- rendering --------------------------------------------------------------------
+    def prune(self) -> None:
+        """Keep the stages the final image needs (as BuildKit does): Apptainer builds every stage
+        it is given, and a stage merged into its child or never copied from is wasted work."""
+        needed = {self.stages[-1].name}
+        by_name = {s.name: s for s in self.stages}
+        todo = [self.stages[-1]]
+        while todo:
+            st = todo.pop()
+            for frm, _, _ in st.files:
+                if frm in by_name and frm not in needed:
+                    needed.add(frm)
+                    todo.append(by_name[frm])
+        for st in self.stages:
+            if st.name not in needed:
+                self.notes.append(Note(st.line, f"stage {st.name}", "translated",
+                                       "not used by the final image, so it is left out (Docker BuildKit skips "
+                                       "it too)", "P02"))
+        self.stages = [s for s in self.stages if s.name in needed]
+        ext_by_name = {e.name: e for e in self.ext.values()}
+        refs: list[str] = []
+        for st in self.stages:
+            for name in st.ext_before:
+                ref = ext_by_name[name].base_ref
+                if ref and ref not in refs:
+                    refs.append(ref)
+            if st.base_ref and st.base_ref not in refs:
+                refs.append(st.base_ref)
+            self.context_files.update(st.ctx_files)
+        self.base_refs = refs
+
     def render(self, sha: str) -> str:
         spy = _spython_mod()
         writer = spy["writer"]
@@ -1326,6 +1359,7 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
     except RecursionError:
         raise ConvertError(f"{label}: too deeply nested to convert") from None
     conv.finish_notes()
+    conv.prune()
     recipe = conv.render(sha)
     last = conv.stages[-1]
     base = str(conv.ctx_root).rstrip("/") + "/"

@@ -134,7 +134,7 @@ def test_build_args_precedence_and_report(tmp_path):
 
 
 def test_base_resolution_hook(tmp_path):
-    c = conv(tmp_path, "FROM python:3.11-slim\nFROM busybox AS b\n",
+    c = conv(tmp_path, "FROM python:3.11-slim\nFROM busybox AS b\nCOPY --from=0 /x /x\n",
              resolve_base=lambda ref: (BaseResolution("localimage", "bases/py.sif")
                                        if ref.startswith("python") else None))
     assert "Bootstrap: localimage\nFrom: bases/py.sif\nStage: stage0" in c.recipe
@@ -160,6 +160,15 @@ def test_header_names_dockerfile_sha_and_version(tmp_path):
     first = c.recipe.splitlines()[0]
     assert "experiments/x/Dockerfile" in first and hashlib.sha256(b"FROM a\n").hexdigest() in first
     assert __version__ in first and str(tmp_path) not in c.recipe
+
+
+def test_unused_stages_are_left_out(tmp_path):
+    c = conv(tmp_path, "FROM a AS test\nRUN pytest\nFROM b AS base\nRUN echo base\nFROM base\nRUN echo final\n",
+             files={})
+    assert "pytest" not in c.recipe and "Stage:" not in c.recipe
+    assert c.base_refs == ("b",)
+    assert post(c.recipe).index("echo base") < post(c.recipe).index("echo final")
+    assert {n.construct for n in c.notes} >= {"stage test", "stage base"}
 
 
 def test_strict_flag_property(tmp_path):

@@ -80,10 +80,12 @@ ARG PY=3.11
 FROM python:${PY} AS a
 ARG PY
 ENV PYV=${PY}
+RUN echo "$PY" > /py.txt
 FROM python:${PY}-slim
 ARG PY
 ENV PYV=${PY}
 ENV NOT_REDECLARED=${UNDECLARED:-none}
+COPY --from=a /py.txt /py.txt
 """)
 case("p03_copy_from_index_and_image", """
 FROM golang:1.22
