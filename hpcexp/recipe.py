@@ -531,7 +531,10 @@ class _Converter:
             if self.cur is None and ins.keyword not in ("FROM", "ARG"):
                 raise self.fail(ins, "comes before the first FROM", hint="every Dockerfile starts with FROM "
                                 "(only ARG may come before it)")
-            handler(ins)
+            try:
+                handler(ins)
+            except ValueError as exc:  # quoting/substitution errors from the word processor
+                raise self.fail(ins, str(exc)) from None
         if not self.stages:
             raise ConvertError(f"{self.label}: no FROM instruction; a Dockerfile must start from an image")
 

@@ -368,3 +368,33 @@ def test_debootstrap_fallback_headers(tmp_path, monkeypatch):
     c = conv(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, "FROM debian:bookworm\n",
              resolve_base=base_resolver(proj))
     assert "Bootstrap: debootstrap\nOSVersion: bookworm\nMirrorURL: http://deb.invalid/debian\n" in c.recipe
+
+
+def test_mangled_dockerfiles_never_crash(tmp_path):
+    """Random edits of the golden and fixture Dockerfiles: a conversion or a one-line ConvertError."""
+    import random
+
+    here = Path(__file__).parent
+    srcs = sorted((here / "golden" / "convert").glob("*/Dockerfile")) + \
+        sorted((here / "fixtures" / "dockerfiles").glob("*/Dockerfile"))
+    rng = random.Random(20261122)
+    pieces = list("\\`$'\"{}[]<>#-=:/ \t\nAz0_.*?!,;&|()") + ["<<EOF", "${", "--mount=", "--from=", "COPY ", "\r\n",
+                                                              "é", '["', '"]', "ARG ", "FROM "]
+    (tmp_path / "f").write_text("x")
+    target = tmp_path / "Dockerfile"
+    converted = 0
+    for _ in range(600):
+        text = rng.choice(srcs).read_text()
+        for _ in range(rng.randint(1, 5)):
+            pos = rng.randint(0, len(text))
+            if rng.random() < 0.6:
+                text = text[:pos] + rng.choice(pieces) + text[pos:]
+            else:
+                text = text[:pos] + text[pos + rng.randint(1, 12):]
+        target.write_text(text)
+        try:
+            convert(target, context=tmp_path, source_label="Dockerfile")
+            converted += 1
+        except ConvertError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith("Dockerfile"), str(exc)
+    assert converted > 50  # the edits leave many files valid: the test exercises conversion too
