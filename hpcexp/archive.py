@@ -43,6 +43,7 @@ import re
 import shutil
 import stat
 import struct
+import sys
 import tarfile
 import tempfile
 import threading
@@ -969,17 +970,77 @@ def _hash_member(m: _Member) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _load_manifest(m: _Member, archive: Path) -> dict[str, Any]:
+def _compact(item: Any) -> tuple[str, tuple[str, int | None, bytes | str | None]] | None:
+    """(path, compact entry) of one manifest entry: 100,000 entries must fit in a few MiB."""
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        return None
+    kind = sys.intern(str(item.get("type")))
+    if kind == "file":
+        try:
+            digest: bytes | str | None = bytes.fromhex(str(item.get("sha256")))
+        except ValueError:
+            digest = None
+        size = item.get("size") if isinstance(item.get("size"), int) else None
+        return item["path"], (kind, size, digest)
+    if kind == "symlink":
+        return item["path"], (kind, None, str(item.get("target")))
+    return item["path"], (kind, None, None)
+
+
+def _load_manifest(m: _Member, archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the manifest without its file list, {path: compact entry}).
+
+    hpcexp writes one file entry per line, so the list is parsed line by line and never
+    held as JSON objects (a manifest of 100,000 files would take ~100 MiB that way); any
+    other valid layout falls back to parsing the whole document.
+    """
     assert m.open is not None
-    with m.open() as fh:
-        raw = fh.read()
-    try:
-        data = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except ValueError as exc:
-        raise Failure(f"{archive}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
+    expected: dict[str, Any] = {}
+    rest: list[str] = []
+    in_files = False
+    line_mode = True
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20) as copy:
+        with m.open() as fh:
+            for raw in fh:
+                copy.write(raw)
+                if not line_mode:
+                    continue
+                line = raw.decode("utf-8", "surrogateescape").strip()
+                if in_files:
+                    if line in ("]", "],"):
+                        in_files = False
+                        rest.append(line)
+                        continue
+                    try:
+                        got = _compact(json.loads(line[:-1] if line.endswith(",") else line))
+                    except ValueError:
+                        got = None
+                    if got is None:
+                        line_mode = False
+                        continue
+                    expected[got[0]] = got[1]
+                else:
+                    if line == '"files": [':
+                        in_files = True
+                    rest.append(line)
+        head: Any = None
+        if line_mode:
+            try:
+                head = json.loads("\n".join(rest))
+            except ValueError:
+                head = None
+        if not isinstance(head, dict) or not isinstance(head.get("files"), list):
+            copy.seek(0)
+            try:
+                head = json.loads(copy.read().decode("utf-8", "surrogateescape"))
+            except ValueError as exc:
+                raise Failure(f"{archive}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+            if isinstance(head, dict) and isinstance(head.get("files"), list):
+                expected = dict(e for e in map(_compact, head.pop("files")) if e is not None)
+                head["files"] = []
+    if not isinstance(head, dict) or head.get("format") != MANIFEST_FORMAT or not isinstance(head.get("files"), list):
         raise Failure(f"{archive}: {MANIFEST_NAME} is not an hpcexp manifest")
-    return data
+    return head, expected
 
 
 def verify_archive(path: Path | str) -> VerifyReport:
@@ -991,8 +1052,7 @@ def verify_archive(path: Path | str) -> VerifyReport:
     path = Path(path)
     fmt = detect_format(path)
     problems: list[Problem] = []
-    expected: dict[str, dict[str, Any]] = {}
-    seen: set[str] = set()
+    expected: dict[str, Any] = {}   # path -> compact entry, or SEEN once checked
     runs: list[str] = []
     checked = 0
     have_manifest = False
@@ -1001,26 +1061,24 @@ def verify_archive(path: Path | str) -> VerifyReport:
             if m.name == MANIFEST_NAME and not have_manifest:
                 if i != 0:
                     problems.append(Problem(m.name, "manifest", "not the first member"))
-                data = _load_manifest(m, path)
+                head, expected = _load_manifest(m, path)
                 have_manifest = True
-                for item in data["files"]:
-                    if isinstance(item, dict) and isinstance(item.get("path"), str):
-                        expected[item["path"]] = item
-                runs = [str(r.get("path")) for r in data.get("runs", []) if isinstance(r, dict)]
+                runs = [str(r.get("path")) for r in head.get("runs", []) if isinstance(r, dict)]
                 continue
             if not have_manifest:
                 raise Failure(f"{path}: {MANIFEST_NAME} is not the first member (found {_show(m.name)})",
                               hint="this is not an hpcexp archive, or it was re-packed")
-            if m.name in seen:
+            want = expected.get(m.name)
+            if want is _SEEN:
                 problems.append(Problem(m.name, "duplicate", "member appears twice"))
                 continue
-            seen.add(m.name)
-            want = expected.get(m.name)
             if want is None:
                 problems.append(Problem(m.name, "extra", "not in the manifest"))
                 continue
-            if want.get("type") != m.kind:
-                problems.append(Problem(m.name, "differs", f"is a {m.kind}, manifest says {want.get('type')}"))
+            expected[m.name] = _SEEN
+            kind, want_size, want_value = want
+            if kind != m.kind:
+                problems.append(Problem(m.name, "differs", f"is a {m.kind}, manifest says {kind}"))
                 continue
             checked += 1
             if m.kind == "file":
@@ -1031,22 +1089,25 @@ def verify_archive(path: Path | str) -> VerifyReport:
                     if fmt != "zip":
                         break  # a broken compressed stream cannot be read past this point
                     continue
-                if size != want.get("size") or digest != want.get("sha256"):
+                if size != want_size or bytes.fromhex(digest) != want_value:
+                    shown = want_value.hex()[:12] if isinstance(want_value, bytes) else "?"
                     problems.append(Problem(m.name, "differs", f"size {size}, sha256 {digest[:12]}...; "
-                                            f"manifest: size {want.get('size')}, "
-                                            f"sha256 {str(want.get('sha256'))[:12]}..."))
-            elif m.kind == "symlink" and m.target != want.get("target"):
+                                            f"manifest: size {want_size}, sha256 {shown}..."))
+            elif m.kind == "symlink" and m.target != want_value:
                 problems.append(Problem(m.name, "differs", f"link to {_show(m.target)}, manifest says "
-                                        f"{_show(str(want.get('target')))}"))
+                                        f"{_show(str(want_value))}"))
     except _Corrupt as exc:
         problems.append(Problem(exc.member, "corrupt", exc.detail))
     if not have_manifest and not problems:
         raise Failure(f"{path}: no {MANIFEST_NAME} in the archive", hint="this is not an hpcexp archive")
     if have_manifest and not any(p.kind == "corrupt" for p in problems):
-        for name in expected:
-            if name not in seen:
+        for name, value in expected.items():
+            if value is not _SEEN:
                 problems.append(Problem(name, "missing", "listed in the manifest, not in the archive"))
     return VerifyReport(path=path, format=fmt, ok=not problems, checked=checked, runs=runs, problems=problems)
+
+
+_SEEN = ("seen", None, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -1214,7 +1275,7 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
 
 def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
                   links: dict[str, str]) -> tuple[int, int, bool]:
-    expected: dict[str, dict[str, Any]] | None = None
+    expected: dict[str, Any] | None = None
     mismatches: list[str] = []
     files = total = 0
     dirfd_root = str(root)
@@ -1241,12 +1302,12 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
             elif m.kind == "file":
                 size, digest = _write_member(m, target)
                 if i == 0 and m.name == MANIFEST_NAME:
-                    expected = _read_extracted_manifest(target)
+                    expected = _read_extracted_manifest(target, path)
                 files += 1
                 total += size
                 if expected is not None and i != 0:
                     want = expected.get(m.name)
-                    if want is None or want.get("sha256") != digest or want.get("size") != size:
+                    if want is None or want[0] != "file" or want[1] != size or want[2] != bytes.fromhex(digest):
                         mismatches.append(m.name)
             else:  # validated away in the first pass; never reached
                 raise UsageError(f"member {_show(m.name)} cannot be extracted")
@@ -1260,16 +1321,16 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
     return files, total, expected is not None
 
 
-def _read_extracted_manifest(target: str) -> dict[str, dict[str, Any]] | None:
+def _read_extracted_manifest(target: str, archive: Path) -> dict[str, Any] | None:
     """The file entries of an extracted MANIFEST.json, or None if it is not an hpcexp one."""
+    def opener() -> IO[bytes]:
+        return open(target, "rb")
+
+    member = _Member(MANIFEST_NAME, "file", open=opener)
     try:
-        with open(target, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8", "surrogateescape"))
-    except (OSError, ValueError):
+        return _load_manifest(member, archive)[1]
+    except Failure:
         return None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), list):
-        return None
-    return {it["path"]: it for it in data["files"] if isinstance(it, dict) and isinstance(it.get("path"), str)}
 
 
 def _make_dirs(root: str, parent: str) -> None:

@@ -402,6 +402,20 @@ def test_verify_names_a_flipped_byte_missing_and_extra_members(project: Path, tm
     assert (f"{prefix}/a.txt", "missing") in problems
 
 
+def test_verify_accepts_a_manifest_in_another_json_layout(project: Path, tmp_path: Path) -> None:
+    make_run(project, {"a.txt": b"alpha\n"})
+    result, _ = create(project, "hello", output=tmp_path / "good.tar.gz")
+
+    def reindent(m, data):
+        if m.name == "MANIFEST.json":
+            data = json.dumps(json.loads(data), indent=4).encode()
+        return m, data
+
+    _rewrite_tar(result.path, tmp_path / "reindented.tar.gz", reindent)
+    report = archive.verify_archive(tmp_path / "reindented.tar.gz")
+    assert report.ok and report.checked == archive.verify_archive(result.path).checked > 3
+
+
 def test_verify_zip_with_flipped_byte_names_member(project: Path, tmp_path: Path) -> None:
     paths = make_run(project, {"data.txt": b"important numbers 1 2 3 4 5\n" * 50})
     result, _ = create(project, "hello", output=tmp_path / "a.zip")
