@@ -460,6 +460,8 @@ def _step_of(line: str) -> str | None:
         return s[5:].strip()
     if s.startswith("+ "):
         return s
+    if s.startswith("I: "):  # debootstrap's own progress (Retrieving, Extracting, Installing...)
+        return s[3:]
     return None
 
 

@@ -349,6 +349,13 @@ def test_normalize_recipe_drops_header_and_base_paths() -> None:
     assert image.normalize_recipe(a, []) != image.normalize_recipe(b, [])
 
 
+def test_build_steps_for_the_live_line() -> None:
+    assert image._step_of("INFO:    Running post scriptlet") == "Running post scriptlet"
+    assert image._step_of("+ pip install numpy") == "+ pip install numpy"
+    assert image._step_of("I: Retrieving Packages ") == "Retrieving Packages"
+    assert image._step_of("random output") is None
+
+
 def test_labelled_recipe_is_one_line_per_label() -> None:
     text = image.labelled_recipe("Bootstrap: localimage\nFrom: x\n", {"a.b": "two\nlines", "c": ""})
     assert text.endswith("%labels\n    a.b two lines\n    c -\n")
