@@ -504,8 +504,9 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
 
     def on_wait(owner: Owner) -> None:
         if progress is not None:
-            progress("wait", f"{label}: waiting for {owner.describe()} who is building it "
-                             f"(lock {lock.path})")
+            where = (f"if {owner.host} is down for good, remove {lock.path}" if owner.host != socket.gethostname()
+                     else f"lock {lock.path}")
+            progress("wait", f"{label}: waiting for {owner.describe()} who is building it ({where})")
 
     started_at = time.time()
     with lock.hold(wait=wait, on_wait=on_wait, what=f"image {final.name}"):
