@@ -85,6 +85,14 @@ DOCKERFILES = {
         VOLUME /data/out
         USER 1000
         run id -u > /uid-during-build.txt
+        ENV WHO=heredoc
+        COPY <<EOT /etc/motd
+        hello $WHO
+        EOT
+        RUN <<EOF
+        #!/bin/sh
+        echo "shebang $0" > /shebang.txt
+        EOF
         """,
     # no CMD/ENTRYPOINT: the base image's runscript is kept
     "plain": """\
@@ -254,3 +262,8 @@ def test_exec_form_run_volume_and_user(images):
     assert _exec(images["extras"], "sh", "-c", "test -d /data/out && echo dir") == "dir\n"
     # USER is dropped: later RUN steps ran as (fake)root, as the fidelity report says
     assert _exec(images["extras"], "cat", "/uid-during-build.txt") == "0\n"
+
+
+def test_copy_heredoc_and_shebang_heredoc(images):
+    assert _exec(images["extras"], "cat", "/etc/motd") == "hello heredoc\n"
+    assert _exec(images["extras"], "cat", "/shebang.txt").startswith("shebang /.hpcexp/run/")
