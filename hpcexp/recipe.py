@@ -131,6 +131,7 @@ BaseResolver = Callable[[str], "BaseResolution | None"]
 STAGING = "/.hpcexp"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 _STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_BAD_REF = re.compile(r"[\s\x00-\x1f\x7f]")
 _ARG_COMMENT = re.compile(r"(^|\s)#")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SPACES = re.compile(r"\s+")
@@ -556,6 +557,8 @@ class _Converter:
         if ref != ins.args.split()[0]:
             self.note(ins, "FROM with ARG", "translated", f"image reference resolved at conversion time to {ref}",
                       "P01")
+        if _BAD_REF.search(ref):
+            raise self.fail(ins, f"the image reference {ref[:80]!r} contains spaces or control characters")
         alias = literal(words[2]).lower() if len(words) == 3 else None
         platform = ins.flag("platform")
         if platform is not None:

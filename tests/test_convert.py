@@ -13,7 +13,7 @@ import pytest
 from hpcexp import dockerfile as dfm
 from hpcexp.errors import ConvertError
 from hpcexp.recipe import BaseResolution, IgnoreRules, convert
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import HOSTILE_VALUES, assert_clean_error, run_cli
 
 
 def write(tmp_path: Path, text: str, name: str = "Dockerfile", **files: str) -> Path:
@@ -398,3 +398,27 @@ def test_mangled_dockerfiles_never_crash(tmp_path):
         except ConvertError as exc:
             assert "\n" not in str(exc) and str(exc).startswith("Dockerfile"), str(exc)
     assert converted > 50  # the edits leave many files valid: the test exercises conversion too
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_hostile_values_round_trip_through_shell_quoting(tmp_path, value):
+    """A build arg becomes an ENV value, a RUN's environment, a WORKDIR and a CMD argument unharmed."""
+    from tests.test_convert_golden import sections
+
+    c = conv(tmp_path, 'FROM a\nARG V\nENV E="$V" F=${V}\nWORKDIR "/w/$V"\nRUN printf %s "$V"\n'
+             'CMD ["printf", "%s", "$V"]\n', build_args={"V": value})
+    secs = dict(sections(c.recipe))
+    env = secs["%environment"]
+    out = subprocess.run(["sh", "-c", env + '\nprintf "%s|%s" "$E" "$F"'], capture_output=True, text=True)
+    assert out.stdout == f"{value}|{value}", (env, out.stderr)
+    post_body = secs["%post"].replace("mkdir -p", "true").replace("cd ", "true ")
+    out = subprocess.run(["sh", "-c", post_body], capture_output=True, text=True)
+    assert out.stdout == value, (post_body, out.stderr)
+    assert c.workdir == "/w/" + value
+    assert "printf %s '$V'" in secs["%runscript"]  # exec form: no expansion, as in Docker
+
+
+def test_build_arg_cannot_inject_header_lines(tmp_path):
+    with pytest.raises(ConvertError) as exc:
+        conv(tmp_path, "ARG B=a\nFROM ${B}\n", build_args={"B": "x\nBootstrap: evil"})
+    assert "control characters" in str(exc.value)
