@@ -217,13 +217,14 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         arch=arch or host_arch(), params=merged, args=list(args or exp.args),
         command=list(the_plan.argv), image=str(info["path"]), image_sha256=info.get("sha256"),
         input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
-        apptainer_version=None, git_commit=commit, git_dirty=dirty,
+        apptainer_version=known_version(program, project.cache_dir), git_commit=commit, git_dirty=dirty,
         executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(), "launcher_pid": os.getpid(),
                       "launcher_start": proc_start_ticks(os.getpid())},
     )
     rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
-                 "pwd": the_plan.pwd, "runtime": os.path.basename(program)}
+                 "pwd": the_plan.pwd, "runtime": os.path.basename(program),
+                 "version_cache": str(_version_cache(project.cache_dir))}
     runs.write_record(run_paths, rec)
     return run_paths, rec
 
@@ -238,6 +239,54 @@ def _runtime_path() -> str:
         apptainer.require()  # raises EnvironmentProblem with the fix
         raise AssertionError("unreachable")
     return found
+
+
+def _version_cache(cache_dir: Path) -> Path:
+    return cache_dir / "runtime-versions.json"
+
+
+def _binary_key(program: str) -> tuple[str, str] | None:
+    """(real path, identity) of an installed binary: a new install changes the identity."""
+    try:
+        real = os.path.realpath(program)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return real, f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_versions(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def known_version(program: str, cache_dir: Path) -> str | None:
+    """The runtime's version remembered from an earlier run of this very binary, or None.
+
+    Saves one ``apptainer --version`` (a Go start-up, ~20 ms of CPU) per run; when it is
+    not known, the supervisor asks while the payload runs and remembers the answer.
+    """
+    key = _binary_key(program)
+    if key is None:
+        return None
+    entry = _read_versions(_version_cache(cache_dir)).get(key[0])
+    if isinstance(entry, dict) and entry.get("id") == key[1] and isinstance(entry.get("version"), str):
+        return str(entry["version"])
+    return None
+
+
+def _remember_version(program: str, version: str, cache: Path) -> None:
+    key = _binary_key(program)
+    if key is None:
+        return
+    data = _read_versions(cache)
+    data[key[0]] = {"id": key[1], "version": version}
+    with contextlib.suppress(Exception):  # a cache: never a reason to fail a run
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(cache, data)
 
 
 def _start_version_probe(program: str) -> "subprocess.Popen[str] | None":
@@ -680,6 +729,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         if probe is not None:
             rec.apptainer_version = _finish_version_probe(probe)
             probe = None
+            cache = rec.extra.get("version_cache")
+            if rec.apptainer_version and cache:
+                _remember_version(rec.command[0], rec.apptainer_version, Path(cache))
         for key, value in outcome.items():
             setattr(rec, key, value)
         runs.write_record(run_paths, rec)

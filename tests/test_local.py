@@ -266,6 +266,7 @@ def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monk
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("APPTAINER_BIND", "/:/host")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "proj"
     (root / "experiments" / "hello").mkdir(parents=True)
     (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
@@ -281,7 +282,8 @@ def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monk
     assert rec.params == {"msg": value, "lr": "0.1"}
     assert rec.image == str(tmp_path / "img.sif") and rec.image_sha256 == "ab" * 32
     assert rec.recipe_sha256 == "ef" * 32 and rec.input_hash == "cd" * 32
-    assert rec.apptainer_version == "9.8.7"  # asked while the payload ran
+    assert rec.apptainer_version == "9.8.7"  # asked while the payload ran, then remembered:
+    assert local.known_version(str(fake), tmp_path / "cache" / "hpcexp") == "9.8.7"
     assert rec.extra["hpcexp_argv"] == ["hpcexp", "run", "hello"]
     argv = (paths.dir / "argv.txt").read_text().splitlines()
     assert argv[0] == "run" and "--no-eval" in argv and "--containall" in argv
@@ -316,3 +318,15 @@ def test_a_terminal_that_stops_reading_never_blocks_the_payload(tmp_path: Path, 
     assert rec.state == "succeeded"
     assert paths.stdout.stat().st_size == 30000 * 1024  # the log is complete
     assert "not shown on the terminal" in rec.reason
+
+
+def test_runtime_version_is_remembered_per_binary(tmp_path: Path) -> None:
+    prog = tmp_path / "apptainer"
+    prog.write_text("#!/bin/sh\necho 'apptainer version 1.2.3'\n")
+    prog.chmod(0o755)
+    cache_dir = tmp_path / "cache"
+    assert local.known_version(str(prog), cache_dir) is None
+    local._remember_version(str(prog), "1.2.3", local._version_cache(cache_dir))
+    assert local.known_version(str(prog), cache_dir) == "1.2.3"
+    prog.write_text("#!/bin/sh\necho 'apptainer version 1.2.4 (a new install)'\n")
+    assert local.known_version(str(prog), cache_dir) is None

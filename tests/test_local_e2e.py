@@ -89,7 +89,10 @@ def _wait(pred, timeout=60.0):
 
 
 def _latest(project: Path, exp: str) -> str:
-    return sorted(os.listdir(project / "runs" / exp))[-1]
+    """The newest run (ids sort by second only: two runs in one second are ordered by created_at)."""
+    recs = [_record(project, exp, r) for r in os.listdir(project / "runs" / exp)
+            if (project / "runs" / exp / r / "run.json").exists()]
+    return max(recs, key=lambda r: (r["created_at"], r["run_id"]))["run_id"]
 
 
 def test_foreground_success_and_failure(project: Path, tmp_path: Path) -> None:
