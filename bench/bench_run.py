@@ -86,8 +86,10 @@ def main() -> None:
             proj, exp = make_project(Path(tmpdir))
         hpcexp = [sys.executable, "-m", "hpcexp", "run", "-q", exp]
         timed(hpcexp, proj, env)  # builds (or finds) the image: not measured
-        run_dir = sorted((proj / "runs" / exp).iterdir())[-1]
-        rec = json.loads((run_dir / "run.json").read_text())
+        recs = [json.loads((d / "run.json").read_text()) for d in (proj / "runs" / exp).iterdir()
+                if (d / "run.json").exists()]
+        rec = max(recs, key=lambda r: (r["created_at"], r["run_id"]))  # the warm-up run just made
+        run_dir = proj / "runs" / exp / rec["run_id"]
         # the bare call: exactly the command and container environment hpcexp used
         bare = list(rec["command"])
         bare_env = apptainer.payload_env(bare[0], rec["container_env"], env)
