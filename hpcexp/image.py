@@ -888,7 +888,7 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
             if extra.exists():
                 remove(extra, f"belongs to {entry.state} image")
     base_dir = project.cache_dir / "bases"
-    for d in (folder, folder / ".locks", folder / ".logs", base_dir, base_dir / ".locks"):
+    for d in (folder, folder / ".locks", folder / ".logs", base_dir, base_dir / ".locks", project.recipes_dir):
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
