@@ -407,3 +407,35 @@ def test_low_disk_space_is_warned_before_building(proj: Path, fake_env: Path, mo
     events: list[tuple[str, str]] = []
     build(proj, progress=lambda k, t: events.append((k, t)))
     assert any(k == "warn" and "only 10 MiB free" in t for k, t in events)
+
+
+def test_debootstrap_base_is_built_once_then_reused(tmp_path: Path, fake_env: Path) -> None:
+    root = tmp_path / "deb"
+    exp = root / "experiments" / "py"
+    exp.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(
+        "cache: .cache\ndebian_mirror: http://mirror.invalid/debian\n"
+        'bases:\n  "python:3.11-slim": {debootstrap: bookworm, include: [python3-minimal]}\n')
+    (exp / "Dockerfile").write_text("FROM python:3.11-slim\nRUN true\n")
+    project = load_project(root)
+    first = image.ensure_image(project, project.experiment("py"), "amd64")
+    from hpcexp import bases as basesmod
+
+    base = basesmod.base_sif_path(project, project.bases["python:3.11-slim"])
+    assert base.is_file() and image.valid_sif(base)
+    base_recipe = base.read_text()
+    assert "Bootstrap: debootstrap" in base_recipe and "MirrorURL: http://mirror.invalid/debian" in base_recipe
+    assert "Include: python3-minimal" in base_recipe
+    frm = [ln.split(":", 1)[1].strip() for ln in Layout(project).recipe("py", "amd64").read_text().splitlines()
+           if ln.startswith("From:")]
+    assert [(exp / f).resolve() for f in frm] == [base.resolve()]  # the image is built on that base
+    side = json.loads(first.sidecar.read_text())
+    assert side["bases"][0]["digest"] == "sha256:" + json.loads(base.with_suffix(".json").read_text())["sha256"]
+    assert len(calls(fake_env)) == 2  # base, then image
+    # another experiment on the same base: only its own build
+    exp2 = root / "experiments" / "py2"
+    exp2.mkdir()
+    (exp2 / "Dockerfile").write_text("FROM python:3.11-slim\nRUN echo two\n")
+    project = load_project(root)
+    image.ensure_image(project, project.experiment("py2"), "amd64")
+    assert len(calls(fake_env)) == 3
