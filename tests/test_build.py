@@ -29,6 +29,7 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "apptainer").symlink_to(FAKES / "fake_apptainer")
+    (bindir / "debootstrap").symlink_to(shutil.which("true") or "/bin/true")  # only looked up, never run
     calls = tmp_path / "calls.log"
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_APPTAINER_LOG", str(calls))
