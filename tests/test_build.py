@@ -440,3 +440,21 @@ def test_debootstrap_base_is_built_once_then_reused(tmp_path: Path, fake_env: Pa
     project = load_project(root)
     image.ensure_image(project, project.experiment("py2"), "amd64")
     assert len(calls(fake_env)) == 3
+
+
+def test_debootstrap_base_without_debootstrap_says_what_to_do(tmp_path: Path, fake_env: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcexp import process
+    from hpcexp.errors import EnvironmentProblem
+
+    root = tmp_path / "deb"
+    (root / "experiments" / "py").mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text('cache: .cache\nbases:\n  "debian:12": {debootstrap: bookworm}\n')
+    (root / "experiments" / "py" / "Dockerfile").write_text("FROM debian:12\nRUN true\n")
+    real = process.which
+    monkeypatch.setattr(process, "which", lambda p, env=None: None if p == "debootstrap" else real(p, env))
+    project = load_project(root)
+    with pytest.raises(EnvironmentProblem) as ei:
+        image.ensure_image(project, project.experiment("py"), "amd64")
+    assert ei.value.exit_code == 3 and "debootstrap" in ei.value.message and "sif" in (ei.value.hint or "")
+    assert calls(fake_env) == []
