@@ -456,5 +456,5 @@ def test_debootstrap_base_without_debootstrap_says_what_to_do(tmp_path: Path, fa
     project = load_project(root)
     with pytest.raises(EnvironmentProblem) as ei:
         image.ensure_image(project, project.experiment("py"), "amd64")
-    assert ei.value.exit_code == 3 and "debootstrap" in ei.value.message and "sif" in (ei.value.hint or "")
+    assert ei.value.exit_code == 3 and "debootstrap" in ei.value.message and "sif" in (ei.value.hint or "").lower()
     assert calls(fake_env) == []
