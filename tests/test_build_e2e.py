@@ -184,7 +184,7 @@ def test_interrupted_build_cleans_up_and_exits_130(tmp_path: Path, busybox_sif: 
 
 def test_two_concurrent_builds_run_apptainer_once(tmp_path: Path, busybox_sif: Path, shim) -> None:
     env, log = shim
-    root = project(tmp_path / "p", busybox_sif, run="sleep 2")
+    root = project(tmp_path / "p", busybox_sif, run="sleep 5")
     full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
     procs = [subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

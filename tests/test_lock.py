@@ -108,7 +108,10 @@ def test_waiter_is_told_who_holds_it_and_gets_it_after_release(tmp_path: Path) -
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.3)
+    deadline = time.time() + 10
+    while time.time() < deadline and not told:
+        time.sleep(0.02)
+    time.sleep(0.2)
     assert not got.is_set() and len(told) == 1 and told[0].pid == os.getpid()
     a.release()
     t.join(5)
