@@ -152,7 +152,8 @@ def _csv_field(text: str) -> str:
 
 
 def action_argv(program: str, action: str, image: Path, *, args: Sequence[str] = (),
-                mounts: Sequence[Mount] = (), containall: bool = True, cleanenv: bool = True, nv: bool = False, pwd: str | None = None,
+                mounts: Sequence[Mount] = (), containall: bool = True, cleanenv: bool = True,
+                nv: bool = False, pwd: str | None = None,
                 writable_tmpfs: bool = True, no_home: bool = False, extra: Sequence[str] = ()) -> list[str]:
     """``apptainer run|exec`` argv. The container's environment is not on the command line:
     pass :func:`payload_env` as the child's environment (``--env`` parses CSV and would
