@@ -284,6 +284,7 @@ class BuildContext:
         self.has_rules = bool(self.rules.rules)
         self._walked: dict[str, tuple[list[str], list[str], bool]] = {}
         self._kinds: dict[str, str] = {}
+        self._ignored: dict[str, list[str]] = {}
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self.base, rel) if rel else self.base
@@ -296,6 +297,7 @@ class BuildContext:
         files: list[str] = []
         dirs: list[str] = []
         ignored = False
+        ignored_paths: list[str] = []
         rules = self.rules if self.has_rules else None
         negations = rules is not None and any(neg for neg, _ in rules.rules)
         stack = [(self._abs(rel), rel)]
@@ -310,6 +312,7 @@ class BuildContext:
                 is_dir = e.is_dir(follow_symlinks=False)
                 if rules is not None and rules.ignored(r) and not (is_dir and negations):
                     ignored = True
+                    ignored_paths.append(r)
                     continue
                 if is_dir:
                     dirs.append(r)
@@ -319,7 +322,13 @@ class BuildContext:
         files.sort()
         dirs.sort()
         self._walked[rel] = (files, dirs, ignored)
+        self._ignored[rel] = sorted(ignored_paths)
         return files, dirs, ignored
+
+    def ignored_paths(self, rel: str) -> list[str]:
+        """What .dockerignore removed under folder ``rel`` (the outermost ignored paths)."""
+        self._walk(rel)
+        return self._ignored[rel]
 
     @property
     def files(self) -> list[str]:
@@ -901,12 +910,16 @@ class _Converter:
         if ctx.is_dir(rel):
             members = ctx.under(rel)
             st.ctx_files.update(members)
-            if ctx.filtered(rel):
+            if ctx.filtered(rel) and all(_SAFE_SRC.fullmatch(f) for f in members):
                 for f in members:
                     inner = f[len(rel) + 1:] if rel else f
                     st.files.append((None, f, f"{staged}/{inner}"))
             else:
                 st.files.append((None, rel or ".", staged))
+                # names %files cannot carry one by one: stage the folder, drop the ignored part in %post
+                for path in ctx.ignored_paths(rel) if ctx.filtered(rel) else ():
+                    inner = path[len(rel) + 1:] if rel else path
+                    st.post.append(f"rm -rf {shlex.quote(staged + '/' + inner)}")
         else:
             st.ctx_files.add(rel)
             st.files.append((None, rel, staged))
@@ -1237,7 +1250,8 @@ class _Converter:
                 out.append(f"Stage: {st.name}")
             groups: dict[str | None, list[tuple[str, str]]] = {}
             for frm, src, dst in st.files:
-                groups.setdefault(frm, []).append((_files_path(self.label, src), _files_path(self.label, dst)))
+                groups.setdefault(frm, []).append((_files_src(self.label, src, glob=frm is not None),
+                                                   _files_dest(dst)))
             for frm, pairs in groups.items():
                 out.append("")
                 out.extend(_spython(self.label, st.line, "%files", writer.create_keyval_section, pairs, "files",
@@ -1327,17 +1341,30 @@ def _basename(path: str) -> str:
     return b if b not in ("", ".", "..") else "_"
 
 
-_BAD_FILES_CHARS = re.compile(r'["\n\r\\]')
-_QUOTE_FILES_CHARS = re.compile(r"[\s']")
+_SAFE_SRC = re.compile(r"[A-Za-z0-9_./@%+=:, \u0080-\U0010ffff-]+")
+_GLOB_SRC = re.compile(r"[A-Za-z0-9_./@%+=:,*?\[\]\u0080-\U0010ffff-]+")
+_PLAIN_FILES = re.compile(r"[A-Za-z0-9_./@%+=:,-]+")
+_GLOB_FILES = re.compile(r"[A-Za-z0-9_./@%+=:,*?\[\]-]+")
 
 
-def _files_path(label: str, path: str) -> str:
-    if _BAD_FILES_CHARS.search(path):
-        raise ConvertError(f"{label}: the path {path[:60]!r} cannot be written in %files "
-                           "(it contains a quote, backslash or newline)")
+def _files_src(label: str, path: str, glob: bool = False) -> str:
+    """A %files source. Apptainer splits the line on spaces outside double quotes and then
+    expands each source like a shell word (globs, variables, even `command` substitution,
+    run on the host), so only names that need no escaping are written here; others are
+    reached through their folder (see :meth:`_Converter.stage_context`)."""
+    if not (_SAFE_SRC.fullmatch(path) or (glob and _GLOB_SRC.fullmatch(path))):
+        raise ConvertError(f"{label}: the file name {path[:60]!r} has characters Apptainer's %files would "
+                           "interpret as shell syntax", hint="rename it, or copy its folder instead")
     if path.startswith("-"):
         path = "./" + path
-    return f'"{path}"' if _QUOTE_FILES_CHARS.search(path) else path
+    return f'"{path}"' if " " in path else path
+
+
+def _files_dest(path: str) -> str:
+    """A %files destination: taken literally by Apptainer (only spaces need the quotes)."""
+    if "\n" in path or '"' in path:
+        raise ConvertError(f"internal: staging path {path!r} cannot be written in %files")
+    return f'"{path}"' if " " in path else path
 
 
 # --------------------------------------------------------------------------------------

@@ -422,3 +422,18 @@ def test_build_arg_cannot_inject_header_lines(tmp_path):
     with pytest.raises(ConvertError) as exc:
         conv(tmp_path, "ARG B=a\nFROM ${B}\n", build_args={"B": "x\nBootstrap: evil"})
     assert "control characters" in str(exc.value)
+
+
+def test_hostile_file_names_are_staged_through_their_folder(tmp_path):
+    files = {".dockerignore": "secret*\n", "secret.key": "", "ok.txt": ""}
+    files.update({name: "" for name in ("$(touch pwned)", "a'; echo foo", "`id`", "a 0")})
+    c = conv(tmp_path, "FROM a\nCOPY . /app/\n", files=files)
+    assert ". /.hpcexp/ctx/1/0/_context\n" in c.recipe          # the folder, not the names
+    assert "rm -rf /.hpcexp/ctx/1/0/_context/secret.key" in c.recipe
+    assert "pwned" not in c.recipe.split("%post")[0]
+    assert {"$(touch pwned)", "a 0", "ok.txt"} <= {rel for rel, _ in c.context_files}
+    assert "secret.key" not in {rel for rel, _ in c.context_files}
+    with pytest.raises(ConvertError) as exc:
+        conv(tmp_path, "FROM a\nCOPY [\"$(touch pwned)\", \"/x\"]\n", files=files)
+    assert "shell syntax" in str(exc.value)
+    assert '"a 0" "/.hpcexp/ctx/1/0/a 0"' in conv(tmp_path, 'FROM a\nCOPY ["a 0", "/x"]\n', files=files).recipe

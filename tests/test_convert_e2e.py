@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import HOSTILE_VALUES, run_cli
 
 pytestmark = pytest.mark.e2e
+NAMES = [v for v in HOSTILE_VALUES if "/" not in v] + ["$(touch pwned)"]
 
 DOCKERFILES = {
     # ENV/ARG at build and run time, WORKDIR, COPY after RUN, heredoc, .dockerignore, pipefail SHELL,
@@ -115,6 +116,8 @@ def images(busybox_sif: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     (b / "secret.txt").write_text("do not ship\n")
     (b / "tool.sh").write_text("#!/bin/sh\necho tool\n")
     (b / ".dockerignore").write_text("secret.txt\n")
+    for hostile in NAMES:  # file names Apptainer's %files would read as shell syntax
+        (b / hostile).write_text("hostile\n")
     x = proj / "experiments" / "extras"
     (x / "req.txt").write_text("numpy\n")
     with tarfile.open(x / "data.tar.gz", "w:gz") as tf:
@@ -177,6 +180,10 @@ def test_dockerignored_file_is_absent(images):
     assert "cfg.txt" in listing and "tool.sh" in listing
     assert "secret.txt" not in listing
     assert "Dockerfile" in listing
+    # (busybox ls shows non-ASCII as '?': list through the shell instead)
+    names = _exec(images["behave"], "sh", "-c", 'for f in /ctx/*; do printf "%s\\n" "${f#/ctx/}"; done').splitlines()
+    assert set(NAMES) <= set(names)
+    assert not (Path(images["_recipes"]).parent / "experiments" / "behave" / "pwned").exists()
 
 
 def test_shell_with_pipefail(images):
