@@ -627,6 +627,28 @@ class _Compressor:
             self.gz.close()
 
 
+def _ustar_header(name: str, kind: bytes, size: int, mode: int, mtime: int, linkname: str) -> bytes | None:
+    """The header tarfile would write for a short ASCII member (byte for byte), ~10x faster.
+
+    tarfile's ``tobuf`` costs ~100 us per member in pure Python, which dominated archives of
+    100,000 small files; anything unusual (long or non-ASCII names, huge sizes) returns None
+    and goes through tarfile, which adds the pax records it needs.
+    """
+    if kind == tarfile.DIRTYPE and not name.endswith("/"):
+        name += "/"
+    if not (name.isascii() and linkname.isascii() and len(name) <= 100 and len(linkname) <= 100
+            and 0 <= size < 8 ** 11 and 0 <= mtime < 8 ** 11) or "\x00" in name or "\x00" in linkname:
+        return None
+    buf = b"".join((
+        name.encode("ascii").ljust(100, b"\0"),
+        b"%07o\0" % (mode & 0o7777), b"0000000\0", b"0000000\0",
+        b"%011o\0" % size, b"%011o\0" % mtime,
+        b"        ", kind, linkname.encode("ascii").ljust(100, b"\0"),
+        b"ustar\x0000", b"\0" * 247,  # uname, gname, devmajor, devminor, prefix: empty
+    ))
+    return buf[:148] + b"%06o\0 " % sum(buf) + buf[156:]
+
+
 class _TarGzWriter:
     """A ustar/pax stream written member by member (no member list kept in memory)."""
 
@@ -649,6 +671,10 @@ class _TarGzWriter:
             self._put(tarfile.NUL * (tarfile.BLOCKSIZE - rem))
 
     def _header(self, name: str, kind: bytes, size: int = 0, mode: int = 0o644, linkname: str = "") -> None:
+        fast = _ustar_header(name, kind, size, mode, self.mtime, linkname)
+        if fast is not None:
+            self._put(fast)
+            return
         ti = tarfile.TarInfo(name)
         ti.type, ti.size, ti.mode, ti.mtime, ti.linkname = kind, size, mode, self.mtime, linkname
         ti.uid = ti.gid = 0
@@ -900,7 +926,11 @@ def _iter_tar(path: Path) -> Iterator[_Member]:
     last = "(start of archive)"
     try:
         with tarfile.open(path, "r|*") as tf:
-            for ti in tf:
+            while True:
+                ti = tf.next()
+                if ti is None:
+                    break
+                tf.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member read (~50 MiB/100k)
                 last = ti.name
                 name = ti.name.rstrip("/") if ti.isdir() else ti.name
                 if ti.isreg():

@@ -170,6 +170,22 @@ def test_same_inputs_give_byte_identical_archives(project: Path, tmp_path: Path,
             assert (m.uid, m.gid, m.uname, m.gname) == (0, 0, "", "")
 
 
+def test_fast_tar_headers_are_what_tarfile_writes() -> None:
+    cases = [("a/b/c.txt", tarfile.REGTYPE, 1234, 0o644, ""), ("d", tarfile.DIRTYPE, 0, 0o755, ""),
+             ("l", tarfile.SYMTYPE, 0, 0o777, "../x"), ("x" * 100, tarfile.REGTYPE, 8 ** 11 - 1, 0o755, "")]
+    for name, kind, size, mode, link in cases:
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.size, ti.mode, ti.mtime, ti.linkname = kind, size, mode, 1763776000, link
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        assert archive._ustar_header(name, kind, size, mode, 1763776000, link) == \
+            ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), name
+    # what needs pax records goes through tarfile
+    assert archive._ustar_header("é", tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive._ustar_header("y" * 101, tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
+
+
 def test_runs_are_not_modified(project: Path, tmp_path: Path) -> None:
     paths = make_run(project, {"x.txt": b"x"})
 
