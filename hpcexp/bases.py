@@ -159,7 +159,36 @@ def spec_hash(spec: BaseSpec) -> str:
 
 def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
     """Where the SIF of a debootstrap base lives (deterministic; it may not exist yet)."""
-    return project.cache_dir / "bases" / f"debootstrap-{spec.suite}-{host_arch()}-{spec_hash(spec)[:16]}.sif"
+    return project.cache_dir / base_sif_name(spec)
+
+
+def base_sif_name(spec: BaseSpec) -> str:
+    """The base's file name relative to the cache folder."""
+    return f"bases/debootstrap-{spec.suite}-{host_arch()}-{spec_hash(spec)[:16]}.sif"
+
+
+# Recipes name hpcexp-built bases relative to this token instead of the per-user cache path,
+# so a generated recipe is byte-identical for every user and clone (it can be committed and
+# checked with `hpcexp convert --check`); the build substitutes the real folder in the
+# private copy of the recipe it hands to Apptainer (:func:`materialize`).
+CACHE_TOKEN = "@hpcexp-cache"
+
+
+def recipe_ref(spec: BaseSpec) -> str:
+    """How a recipe's ``From:`` names a debootstrap base: ``@hpcexp-cache/bases/NAME.sif``."""
+    return f"{CACHE_TOKEN}/{base_sif_name(spec)}"
+
+
+def materialize(recipe_text: str, project: "Project") -> str:
+    """The recipe with every ``From: @hpcexp-cache/...`` pointing into this user's cache."""
+    out = []
+    for line in recipe_text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("From:") and stripped[5:].strip().startswith(CACHE_TOKEN + "/"):
+            rel = stripped[5:].strip()[len(CACHE_TOKEN) + 1:]
+            line = line.replace(f"{CACHE_TOKEN}/{rel}", str(project.cache_dir / rel), 1)
+        out.append(line)
+    return "".join(out)
 
 
 def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
@@ -190,7 +219,7 @@ def resolution(project: "Project", spec: BaseSpec) -> BaseResolution:
         assert spec.image is not None
         scheme, _, rest = spec.image.partition("://")
         return BaseResolution(scheme, rest)
-    return BaseResolution("localimage", str(base_sif_path(project, spec)))
+    return BaseResolution("localimage", recipe_ref(spec))
 
 
 def resolver(project: "Project", exp: "Experiment") -> Callable[[str], BaseResolution | None]:

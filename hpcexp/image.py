@@ -570,7 +570,8 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     try:
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            build_recipe.write_text(labelled_recipe(recipe_text, all_labels), encoding="utf-8")
+            build_recipe.write_text(labelled_recipe(bases.materialize(recipe_text, project), all_labels),
+                                    encoding="utf-8")
             logf = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         except OSError as exc:
             raise atomic.storage_error(exc, log_path) from exc

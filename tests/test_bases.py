@@ -114,3 +114,18 @@ def test_resolution_and_identity(tmp_path: Path) -> None:
     assert bases.identity(project, project.bases["busybox:latest"], "busybox:latest", digest) == "sif:" + "d" * 64
     assert bases.identity(project, None, "alpine", digest) == "ref:alpine"
     assert bases.identity(project, project.bases["debian:12"], "debian:12", digest).startswith("debootstrap:")
+
+
+def test_recipe_names_debootstrap_base_portably_and_build_materializes_it(tmp_path: Path) -> None:
+    """A recipe must not carry one user's cache path: it is committed and `convert --check`ed."""
+    (tmp_path / "hpcexp.yaml").write_text("cache: .cache\nbases:\n  \"debian:12\": {debootstrap: bookworm}\n")
+    project = load_project(tmp_path)
+    spec = project.bases["debian:12"]
+    res = bases.resolution(project, spec)
+    assert res.source.startswith("@hpcexp-cache/bases/debootstrap-bookworm-") and res.source.endswith(".sif")
+    assert str(tmp_path) not in res.source
+    recipe = f"# header From: {res.source}\nBootstrap: localimage\nFrom: {res.source}\n\n%post\n    echo From: x\n"
+    built = bases.materialize(recipe, project)
+    assert f"From: {bases.base_sif_path(project, spec)}\n" in built
+    assert built.splitlines()[0] == recipe.splitlines()[0], "only From: header lines change"
+    assert built.endswith("%post\n    echo From: x\n")
