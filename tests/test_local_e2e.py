@@ -256,3 +256,17 @@ def test_bench_script_runs(project: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "median" in proc.stdout
+
+
+def test_awkward_project_path_with_colon_comma_quote_and_spaces(busybox_sif: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ä b" / "it's:here,x"
+    d = root / "experiments" / "hello"
+    d.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(f"bases:\n  \"busybox:latest\": {{sif: {json.dumps(str(busybox_sif))}}}\n")
+    (d / "Dockerfile").write_text('FROM busybox:latest\nENTRYPOINT ["sh", "/experiment/run.sh"]\n')
+    (d / "run.sh").write_text(RUN_SH)
+    proc = run_cli("run", "hello", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    run_id = _latest(root, "hello")
+    assert (root / "runs" / "hello" / run_id / "results" / "result.txt").read_text().strip() == run_id
+    assert "--mount" in _record(root, "hello", run_id)["command"]  # --bind cannot carry ':' or ','
