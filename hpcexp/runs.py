@@ -140,6 +140,27 @@ class RunRecord:
         data.update({k: v for k, v in extra.items() if k not in data})
         return data
 
+    def json_text(self) -> str:
+        """run.json's text, exactly as ``write_record`` writes it, without ``asdict``'s deep
+        copies (a sweep serialises thousands of records)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        data.update({k: v for k, v in self.extra.items() if k not in data})
+        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def copy(self) -> "RunRecord":
+        """An independent copy (containers copied one level deep, as executors mutate them)."""
+        import copy as _copy
+
+        new = _copy.copy(self)
+        new.params = dict(self.params)
+        new.args = list(self.args)
+        new.command = list(self.command)
+        new.executor_ids = dict(self.executor_ids)
+        new.attempts = [dict(a) for a in self.attempts]
+        new.resources = dict(self.resources)
+        new.extra = dict(self.extra)
+        return new
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
         known = {f.name for f in fields(cls)}
@@ -191,7 +212,7 @@ def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     tmp = atomic.tmp_name_for(paths.record)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(record.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+            fh.write(record.json_text())
         os.replace(tmp, paths.record)
     except OSError as exc:
         try:
@@ -224,7 +245,7 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
 
     def one(item: tuple[RunPaths, RunRecord]) -> BaseException | None:
         try:
-            write_record(*item)
+            atomic.write_text(item[0].record, item[1].json_text())
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
             return exc
         return None

@@ -366,7 +366,7 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
     terminal state for how the job was ended from outside (cancel, time limit, memory,
     node); no marker and no scheduler record -> ``lost`` with what was checked.
     """
-    rec = runs.RunRecord.from_dict(rec.to_dict())
+    rec = rec.copy()
     ids = rec.executor_ids
     job_id = ids.get("job_id")
     base = int(ids.get("base_attempt", rec.attempt) or 1)
@@ -1067,9 +1067,27 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     host, user = runs.hostname(), runs.username()
 
     tasks: list[_Task] = []
+    allocated: list[RunPaths] = []
     try:
+        if dry_run:
+            allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
+        elif len(param_sets) < 16:
+            allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
+        else:
+            # exclusive mkdirs are independent syscalls: overlap them (a sweep makes a thousand)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                futures = [pool.submit(runs.allocate_run, layout, exp.name) for _ in param_sets]
+                for fut in futures:
+                    try:
+                        allocated.append(fut.result())
+                    except HpcexpError:
+                        pass
+            if len(allocated) != len(param_sets):
+                futures[[f.exception() is not None for f in futures].index(True)].result()
         for index, ps in enumerate(param_sets):
-            paths = layout.run(exp.name, runs.new_run_id()) if dry_run else runs.allocate_run(layout, exp.name)
+            paths = allocated[index]
             run_id = paths.dir.name
             plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
                                image_workdir=info.get("workdir"), allow_binds=allow_binds, program=program)
@@ -1096,8 +1114,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
         if not dry_run:  # nothing was submitted: leave no half-made runs behind
             import shutil
 
-            for t in tasks:
-                shutil.rmtree(t.paths.dir, ignore_errors=True)
+            for p in allocated:
+                shutil.rmtree(p.dir, ignore_errors=True)
             if sweep_id:
                 shutil.rmtree(layout.sweep_dir(sweep_id), ignore_errors=True)
         raise
@@ -1138,7 +1156,7 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
     check_resources(res)
     tasks: list[_Task] = []
     for paths, rec in chosen:
-        rec = runs.RunRecord.from_dict(rec.to_dict())
+        rec = rec.copy()
         env = rec.extra.get("container_env")
         if not isinstance(env, dict) or not rec.command:
             raise UsageError(f"run {rec.run_id} has no stored command to resubmit (made by an older hpcexp?)")

@@ -503,3 +503,14 @@ def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fak
     assert err.value.exit_code == 6
     recs = [r for _, r in runs.iter_runs(Layout(project))]
     assert len(recs) == 2 and all(r.state == "submitting" and not r.launch_error for r in recs)
+
+
+def test_record_json_text_and_copy_match_the_contract() -> None:
+    rec = runs.RunRecord(experiment="e", run_id="r", params={"a": "ä\n"}, attempts=[{"attempt": 1}])
+    rec.extra = {"container_env": {"A": "1"}, "state": "ignored: a real field wins"}
+    assert rec.json_text() == json.dumps(rec.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    dup = rec.copy()
+    dup.executor_ids["job_id"] = "1"
+    dup.attempts[0]["attempt"] = 2
+    dup.params["a"] = "b"
+    assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n"}
