@@ -126,11 +126,14 @@ def _details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
     return lines
 
 
-def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]]
+def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]], *, by_time: bool = True
                 ) -> list[tuple["RunPaths", "RunRecord"]]:
     from hpcexp.runs import reconcile
 
-    return reconcile(layout, items)
+    out = reconcile(layout, items)
+    if by_time:  # ids order by the second only; two runs started in the same second go by created_at
+        out = sorted(out, key=lambda t: (t[1].created_at or "", t[1].run_id))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -237,7 +240,7 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     if ref is None:
         items = _reconciled(layout, list(iter_runs(layout)))
     else:
-        items = _reconciled(layout, resolve(layout, ref))
+        items = _reconciled(layout, resolve(layout, ref), by_time=False)  # a sweep stays in task order
     if as_json:
         emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
         return
