@@ -1436,6 +1436,9 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
                 from hpcexp import bases as bases_mod
             except ImportError:
                 bases_mod = None  # type: ignore[assignment]
+            if bases_mod is not None and hasattr(bases_mod, "recipe_ref"):
+                # @hpcexp-cache/bases/NAME.sif: the same for every user; the build fills in the cache
+                return BaseResolution("localimage", bases_mod.recipe_ref(spec))
             if bases_mod is not None and hasattr(bases_mod, "base_sif_path"):
                 return BaseResolution("localimage", sif_path(bases_mod.base_sif_path(project, spec)))
             mirror = spec.mirror or project.debian_mirror or apt_mirror() or ""

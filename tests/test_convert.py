@@ -356,7 +356,10 @@ def test_debootstrap_fallback_headers(tmp_path, monkeypatch):
         include=("python3-minimal",))})
     from hpcexp import bases
 
-    # with the build helper's module: the base SIF it builds, relative to the context when inside the project
+    # with the build module: the base SIF it builds, named the same for every user and clone
+    res = base_resolver(proj)("debian:bookworm")
+    assert res is not None and res.bootstrap == "localimage" and res.source.startswith("@hpcexp-cache/bases/")
+    monkeypatch.delattr(bases, "recipe_ref")
     monkeypatch.setattr(bases, "base_sif_path", lambda project, spec: project.root / "cache" / "deb.sif")
     res = base_resolver(proj, None, tmp_path / "experiments" / "x")("debian:bookworm")
     assert res == BaseResolution("localimage", "../../cache/deb.sif")
