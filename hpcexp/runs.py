@@ -233,19 +233,18 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
     The first error is raised after all writes were attempted.
     """
     items = list(items)
-    if not durable:
-        for paths, rec in items:
-            replace_record_nosync(paths, rec)
-        return
     if len(items) < 16 or threads <= 1:
         for paths, rec in items:
-            write_record(paths, rec)
+            (write_record if durable else replace_record_nosync)(paths, rec)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     def one(item: tuple[RunPaths, RunRecord]) -> BaseException | None:
         try:
-            atomic.write_text(item[0].record, item[1].json_text())
+            if durable:
+                atomic.write_text(item[0].record, item[1].json_text())
+            else:
+                replace_record_nosync(*item)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
             return exc
         return None

@@ -40,8 +40,12 @@ def _report(sub: Any, as_json: bool) -> None:
         info(f"dry run: {len(sub.runs)} task(s) in {len(sub.texts)} job script(s); nothing was submitted")
         return
     if as_json:
+        # the essentials of each run (a sweep has thousands; `hpcexp status --json` gives full records)
         emit_json({"experiment": sub.experiment, "sweep_id": sub.sweep_id, "job_ids": sub.job_ids,
-                   "runs": [{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in sub.runs]})
+                   "runs": [{"run_id": rec.run_id, "state": rec.state, "task_index": rec.task_index,
+                             "params": rec.params, "attempt": rec.attempt, "image": rec.image,
+                             "executor_ids": rec.executor_ids, "dir": str(paths.dir)}
+                            for paths, rec in sub.runs]})
         return
     if sub.sweep_id:
         click.echo(f"sweep {sub.sweep_id}: {len(sub.runs)} task(s) submitted as array job "
