@@ -150,21 +150,23 @@ def spec_hash(spec: BaseSpec) -> str:
 
     The FROM reference is left out (two references may map to the same base) and so is an
     auto-detected mirror (a transport detail); an explicit ``mirror:`` is kept because it
-    may select another distribution.
+    may select another distribution. The architecture is not in it either: bases are built
+    natively, so it is the folder the base lives in (see :func:`base_sif_path`), which keeps
+    the name a recipe uses the same on every machine.
     """
     doc = {"format": BASE_FORMAT, "kind": spec.kind, "suite": spec.suite, "include": sorted(spec.include),
-           "components": list(spec.components), "mirror": spec.mirror, "arch": host_arch()}
+           "components": list(spec.components), "mirror": spec.mirror}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
-    """Where the SIF of a debootstrap base lives (deterministic; it may not exist yet)."""
-    return project.cache_dir / base_sif_name(spec)
+    """Where the SIF of a debootstrap base for this machine lives (deterministic; it may not exist yet)."""
+    return project.cache_dir / "bases" / host_arch() / base_sif_name(spec)
 
 
 def base_sif_name(spec: BaseSpec) -> str:
-    """The base's file name relative to the cache folder."""
-    return f"bases/debootstrap-{spec.suite}-{host_arch()}-{spec_hash(spec)[:16]}.sif"
+    """The base's file name, the same for every architecture and machine."""
+    return f"debootstrap-{spec.suite}-{spec_hash(spec)[:16]}.sif"
 
 
 # Recipes name hpcexp-built bases relative to this token instead of the per-user cache path,
@@ -176,17 +178,20 @@ CACHE_TOKEN = "@hpcexp-cache"
 
 def recipe_ref(spec: BaseSpec) -> str:
     """How a recipe's ``From:`` names a debootstrap base: ``@hpcexp-cache/bases/NAME.sif``."""
-    return f"{CACHE_TOKEN}/{base_sif_name(spec)}"
+    return f"{CACHE_TOKEN}/bases/{base_sif_name(spec)}"
 
 
 def materialize(recipe_text: str, project: "Project") -> str:
-    """The recipe with every ``From: @hpcexp-cache/...`` pointing into this user's cache."""
+    """The recipe with every ``From: @hpcexp-cache/bases/NAME`` pointing at this machine's
+    base in this user's cache (``<cache>/bases/<arch>/NAME``)."""
+    prefix = f"{CACHE_TOKEN}/bases/"
     out = []
     for line in recipe_text.splitlines(keepends=True):
         stripped = line.strip()
-        if stripped.startswith("From:") and stripped[5:].strip().startswith(CACHE_TOKEN + "/"):
-            rel = stripped[5:].strip()[len(CACHE_TOKEN) + 1:]
-            line = line.replace(f"{CACHE_TOKEN}/{rel}", str(project.cache_dir / rel), 1)
+        ref = stripped[5:].strip() if stripped.startswith("From:") else ""
+        if ref.startswith(prefix) and "/" not in ref[len(prefix):]:
+            real = project.cache_dir / "bases" / host_arch() / ref[len(prefix):]
+            line = line.replace(ref, str(real), 1)
         out.append(line)
     return "".join(out)
 

@@ -888,7 +888,7 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
         for extra in (entry.path.with_suffix(".json"), layout.build_log(entry.path)):
             if extra.exists():
                 remove(extra, f"belongs to {entry.state} image")
-    base_dir = project.cache_dir / "bases"
+    base_dir = project.cache_dir / "bases" / _host_arch()  # where bases.base_sif_path puts this machine's bases
     for d in (folder, folder / ".locks", folder / ".logs", base_dir, base_dir / ".locks", project.recipes_dir):
         if not d.is_dir():
             continue

@@ -93,7 +93,8 @@ def test_base_path_is_deterministic_and_ref_independent(tmp_path: Path) -> None:
     pa = bases.base_sif_path(project, a)
     assert pa == bases.base_sif_path(project, b)
     assert pa != bases.base_sif_path(project, c)
-    assert pa.parent == project.cache_dir / "bases" and pa.suffix == ".sif"
+    assert pa.parent == project.cache_dir / "bases" / bases.host_arch() and pa.suffix == ".sif"
+    assert bases.recipe_ref(a).endswith("/" + pa.name), "recipes name the base without the machine's arch"
 
 
 def test_resolution_and_identity(tmp_path: Path) -> None:
@@ -123,6 +124,7 @@ def test_recipe_names_debootstrap_base_portably_and_build_materializes_it(tmp_pa
     spec = project.bases["debian:12"]
     res = bases.resolution(project, spec)
     assert res.source.startswith("@hpcexp-cache/bases/debootstrap-bookworm-") and res.source.endswith(".sif")
+    assert "amd64" not in res.source and "arm64" not in res.source
     assert str(tmp_path) not in res.source
     recipe = f"# header From: {res.source}\nBootstrap: localimage\nFrom: {res.source}\n\n%post\n    echo From: x\n"
     built = bases.materialize(recipe, project)

@@ -71,3 +71,11 @@ def test_example_builds_offline_runs_locally_and_through_slurm(tmp_path: Path) -
     out = project / "runs" / "hello" / run["run_id"]
     assert json.loads((out / "results" / "result.json").read_text())["greeting"] == "from slurm"
     assert (out / "job.sbatch").is_file()
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_committed_recipes_are_current(arch: str) -> None:
+    """recipes/ in this repository is generated; `convert --check` is how CI keeps it honest."""
+    proc = run_cli("convert", "--all", "--check", "--arch", arch, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "up to date" in proc.stdout + proc.stderr
