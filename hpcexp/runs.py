@@ -172,9 +172,10 @@ class RunRecord:
 
 
 def new_run_id() -> str:
-    """A fresh candidate id: UTC time to the second, then 6 random hex digits."""
+    """A fresh candidate id: UTC time to the millisecond, then 6 random hex digits."""
     now = _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    # Milliseconds keep ids of one second in start order; the random part keeps them unique.
+    return f"{now:%Y%m%d-%H%M%S}.{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 
 def allocate_run(layout: Layout, experiment: str, *, attempts: int = 50) -> RunPaths:
