@@ -159,3 +159,24 @@ def test_job_past_its_time_limit_is_timeout(proj: dict[str, Any]) -> None:
     (rec,) = wait_terminal(proj, run["run_id"], timeout=200)
     assert rec["state"] == "timeout", rec
     assert "TIMEOUT" in rec["reason"]
+
+
+def test_requeued_job_continues_the_same_record_and_keeps_earlier_logs(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "submit", "echo", "-p", "sleep=6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    run_id, job = out["runs"][0]["run_id"], out["job_ids"][0]
+    deadline = time.monotonic() + 60
+    while json.loads(cli(proj, "status", run_id, "--json").stdout)[0]["state"] != "running":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.5)
+    time.sleep(1)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # Slurm delays a requeued job's start (BeginTime); the owner may bring it forward
+    time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    (rec,) = wait_terminal(proj, run_id, timeout=120)
+    assert rec["state"] == "succeeded" and rec["attempt"] == 2, rec
+    assert rec["attempts"][0]["attempt"] == 1 and rec["attempts"][0]["note"] == "requeued"
+    run_dir = Path(rec["dir"])
+    assert (run_dir / "stdout.log").exists() and (run_dir / "stdout.2.log").read_text().endswith("done\n")
