@@ -773,14 +773,14 @@ def doctor_checks(f: Mapping[str, Any] | None = None) -> list[tuple[str, str, st
     if not f.get("available"):
         return [("slurm", "warn", f"no Slurm controller answers ({f.get('error', 'unknown')})",
                  "only needed for `hpcexp submit`: run on a login node or `module load slurm`")]
-    rows = [("slurm", "ok", f"Slurm {f.get('version')} (cluster {f.get('cluster')})", "")]
+    rows = [("slurm.version", "ok", f"Slurm {f.get('version')} (cluster {f.get('cluster')})", "")]
     mas = f.get("max_array_size")
     rows.append(("slurm.max_array_size", "ok" if (mas or 0) > 1 else "warn",
                  f"MaxArraySize={mas}: larger sweeps are split into several arrays under one sweep id",
                  "" if (mas or 0) > 1 else "job arrays are disabled; each sweep task becomes its own array"))
     acct = f.get("accounting")
     age = f.get("min_job_age")
-    rows.append(("slurm.accounting", "ok" if acct else "warn",
+    rows.append(("accounting", "ok" if acct else "warn",
                  f"accounting {'enabled' if acct else 'disabled'} ({f.get('accounting_storage')})",
                  "" if acct else "no final state/elapsed/MaxRSS from sacct; hpcexp relies on the markers its job "
                                  "scripts write, so keep run folders on a file system the nodes share"))

@@ -410,7 +410,7 @@ def test_facts_and_doctor_checks(fake_slurm: FakeSlurm) -> None:
     assert f["max_array_size"] == 1001 and f["min_job_age"] == 300 and f["accounting"] is False
     assert f["default_partition"] == "debug" and f["default_time_limit"] == "infinite"
     checks = {name: (status, detail) for name, status, detail, _ in slurm.doctor_checks(f)}
-    assert checks["slurm.accounting"][0] == "warn" and checks["slurm.max_array_size"][0] == "ok"
+    assert checks["accounting"][0] == "warn" and checks["slurm.max_array_size"][0] == "ok"
     assert slurm.doctor_checks({"available": False, "error": "x"})[0][1] == "warn"
 
 
