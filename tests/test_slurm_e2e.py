@@ -180,3 +180,11 @@ def test_requeued_job_continues_the_same_record_and_keeps_earlier_logs(proj: dic
     assert rec["attempts"][0]["attempt"] == 1 and rec["attempts"][0]["note"] == "requeued"
     run_dir = Path(rec["dir"])
     assert (run_dir / "stdout.log").exists() and (run_dir / "stdout.2.log").read_text().endswith("done\n")
+
+
+def test_run_dash_dash_slurm_is_an_alias_of_submit(proj: dict[str, Any]) -> None:
+    proc = cli(proj, "run", "--slurm", "echo", "-p", "msg=alias")
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted as job" in proc.stdout and len(sbatch_calls(proj)) == 1
+    (rec,) = wait_terminal(proj, "@last", timeout=60)
+    assert rec["executor"] == "slurm" and rec["state"] == "succeeded" and rec["params"] == {"msg": "alias"}

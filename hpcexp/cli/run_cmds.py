@@ -157,10 +157,12 @@ def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]
               help="Seconds between SIGTERM and SIGKILL when the run is stopped.")
 @click.option("--rebuild", is_flag=True, help="Rebuild the image even when it is cached.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages.")
+@click.option("--slurm", "via_slurm", is_flag=True,
+              help="Submit to Slurm instead: an alias of `hpcexp submit NAME` (see its --help for resources).")
 @pass_ctx
 def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...], detach: bool,
             arch: str | None, gpu: bool | None, writable: bool | None, allow_bind: bool, grace: float,
-            rebuild: bool, quiet: bool) -> None:
+            rebuild: bool, quiet: bool, via_slurm: bool = False) -> None:
     """Run experiment NAME without root; results land in runs/NAME/RUN_ID/.
 
     \b
@@ -169,6 +171,12 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
     Exit code: 0 succeeded, 5 the experiment failed (its code is in the record),
     3 apptainer could not start it, 4 the image build failed, 130 interrupted.
     """
+    if via_slurm:  # `hpcexp run --slurm` is an alias of `hpcexp submit` (the documented spelling)
+        from hpcexp.cli.slurm_cmds import submit_cmd
+
+        click.get_current_context().invoke(submit_cmd, name=name, args=args, params=params, arch=arch,
+                                           allow_bind=allow_bind)
+        return
     from hpcexp import apptainer, launch, local
     from hpcexp.config import host_arch
     from hpcexp.image import ensure_image
