@@ -514,3 +514,12 @@ def test_record_json_text_and_copy_match_the_contract() -> None:
     dup.attempts[0]["attempt"] = 2
     dup.params["a"] = "b"
     assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n"}
+
+
+def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project: Any, fake_slurm: FakeSlurm) -> None:
+    sub = _submit(project, [{}])
+    fake_slurm.set("squeue", "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n", 1)
+    (paths, rec), = runs.reconcile(Layout(project), [(sub.runs[0][0], runs.read_record(sub.runs[0][0]))])
+    assert rec.state == "pending" and "scheduler unreachable" in rec.reason and "connect failure" in rec.reason
+    assert runs.read_record(paths).state == "pending"
+    assert fake_slurm.calls("sacct") == [] and fake_slurm.calls("scancel") == []

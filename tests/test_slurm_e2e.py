@@ -34,7 +34,10 @@ echo done
 
 @pytest.fixture
 def proj(tmp_path: Path, busybox_sif: Path) -> dict[str, Any]:
-    root = tmp_path / "proj"
+    return make_proj(tmp_path, busybox_sif, tmp_path / "proj")
+
+
+def make_proj(tmp_path: Path, busybox_sif: Path, root: Path) -> dict[str, Any]:
     exp = root / "experiments" / "echo"
     exp.mkdir(parents=True)
     (exp / "Dockerfile").write_text("FROM busybox:latest\nCOPY . /app\nWORKDIR /app\n")
@@ -188,3 +191,14 @@ def test_run_dash_dash_slurm_is_an_alias_of_submit(proj: dict[str, Any]) -> None
     assert "submitted as job" in proc.stdout and len(sbatch_calls(proj)) == 1
     (rec,) = wait_terminal(proj, "@last", timeout=60)
     assert rec["executor"] == "slurm" and rec["state"] == "succeeded" and rec["params"] == {"msg": "alias"}
+
+
+def test_awkward_project_path_works_end_to_end(tmp_path: Path, busybox_sif: Path) -> None:
+    p = make_proj(tmp_path, busybox_sif, tmp_path / "ä b" / "it's:here%x")
+    proc = cli(p, "submit", "echo", "--sweep", "a=1,2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    sweep_id = json.loads(proc.stdout)["sweep_id"]
+    recs = wait_terminal(p, sweep_id, timeout=60)
+    assert [r["state"] for r in recs] == ["succeeded", "succeeded"], recs
+    outs = sorted((p["root"] / "runs" / ".sweeps" / sweep_id).glob("slurm-*_*.out"))
+    assert len(outs) == 2          # '%' in the path was escaped for Slurm's file name patterns
