@@ -800,6 +800,16 @@ def doctor_checks(f: Mapping[str, Any] | None = None) -> list[tuple[str, str, st
 # Submission
 # --------------------------------------------------------------------------------------
 
+def _fault(point: str) -> None:
+    """Test hook (reliability test 35): ``HPCEXP_TEST_FAULT=slurm.after_sbatch:kill`` kills
+    this process right after sbatch accepted a job and before any record holds its id."""
+    spec = os.environ.get("HPCEXP_TEST_FAULT", "")
+    if spec == f"{point}:kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class SubmitUncertain(SchedulerError):
     """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
 
@@ -1001,6 +1011,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             done = f"; already submitted: job(s) {', '.join(job_ids)} (`hpcexp stop {sweep_id}` cancels them)" \
                 if job_ids else "; nothing was submitted"
             raise SchedulerError(exc.message + done, hint=exc.hint) from exc
+        _fault("slurm.after_sbatch")
         job_ids.append(job)
         now = runs.utcnow()
         for pos, i in enumerate(rng):

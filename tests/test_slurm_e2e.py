@@ -202,3 +202,19 @@ def test_awkward_project_path_works_end_to_end(tmp_path: Path, busybox_sif: Path
     assert [r["state"] for r in recs] == ["succeeded", "succeeded"], recs
     outs = sorted((p["root"] / "runs" / ".sweeps" / sweep_id).glob("slurm-*_*.out"))
     assert len(outs) == 2          # '%' in the path was escaped for Slurm's file name patterns
+
+
+def test_death_between_sbatch_and_recording_the_job_id_is_reconciled(proj: dict[str, Any]) -> None:
+    env = dict(proj["env"], HPCEXP_TEST_FAULT="slurm.after_sbatch:kill")
+    proc = run_cli("submit", "echo", "--sweep", "a=1,2", cwd=proj["root"], env=env)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr)
+    assert len(sbatch_calls(proj)) == 1
+    before = [json.loads(p.read_text()) for p in (proj["root"] / "runs" / "echo").glob("*/run.json")]
+    assert len(before) == 2 and all(r["state"] == "submitting" and "job_id" not in r["executor_ids"]
+                                    for r in before)
+    sweep_id = before[0]["sweep_id"]
+    recs = wait_terminal(proj, sweep_id, timeout=60)
+    assert [r["state"] for r in recs] == ["succeeded", "succeeded"], recs
+    assert all(r["executor_ids"]["job_id"].endswith(f"_{r['task_index']}") and r["executor_ids"]["attached_by"]
+               for r in recs)
+    assert len(sbatch_calls(proj)) == 1
