@@ -136,6 +136,12 @@ def test_cancel_pending_and_vanished_image(proj: dict[str, Any]) -> None:
     assert stop.returncode == 0, stop.stderr
     (rec,) = wait_terminal(proj, held["run_id"], timeout=30)
     assert rec["state"] == "cancelled", rec
+    # `hpcexp stop SWEEP` cancels the whole array in one scancel
+    proc = cli(proj, "submit", "echo", "--sweep", "a=1,2,3", "--hold", "--json")
+    sweep_id = json.loads(proc.stdout)["sweep_id"]
+    assert cli(proj, "stop", sweep_id).returncode == 0
+    recs = wait_terminal(proj, sweep_id, timeout=30)
+    assert [r["state"] for r in recs] == ["cancelled"] * 3, recs
     # the image vanishes between submission and start: the job fails fast and says why
     proc = cli(proj, "submit", "echo", "--hold", "--json")
     run = json.loads(proc.stdout)["runs"][0]
@@ -150,6 +156,9 @@ def test_control_characters_refused_before_any_sbatch_call(proj: dict[str, Any])
     assert_clean_error(proc, 2, "control character")
     proc = cli(proj, "submit", "echo", "--sweep", "a=1,2", "-p", "c=x\nrm -rf ~/canary")
     assert_clean_error(proc, 2, "control character")
+    dry = cli(proj, "submit", "echo", "--sweep", "a=1,2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith("#!/bin/bash\n#SBATCH --array=0-1\n") and "set -euo pipefail" in dry.stdout
     assert sbatch_calls(proj) == []
     assert not (proj["root"] / "runs").exists() or not list((proj["root"] / "runs").rglob("run.json"))
 
