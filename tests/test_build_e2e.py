@@ -164,15 +164,18 @@ def test_killed_build_leaves_no_image_and_next_build_succeeds(tmp_path: Path, bu
 
 def test_interrupted_build_cleans_up_and_exits_130(tmp_path: Path, busybox_sif: Path, shim) -> None:
     env, _ = shim
-    root = project(tmp_path / "p", busybox_sif, run="echo sleeping && sleep 20")
+    root = project(tmp_path / "p", busybox_sif, run="echo sleeping && sleep 300")
     full_env = dict(os.environ, **env, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "hpcexp", "build", "hello"], cwd=root, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs = root / "images" / ".logs"
+    # The RUN step sleeps far longer than this wait, so under any load the signal lands
+    # while apptainer is still building, whenever its output reaches the log.
     deadline = time.time() + 60
     while time.time() < deadline and not (
             logs.is_dir() and any("sleeping" in p.read_text(errors="replace") for p in logs.glob("*.log"))):
         time.sleep(0.1)
+    assert proc.poll() is None, "the build must still be running when it is interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
