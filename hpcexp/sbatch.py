@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from hpcexp.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
+from hpcexp.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
 from hpcexp.errors import UsageError
 
 PLACEHOLDER_RE = re.compile(r"\{\{(.*?)\}\}")
@@ -189,6 +191,12 @@ def _record_start(spec: JobSpec) -> str:
         'HPCEXP_JOB="${SLURM_JOB_ID:-}"; HPCEXP_JOB="${HPCEXP_JOB//[^0-9_]/}"',
         "HPCEXP_RC=0; HPCEXP_TERM=false; HPCEXP_ENDED=false",
         'mkdir -p "$HPCEXP_RUN_DIR/results" "$HPCEXP_RUN_DIR/events"',
+        "# sbatch exports the login shell's environment: drop settings that would add binds or",
+        "# change the container's environment behind hpcexp's back (as apptainer.clean_env does)",
+        'for hpcexp_v in $(compgen -e); do case "$hpcexp_v" in',
+        f"  {'|'.join(SCRUB_KEEP)}) ;;",
+        f"  {'|'.join(p + '*' for p in SCRUB_PREFIXES)}) unset \"$hpcexp_v\" ;;",
+        "esac; done",
         "hpcexp_now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }",
         "# hpcexp_event KIND FORMAT ARGS...: write events/attempt-N.KIND atomically (temp name, then mv)",
         "hpcexp_event() {",
@@ -284,8 +292,10 @@ def render_template(text: str, values: Mapping[str, str], *, label: str) -> str:
             raise UsageError(f"{label}: placeholder {{{{ {name} }}}} {how}; it must appear exactly once",
                              hint="start from hpcexp's default template (hpcexp/templates/default.sbatch)")
     rendered = "".join(out_lines)
-    if not rendered.startswith("#!"):
-        raise UsageError(f"{label}:1: a job script must start with a '#!' line such as #!/bin/bash")
+    first = rendered.split("\n", 1)[0]
+    if not first.startswith("#!") or "bash" not in first:
+        raise UsageError(f"{label}:1: a job script must start with #!/bin/bash (hpcexp's lines use bash), "
+                         f"got {first[:60]!r}")
     return rendered
 
 

@@ -251,3 +251,21 @@ def test_array_task_selects_its_run(tmp_path: Path, image: Path) -> None:
     assert (tmp_path / "r1" / "stdout.log").read_text() == "task1\n"
     assert not (tmp_path / "r0" / "stdout.log").exists()
     assert _run_script(text, tmp_path, {"SLURM_ARRAY_TASK_ID": "9"}).returncode == 2
+
+
+def test_job_drops_apptainer_settings_exported_from_the_login_shell(tmp_path: Path, image: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    argv = ("bash", "-c", "env | grep -E '^(APPTAINER|SINGULARITY)' | sort")
+    text = sbatch.render(sbatch.default_template(), _spec([_task(run_dir, argv=argv, env={"A": "1"})], image=image))
+    res = _run_script(text, tmp_path, {"APPTAINER_BIND": "/:/host", "SINGULARITYENV_X": "1",
+                                       "APPTAINER_CACHEDIR": "/c", "APPTAINERENV_SECRET": "s"})
+    assert res.returncode == 0, res.stderr
+    assert (run_dir / "stdout.log").read_text() == "APPTAINERENV_A=1\nAPPTAINER_CACHEDIR=/c\n"
+
+
+def test_template_must_be_a_bash_script() -> None:
+    values = sbatch.placeholder_values(_spec([_task(Path("/p/r"))]))
+    with pytest.raises(UsageError, match=r"t:1: a job script must start with #!/bin/bash"):
+        sbatch.render_template("#!/bin/sh\n{{ sbatch_header }}\n{{ record_start }}\n{{ launch }}\n"
+                               "{{ record_end }}\n", values, label="t")
