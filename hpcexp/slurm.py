@@ -118,10 +118,13 @@ def array_spec(n: int, max_parallel: int | None) -> str:
     return spec + (f"%{max_parallel}" if max_parallel else "")
 
 
-def sbatch_argv(script: Path, *, hold: bool = False) -> list[str]:
+def sbatch_argv(script: Path, *, hold: bool = False, after: str | None = None) -> list[str]:
+    """``sbatch --parsable [--hold] [--dependency=afterany:JOB] SCRIPT``."""
     argv = ["sbatch", "--parsable"]
     if hold:
         argv.append("--hold")
+    if after:
+        argv.append(f"--dependency=afterany:{after}")
     return argv + [str(script)]
 
 
@@ -517,7 +520,7 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
     """One squeue call, then (only for runs that left the queue without a final answer)
     one sacct call unless accounting is known to be off, and one scontrol call."""
     ev = Evidence()
-    users = sorted({r.user for r in records} | {runs.username()})
+    users = sorted({r.user for r in records if _known_user(r.user)} | {runs.username()})
     try:
         res = _run(squeue_argv(users))
         if res.ok:
@@ -569,6 +572,17 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
         except EnvironmentProblem as exc:
             ev.checked.append(f"scontrol (unavailable: {exc.message})")
     return ev
+
+
+def _known_user(name: str) -> bool:
+    """squeue -u fails outright on a user unknown here (records copied from another cluster)."""
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except (KeyError, TypeError):
+        return False
 
 
 def _attach_orphans(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]], ev: Evidence) -> None:
@@ -814,10 +828,10 @@ class SubmitUncertain(SchedulerError):
     """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
 
 
-def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None) -> str:
+def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None, after: str | None = None) -> str:
     """``sbatch --parsable SCRIPT`` -> job id, or SchedulerError with Slurm's own reason."""
     try:
-        res = process.run(sbatch_argv(script, hold=hold), cwd=cwd, timeout=SBATCH_TIMEOUT)
+        res = process.run(sbatch_argv(script, hold=hold, after=after), cwd=cwd, timeout=SBATCH_TIMEOUT)
     except EnvironmentProblem as exc:
         if "did not answer" in exc.message:
             # the controller may have queued the job anyway: that is not a refusal
@@ -987,8 +1001,11 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
 
     job_ids: list[str] = []
     for n, (rng, job_name, _, script) in enumerate(renders):
+        # A sweep split into several arrays: --max-parallel throttles each array, so with a
+        # throttle each part waits for the previous one (afterany), keeping the global limit.
+        after = job_ids[-1] if (array and res.max_parallel and job_ids) else None
         try:
-            job = submit_script(script, hold=hold, cwd=proj.root)
+            job = submit_script(script, hold=hold, cwd=proj.root, after=after)
         except SubmitUncertain as exc:
             done = f"; already submitted before it: job(s) {', '.join(job_ids)}" if job_ids else ""
             rest = [tasks[i] for r in renders[n + 1:] for i in r[0]]
@@ -1027,7 +1044,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
         if array and sweep_record is not None:
             for sub in sweep_record["submissions"]:
                 if sub["job_name"] == job_name:
-                    sub.update(array_job_id=job, submitted_at=now, held=hold)
+                    sub.update(array_job_id=job, submitted_at=now, held=hold, after=after)
             sweep_mod.write_sweep(layout, sweep_record)
         # the array job id is now durable in the sweep record (and the job name), from which
         # reconcile re-attaches it: the task records need not be fsynced one by one again

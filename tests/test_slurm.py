@@ -276,6 +276,9 @@ def test_sweep_larger_than_max_array_size_is_split_under_one_sweep_id(project: A
     sub = _submit(project, [{"i": str(i)} for i in range(10)], sweep=True,
                   resources=SlurmResources(max_parallel=2))
     assert len(fake_slurm.calls("sbatch")) == 3 and sub.job_ids == ["1000", "1001", "1002"]
+    # with a throttle, each part waits for the previous one so the limit holds across parts
+    assert [c[2:-1] for c in fake_slurm.calls("sbatch")] == [[], ["--dependency=afterany:1000"],
+                                                             ["--dependency=afterany:1001"]]
     recs = [runs.read_record(p) for p, _ in sub.runs]
     assert {r.sweep_id for r in recs} == {sub.sweep_id}
     assert [r.executor_ids["job_id"] for r in recs][-3:] == ["1001_3", "1002_0", "1002_1"]
