@@ -108,7 +108,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     \b
     Resources come from hpcexp.yaml (project `slurm:`, then the experiment's), then
     these options. The image is built or reused here, on the login node; the job only
-    runs it. Examples:
+    runs it. `hpcexp run --slurm NAME` is an alias. Examples:
       hpcexp submit hello -p greeting=hi --time 10
       hpcexp submit train --sweep lr=0.1,0.01 --sweep seed=1,2,3 --max-parallel 4
     """
