@@ -579,7 +579,15 @@ class _Source:
             yield chunk
 
     def read_all(self) -> bytes:
-        data = os.read(self.fd, self.size + 1) if self.size else b""
+        parts = []
+        got = 0
+        while got <= self.size:  # read one byte past the size: a file that grew is caught
+            part = os.read(self.fd, self.size + 1 - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+        data = b"".join(parts)
         if len(data) != self.size:
             raise _Changed(f"{_show(self.arcname)} changed size while archiving")
         self.hash.update(data)
