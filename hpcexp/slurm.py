@@ -1212,3 +1212,36 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
     return _submit_tasks(layout, exp_name, image, tasks, res, sweep_id=sweep_id, array=True, hold=hold,
                          dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp_name}`",
                          first_chunk=first, sweep_record=record)
+
+
+# --------------------------------------------------------------------------------------
+# Waiting for submitted runs (submit --wait)
+# --------------------------------------------------------------------------------------
+
+def settled(rec: runs.RunRecord) -> bool:
+    """Nothing more will happen to this run without a new attempt: terminal, or ``unknown``
+    (the job left every queue and no evidence came back; waiting longer would be forever)."""
+    return rec.terminal or rec.state == "unknown"
+
+
+def wait(layout: Layout, run_dirs: Sequence[Path], *, poll: float = 2.0,
+         on_change: Any = None, sleep: Any = time.sleep) -> list[runs.RunRecord]:
+    """Block until every run in ``run_dirs`` has settled; return their final records.
+
+    Each round is one :func:`hpcexp.runs.reconcile` over all of them, that is one squeue
+    call (and at most one sacct/scontrol call), whatever the number of tasks, so waiting on
+    a large sweep does not load the controller. ``on_change(records)`` is called whenever
+    the set of states changes (to print progress).
+    """
+    last: tuple[str, ...] | None = None
+    while True:
+        items = [(RunPaths(d), runs.read_record(RunPaths(d))) for d in run_dirs]
+        items = runs.reconcile(layout, items)
+        records = [rec for _, rec in items]
+        states = tuple(sorted(rec.state for rec in records))
+        if states != last and on_change is not None:
+            on_change(records)
+        last = states
+        if all(settled(rec) for rec in records):
+            return records
+        sleep(poll)

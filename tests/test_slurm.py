@@ -526,3 +526,38 @@ def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project:
     assert rec.state == "pending" and "scheduler unreachable" in rec.reason and "connect failure" in rec.reason
     assert runs.read_record(paths).state == "pending"
     assert fake_slurm.calls("sacct") == [] and fake_slurm.calls("scancel") == []
+
+
+def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
+    """One reconcile (= one squeue call) per round for all runs; unknown counts as settled."""
+    from hpcexp import runs as runs_mod
+    from hpcexp import slurm as slurm_mod
+    from hpcexp.config import load_project
+    from hpcexp.paths import Layout
+
+    (tmp_path / "hpcexp.yaml").write_text("")
+    layout = Layout(load_project(tmp_path))
+    dirs = []
+    for i in range(3):
+        paths = runs_mod.allocate_run(layout, "exp")
+        runs_mod.write_record(paths, runs_mod.RunRecord(experiment="exp", run_id=paths.dir.name,
+                                                         state="pending", executor="slurm"))
+        dirs.append(paths.dir)
+    script = [["pending", "running", "pending"], ["running", "succeeded", "running"],
+              ["failed", "succeeded", "unknown"]]
+    rounds = []
+
+    def fake_reconcile(layout_, items):
+        states = script[len(rounds)]
+        rounds.append(len(items))
+        for (_, rec), state in zip(items, states):
+            rec.state = state
+        return items
+
+    monkeypatch.setattr(runs_mod, "reconcile", fake_reconcile)
+    seen = []
+    final = slurm_mod.wait(layout, dirs, on_change=lambda recs: seen.append([r.state for r in recs]),
+                           sleep=lambda s: None)
+    assert [r.state for r in final] == ["failed", "succeeded", "unknown"]
+    assert rounds == [3, 3, 3]
+    assert seen == script

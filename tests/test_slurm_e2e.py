@@ -227,3 +227,22 @@ def test_death_between_sbatch_and_recording_the_job_id_is_reconciled(proj: dict[
     assert all(r["executor_ids"]["job_id"].endswith(f"_{r['task_index']}") and r["executor_ids"]["attached_by"]
                for r in recs)
     assert len(sbatch_calls(proj)) == 1
+
+
+def test_submit_wait_returns_when_every_task_has_settled(proj: dict[str, Any]) -> None:
+    """`submit --wait` blocks until the sweep is done, prints the final table, and exits 5
+    when a task failed (0 when all succeeded), like `sbatch --wait`."""
+    proc = cli(proj, "submit", "echo", "--sweep", "fail=0,1", "-p", "msg=w", "--wait")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "1 succeeded, 1 failed" in proc.stderr and "Traceback" not in proc.stderr
+    sweep_id = json.loads(cli(proj, "status", "--json").stdout)[0]["sweep_id"]
+    states = sorted(r["state"] for r in json.loads(cli(proj, "status", sweep_id, "--json").stdout))
+    assert states == ["failed", "succeeded"], "--wait returned before every task had settled"
+    assert len(sbatch_calls(proj)) == 1
+
+    proc = cli(proj, "submit", "echo", "-p", "msg=ok", "--wait", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (rec,) = json.loads(proc.stdout)
+    assert rec["state"] == "succeeded" and rec["exit_code"] == 0
+    assert_clean_error(cli(proj, "submit", "echo", "--wait", "--hold"), 2, "--hold")
+    assert len(sbatch_calls(proj)) == 2, "--wait --hold must be refused before submitting"

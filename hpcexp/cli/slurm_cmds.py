@@ -95,6 +95,8 @@ def _with(options: list[Any]) -> Any:
 @click.option("--hold", is_flag=True, help="Submit held (sbatch --hold); release with `scontrol release`.")
 @click.option("--dry-run", is_flag=True, help="Print the rendered job script(s); submit and write nothing.")
 @click.option("--allow-bind", is_flag=True, help="Allow binds of otherwise refused host folders.")
+@click.option("--wait", "wait_", is_flag=True,
+              help="Wait until every task has finished (like sbatch --wait); exit 5 if any did not succeed.")
 @arch_option
 @json_option
 @pass_ctx
@@ -102,7 +104,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
                sweep_file: str | None, partition: str | None, time_: str | None, cpus: int | None, mem: str | None,
                gpus: str | None, account: str | None, qos: str | None, sbatch_args: tuple[str, ...],
                max_parallel: int | None, template: str | None, hold: bool, dry_run: bool, allow_bind: bool,
-               arch: str | None, as_json: bool) -> None:
+               wait_: bool, arch: str | None, as_json: bool) -> None:
     """Submit experiment NAME to Slurm: one job, or one job array for a sweep.
 
     \b
@@ -118,6 +120,10 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     from hpcexp import launch, slurm, sweep
     from hpcexp.config import host_arch
 
+    if wait_ and hold:
+        from hpcexp.errors import UsageError
+
+        raise UsageError("--wait with --hold would wait forever: the job stays held until released")
     project = ctx.project()
     exp = project.experiment(name)
     fixed = launch.parse_params(params)
@@ -146,7 +152,33 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
                             sweep=is_sweep, arch=arch, hold=hold, dry_run=dry_run, allow_binds=allow_bind,
                             cmdline=["hpcexp", *sys.argv[1:]])
-    _report(sub, as_json)
+    if not (wait_ and not dry_run):
+        _report(sub, as_json)
+        return
+    if not as_json:
+        _report(sub, False)
+    _wait_and_report(ctx, sub, as_json)
+
+
+def _wait_and_report(ctx: "Ctx", sub: Any, as_json: bool) -> None:
+    """Wait for a submission's runs; print their final table (or JSON) and fail if any failed."""
+    from hpcexp import slurm
+    from hpcexp.cli.run_cmds import echo_runs, summarize
+    from hpcexp.errors import PayloadFailed
+    from hpcexp.paths import Layout, RunPaths
+
+    what = f"sweep {sub.sweep_id}" if sub.sweep_id else f"run {sub.runs[0][1].run_id}"
+    dirs = [paths.dir for paths, _ in sub.runs]
+    final = slurm.wait(Layout(ctx.project()), dirs,
+                       on_change=None if as_json else lambda recs: info(f"{what}: {summarize(recs)}"))
+    if as_json:
+        emit_json([rec.to_dict() for rec in final])
+    else:
+        echo_runs([(RunPaths(d), rec) for d, rec in zip(dirs, final)])
+    bad = [rec for rec in final if rec.state != "succeeded"]
+    if bad:
+        raise PayloadFailed(f"{what}: {summarize(final)}",
+                            hint=f"hpcexp status {sub.sweep_id or bad[0].run_id}; hpcexp logs --stderr {bad[0].run_id}")
 
 
 @click.command("resubmit")
