@@ -238,14 +238,22 @@ def test_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
 
 
 def test_trusted_pgid_refuses_a_stale_group() -> None:
-    me = os.getpgid(0)
-    leader_start = local.proc_start_ticks(me)
-    if leader_start is None:
-        pytest.skip("process group leader not visible")
-    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me, "apptainer_start": leader_start}) == me
-    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me, "apptainer_start": leader_start + 1}) is None
-    assert local.trusted_pgid({"pgid": me, "apptainer_pid": me}) is None
-    assert local.trusted_pgid({}) is None
+    # A process group of our own, so the test does not depend on who leads pytest's group.
+    leader = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pgid = os.getpgid(leader.pid)
+        assert pgid == leader.pid
+        leader_start = local.proc_start_ticks(pgid)
+        assert leader_start is not None
+        ids = {"pgid": pgid, "apptainer_pid": pgid, "apptainer_start": leader_start}
+        assert local.trusted_pgid(ids) == pgid
+        assert local.trusted_pgid({**ids, "apptainer_start": leader_start + 1}) is None
+        assert local.trusted_pgid({"pgid": pgid, "apptainer_pid": pgid}) is None
+        assert local.trusted_pgid({}) is None
+    finally:
+        leader.kill()
+        leader.wait()
+    assert local.trusted_pgid(ids) is None, "a group whose leader is gone is never trusted"
 
 
 def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monkeypatch) -> None:
