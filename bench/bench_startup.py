@@ -33,6 +33,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # Compare like with like: click and yaml load from bytecode compiled at install time, so
+    # hpcexp must too (pip compiles an installed package; a bare checkout may not be).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "hpcexp")], env=env, check=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "hpcexp", "init", f"{tmp}/p"], env=env, check=True,
                        capture_output=True)

@@ -13,9 +13,7 @@ therefore fails at ``hpcexp list``, never halfway through a submission.
 
 from __future__ import annotations
 
-import difflib
 import os
-import platform
 import re
 import shlex
 from dataclasses import dataclass, field, replace
@@ -45,7 +43,7 @@ DOCKERFILE_NAMES: dict[str, tuple[str, ...]] = {
 
 def host_arch() -> str:
     """This machine's architecture in Docker's spelling (amd64 or arm64)."""
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()  # not platform.machine(): importing platform costs startup time
     if machine in ("aarch64", "arm64", "armv8l"):
         return "arm64"
     return "amd64"
@@ -184,7 +182,7 @@ class Project:
         try:
             return self.experiments[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self.experiments), n=1)
+            close = _close_matches(name, list(self.experiments), n=1)
             hint = f"did you mean {close[0]!r}?" if close else (
                 f"known experiments: {', '.join(sorted(self.experiments)) or 'none'}")
             raise NotFound(f"no experiment {name!r} in {self.root}", hint=hint) from None
@@ -273,7 +271,7 @@ class _Validator:
             if not isinstance(key, str):
                 self.err(path, f"key {key!r} must be a string")
             elif key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                close = _close_matches(key, allowed, n=1, cutoff=0.6)
                 suggestion = f" (did you mean {close[0]!r}?)" if close else \
                     f" (allowed: {', '.join(allowed)})"
                 self.err(f"{path}.{key}" if path else key, f"unknown key {key!r}{suggestion}")
@@ -682,6 +680,13 @@ def discover_dockerfiles(folder: Path) -> dict[str, Path]:
                 found[arch] = folder / cand
                 break
     return found
+
+
+def _close_matches(word: str, candidates: Sequence[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """difflib's close matches, imported only when a did-you-mean is needed (startup time)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=cutoff)
 
 
 def _typename(value: Any) -> str:
