@@ -538,7 +538,7 @@ def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
     (tmp_path / "hpcexp.yaml").write_text("")
     layout = Layout(load_project(tmp_path))
     dirs = []
-    for i in range(3):
+    for _ in range(3):
         paths = runs_mod.allocate_run(layout, "exp")
         runs_mod.write_record(paths, runs_mod.RunRecord(experiment="exp", run_id=paths.dir.name,
                                                          state="pending", executor="slurm"))
