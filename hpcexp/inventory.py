@@ -1,9 +1,12 @@
 """What ``hpcexp list`` knows about each experiment, cheaply.
 
 Listing must start as fast as ``import click, yaml`` (it is benchmarked), so nothing
-here imports spython or runs apptainer: recipe state comes from the sha256 of the
-Dockerfile recorded in the recipe's header comment, image state from the newest image
-sidecar's recorded recipe hash.
+here imports spython, hashes build contexts or runs apptainer: recipe state comes from
+the sha256 of the Dockerfile recorded in the recipe's header comment, image state from
+the newest image sidecar's recorded recipe hash. That cannot see a changed file in the
+build context, so an image whose recipe still matches is reported as ``built``, not
+``current``; ``hpcexp images`` computes the full input hash and says ``current`` or
+``stale`` exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class ExperimentInfo:
     dockerfiles: dict[str, str]
     arches: list[str]
     recipe: dict[str, str] = field(default_factory=dict)   # arch -> missing | current | stale
-    image: dict[str, str] = field(default_factory=dict)    # arch -> none | current | stale
+    image: dict[str, str] = field(default_factory=dict)    # arch -> none | built | stale
 
 
 def file_sha256(path: Path) -> str | None:
@@ -69,7 +72,7 @@ def image_state(layout: Layout, exp: Experiment, arch: str) -> str:
         data = json.loads(sidecars[-1].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "stale"
-    return "current" if recipe_sha and data.get("recipe_sha256") == recipe_sha else "stale"
+    return "built" if recipe_sha and data.get("recipe_sha256") == recipe_sha else "stale"
 
 
 def describe(project: Project) -> list[ExperimentInfo]:

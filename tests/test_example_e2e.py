@@ -44,6 +44,9 @@ def test_example_builds_offline_runs_locally_and_through_slurm(tmp_path: Path) -
     proc = run_cli("build", "hello", "--json", cwd=project)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["built"] is False, "an unchanged experiment must not rebuild"
+    listed = json.loads(run_cli("list", "--json", cwd=project).stdout)[0]
+    assert listed["recipe"]["amd64"] == "current" and listed["image"]["amd64"] == "built", listed
+    assert listed["image"]["arm64"] == "none"
 
     proc = run_cli("run", "hello", "-p", "greeting=hi; $(touch /tmp/x) 'q'", "-p", "count=2", cwd=project)
     assert proc.returncode == 0, proc.stdout + proc.stderr
