@@ -24,6 +24,7 @@ import json
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Container
@@ -42,7 +43,10 @@ _HEREDOC_RE = re.compile(r"<<(-?)(['\"]?)([A-Za-z_][A-Za-z0-9_.-]*)\2")
 _FLAG_RE = re.compile(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(\S*))?$")
 
 
-@dataclass(slots=True)
+# slots make these hot-path records cheaper; dataclass(slots=) exists from Python 3.10 on.
+SLOTS: dict = {"slots": True} if sys.version_info >= (3, 10) else {}
+
+@dataclass(**SLOTS)
 class Heredoc:
     """One here-document attached to an instruction."""
 
@@ -52,7 +56,7 @@ class Heredoc:
     quoted: bool       # <<'EOF' / <<"EOF": no expansion of the body
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Instruction:
     """One logical Dockerfile instruction."""
 

@@ -62,6 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+_SLOTS = dfmod.SLOTS
+
 @dataclass(frozen=True)
 class Note:
     """One line of the fidelity report."""
@@ -405,7 +407,7 @@ def _archive_kind(path: str) -> str:
 # Stages
 # --------------------------------------------------------------------------------------
 
-@dataclass(slots=True)
+@dataclass(**_SLOTS)
 class _Stage:
     index: int
     name: str                      # Apptainer stage name
