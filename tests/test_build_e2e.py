@@ -124,8 +124,13 @@ def test_failing_run_step(tmp_path: Path, busybox_sif: Path, shim) -> None:
     log_path = Path(first[0].rsplit("log: ", 1)[1].split(";")[0].strip())
     assert log_path.is_file() and "about to fail" in log_path.read_text()
     assert "about to fail" in proc.stderr  # the last lines are shown
+    assert proc.stderr.splitlines().count("  | about to fail") == 1, "the tail is shown once"
     assert not list((root / "images").glob("*.sif"))
     assert not [p for p in (root / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    # `run` needs the same image: the same tail and error, exit 4, and no run started
+    proc = run_cli("run", "hello", cwd=root, env=env)
+    assert_clean_error(proc, 4, "build of hello amd64 failed", "| about to fail")
+    assert not (root / "runs").exists() or not any((root / "runs").rglob("run.json"))
 
 
 def test_killed_build_leaves_no_image_and_next_build_succeeds(tmp_path: Path, busybox_sif: Path, shim) -> None:

@@ -148,12 +148,10 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
             img = ensure_image(project, exp, arch, force=force, quiet=quiet, progress=live, wait=not no_wait)
         except HpcexpError as exc:
             live.finish()
-            tail = getattr(exc, "tail", None)
-            if tail:
-                for line in tail:
-                    click.echo(f"  | {line}", err=True)
             if len(exps) == 1:
-                raise
+                raise  # the CLI edge prints the log tail and the error
+            for line in getattr(exc, "tail", None) or ():
+                click.echo(f"  | {line}", err=True)
             click.echo(f"hpcexp: error: {exc.message}", err=True)
             errors.append(exc)
             continue

@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> Any:
             import traceback
 
             traceback.print_exc()
+        # A failed build carries the last lines of its log: show them before the one-line
+        # error, whichever command (build, run, submit) needed the image.
+        for line in getattr(exc, "tail", None) or ():
+            click.echo(f"  | {line}", err=True)
         _fail(exc.lines(), exc.exit_code)
     except click.exceptions.Abort:
         click.echo("hpcexp: interrupted", err=True)
