@@ -91,6 +91,8 @@ class ImageInfo:
     sidecar: Path
     apptainer_version: str | None
     build_seconds: float | None = None
+    cmd: tuple[str, ...] | None = None        # the Dockerfile's CMD / ENTRYPOINT (argv), for the run's
+    entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.launch.plan)
 
 
 @dataclass(frozen=True)
@@ -317,7 +319,8 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         dockerfile_sha256=prep.conversion.dockerfile_sha256, base_refs=tuple(prep.conversion.base_refs),
         workdir=prep.conversion.workdir, built=built, sidecar=prep.image.with_suffix(".json"),
         apptainer_version=sidecar.get("apptainer_version"),
-        build_seconds=sidecar.get("build_seconds") if built else None)
+        build_seconds=sidecar.get("build_seconds") if built else None,
+        cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint)
 
 
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:

@@ -102,9 +102,17 @@ def canonical_bind_source(src: str, project: Project, *, allow_any: bool = False
 
 def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_id: str,
          params: Mapping[str, str] | None = None, args: Sequence[str] | None = None,
-         image_workdir: str | None = None, gpu: bool | None = None, writable: bool | None = None,
+         image_workdir: str | None = None, image_cmd: Sequence[str] | None = None,
+         image_entrypoint: Sequence[str] | None = None, gpu: bool | None = None, writable: bool | None = None,
          allow_binds: bool = False, program: str = "apptainer") -> LaunchPlan:
-    """Plan the container launch for one run. Pure, apart from resolving bind paths."""
+    """Plan the container launch for one run. Pure, apart from resolving bind paths.
+
+    Parameters as arguments follow Docker's rules (they are run arguments: appended to an
+    ENTRYPOINT, replacing CMD), with one exception a researcher expects: an image with a
+    CMD and no ENTRYPOINT (``CMD ["python", "train.py"]``), run with parameters and no
+    other arguments, runs that CMD with ``--KEY=VALUE`` appended, rather than trying to
+    execute ``--lr=0.1`` as the program.
+    """
     merged = dict(exp.params)
     merged.update(params or {})
     for key in merged:
@@ -140,11 +148,15 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
 
     payload: list[str] = list(exp.command or ())
     payload += list(args) if args else list(exp.args)
-    if "args" in exp.params_as:
+    action = "exec" if exp.command else "run"
+    params_as_args = "args" in exp.params_as and bool(merged)
+    if params_as_args and not payload and image_cmd and not image_entrypoint:
+        payload, action = list(image_cmd), "exec"  # CMD + parameters (see the docstring)
+    if params_as_args:
         payload += [f"--{key}={value}" for key, value in merged.items()]
 
     argv = apptainer.action_argv(
-        program, "exec" if exp.command else "run", image, args=payload, mounts=mounts,
+        program, action, image, args=payload, mounts=mounts,
         containall=True, cleanenv=True, nv=exp.gpu if gpu is None else gpu, pwd=workdir,
         writable_tmpfs=True, extra=NO_EVAL,
     )

@@ -180,7 +180,8 @@ def _image_fields(image: Any) -> dict[str, Any]:
     if isinstance(image, (str, os.PathLike)):
         return {"path": Path(image)}
     return {name: getattr(image, name, None)
-            for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version")}
+            for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version",
+                         "cmd", "entrypoint")}
 
 
 def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
@@ -201,7 +202,8 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
     try:
         run_paths.results.mkdir()
         the_plan = launch.plan(project, exp, Path(info["path"]), run_paths, run_id=run_id, params=params,
-                               args=args, image_workdir=info.get("workdir"), gpu=gpu, writable=writable,
+                               args=args, image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
+                               image_entrypoint=info.get("entrypoint"), gpu=gpu, writable=writable,
                                allow_binds=allow_binds, program=program)
     except BaseException:
         # nothing was started: leave no half-made run behind

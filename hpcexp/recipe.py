@@ -99,6 +99,8 @@ class Conversion:
     workdir: str | None = None                    # final WORKDIR of the last stage, if any
     build_args: Mapping[str, str] = field(default_factory=dict)  # resolved ARG values used
     source_label: str = ""                        # how the recipe header names the Dockerfile
+    cmd: tuple[str, ...] | None = None            # last stage's CMD as an argv (shell form: sh -c TEXT)
+    entrypoint: tuple[str, ...] | None = None     # last stage's ENTRYPOINT as an argv
 
     @property
     def approximated(self) -> bool:
@@ -1403,7 +1405,9 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
     return Conversion(recipe=recipe, notes=notes, dockerfile=dockerfile, dockerfile_sha256=sha, context=ctx,
                       arch=arch, context_files=files, base_refs=tuple(conv.base_refs),
                       workdir=last.workdir if last.workdir_set else None,
-                      build_args=dict(sorted(conv.used_args.items())), source_label=label)
+                      build_args=dict(sorted(conv.used_args.items())), source_label=label,
+                      cmd=tuple(last.cmd) if last.cmd else None,
+                      entrypoint=tuple(last.entrypoint) if last.entrypoint else None)
 
 
 def base_resolver(project: "Project", exp: "Experiment | None" = None,

@@ -911,7 +911,8 @@ def _image_fields(image: Any) -> dict[str, Any]:
     if isinstance(image, (str, os.PathLike)):
         return {"path": Path(image)}
     return {name: getattr(image, name, None)
-            for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version")}
+            for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version",
+                         "cmd", "entrypoint")}
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -1118,7 +1119,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
             paths = allocated[index]
             run_id = paths.dir.name
             plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
-                               image_workdir=info.get("workdir"), allow_binds=allow_binds, program=program)
+                               image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
+                               image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program)
             merged = dict(exp.params)
             merged.update(ps)
             rec = runs.RunRecord(

@@ -103,3 +103,25 @@ def test_parse_params_keeps_values_and_rejects_bad_names() -> None:
     for bad in ("noequals", "1x=2", "a-b=1", "=v"):
         with pytest.raises(UsageError):
             launch.parse_params([bad])
+
+
+def test_cmd_only_image_runs_cmd_with_parameters_appended(tmp_path: Path) -> None:
+    """`CMD ["python", "train.py"]` + `-p lr=0.1` must run `python train.py --lr=0.1`, not `--lr=0.1`."""
+    cmd = ("python3", "train.py")
+    plan, _ = _plan(tmp_path, params={"lr": "0.1"}, image_cmd=cmd, image_entrypoint=None)
+    argv = list(plan.argv)
+    assert argv[:2] == ["apptainer", "exec"]
+    assert argv[argv.index("/img/hello.sif") + 1:] == ["python3", "train.py", "--lr=0.1"]
+    # no parameters: the image's own runscript runs CMD as Docker would
+    plan, _ = _plan(tmp_path, image_cmd=cmd, image_entrypoint=None)
+    assert list(plan.argv)[1] == "run" and plan.argv[-1] == "/img/hello.sif"
+    # explicit arguments replace CMD (Docker's rule), parameters follow them
+    plan, _ = _plan(tmp_path, params={"lr": "0.1"}, args=["python3", "other.py"], image_cmd=cmd)
+    assert list(plan.argv)[1] == "run" and list(plan.argv)[-3:] == ["python3", "other.py", "--lr=0.1"]
+    # an ENTRYPOINT takes the parameters as its arguments
+    plan, _ = _plan(tmp_path, params={"lr": "0.1"}, image_cmd=("--epochs=3",), image_entrypoint=("python3", "t.py"))
+    assert list(plan.argv)[1] == "run" and list(plan.argv)[-1] == "--lr=0.1"
+    # parameters only as environment: CMD is left to the runscript
+    plan, _ = _plan(tmp_path, "experiments:\n  hello:\n    params_as: [env]\n", params={"lr": "0.1"},
+                    image_cmd=cmd)
+    assert list(plan.argv)[1] == "run" and plan.argv[-1] == "/img/hello.sif"

@@ -270,3 +270,20 @@ def test_awkward_project_path_with_colon_comma_quote_and_spaces(busybox_sif: Pat
     run_id = _latest(root, "hello")
     assert (root / "runs" / "hello" / run_id / "results" / "result.txt").read_text().strip() == run_id
     assert "--mount" in _record(root, "hello", run_id)["command"]  # --bind cannot carry ':' or ','
+
+
+def test_cmd_only_dockerfile_gets_parameters_after_its_command(tmp_path: Path, busybox_sif: Path) -> None:
+    """The common research Dockerfile has only CMD; `-p` must reach that program as arguments."""
+    root = tmp_path / "cmdproj"
+    d = root / "experiments" / "train"
+    d.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(f"bases:\n  \"busybox:latest\": {{sif: {json.dumps(str(busybox_sif))}}}\n")
+    (d / "Dockerfile").write_text('FROM busybox:latest\nWORKDIR /app\nCOPY train.sh /app/train.sh\n'
+                                  'CMD ["sh", "train.sh", "--epochs=1"]\n')
+    (d / "train.sh").write_text('for a in "$@"; do echo "arg:$a"; done\npwd\n')
+    proc = run_cli("run", "train", "-p", "lr=0.1", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["arg:--epochs=1", "arg:--lr=0.1", "/app"]
+    proc = run_cli("run", "train", cwd=root)  # no parameters: CMD exactly as in Docker
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == ["arg:--epochs=1", "/app"]
