@@ -93,7 +93,7 @@ RUN go build -o /out/app ./...
 FROM debian:bookworm-slim
 COPY --from=0 /out/app /usr/local/bin/app
 COPY --from=busybox:latest /bin/busybox /bin/
-COPY --from=ghcr.io/astral-sh/uv:0.4 /uv /bin/uv
+COPY --from=registry.example.invalid/astral-sh/uv:0.4 /uv /bin/uv
 """)
 case("p04_copy_flags", """
 FROM python:3.11-slim AS builder
