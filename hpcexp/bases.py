@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -215,24 +216,28 @@ def spec_for(exp: "Experiment", project: "Project", ref: str) -> BaseSpec | None
     return exp.bases.get(ref) or project.bases.get(ref)
 
 
-def resolution(project: "Project", spec: BaseSpec) -> BaseResolution:
-    """What the recipe header becomes for a mapped base."""
+def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) -> BaseResolution:
+    """What the recipe header becomes for a mapped base (the one FROM -> base mapping).
+
+    A local SIF inside the project is named relative to ``context`` (the build context,
+    where ``apptainer build`` runs), so the recipe is the same in every clone; a base hpcexp
+    builds is named by :func:`recipe_ref`, the same for every user.
+    """
     if spec.kind == "sif":
         assert spec.sif is not None
-        return BaseResolution("localimage", str(spec.sif))
+        sif = Path(spec.sif)
+        if context is not None:
+            try:
+                sif.resolve().relative_to(project.root.resolve())
+            except ValueError:
+                return BaseResolution("localimage", str(sif))
+            return BaseResolution("localimage", os.path.relpath(sif.resolve(), Path(context).resolve()))
+        return BaseResolution("localimage", str(sif))
     if spec.kind == "image":
         assert spec.image is not None
         scheme, _, rest = spec.image.partition("://")
         return BaseResolution(scheme, rest)
     return BaseResolution("localimage", recipe_ref(spec))
-
-
-def resolver(project: "Project", exp: "Experiment") -> Callable[[str], BaseResolution | None]:
-    """A ``resolve_base`` callback for :func:`hpcexp.recipe.convert`."""
-    def resolve(ref: str) -> BaseResolution | None:
-        spec = spec_for(exp, project, ref)
-        return None if spec is None else resolution(project, spec)
-    return resolve
 
 
 def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callable[[Path], str]) -> str:

@@ -207,14 +207,11 @@ def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities:
 
 
 def _resolver(project: Project, exp: Experiment) -> Callable[[str], Any]:
-    """The converter's own FROM resolver when it has one (so ``hpcexp convert`` and ``hpcexp
-    build`` write identical recipes), else :func:`hpcexp.bases.resolver`."""
+    """The converter's FROM resolver, so ``hpcexp convert`` and ``hpcexp build`` write
+    identical recipes."""
     from hpcexp import recipe
 
-    make = getattr(recipe, "base_resolver", None)
-    if make is not None:
-        return make(project, exp, exp.path)
-    return bases.resolver(project, exp)
+    return recipe.base_resolver(project, exp, exp.path)
 
 
 def _convert(project: Project, exp: Experiment, arch: str, resolve: Callable[[str], Any]) -> Any:

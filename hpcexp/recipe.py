@@ -1413,63 +1413,15 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
 def base_resolver(project: "Project", exp: "Experiment | None" = None,
                   context: Path | None = None) -> BaseResolver:
     """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
-    bases = dict(project.bases)
+    from hpcexp import bases as bases_mod  # bases imports this module: load it only when needed
+
+    mapping = dict(project.bases)
     if exp is not None:
-        bases.update(exp.bases)
+        mapping.update(exp.bases)
     ctx = Path(context) if context is not None else (exp.path if exp is not None else project.root)
 
-    def sif_path(path: Path) -> str:
-        path = Path(path)
-        try:
-            path.resolve().relative_to(project.root.resolve())
-        except ValueError:
-            return str(path)
-        return os.path.relpath(path.resolve(), ctx.resolve())
-
     def resolve(ref: str) -> BaseResolution | None:
-        spec = bases.get(ref)
-        if spec is None:
-            return None
-        if spec.kind == "sif" and spec.sif is not None:
-            return BaseResolution("localimage", sif_path(spec.sif))
-        if spec.kind == "image" and spec.image:
-            scheme, sep, rest = spec.image.partition("://")
-            if not sep:
-                scheme, _, rest = spec.image.partition(":")
-            return BaseResolution(scheme, rest)
-        if spec.kind == "debootstrap":
-            try:
-                from hpcexp import bases as bases_mod
-            except ImportError:
-                bases_mod = None  # type: ignore[assignment]
-            if bases_mod is not None and hasattr(bases_mod, "recipe_ref"):
-                # @hpcexp-cache/bases/NAME.sif: the same for every user; the build fills in the cache
-                return BaseResolution("localimage", bases_mod.recipe_ref(spec))
-            if bases_mod is not None and hasattr(bases_mod, "base_sif_path"):
-                return BaseResolution("localimage", sif_path(bases_mod.base_sif_path(project, spec)))
-            mirror = spec.mirror or project.debian_mirror or apt_mirror() or ""
-            headers = [("OSVersion", spec.suite or "stable")]
-            if mirror:
-                headers.append(("MirrorURL", mirror))
-            if spec.include:
-                headers.append(("Include", " ".join(spec.include)))
-            return BaseResolution("debootstrap", "", tuple(headers))
-        return None
+        spec = mapping.get(ref)
+        return None if spec is None else bases_mod.resolution(project, spec, ctx)
 
     return resolve
-
-
-def apt_mirror() -> str | None:
-    """The Debian mirror this machine's apt uses (never hard-coded), or None."""
-    candidates = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
-    for p in candidates:
-        try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            line = line.strip()
-            m = re.match(r"^URIs:\s*(\S+)", line) or re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)", line)
-            if m and "security" not in m.group(1):
-                return m.group(1)
-    return None

@@ -343,7 +343,8 @@ def test_cli_does_not_import_spython_at_startup():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_debootstrap_fallback_headers(tmp_path, monkeypatch):
+def test_base_map_kinds_through_the_converter(tmp_path):
+    """The converter's FROM map is hpcexp.bases.resolution: one mapping for convert and build."""
     from hpcexp.config import BaseSpec, load_project
     from hpcexp.recipe import base_resolver
 
@@ -351,26 +352,26 @@ def test_debootstrap_fallback_headers(tmp_path, monkeypatch):
     proj = load_project(tmp_path)
     import dataclasses
 
-    proj = dataclasses.replace(proj, bases={"debian:bookworm": BaseSpec(
-        ref="debian:bookworm", kind="debootstrap", suite="bookworm", mirror="http://deb.invalid/debian",
-        include=("python3-minimal",))})
-    from hpcexp import bases
-
-    # with the build module: the base SIF it builds, named the same for every user and clone
+    outside = tmp_path.parent / "shared-base.sif"
+    proj = dataclasses.replace(proj, bases={
+        "debian:bookworm": BaseSpec(ref="debian:bookworm", kind="debootstrap", suite="bookworm",
+                                    mirror="http://deb.invalid/debian", include=("python3-minimal",)),
+        "in:project": BaseSpec(ref="in:project", kind="sif", sif=tmp_path / "cache" / "deb.sif"),
+        "outside:x": BaseSpec(ref="outside:x", kind="sif", sif=outside),
+        "mirrored:y": BaseSpec(ref="mirrored:y", kind="image", image="oras://registry.invalid/y:1"),
+    })
+    # a base hpcexp builds: named the same for every user and clone
     res = base_resolver(proj)("debian:bookworm")
     assert res is not None and res.bootstrap == "localimage" and res.source.startswith("@hpcexp-cache/bases/")
-    monkeypatch.delattr(bases, "recipe_ref")
-    monkeypatch.setattr(bases, "base_sif_path", lambda project, spec: project.root / "cache" / "deb.sif")
-    res = base_resolver(proj, None, tmp_path / "experiments" / "x")("debian:bookworm")
+    # a local SIF inside the project: relative to the build context (deterministic across clones)
+    res = base_resolver(proj, None, tmp_path / "experiments" / "x")("in:project")
     assert res == BaseResolution("localimage", "../../cache/deb.sif")
-    monkeypatch.delattr(bases, "base_sif_path")  # without it: debootstrap headers in the recipe itself
-    res = base_resolver(proj)("debian:bookworm")
-    assert res is not None and res.bootstrap == "debootstrap"
-    assert dict(res.headers) == {"OSVersion": "bookworm", "MirrorURL": "http://deb.invalid/debian",
-                                 "Include": "python3-minimal"}
-    c = conv(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, "FROM debian:bookworm\n",
+    assert base_resolver(proj)("outside:x") == BaseResolution("localimage", str(outside))
+    assert base_resolver(proj)("mirrored:y") == BaseResolution("oras", "registry.invalid/y:1")
+    assert base_resolver(proj)("unmapped:z") is None
+    c = conv(tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path, "FROM mirrored:y\n",
              resolve_base=base_resolver(proj))
-    assert "Bootstrap: debootstrap\nOSVersion: bookworm\nMirrorURL: http://deb.invalid/debian\n" in c.recipe
+    assert "Bootstrap: oras\nFrom: registry.invalid/y:1\n" in c.recipe
 
 
 def test_mangled_dockerfiles_never_crash(tmp_path):
