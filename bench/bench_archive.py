@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 
 def make_tree(root: Path, small: int, large_mib: int) -> tuple[Path, str, int]:
     """A project with one run whose results hold `small` small files and 4 large ones."""
-    from hpcexp import runs
-    from hpcexp.config import host_arch, load_project
-    from hpcexp.paths import Layout
+    from hpcexp.core import runs
+    from hpcexp.core.config import host_arch, load_project
+    from hpcexp.core.layout import Layout
 
     (root / "experiments" / "bench").mkdir(parents=True)
     (root / "hpcexp.yaml").write_text("")

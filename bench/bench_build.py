@@ -94,7 +94,7 @@ def main() -> None:
 
         # 1. first hashing of the big file vs sha256sum (alternating; the first read warms the cache)
         subprocess.run(["sha256sum", str(big)], check=True, capture_output=True)
-        probe = ("import sys,time; from hpcexp.hashing import StatCache; c=StatCache(None); "
+        probe = ("import sys,time; from hpcexp.infra.hashing import StatCache; c=StatCache(None); "
                  "t=time.perf_counter(); c.digest(sys.argv[1]); print(time.perf_counter()-t)")
         ours, theirs = [], []
         for _ in range(3):

@@ -5,7 +5,7 @@
 Takes 100 Dockerfiles (the golden cases and the ML fixtures of the test suite, cycled to
 100), drops any that spython itself crashes on (so both sides convert the same set), then
 times converting all of them with spython (DockerParser + SingularityWriter.convert) and
-with ``hpcexp.recipe.convert``, alternating, ``--rounds`` times. Prints the median of each
+with ``hpcexp.convert.recipe.convert``, alternating, ``--rounds`` times. Prints the median of each
 and the ratio. Target: ratio <= 1.5.
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
 
     from spython.logger import bot
 
-    from hpcexp import recipe
+    from hpcexp.convert import recipe
 
     recipe._spython_mod()  # imports spython and silences its logger (same for both sides)
     bot.level = -10

@@ -72,7 +72,7 @@ def main() -> None:
     if os.geteuid() == 0:
         raise SystemExit("run as an ordinary user: Apptainer fails as root here")
 
-    from hpcexp import apptainer
+    from hpcexp.runtime import apptainer
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("HPCEXP_PROJECT", None)

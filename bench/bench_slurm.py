@@ -72,9 +72,9 @@ def hpcexp(proj: Path, *args: str, env: dict[str, str]) -> tuple[float, subproce
 
 def baseline(root: Path, tasks: int) -> tuple[float, float]:
     """sbatch --hold --array=0-(N-1) of a trivial script + N run records written by hpcexp's writer."""
-    from hpcexp import runs
-    from hpcexp.config import load_project
-    from hpcexp.paths import Layout
+    from hpcexp.core import runs
+    from hpcexp.core.config import load_project
+    from hpcexp.core.layout import Layout
 
     proj = load_project(root / "proj")
     layout = Layout(proj)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import archive, runs
-from hpcexp.config import host_arch, load_project
+from hpcexp import archive
+from hpcexp.core import runs
+from hpcexp.core.config import host_arch, load_project
+from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import Failure, NotFound, StorageError, UsageError
-from hpcexp.paths import Layout, RunPaths
 from tests.conftest import assert_clean_error, run_cli
 
 ARCH = host_arch()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import bases
-from hpcexp.config import BaseSpec, load_project
+from hpcexp.build import bases
+from hpcexp.core.config import BaseSpec, load_project
 from hpcexp.errors import EnvironmentProblem
 
 MIRROR = "http://mirror.invalid/debian"

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import apptainer, atomic, image, recipe
-from hpcexp.config import load_project
+from hpcexp.build import image
+from hpcexp.convert import recipe
+from hpcexp.core.config import load_project
+from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, LockBusy, StorageError
-from hpcexp.lock import Lock
-from hpcexp.paths import Layout
+from hpcexp.infra import atomic
+from hpcexp.infra.lock import Lock
+from hpcexp.runtime import apptainer
 from tests.buildfakes import convert_fake
 
 FAKES = Path(__file__).parent / "buildfakes"
@@ -283,7 +286,7 @@ def test_dead_owner_lock_and_orphan_temp_are_recovered(proj: Path, fake_env: Pat
 
 
 def test_images_and_clean_respect_run_records(proj: Path, fake_env: Path) -> None:
-    from hpcexp.runs import RunRecord, allocate_run, write_record
+    from hpcexp.core.runs import RunRecord, allocate_run, write_record
 
     old = build(proj)
     (proj / "experiments" / "hello" / "hello.sh").write_text("echo v2\n")
@@ -420,7 +423,7 @@ def test_debootstrap_base_is_built_once_then_reused(tmp_path: Path, fake_env: Pa
     (exp / "Dockerfile").write_text("FROM python:3.11-slim\nRUN true\n")
     project = load_project(root)
     first = image.ensure_image(project, project.experiment("py"), "amd64")
-    from hpcexp import bases as basesmod
+    from hpcexp.build import bases as basesmod
 
     base = basesmod.base_sif_path(project, project.bases["python:3.11-slim"])
     assert base.is_file() and image.valid_sif(base)
@@ -447,8 +450,8 @@ def test_debootstrap_base_is_built_once_then_reused(tmp_path: Path, fake_env: Pa
 
 def test_debootstrap_base_without_debootstrap_says_what_to_do(tmp_path: Path, fake_env: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from hpcexp import process
     from hpcexp.errors import EnvironmentProblem
+    from hpcexp.infra import process
 
     root = tmp_path / "deb"
     (root / "experiments" / "py").mkdir(parents=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, assert_clean_error, run_cli
 
-from hpcexp.scaffold import template_files
+from hpcexp.app.scaffold import template_files
 
 
 def test_version_and_help() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_error, run_cli
 
-from hpcexp.config import check_name, load_project
+from hpcexp.core.config import check_name, load_project
 from hpcexp.errors import ConfigError, NotFound, UsageError
 
 

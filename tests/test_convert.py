@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import dockerfile as dfm
+from hpcexp.convert import dockerfile as dfm
+from hpcexp.convert.recipe import BaseResolution, IgnoreRules, convert
 from hpcexp.errors import ConvertError
-from hpcexp.recipe import BaseResolution, IgnoreRules, convert
 from tests.conftest import HOSTILE_VALUES, assert_clean_error, run_cli
 
 
@@ -177,7 +177,7 @@ def test_strict_flag_property(tmp_path):
 
 
 def test_spython_crash_and_exit_become_convert_error(tmp_path, monkeypatch, capsys):
-    from hpcexp import recipe
+    from hpcexp.convert import recipe
 
     recipe._spython_mod()
     parser = recipe._SPY["parser"]
@@ -199,7 +199,7 @@ def test_spython_crash_and_exit_become_convert_error(tmp_path, monkeypatch, caps
 
 
 def test_spython_is_in_the_pipeline(tmp_path, monkeypatch):
-    from hpcexp import recipe
+    from hpcexp.convert import recipe
 
     recipe._spython_mod()
     calls = []
@@ -344,9 +344,9 @@ def test_cli_does_not_import_spython_at_startup():
 
 
 def test_base_map_kinds_through_the_converter(tmp_path):
-    """The converter's FROM map is hpcexp.bases.resolution: one mapping for convert and build."""
-    from hpcexp.config import BaseSpec, load_project
-    from hpcexp.recipe import base_resolver
+    """The converter's FROM map is hpcexp.build.bases.resolution: one mapping for convert and build."""
+    from hpcexp.convert.recipe import base_resolver
+    from hpcexp.core.config import BaseSpec, load_project
 
     (tmp_path / "hpcexp.yaml").write_text("")
     proj = load_project(tmp_path)

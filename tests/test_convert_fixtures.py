@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp.recipe import convert
+from hpcexp.convert.recipe import convert
 from tests.test_convert_golden import sections
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dockerfiles"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp.recipe import Conversion, convert
+from hpcexp.convert.recipe import Conversion, convert
 
 GOLDEN = Path(__file__).parent / "golden" / "convert"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "Dockerfile").is_file())

@@ -1,4 +1,4 @@
-"""hpcexp.launch.plan: the apptainer command of a run (pure, no container needed)."""
+"""hpcexp.runtime.launch.plan: the apptainer command of a run (pure, no container needed)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import HOSTILE_VALUES
 
-from hpcexp import launch
-from hpcexp.config import load_project
+from hpcexp.core.config import load_project
+from hpcexp.core.layout import RunPaths
 from hpcexp.errors import UsageError
-from hpcexp.paths import RunPaths
+from hpcexp.runtime import launch
 
 
 def _project(root: Path, yaml: str = "{}\n"):

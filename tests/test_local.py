@@ -1,4 +1,4 @@
-"""hpcexp.local with a fake container runtime (a Python script in place of apptainer).
+"""hpcexp.execute.local with a fake container runtime (a Python script in place of apptainer).
 
 The supervisor, exit decoding, stop, watchdog and reconcile are exercised for real;
 only apptainer is replaced. The real thing is in test_local_e2e.py.
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import local, runs
-from hpcexp.paths import RunPaths
+from hpcexp.core import runs
+from hpcexp.core.layout import RunPaths
+from hpcexp.execute import local
 
 
 def _record(run_dir: Path, code: str, *, run_id: str | None = None, grace: float = 10.0) -> RunPaths:
@@ -260,7 +261,7 @@ def test_start_run_with_a_fake_apptainer_records_everything(tmp_path: Path, monk
     """The library entry point, with an ImageInfo-like object and a stand-in apptainer on PATH."""
     from types import SimpleNamespace
 
-    from hpcexp.config import load_project
+    from hpcexp.core.config import load_project
 
     bindir = tmp_path / "bin"
     bindir.mkdir()

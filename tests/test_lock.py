@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import lock as lockmod
 from hpcexp.errors import LockBusy
-from hpcexp.lock import Lock, Owner, read_owner
+from hpcexp.infra import lock as lockmod
+from hpcexp.infra.lock import Lock, Owner, read_owner
 
 
 def test_lock_records_owner_and_excludes_others(tmp_path: Path) -> None:

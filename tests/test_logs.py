@@ -1,4 +1,4 @@
-"""hpcexp.logs: tail, and follow by name (tail -F semantics), without a real run."""
+"""hpcexp.execute.logs: tail, and follow by name (tail -F semantics), without a real run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from hpcexp import logs
+from hpcexp.execute import logs
 
 
 def _follow_in_thread(paths, done: threading.Event, **kw):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_error, run_cli
 
-from hpcexp import runs
 from hpcexp.cli.run_cmds import format_params, summarize
-from hpcexp.paths import RunPaths
+from hpcexp.core import runs
+from hpcexp.core.layout import RunPaths
 
 
 @pytest.fixture

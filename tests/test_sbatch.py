@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp import sbatch
+from hpcexp.core.layout import RunPaths
 from hpcexp.errors import UsageError
-from hpcexp.paths import RunPaths
+from hpcexp.execute.slurm import sbatch
 from tests.conftest import HOSTILE_VALUES
 
 GOLDEN = Path(__file__).parent / "golden" / "sbatch"

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from hpcexp import runs, slurm, sweep
-from hpcexp.config import SlurmResources, load_project
+from hpcexp.core import runs
+from hpcexp.core.config import SlurmResources, load_project
+from hpcexp.core.layout import Layout
 from hpcexp.errors import SchedulerError, UsageError
-from hpcexp.paths import Layout
+from hpcexp.execute import slurm, sweep
 from tests.conftest import HOSTILE_VALUES, assert_clean_error, run_cli
 
 GOLDEN = Path(__file__).parent / "golden" / "sbatch" / "scheduler"
@@ -316,7 +317,7 @@ def test_dry_run_writes_and_submits_nothing(project: Any, fake_slurm: FakeSlurm)
 def test_template_selection_and_errors(project: Any, fake_slurm: FakeSlurm) -> None:
     slurm_dir = project.slurm_dir
     slurm_dir.mkdir()
-    from hpcexp.sbatch import default_template
+    from hpcexp.execute.slurm.sbatch import default_template
 
     (slurm_dir / "default.sbatch").write_text(default_template().replace("set -euo pipefail",
                                                                          "set -euo pipefail\n# DEFAULT-MARK"))
@@ -530,10 +531,10 @@ def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project:
 
 def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
     """One reconcile (= one squeue call) per round for all runs; unknown counts as settled."""
-    from hpcexp import runs as runs_mod
-    from hpcexp import slurm as slurm_mod
-    from hpcexp.config import load_project
-    from hpcexp.paths import Layout
+    from hpcexp.core import runs as runs_mod
+    from hpcexp.core.config import load_project
+    from hpcexp.core.layout import Layout
+    from hpcexp.execute import slurm as slurm_mod
 
     (tmp_path / "hpcexp.yaml").write_text("")
     layout = Layout(load_project(tmp_path))

@@ -63,7 +63,7 @@ def archive_cmd(ctx, refs: tuple[str, ...], all_runs: bool, output: str | None, 
         return
 
     _stop_on_sigterm()
-    from hpcexp.paths import Layout
+    from hpcexp.core.layout import Layout
 
     layout = Layout(ctx.project())
     result = archive.create_archive(layout, list(refs), all_runs=all_runs, output=output, fmt=fmt,

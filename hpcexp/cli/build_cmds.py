@@ -130,9 +130,9 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
     command runs at all. Images land in the images folder as NAME-ARCH-HASH.sif, each with
     a provenance sidecar (.json) and labels (`apptainer inspect --labels`).
     """
-    from hpcexp.config import host_arch
+    from hpcexp.build.image import ensure_image
+    from hpcexp.core.config import host_arch
     from hpcexp.errors import HpcexpError
-    from hpcexp.image import ensure_image
 
     project = ctx.project()
     exps = project.select(list(names), all_)
@@ -179,7 +179,7 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
 @pass_ctx
 def images_cmd(ctx: Ctx, as_json: bool) -> None:
     """List built images: experiment, architecture, size, age, current or stale."""
-    from hpcexp.image import list_images
+    from hpcexp.build.image import list_images
 
     entries = list_images(ctx.project())
     if as_json:
@@ -201,7 +201,7 @@ def clean_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool) -> None:
     An image a run record points to is kept unless --force (the run could not be
     reproduced from it otherwise).
     """
-    from hpcexp.image import clean
+    from hpcexp.build.image import clean
 
     report = clean(ctx.project(), dry_run=dry_run, force=force)
     if as_json:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import click
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.config import Project
+    from hpcexp.core.config import Project
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Ctx:
     def project(self) -> "Project":
         """Load (once) and return the project; raises ConfigError/NotFound for the CLI edge."""
         if self._project is None:
-            from hpcexp.config import load_project
+            from hpcexp.core.config import load_project
 
             self._project = load_project(explicit=self.project_arg)
         return self._project

@@ -76,10 +76,10 @@ def convert_cmd(ctx: Any, names: tuple[str, ...], all_: bool, arch: str | None, 
         return
     if context is not None or output is not None:
         raise UsageError("--context and -o go with --dockerfile")
-    from hpcexp import atomic
-    from hpcexp.config import host_arch
-    from hpcexp.paths import Layout
-    from hpcexp.recipe import base_resolver, convert
+    from hpcexp.convert.recipe import base_resolver, convert
+    from hpcexp.core.config import host_arch
+    from hpcexp.core.layout import Layout
+    from hpcexp.infra import atomic
 
     project = ctx.project()
     exps = project.select(list(names), all_)
@@ -132,10 +132,10 @@ def convert_cmd(ctx: Any, names: tuple[str, ...], all_: bool, arch: str | None, 
 
 def _convert_file(dockerfile: Path, context: Path | None, arch: str | None, cli_args: dict[str, str],
                   output: str | None, strict: bool, as_json: bool, show_all: bool) -> None:
-    from hpcexp import atomic
-    from hpcexp.config import host_arch
+    from hpcexp.convert.recipe import convert
+    from hpcexp.core.config import host_arch
     from hpcexp.errors import Failure
-    from hpcexp.recipe import convert
+    from hpcexp.infra import atomic
 
     arch = arch or host_arch()
     conv = convert(dockerfile, context=context, arch=arch, build_args=cli_args, source_label=str(dockerfile))

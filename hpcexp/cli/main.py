@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> Any:
         finally:
             sys.exit(0)
     except OSError as exc:
-        from hpcexp.atomic import storage_error
+        from hpcexp.infra.atomic import storage_error
 
         err = storage_error(exc, exc.filename or "?")
         if debug:

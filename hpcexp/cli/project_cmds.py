@@ -19,7 +19,7 @@ def init_cmd(directory: Path, as_json: bool) -> None:
     small program that takes parameters and writes a result file), slurm/default.sbatch and
     a .gitignore. Existing files are never overwritten.
     """
-    from hpcexp.scaffold import init_project
+    from hpcexp.app.scaffold import init_project
 
     result = init_project(directory)
     if as_json:
@@ -36,7 +36,7 @@ def init_cmd(directory: Path, as_json: bool) -> None:
 @pass_ctx
 def list_cmd(ctx: Ctx, as_json: bool) -> None:
     """List experiments: Dockerfiles per architecture, recipe and image state."""
-    from hpcexp.inventory import describe
+    from hpcexp.build.inventory import describe
 
     project = ctx.project()
     infos = describe(project)
@@ -59,7 +59,7 @@ def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
 
     Exits 3 when something required is missing; every failure names its fix.
     """
-    from hpcexp.doctor import run_checks
+    from hpcexp.app.doctor import run_checks
     from hpcexp.errors import HpcexpError
 
     project = None

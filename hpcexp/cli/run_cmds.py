@@ -17,8 +17,8 @@ from hpcexp.cli.common import arch_option, echo_table, emit_json, human_age, inf
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpcexp.cli.common import Ctx
-    from hpcexp.paths import Layout, RunPaths
-    from hpcexp.runs import RunRecord
+    from hpcexp.core.layout import Layout, RunPaths
+    from hpcexp.core.runs import RunRecord
 
 STATE_ORDER = ("succeeded", "failed", "cancelled", "timeout", "out_of_memory", "node_fail", "lost", "running",
                "pending", "submitting", "created", "unknown")
@@ -74,7 +74,7 @@ def run_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[list[str]]
     """Rows of the run table: RUN_ID, EXPERIMENT, STATE, AGE, DURATION, EXIT, PARAMS."""
     import time
 
-    from hpcexp.runs import parse_time
+    from hpcexp.core.runs import parse_time
 
     now = time.time()
     rows = []
@@ -128,7 +128,7 @@ def _details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
 
 def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]], *, by_time: bool = True
                 ) -> list[tuple["RunPaths", "RunRecord"]]:
-    from hpcexp.runs import reconcile
+    from hpcexp.core.runs import reconcile
 
     out = reconcile(layout, items)
     if by_time:  # ids order by the second only; two runs started in the same second go by created_at
@@ -177,9 +177,10 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
         click.get_current_context().invoke(submit_cmd, name=name, args=args, params=params, arch=arch,
                                            allow_bind=allow_bind)
         return
-    from hpcexp import apptainer, launch, local
-    from hpcexp.config import host_arch
-    from hpcexp.image import ensure_image
+    from hpcexp.build.image import ensure_image
+    from hpcexp.core.config import host_arch
+    from hpcexp.execute import local
+    from hpcexp.runtime import apptainer, launch
 
     project = ctx.project()
     exp = project.experiment(name)
@@ -241,8 +242,8 @@ def _raise_for(paths: "RunPaths", rec: "RunRecord", detach: bool) -> None:
 @pass_ctx
 def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     """State of all runs, or details of one RUN (id, unique prefix, experiment name, @last, sweep id)."""
-    from hpcexp.paths import Layout
-    from hpcexp.runs import iter_runs, resolve
+    from hpcexp.core.layout import Layout
+    from hpcexp.core.runs import iter_runs, resolve
 
     layout = Layout(ctx.project())
     if ref is None:
@@ -267,9 +268,9 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
 @pass_ctx
 def runs_cmd(ctx: "Ctx", name: str | None, as_json: bool) -> None:
     """Table of runs (of experiment NAME, or all): state, age, duration, exit code, parameters."""
-    from hpcexp.config import check_name
-    from hpcexp.paths import Layout
-    from hpcexp.runs import iter_runs
+    from hpcexp.core.config import check_name
+    from hpcexp.core.layout import Layout
+    from hpcexp.core.runs import iter_runs
 
     project = ctx.project()
     layout = Layout(project)
@@ -303,9 +304,9 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
     """
     import time
 
-    from hpcexp import logs
-    from hpcexp.paths import Layout
-    from hpcexp.runs import read_record, reconcile, resolve
+    from hpcexp.core.layout import Layout
+    from hpcexp.core.runs import read_record, reconcile, resolve
+    from hpcexp.execute import logs
 
     layout = Layout(ctx.project())
     items = resolve(layout, ref)
@@ -359,9 +360,9 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     """
     import importlib
 
+    from hpcexp.core.layout import Layout
+    from hpcexp.core.runs import resolve
     from hpcexp.errors import UsageError
-    from hpcexp.paths import Layout
-    from hpcexp.runs import resolve
 
     layout = Layout(ctx.project())
     items: list[tuple[Any, Any]] = []
@@ -377,7 +378,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     results: dict[Any, Any] = {}
     for executor, group in by_exec.items():
         try:
-            module = importlib.import_module(f"hpcexp.{executor}")
+            module = importlib.import_module(f"hpcexp.execute.{executor}")
         except ImportError:
             module = None
         fn = getattr(module, "stop", None) if module is not None else None

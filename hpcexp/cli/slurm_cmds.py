@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def _resources(partition: str | None, time: str | None, cpus: int | None, mem: str | None, gpus: str | None,
                account: str | None, qos: str | None, max_parallel: int | None, sbatch_args: tuple[str, ...],
                template: str | None = None) -> Any:
-    from hpcexp.config import SlurmResources
+    from hpcexp.core.config import SlurmResources
 
     return SlurmResources(partition=partition, time=time, cpus=cpus, mem=mem, gpus=gpus, account=account, qos=qos,
                           max_parallel=max_parallel, sbatch_args=tuple(sbatch_args), template=template)
@@ -117,8 +117,9 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     import sys
     from pathlib import Path
 
-    from hpcexp import launch, slurm, sweep
-    from hpcexp.config import host_arch
+    from hpcexp.core.config import host_arch
+    from hpcexp.execute import slurm, sweep
+    from hpcexp.runtime import launch
 
     if wait_ and hold:
         from hpcexp.errors import UsageError
@@ -133,7 +134,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     over = _resources(partition, time_, cpus, mem, gpus, account, qos, max_parallel, sbatch_args, template)
     slurm.check_resources(over)
     resources = exp.slurm.merged(over)
-    from hpcexp.sbatch import check_value
+    from hpcexp.execute.slurm.sbatch import check_value
 
     for a in args:
         check_value("argument", a)
@@ -142,11 +143,11 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     arch = arch or host_arch()
     is_sweep = bool(grid or file_sets)
     if dry_run:
-        from hpcexp import image
+        from hpcexp.build import image
 
         image_ref: Any = image.prepare(project, exp, arch, write=False).image
     else:
-        from hpcexp import image
+        from hpcexp.build import image
 
         image_ref = image.ensure_image(project, exp, arch, quiet=as_json)
     sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
@@ -162,10 +163,10 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
 
 def _wait_and_report(ctx: "Ctx", sub: Any, as_json: bool) -> None:
     """Wait for a submission's runs; print their final table (or JSON) and fail if any failed."""
-    from hpcexp import slurm
     from hpcexp.cli.run_cmds import echo_runs, summarize
+    from hpcexp.core.layout import Layout, RunPaths
     from hpcexp.errors import PayloadFailed
-    from hpcexp.paths import Layout, RunPaths
+    from hpcexp.execute import slurm
 
     what = f"sweep {sub.sweep_id}" if sub.sweep_id else f"run {sub.runs[0][1].run_id}"
     dirs = [paths.dir for paths, _ in sub.runs]
@@ -200,8 +201,8 @@ def resubmit_cmd(ctx: "Ctx", sweep_id: str, failed: bool, cancelled: bool, parti
     Each task keeps its run record and folder and gets a new attempt; earlier attempts
     and their logs are kept.
     """
-    from hpcexp import slurm, sweep
-    from hpcexp.config import check_name
+    from hpcexp.core.config import check_name
+    from hpcexp.execute import slurm, sweep
 
     check_name(sweep_id, "sweep id")
     project = ctx.project()

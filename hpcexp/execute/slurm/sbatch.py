@@ -17,7 +17,7 @@ before anything is rendered: a newline in a job name would otherwise add a direc
 What the job does on the compute node needs neither hpcexp nor Python: it writes its
 own state markers with plain shell into ``RUN_DIR/events/`` (``attempt-N.started``,
 ``attempt-N.exit``, JSON, written to a temp name then renamed), and ``hpcexp status``
-folds them into run.json (see :func:`hpcexp.slurm.reconcile`). A requeued job starts
+folds them into run.json (see :func:`hpcexp.execute.slurm.reconcile`). A requeued job starts
 again from the top; its attempt number is the submission's base attempt plus
 ``SLURM_RESTART_COUNT``, and each attempt writes its own log files so earlier ones are
 kept.
@@ -33,9 +33,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcexp.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
-from hpcexp.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
 from hpcexp.errors import UsageError
+from hpcexp.runtime.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
+from hpcexp.runtime.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
 
 PLACEHOLDER_RE = re.compile(r"\{\{(.*?)\}\}")
 NAME_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
@@ -129,7 +129,7 @@ def container_env_value(value: str) -> str:
 
     Apptainer (1.4.5, checked) evaluates these values like a double-quoted shell word
     while setting up the container environment: ``$(...)``, backticks and ``$VAR``
-    expand inside the container. :mod:`hpcexp.launch` passes ``--no-eval``, which stops
+    expand inside the container. :mod:`hpcexp.runtime.launch` passes ``--no-eval``, which stops
     that; for a command without it (a record made before that flag was added, being
     resubmitted) escaping backslash, ``$`` and backtick makes the value arrive verbatim.
     """

@@ -3,7 +3,7 @@
 Functions here return argument lists (never shell strings) for ``apptainer build``,
 ``run``/``exec`` and ``inspect``, and read facts about the installed Apptainer. They are
 pure where they can be (argv builders, golden-tested), and the few that run something
-go through :mod:`hpcexp.process`.
+go through :mod:`hpcexp.infra.process`.
 
 SingularityCE >= 3.9 is accepted too: ``singularity`` is used when ``apptainer`` is not
 on PATH.
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcexp import process
 from hpcexp.errors import EnvironmentProblem
+from hpcexp.infra import process
 
 MIN_APPTAINER = (1, 1, 0)
 MIN_SINGULARITY = (3, 9, 0)

@@ -1,6 +1,6 @@
 """Run records: the one contract shared by the local and the Slurm executor.
 
-A run is a folder ``runs/NAME/RUN_ID/`` (see :mod:`hpcexp.paths`) holding ``run.json``.
+A run is a folder ``runs/NAME/RUN_ID/`` (see :mod:`hpcexp.core.layout`) holding ``run.json``.
 The record is written before anything starts (invariant I1) and replaced atomically at
 each state change (I2). ``logs``, ``status``, ``stop`` and ``archive`` read only this
 record and the files beside it, never caring which executor ran the run.
@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from hpcexp import __version__, atomic
+from hpcexp import __version__
+from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import NotFound, StorageError, UsageError
-from hpcexp.paths import Layout, RunPaths
+from hpcexp.infra import atomic
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:
     """The project's git commit and whether the work tree is dirty (None when not a repo)."""
-    from hpcexp import process
+    from hpcexp.infra import process
 
     if process.which("git") is None:
         return None, None
@@ -345,8 +346,8 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
 def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, RunRecord]]) -> list[tuple[RunPaths, RunRecord]]:
     """Bring non-terminal records up to date with the evidence each executor has.
 
-    Local runs are checked by their owner process (``hpcexp.local.reconcile``), Slurm
-    runs with one squeue/sacct call for all of them (``hpcexp.slurm.reconcile``).
+    Local runs are checked by their owner process (``hpcexp.execute.local.reconcile``), Slurm
+    runs with one squeue/sacct call for all of them (``hpcexp.execute.slurm.reconcile``).
     """
     items = list(items)
     out: dict[Path, tuple[RunPaths, RunRecord]] = {p.dir: (p, r) for p, r in items}
@@ -356,7 +357,7 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, RunRecord]]) -> li
             by_exec.setdefault(r.executor, []).append((p, r))
     for executor, group in by_exec.items():
         try:
-            module = __import__(f"hpcexp.{executor}", fromlist=["reconcile"])
+            module = __import__(f"hpcexp.execute.{executor}", fromlist=["reconcile"])
         except ImportError:
             continue
         fn = getattr(module, "reconcile", None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from hpcexp.errors import ConfigError, NotFound, UsageError
-from hpcexp.yamlload import load_yaml
+from hpcexp.infra.yamlload import load_yaml
 
 CONFIG_NAME = "hpcexp.yaml"
 ARCHES = ("amd64", "arm64")

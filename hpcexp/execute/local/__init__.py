@@ -6,7 +6,7 @@ payload's stdout and stderr into the run folder (and to the terminal in the fore
 from reader threads so the payload never blocks on a full pipe, and is the only writer
 of ``run.json`` once the run has started. In the foreground the supervisor is the
 ``hpcexp run`` process itself (no extra interpreter start-up); with ``--detach`` it is
-``python -m hpcexp.local RUN_DIR`` in a new session, detached from the terminal.
+``python -m hpcexp.execute.local RUN_DIR`` in a new session, detached from the terminal.
 
 Why a watchdog: Apptainer's runtime parent does not keep ``PR_SET_PDEATHSIG`` (checked
 with 1.4.5), so a supervisor killed with SIGKILL would leave the container running. The
@@ -37,10 +37,13 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
-from hpcexp import apptainer, atomic, runs
-from hpcexp.config import Experiment, Project
+import hpcexp
+from hpcexp.core import runs
+from hpcexp.core.config import Experiment, Project
+from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import HpcexpError, NotFound, UsageError
-from hpcexp.paths import Layout, RunPaths
+from hpcexp.infra import atomic
+from hpcexp.runtime import apptainer
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +192,8 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
                 writable: bool | None = None, allow_binds: bool = False, grace: float = DEFAULT_GRACE,
                 cmdline: Sequence[str] | None = None) -> tuple[RunPaths, runs.RunRecord]:
     """Allocate the run folder and write its ``created`` record (before anything starts)."""
-    from hpcexp import launch
-    from hpcexp.config import host_arch
+    from hpcexp.core.config import host_arch
+    from hpcexp.runtime import launch
 
     info = _image_fields(image)
     if info.get("path") is None:
@@ -234,7 +237,7 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
 def _runtime_path() -> str:
     """Where apptainer (or singularity) is. Its version is asked while the payload runs
     (see :func:`supervise`), so a run does not wait for ``apptainer --version`` first."""
-    from hpcexp import process
+    from hpcexp.infra import process
 
     found = process.which("apptainer") or process.which("singularity")
     if found is None:
@@ -350,12 +353,12 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
 
 
 def spawn_detached(run_paths: RunPaths, *, wait: float = 60.0) -> runs.RunRecord:
-    """Start ``python -m hpcexp.local RUN_DIR`` in a new session; wait until it left ``created``."""
+    """Start ``python -m hpcexp.execute.local RUN_DIR`` in a new session; wait until it left ``created``."""
     env = apptainer.clean_env()
-    pkg_root = str(Path(__file__).resolve().parent.parent)
+    pkg_root = str(Path(hpcexp.__file__).resolve().parents[1])  # the folder holding the hpcexp package
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-        [sys.executable, "-m", "hpcexp.local", str(run_paths.dir)],
+        [sys.executable, "-m", "hpcexp.execute.local", str(run_paths.dir)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         cwd=str(run_paths.dir), env=env, start_new_session=True, close_fds=True,
     )
@@ -872,10 +875,10 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m hpcexp.local RUN_DIR``: the detached supervisor."""
+    """``python -m hpcexp.execute.local RUN_DIR``: the detached supervisor."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        sys.stderr.write("usage: python -m hpcexp.local RUN_DIR\n")
+        sys.stderr.write("usage: python -m hpcexp.execute.local RUN_DIR\n")
         return 2
     run_paths = RunPaths(Path(args[0]))
     try:

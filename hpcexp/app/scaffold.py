@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcexp import atomic
 from hpcexp.errors import UsageError
+from hpcexp.infra import atomic
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 # Template files stored without their leading dot (package data globs skip dotfiles).
 RENAMES = {"gitignore": ".gitignore", "dockerignore": ".dockerignore"}
 

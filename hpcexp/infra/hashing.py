@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from hpcexp import atomic
+from hpcexp.infra import atomic
 
 log = logging.getLogger(__name__)
 

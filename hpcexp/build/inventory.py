@@ -17,8 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcexp.config import ARCHES, Experiment, Project
-from hpcexp.paths import Layout
+from hpcexp.core.config import ARCHES, Experiment, Project
+from hpcexp.core.layout import Layout
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 

@@ -26,12 +26,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from hpcexp.config import BaseSpec, host_arch
+from hpcexp.convert.recipe import BaseResolution
+from hpcexp.core.config import BaseSpec, host_arch
 from hpcexp.errors import EnvironmentProblem
-from hpcexp.recipe import BaseResolution
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.config import Experiment, Project
+    from hpcexp.core.config import Experiment, Project
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,8 @@ def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str
         return spec.sif
     if spec.kind != "debootstrap":
         raise ValueError(f"ensure_base: {spec.kind} bases are not built by hpcexp")
-    from hpcexp import image, process
+    from hpcexp.build import image
+    from hpcexp.infra import process
 
     final = base_sif_path(project, spec)
     if image.valid_sif(final):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hpcexp import apptainer, process
-from hpcexp.config import Project, host_arch
+from hpcexp.core.config import Project, host_arch
+from hpcexp.infra import process
+from hpcexp.runtime import apptainer
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LOW_SPACE = 5 * 1024**3
@@ -170,7 +171,7 @@ def check_slurm() -> list[Check]:
     try:
         import importlib
 
-        extra = getattr(importlib.import_module("hpcexp.slurm"), "doctor_checks", None)
+        extra = getattr(importlib.import_module("hpcexp.execute.slurm"), "doctor_checks", None)
         if extra is not None:
             for name, status, detail, fix in extra():
                 checks.append(Check(name, status, detail, fix))

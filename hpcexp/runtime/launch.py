@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcexp import apptainer
-from hpcexp.config import PARAM_RE, Experiment, Project
+from hpcexp.core.config import PARAM_RE, Experiment, Project
+from hpcexp.core.layout import RunPaths
 from hpcexp.errors import UsageError
-from hpcexp.paths import RunPaths
+from hpcexp.runtime import apptainer
 
 # Without --no-eval Apptainer writes each APPTAINERENV_ value into a generated script as
 # export KEY="VALUE" and sources it: `$(...)` in a parameter value would run inside the

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcexp.config import Project
+from hpcexp.core.config import Project
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """The Slurm executor: argv builders, output parsers, submission, reconcile, stop, doctor.
 
 Why it is built this way
-  - Every Slurm command goes through :mod:`hpcexp.process` with an argument list; the
+  - Every Slurm command goes through :mod:`hpcexp.infra.process` with an argument list; the
     argv builders and parsers are pure and tested against golden scheduler output.
   - A status query costs one ``squeue`` call for all runs, plus at most one
     ``scontrol show job`` (no accounting: the controller still remembers finished jobs
     for ``MinJobAge`` seconds) and at most one ``sacct`` (skipped for an hour once it has
     said that accounting is disabled) for the runs that left the queue.
   - The job records its own state with plain shell (``events/attempt-N.started`` and
-    ``.exit``, see :mod:`hpcexp.sbatch`), so the record is right even when the job left
+    ``.exit``, see :mod:`hpcexp.execute.slurm.sbatch`), so the record is right even when the job left
     ``squeue`` long ago and ``sacct`` has nothing.
   - No evidence is never success: ``succeeded`` needs the job's exit marker saying 0.
     A job gone from every source with no marker is ``lost``, with what was checked.
@@ -26,10 +26,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpcexp import atomic, process, runs
-from hpcexp.config import MEM_RE, TIME_RE, SlurmResources
+from hpcexp.core import runs
+from hpcexp.core.config import MEM_RE, TIME_RE, SlurmResources
+from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, UsageError
-from hpcexp.paths import Layout, RunPaths
+from hpcexp.infra import atomic, process
 
 log = logging.getLogger(__name__)
 
@@ -664,7 +665,7 @@ def _write_one(item: tuple[RunPaths, runs.RunRecord]) -> None:
 
 def _write_many(items: Sequence[tuple[RunPaths, runs.RunRecord]], *, strict: bool = False,
                 durable: bool = True) -> None:
-    """Write many records (batched: see :func:`hpcexp.runs.write_records`).
+    """Write many records (batched: see :func:`hpcexp.core.runs.write_records`).
 
     ``strict=False`` (status of possibly other users' runs): a record we may not write is
     logged and skipped, never a reason to fail the listing.
@@ -875,7 +876,7 @@ class _Task:
 
 def _template(layout: Layout, name: str, template: str | None) -> tuple[str, str]:
     """(text, label) of slurm/TEMPLATE.sbatch, slurm/NAME.sbatch, slurm/default.sbatch, or the built-in one."""
-    from hpcexp import sbatch
+    from hpcexp.execute.slurm import sbatch
 
     proj = layout.project
     if template:
@@ -899,7 +900,7 @@ def _template(layout: Layout, name: str, template: str | None) -> tuple[str, str
 
 def _runtime_program() -> tuple[str, str | None, str]:
     """(program name to call on the node, version, env prefix)."""
-    from hpcexp import apptainer
+    from hpcexp.runtime import apptainer
 
     inst = apptainer.detect()
     program = inst.program if inst else "apptainer"
@@ -935,8 +936,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                   sweep_id: str | None, array: bool, hold: bool, dry_run: bool, label_hint: str,
                   first_chunk: int = 0, sweep_record: dict[str, Any] | None = None) -> Submission:
     """Render, keep and submit the job script(s) for ``tasks`` (records already written)."""
-    from hpcexp import sbatch
-    from hpcexp import sweep as sweep_mod
+    from hpcexp.execute import sweep as sweep_mod
+    from hpcexp.execute.slurm import sbatch
 
     proj = layout.project
     text, label = _template(layout, exp_name, res.template)
@@ -1064,9 +1065,10 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     ``submitting``) before ``sbatch`` runs, then holds its job id (state ``pending``).
     ``image`` is an ImageInfo (or a path) already built on this login node.
     """
-    from hpcexp import launch, sbatch
-    from hpcexp import sweep as sweep_mod
-    from hpcexp.config import host_arch
+    from hpcexp.core.config import host_arch
+    from hpcexp.execute import sweep as sweep_mod
+    from hpcexp.execute.slurm import sbatch
+    from hpcexp.runtime import launch
 
     layout = Layout(project)
     check_resources(resources)
@@ -1164,8 +1166,8 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
                   ) -> Submission:
     """Submit these runs of a sweep again as one new array: same run records and folders, a
     new attempt each (the previous attempt is kept in ``attempts`` and its logs stay)."""
-    from hpcexp import sbatch
-    from hpcexp import sweep as sweep_mod
+    from hpcexp.execute import sweep as sweep_mod
+    from hpcexp.execute.slurm import sbatch
 
     layout = Layout(project)
     record = sweep_mod.read_sweep(layout, sweep_id)
@@ -1230,7 +1232,7 @@ def wait(layout: Layout, run_dirs: Sequence[Path], *, poll: float = 2.0,
          on_change: Any = None, sleep: Any = time.sleep) -> list[runs.RunRecord]:
     """Block until every run in ``run_dirs`` has settled; return their final records.
 
-    Each round is one :func:`hpcexp.runs.reconcile` over all of them, that is one squeue
+    Each round is one :func:`hpcexp.core.runs.reconcile` over all of them, that is one squeue
     call (and at most one sacct/scontrol call), whatever the number of tasks, so waiting on
     a large sweep does not load the controller. ``on_change(records)`` is called whenever
     the set of states changes (to print progress).

@@ -21,11 +21,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpcexp import atomic
-from hpcexp.config import PARAM_RE
+from hpcexp.core.config import PARAM_RE
+from hpcexp.core.layout import Layout
 from hpcexp.errors import NotFound, StorageError, UsageError
-from hpcexp.paths import Layout
-from hpcexp.sbatch import check_value
+from hpcexp.execute.slurm.sbatch import check_value
+from hpcexp.infra import atomic
 
 MAX_SWEEP = 1_000_000
 FAILED_STATES = ("failed", "timeout", "out_of_memory", "node_fail", "lost")
@@ -71,7 +71,7 @@ def load_sweep_file(path: Path) -> list[dict[str, str]]:
                     raise UsageError(f"{label}:{i}: more fields than the header names")
                 sets.append({k: v for k, v in row.items() if v is not None})
     else:
-        from hpcexp.yamlload import load_yaml
+        from hpcexp.infra.yamlload import load_yaml
 
         data, _lines = load_yaml(path, label=label)
         if isinstance(data, dict):
@@ -177,7 +177,8 @@ def resubmit(project: Any, sweep_id: str, *, which: Sequence[str] = FAILED_STATE
              dry_run: bool = False, resources: Any = None) -> Any:
     """Submit the sweep's tasks in the given states again, as one new array: each keeps its
     run record and folder and gets a new attempt (earlier attempts and logs are kept)."""
-    from hpcexp import runs, slurm
+    from hpcexp.core import runs
+    from hpcexp.execute import slurm
 
     layout = Layout(project)
     read_sweep(layout, sweep_id)  # must exist

@@ -5,7 +5,7 @@ The build, the CLI and the tests depend only on :class:`Conversion`, :class:`Not
 
 Pipeline (why it looks like this: /work/shared/notes/spython-gaps.md, codes P01..P31):
 
-1. :mod:`hpcexp.dockerfile` tokenizes the Dockerfile (directives, continuations, comments,
+1. :mod:`hpcexp.convert.dockerfile` tokenizes the Dockerfile (directives, continuations, comments,
    heredocs, flags, JSON form). spython reads raw lines and guesses, which is where most of
    its defects come from, so it never sees the file as a whole.
 2. Each instruction is interpreted with Docker's semantics: ARGs are resolved at conversion
@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from hpcexp import __version__
-from hpcexp import dockerfile as dfmod
-from hpcexp.dockerfile import (
+from hpcexp.convert import dockerfile as dfmod
+from hpcexp.convert.dockerfile import (
     Dockerfile,
     Instruction,
     Value,
@@ -57,7 +57,7 @@ from hpcexp.dockerfile import (
 from hpcexp.errors import ConvertError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.config import Experiment, Project
+    from hpcexp.core.config import Experiment, Project
 
 log = logging.getLogger(__name__)
 
@@ -1413,7 +1413,7 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
 def base_resolver(project: "Project", exp: "Experiment | None" = None,
                   context: Path | None = None) -> BaseResolver:
     """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
-    from hpcexp import bases as bases_mod  # bases imports this module: load it only when needed
+    from hpcexp.build import bases as bases_mod  # bases imports this module: load it only when needed
 
     mapping = dict(project.bases)
     if exp is not None:

@@ -7,16 +7,16 @@ An image's identity (its *input hash*) is a sha256 over what determines its cont
   mapped local bases replaced by placeholders (their identity is counted below instead);
 * every file the recipe copies in from the build context (as listed by the converter,
   which honours ``.dockerignore``): relative path, executable bit and content hash. File
-  hashes come from a stat cache (:mod:`hpcexp.hashing`), so unchanged large files are
+  hashes come from a stat cache (:mod:`hpcexp.infra.hashing`), so unchanged large files are
   not read again;
-* each base's identity (:func:`hpcexp.bases.identity`); the architecture; the build
+* each base's identity (:func:`hpcexp.build.bases.identity`); the architecture; the build
   arguments; a format version.
 
 The image lives at ``images/NAME-ARCH-HASH.sif``; same inputs, same name, and when it is
 there and valid nothing runs at all (no apptainer call).
 
 Building is atomic and safe under concurrency: a lock that records its owner
-(:mod:`hpcexp.lock`) makes two builders of the same image run Apptainer once; the image
+(:mod:`hpcexp.infra.lock`) makes two builders of the same image run Apptainer once; the image
 is built to a temporary name in the images folder (named by :func:`atomic.tmp_name_for`
 so ``hpcexp clean`` can tell whether its owner is gone), its sidecar is written, then it
 is renamed into place. A failed, interrupted or killed build therefore never leaves an
@@ -48,11 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from hpcexp import __version__, apptainer, atomic, bases, hashing
-from hpcexp.config import BaseSpec, Experiment, Project
+from hpcexp import __version__
+from hpcexp.build import bases
+from hpcexp.core.config import BaseSpec, Experiment, Project
+from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, EnvironmentProblem, HpcexpError, Interrupted, StorageError
-from hpcexp.lock import Lock, Owner
-from hpcexp.paths import Layout
+from hpcexp.infra import atomic, hashing
+from hpcexp.infra.lock import Lock, Owner
+from hpcexp.runtime import apptainer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class ImageInfo:
     apptainer_version: str | None
     build_seconds: float | None = None
     cmd: tuple[str, ...] | None = None        # the Dockerfile's CMD / ENTRYPOINT (argv), for the run's
-    entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.launch.plan)
+    entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.runtime.launch.plan)
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Prepared:
 
     experiment: str
     arch: str
-    conversion: Any                     # hpcexp.recipe.Conversion
+    conversion: Any                     # hpcexp.convert.recipe.Conversion
     recipe_path: Path
     recipe_sha256: str
     input_hash: str
@@ -209,13 +212,13 @@ def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities:
 def _resolver(project: Project, exp: Experiment) -> Callable[[str], Any]:
     """The converter's FROM resolver, so ``hpcexp convert`` and ``hpcexp build`` write
     identical recipes."""
-    from hpcexp import recipe
+    from hpcexp.convert import recipe
 
     return recipe.base_resolver(project, exp, exp.path)
 
 
 def _convert(project: Project, exp: Experiment, arch: str, resolve: Callable[[str], Any]) -> Any:
-    from hpcexp import recipe
+    from hpcexp.convert import recipe
 
     dockerfile = exp.dockerfile(arch)
     try:
@@ -364,8 +367,8 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         "org.hpcexp.experiment": exp.name,
         "org.hpcexp.arch": arch,
         "org.hpcexp.input-hash": prep.input_hash,
-        "org.hpcexp.dockerfile-sha256": conv.dockerfile_sha256,
-        "org.hpcexp.recipe-sha256": prep.recipe_sha256,
+        "org.hpcexp.convert.dockerfile-sha256": conv.dockerfile_sha256,
+        "org.hpcexp.convert.recipe-sha256": prep.recipe_sha256,
     }
     for i, (ref, digest) in enumerate(base_digests):
         labels[f"org.hpcexp.base.{i}.ref"] = ref
@@ -551,7 +554,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
         env["APPTAINER_TMPDIR"] = own_tmpdir
     scratch = env["APPTAINER_TMPDIR"]
     all_labels = dict(labels)
-    all_labels.update({"org.hpcexp.apptainer-version": f"{inst.program} {inst.version}",
+    all_labels.update({"org.hpcexp.runtime.apptainer-version": f"{inst.program} {inst.version}",
                        "org.hpcexp.host": socket.gethostname(), "org.hpcexp.user": _user(),
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
     build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
@@ -659,7 +662,7 @@ def _low_space(folder: Path, size_hint: int) -> str | None:
 
 
 def _host_arch() -> str:
-    from hpcexp.config import host_arch
+    from hpcexp.core.config import host_arch
     return host_arch()
 
 
@@ -783,7 +786,7 @@ def _current_hashes(project: Project) -> dict[tuple[str, str], str | None]:
 
 
 def _runs_by_image(project: Project) -> dict[str, list[str]]:
-    from hpcexp.runs import iter_runs
+    from hpcexp.core.runs import iter_runs
 
     users: dict[str, list[str]] = {}
     try:
@@ -821,7 +824,7 @@ def list_images(project: Project) -> list[ImageEntry]:
             state = "current"
         else:
             state = "stale"
-        from hpcexp.runs import parse_time
+        from hpcexp.core.runs import parse_time
         built = parse_time(side.get("built_at")) if side else None
         out.append(ImageEntry(experiment=name, arch=arch, path=sif, size=st.st_size,
                               age_seconds=now - (built or st.st_mtime), state=state, input_hash=full,
@@ -838,7 +841,7 @@ def _tmp_owner_gone(name: str) -> tuple[bool, str]:
     me = socket.gethostname().split(".")[0] or "host"
     if host != me:
         return False, f"owner on another host ({host} pid {pid})"
-    from hpcexp.lock import pid_alive
+    from hpcexp.infra.lock import pid_alive
     if pid_alive(pid):
         return False, f"owner pid {pid} is running"
     return True, f"owner pid {pid} on {host} is gone"
@@ -898,11 +901,11 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
                 (remove(p, f"orphaned temporary file: {why}") if gone
                  else report.kept.append((str(p), f"temporary file in use: {why}")))
             elif d.name == ".locks" and p.suffix == ".lock":
-                from hpcexp.lock import read_owner
+                from hpcexp.infra.lock import read_owner
                 owner = read_owner(p)
                 if owner is not None and owner.is_dead():
                     remove(p, f"lock of {owner.describe()}, process gone")
-    from hpcexp.lock import pid_alive
+    from hpcexp.infra.lock import pid_alive
     for p, host, pid in scratch_dirs():
         if host == _short_host() and not pid_alive(pid):
             remove(p, f"build scratch of pid {pid}, process gone")

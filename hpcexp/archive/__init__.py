@@ -20,7 +20,7 @@ Why it is built the way it is
     the runs, owners are 0/"" and modes are normalised, the gzip header carries no name
     and mtime 0: the same runs give a byte-identical ``.tar.gz``.
   - Crash consistent. The archive is written under a temporary name in the destination
-    folder (:mod:`hpcexp.atomic`) and renamed only when complete; archived runs are only
+    folder (:mod:`hpcexp.infra.atomic`) and renamed only when complete; archived runs are only
     read, never modified.
 
 ``extract`` restores an archive into a new (or empty) folder and refuses, before writing
@@ -54,10 +54,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from hpcexp import __version__, atomic
+from hpcexp import __version__
+from hpcexp.core.layout import Layout, RunPaths
+from hpcexp.core.runs import RunRecord, iter_runs, parse_time, resolve
 from hpcexp.errors import Failure, HpcexpError, NotFound, UsageError
-from hpcexp.paths import Layout, RunPaths
-from hpcexp.runs import RunRecord, iter_runs, parse_time, resolve
+from hpcexp.infra import atomic
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +417,7 @@ def _collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tupl
 
 
 def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scanner) -> _Run:
-    from hpcexp.config import host_arch
+    from hpcexp.core.config import host_arch
 
     # The folder name is the truth on disk; a record naming another place is reported.
     exp_name, run_id = paths.dir.parent.name, paths.dir.name

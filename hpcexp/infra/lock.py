@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hpcexp import atomic
 from hpcexp.errors import LockBusy
+from hpcexp.infra import atomic
 
 log = logging.getLogger(__name__)
 

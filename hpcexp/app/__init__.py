@@ -1,0 +1,1 @@
+"""One function per use case; the CLI and the web server both call these."""

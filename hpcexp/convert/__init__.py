@@ -1,0 +1,1 @@
+"""Dockerfile -> Apptainer recipe: lexer, interpretation, recipe writer, fidelity report."""

@@ -1,0 +1,1 @@
+"""Project model, on-disk layout and run records: what every stage shares."""

@@ -1,0 +1,1 @@
+"""Mechanisms with no domain knowledge: child processes, atomic files, locks, hashing, YAML."""

@@ -1,0 +1,1 @@
+"""SIF -> a running container: Apptainer argument lists and launch plans."""
