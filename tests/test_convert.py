@@ -345,7 +345,7 @@ def test_cli_does_not_import_spython_at_startup():
 
 def test_base_map_kinds_through_the_converter(tmp_path):
     """The converter's FROM map is hpcexp.build.bases.resolution: one mapping for convert and build."""
-    from hpcexp.convert.recipe import base_resolver
+    from hpcexp.build.bases import base_resolver
     from hpcexp.core.config import BaseSpec, load_project
 
     (tmp_path / "hpcexp.yaml").write_text("")

@@ -16,6 +16,7 @@ from hpcexp.core import runs
 from hpcexp.core.config import SlurmResources, load_project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import SchedulerError, UsageError
+from hpcexp.execute import base as executors
 from hpcexp.execute import slurm, sweep
 from tests.conftest import HOSTILE_VALUES, assert_clean_error, run_cli
 
@@ -342,7 +343,7 @@ def test_reconcile_one_squeue_call_and_sacct_skipped_once_disabled(project: Any,
     layout = Layout(project)
     fake_slurm.set("squeue", "".join(f"1000_{i}|1000|{i}|PENDING|Priority|hpcexp-x||0:00\n" for i in range(5)))
     fake_slurm.reset_calls()
-    items = runs.reconcile(layout, list(runs.iter_runs(layout)))
+    items = executors.reconcile(layout, list(runs.iter_runs(layout)))
     assert [r.state for _, r in items] == ["pending"] * 5
     assert len(fake_slurm.calls("squeue")) == 1 and fake_slurm.calls("sacct") == []
     # tasks 0-2 finished (markers), 3 vanished without a trace, 4 still queued
@@ -353,13 +354,13 @@ def test_reconcile_one_squeue_call_and_sacct_skipped_once_disabled(project: Any,
     fake_slurm.set("squeue", "1000_4|1000|4|PENDING|Priority|hpcexp-x||0:00\n")
     fake_slurm.set("scontrol", "")
     fake_slurm.reset_calls()
-    items = sorted(runs.reconcile(layout, list(runs.iter_runs(layout))), key=lambda t: t[1].task_index)
+    items = sorted(executors.reconcile(layout, list(runs.iter_runs(layout))), key=lambda t: t[1].task_index)
     assert [r.state for _, r in items] == ["succeeded", "failed", "failed", "lost", "pending"]
     assert items[1][1].exit_code == 1 and "accounting disabled" in items[3][1].reason
     assert [len(fake_slurm.calls(c)) for c in ("squeue", "sacct", "scontrol")] == [1, 1, 1]
     assert sweep.summary(r.state for _, r in items) == "1 succeeded, 2 failed, 1 lost, 1 pending"
     fake_slurm.reset_calls()
-    runs.reconcile(layout, list(runs.iter_runs(layout)))
+    executors.reconcile(layout, list(runs.iter_runs(layout)))
     assert fake_slurm.calls("sacct") == []          # remembered: accounting is disabled
 
 
@@ -370,7 +371,7 @@ def test_reconcile_attaches_a_job_submitted_by_a_dead_hpcexp(project: Any, fake_
     rec.state, rec.executor_ids = "submitting", {"job_name": rec.executor_ids["job_name"], "base_attempt": 1}
     runs.write_record(paths, rec)
     fake_slurm.set("squeue", f"1000|1000|N/A|RUNNING|None|{rec.executor_ids['job_name']}|n1|0:03\n")
-    (_, new), = runs.reconcile(Layout(project), [(paths, rec)])
+    (_, new), = executors.reconcile(Layout(project), [(paths, rec)])
     assert new.state == "running" and new.executor_ids["job_id"] == "1000" and "attached_by" in new.executor_ids
 
 
@@ -385,7 +386,7 @@ def test_stop_cancels_whole_array_or_single_tasks(project: Any, fake_slurm: Fake
     fake_slurm.set("squeue", "")
     fake_slurm.set("scontrol", "".join(f"JobId={1001 + i} ArrayJobId=1000 ArrayTaskId={i} JobName=x "
                                        "JobState=CANCELLED Reason=None ExitCode=0:0\n" for i in range(3)))
-    items = runs.reconcile(layout, [(p, runs.read_record(p)) for p, _ in sub.runs])
+    items = executors.reconcile(layout, [(p, runs.read_record(p)) for p, _ in sub.runs])
     assert [r.state for _, r in items] == ["cancelled"] * 3
 
 
@@ -493,7 +494,7 @@ def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_
         rec.executor_ids.pop(key)
     runs.write_record(paths, rec)
     fake_slurm.set("squeue", "1000_2|1000|2|PENDING|Priority|x||0:00\n")
-    (_, new), = runs.reconcile(Layout(project), [(paths, rec)])
+    (_, new), = executors.reconcile(Layout(project), [(paths, rec)])
     assert new.executor_ids["job_id"] == "1000_2" and new.state == "pending"
     assert runs.read_record(paths).executor_ids["job_id"] == "1000_2"
 
@@ -523,7 +524,7 @@ def test_record_json_text_and_copy_match_the_contract() -> None:
 def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project: Any, fake_slurm: FakeSlurm) -> None:
     sub = _submit(project, [{}])
     fake_slurm.set("squeue", "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n", 1)
-    (paths, rec), = runs.reconcile(Layout(project), [(sub.runs[0][0], runs.read_record(sub.runs[0][0]))])
+    (paths, rec), = executors.reconcile(Layout(project), [(sub.runs[0][0], runs.read_record(sub.runs[0][0]))])
     assert rec.state == "pending" and "scheduler unreachable" in rec.reason and "connect failure" in rec.reason
     assert runs.read_record(paths).state == "pending"
     assert fake_slurm.calls("sacct") == [] and fake_slurm.calls("scancel") == []
@@ -555,7 +556,7 @@ def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
             rec.state = state
         return items
 
-    monkeypatch.setattr(runs_mod, "reconcile", fake_reconcile)
+    monkeypatch.setattr(executors, "reconcile", fake_reconcile)
     seen = []
     final = slurm_mod.wait(layout, dirs, on_change=lambda recs: seen.append([r.state for r in recs]),
                            sleep=lambda s: None)

@@ -168,15 +168,10 @@ def check_slurm() -> list[Check]:
         return [Check("slurm", WARN, f"no Slurm controller answers: {res.last_line()}",
                       "check that slurmctld runs (`scontrol ping`) or ask your admins")]
     checks = [Check("slurm", OK, "controller answers (sinfo)")]
-    try:
-        import importlib
+    from hpcexp.execute import base
 
-        extra = getattr(importlib.import_module("hpcexp.execute.slurm"), "doctor_checks", None)
-        if extra is not None:
-            for name, status, detail, fix in extra():
-                checks.append(Check(name, status, detail, fix))
-    except ImportError:
-        pass
+    for name, status, detail, fix in base.require("slurm").doctor_checks():
+        checks.append(Check(name, status, detail, fix))
     if not any(c.name.startswith("accounting") for c in checks):
         acct = process.run(["sacct", "-n", "-X", "-S", "now"], timeout=20) if process.which("sacct") else None
         if acct is None:

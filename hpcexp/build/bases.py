@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from hpcexp.convert.recipe import BaseResolution
+from hpcexp.convert.recipe import BaseResolution, BaseResolver
 from hpcexp.core.config import BaseSpec, host_arch
 from hpcexp.errors import EnvironmentProblem
 
@@ -289,3 +289,18 @@ def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str
                                    "spec_hash": spec_hash(spec)},
                     progress=progress, wait=wait)
     return final
+
+
+def base_resolver(project: "Project", exp: "Experiment | None" = None,
+                  context: Path | None = None) -> "BaseResolver":
+    """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
+    mapping = dict(project.bases)
+    if exp is not None:
+        mapping.update(exp.bases)
+    ctx = Path(context) if context is not None else (exp.path if exp is not None else project.root)
+
+    def resolve(ref: str) -> BaseResolution | None:
+        spec = mapping.get(ref)
+        return None if spec is None else resolution(project, spec, ctx)
+
+    return resolve

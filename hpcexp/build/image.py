@@ -212,9 +212,8 @@ def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities:
 def _resolver(project: Project, exp: Experiment) -> Callable[[str], Any]:
     """The converter's FROM resolver, so ``hpcexp convert`` and ``hpcexp build`` write
     identical recipes."""
-    from hpcexp.convert import recipe
 
-    return recipe.base_resolver(project, exp, exp.path)
+    return bases.base_resolver(project, exp, exp.path)
 
 
 def _convert(project: Project, exp: Experiment, arch: str, resolve: Callable[[str], Any]) -> Any:

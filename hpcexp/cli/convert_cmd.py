@@ -76,7 +76,8 @@ def convert_cmd(ctx: Any, names: tuple[str, ...], all_: bool, arch: str | None, 
         return
     if context is not None or output is not None:
         raise UsageError("--context and -o go with --dockerfile")
-    from hpcexp.convert.recipe import base_resolver, convert
+    from hpcexp.build.bases import base_resolver
+    from hpcexp.convert.recipe import convert
     from hpcexp.core.config import host_arch
     from hpcexp.core.layout import Layout
     from hpcexp.infra import atomic

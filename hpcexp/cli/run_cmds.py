@@ -128,7 +128,7 @@ def _details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
 
 def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]], *, by_time: bool = True
                 ) -> list[tuple["RunPaths", "RunRecord"]]:
-    from hpcexp.core.runs import reconcile
+    from hpcexp.execute.base import reconcile
 
     out = reconcile(layout, items)
     if by_time:  # ids order by the second only; two runs started in the same second go by created_at
@@ -305,8 +305,9 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
     import time
 
     from hpcexp.core.layout import Layout
-    from hpcexp.core.runs import read_record, reconcile, resolve
+    from hpcexp.core.runs import read_record, resolve
     from hpcexp.execute import logs
+    from hpcexp.execute.base import log_files, poll_interval, reconcile
 
     layout = Layout(ctx.project())
     items = resolve(layout, ref)
@@ -314,12 +315,10 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
     files = []
     for paths, rec in items:
         tag = f"{rec.task_index if rec.task_index is not None else rec.run_id}" if several else ""
-        if which in ("stdout", "both"):
-            files.append(((f"[{tag}] " if several else "") + ("out: " if which == "both" else ""),
-                          paths.attempt_stdout(rec.attempt)))
-        if which in ("stderr", "both"):
-            files.append(((f"[{tag}] " if several else "") + ("err: " if which == "both" else ""),
-                          paths.attempt_stderr(rec.attempt)))
+        for log in log_files(paths, rec):
+            if which in (log.stream, "both"):
+                label = ("out: " if log.stream == "stdout" else "err: ") if which == "both" else ""
+                files.append(((f"[{tag}] " if several else "") + label, log.path))
     out = sys.stdout.buffer
     if not follow:
         logs.show(files, out=out, lines=lines)
@@ -332,7 +331,7 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
         current = [(p, read_record(p)) for p, _ in items]
         if all(r.terminal for _, r in current):
             return True
-        interval = 2.0 if all(r.executor == "local" for _, r in current) else 10.0
+        interval = poll_interval(r for _, r in current)
         if now >= state["next"]:
             state["next"] = now + interval
             current = reconcile(layout, current)
@@ -358,11 +357,9 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     RUN is an id, a unique prefix, an experiment name (its latest run), @last or a sweep id.
     The record then says `cancelled`.
     """
-    import importlib
-
     from hpcexp.core.layout import Layout
     from hpcexp.core.runs import resolve
-    from hpcexp.errors import UsageError
+    from hpcexp.execute.base import stop
 
     layout = Layout(ctx.project())
     items: list[tuple[Any, Any]] = []
@@ -372,21 +369,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
             if paths.dir not in seen:
                 seen.add(paths.dir)
                 items.append((paths, rec))
-    by_exec: dict[str, list[tuple[Any, Any]]] = {}
-    for paths, rec in items:
-        by_exec.setdefault(rec.executor, []).append((paths, rec))
-    results: dict[Any, Any] = {}
-    for executor, group in by_exec.items():
-        try:
-            module = importlib.import_module(f"hpcexp.execute.{executor}")
-        except ImportError:
-            module = None
-        fn = getattr(module, "stop", None) if module is not None else None
-        if fn is None:
-            raise UsageError(f"cannot stop runs of executor {executor!r} from this version of hpcexp")
-        for paths, rec in fn(layout, group, grace=grace):
-            results[paths.dir] = (paths, rec)
-    final = [results.get(p.dir, (p, r)) for p, r in items]
+    final = stop(layout, items, grace=grace)
     if as_json:
         emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in final])
         return

@@ -57,7 +57,7 @@ from hpcexp.convert.dockerfile import (
 from hpcexp.errors import ConvertError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.core.config import Experiment, Project
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -1409,19 +1409,3 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
                       cmd=tuple(last.cmd) if last.cmd else None,
                       entrypoint=tuple(last.entrypoint) if last.entrypoint else None)
 
-
-def base_resolver(project: "Project", exp: "Experiment | None" = None,
-                  context: Path | None = None) -> BaseResolver:
-    """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
-    from hpcexp.build import bases as bases_mod  # bases imports this module: load it only when needed
-
-    mapping = dict(project.bases)
-    if exp is not None:
-        mapping.update(exp.bases)
-    ctx = Path(context) if context is not None else (exp.path if exp is not None else project.root)
-
-    def resolve(ref: str) -> BaseResolution | None:
-        spec = mapping.get(ref)
-        return None if spec is None else bases_mod.resolution(project, spec, ctx)
-
-    return resolve

@@ -343,27 +343,3 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
         return None, None
 
 
-def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, RunRecord]]) -> list[tuple[RunPaths, RunRecord]]:
-    """Bring non-terminal records up to date with the evidence each executor has.
-
-    Local runs are checked by their owner process (``hpcexp.execute.local.reconcile``), Slurm
-    runs with one squeue/sacct call for all of them (``hpcexp.execute.slurm.reconcile``).
-    """
-    items = list(items)
-    out: dict[Path, tuple[RunPaths, RunRecord]] = {p.dir: (p, r) for p, r in items}
-    by_exec: dict[str, list[tuple[RunPaths, RunRecord]]] = {}
-    for p, r in items:
-        if not r.terminal:
-            by_exec.setdefault(r.executor, []).append((p, r))
-    for executor, group in by_exec.items():
-        try:
-            module = __import__(f"hpcexp.execute.{executor}", fromlist=["reconcile"])
-        except ImportError:
-            continue
-        fn = getattr(module, "reconcile", None)
-        if fn is None:
-            continue
-        for p, r in fn(layout, group):
-            out[p.dir] = (p, r)
-    return [out[p.dir] for p, _ in items]
-

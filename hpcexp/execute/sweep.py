@@ -178,14 +178,14 @@ def resubmit(project: Any, sweep_id: str, *, which: Sequence[str] = FAILED_STATE
     """Submit the sweep's tasks in the given states again, as one new array: each keeps its
     run record and folder and gets a new attempt (earlier attempts and logs are kept)."""
     from hpcexp.core import runs
-    from hpcexp.execute import slurm
+    from hpcexp.execute import base, slurm
 
     layout = Layout(project)
     read_sweep(layout, sweep_id)  # must exist
     items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
     if not items:
         raise NotFound(f"sweep {sweep_id} has no runs")
-    items = runs.reconcile(layout, items)
+    items = base.reconcile(layout, items)
     chosen = sorted([(p, r) for p, r in items if r.state in which], key=lambda t: t[1].task_index or 0)
     if not chosen:
         raise UsageError(f"sweep {sweep_id}: no task is {' or '.join(which)} "

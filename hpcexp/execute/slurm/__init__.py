@@ -30,6 +30,8 @@ from hpcexp.core import runs
 from hpcexp.core.config import MEM_RE, TIME_RE, SlurmResources
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, UsageError
+from hpcexp.execute import base
+from hpcexp.execute.base import LaunchRequest, LogFile
 from hpcexp.infra import atomic, process
 
 log = logging.getLogger(__name__)
@@ -1232,7 +1234,7 @@ def wait(layout: Layout, run_dirs: Sequence[Path], *, poll: float = 2.0,
          on_change: Any = None, sleep: Any = time.sleep) -> list[runs.RunRecord]:
     """Block until every run in ``run_dirs`` has settled; return their final records.
 
-    Each round is one :func:`hpcexp.core.runs.reconcile` over all of them, that is one squeue
+    Each round is one :func:`hpcexp.execute.base.reconcile` over all of them, that is one squeue
     call (and at most one sacct/scontrol call), whatever the number of tasks, so waiting on
     a large sweep does not load the controller. ``on_change(records)`` is called whenever
     the set of states changes (to print progress).
@@ -1240,7 +1242,7 @@ def wait(layout: Layout, run_dirs: Sequence[Path], *, poll: float = 2.0,
     last: tuple[str, ...] | None = None
     while True:
         items = [(RunPaths(d), runs.read_record(RunPaths(d))) for d in run_dirs]
-        items = runs.reconcile(layout, items)
+        items = base.reconcile(layout, items)
         records = [rec for _, rec in items]
         states = tuple(sorted(rec.state for rec in records))
         if states != last and on_change is not None:
@@ -1249,3 +1251,40 @@ def wait(layout: Layout, run_dirs: Sequence[Path], *, poll: float = 2.0,
         if all(settled(rec) for rec in records):
             return records
         sleep(poll)
+
+
+class SlurmExecutor:
+    """The Slurm executor as an :class:`hpcexp.execute.base.Executor`: one job, or one job array."""
+
+    name = "slurm"
+    poll_interval = 10.0
+    OPTIONS = frozenset({"resources", "sweep", "hold", "dry_run"})
+
+    def launch(self, request: LaunchRequest) -> Submission:
+        unknown = sorted(set(request.options) - self.OPTIONS)
+        if unknown:
+            raise UsageError(f"the Slurm executor has no option {unknown[0]!r}")
+        opts = dict(request.options)
+        resources = opts.pop("resources", None) or request.experiment.slurm
+        return submit_runs(request.project, request.experiment, request.image, list(request.param_sets),
+                           resources, args=request.args, arch=request.arch, allow_binds=request.allow_binds,
+                           cmdline=request.cmdline, **opts)
+
+    def reconcile(self, layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]]
+                  ) -> list[tuple[RunPaths, runs.RunRecord]]:
+        return reconcile(layout, items)
+
+    def stop(self, layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *,
+             grace: float | None = None) -> list[tuple[RunPaths, runs.RunRecord]]:
+        # Slurm applies its own KillWait between SIGTERM and SIGKILL; grace is not ours to set
+        return stop(layout, items)
+
+    def log_files(self, paths: RunPaths, rec: runs.RunRecord) -> list[LogFile]:
+        return [LogFile("stdout", paths.attempt_stdout(rec.attempt)),
+                LogFile("stderr", paths.attempt_stderr(rec.attempt))]
+
+    def doctor_checks(self) -> list[tuple[str, str, str, str]]:
+        return doctor_checks()
+
+
+EXECUTOR = SlurmExecutor()
