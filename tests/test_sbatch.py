@@ -41,7 +41,10 @@ def _spec(tasks: list[sbatch.TaskSpec], *, array: bool = False, image: Path = Pa
 
 def _golden(name: str, text: str) -> None:
     path = GOLDEN / name
-    if UPDATE or not path.exists():
+    if not UPDATE:
+        # A missing golden is a failure, not a golden: writing it here would pass any output
+        assert path.exists(), f"no golden file {path} (HPCEXP_UPDATE_GOLDEN=1 to create it, then review it)"
+    if UPDATE:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     assert text == path.read_text(), f"rendered script differs from {path} (HPCEXP_UPDATE_GOLDEN=1 to accept)"

@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from hpcexp.convert.recipe import BaseResolution, BaseResolver
-from hpcexp.core.config import BaseSpec, host_arch
-from hpcexp.errors import EnvironmentProblem
+from hpcexp.core.config import COMPONENT_RE, BaseSpec, host_arch
+from hpcexp.errors import ConfigError, EnvironmentProblem
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpcexp.core.config import Experiment, Project
@@ -205,9 +206,14 @@ def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
     lines.append("")
     extra = [c for c in spec.components if c != "main"]
     if extra:
-        # debootstrap writes a sources.list with `main` only; add the other components.
-        comps = " ".join(spec.components)
-        lines += ["%post", f"    sed -i 's/ main$/ {comps}/' /etc/apt/sources.list", ""]
+        # debootstrap writes a sources.list with `main` only; add the other components. The
+        # config validates each component; they are checked again here because this text
+        # becomes a shell command, and the sed program is quoted as one word.
+        bad = [c for c in spec.components if not COMPONENT_RE.fullmatch(c)]
+        if bad:
+            raise ConfigError(f"bases.{spec.ref}.components: invalid archive component {bad[0]!r}")
+        program = f"s/ main$/ {' '.join(spec.components)}/"
+        lines += ["%post", f"    sed -i {shlex.quote(program)} /etc/apt/sources.list", ""]
     return "\n".join(lines)
 
 

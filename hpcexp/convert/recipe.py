@@ -802,8 +802,9 @@ class _Converter:
                     interp = script.split("\n", 1)[0][2:].strip()
                     st.stage_no += 1
                     path = f"{STAGING}/run/{st.stage_no}"
-                    body = [f"mkdir -p {STAGING}/run", f"cat > {path} <<'HPCEXP_EOF'",
-                            script.rstrip("\n"), "HPCEXP_EOF", f"chmod +x {path}",
+                    marker = heredoc_marker(script)
+                    body = [f"mkdir -p {STAGING}/run", f"cat > {path} <<'{marker}'",
+                            script.rstrip("\n"), marker, f"chmod +x {path}",
                             *self.shell_command(f"{interp} {path}")]
                 else:
                     body = self.shell_command(script)
@@ -1060,9 +1061,7 @@ class _Converter:
                               f"${', $'.join(names)} comes from the base image, unknown at conversion time; "
                               "taken as unset", "P20")
                 body = literal(value)
-            marker = "HPCEXP_EOF"
-            while marker in body:
-                marker += "_"
+            marker = heredoc_marker(body)
             lines += [f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}",
                       f"cat > {shlex.quote(target)} <<'{marker}'", body.rstrip("\n"), marker]
             if chmod:
@@ -1409,3 +1408,13 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
                       cmd=tuple(last.cmd) if last.cmd else None,
                       entrypoint=tuple(last.entrypoint) if last.entrypoint else None)
 
+
+def heredoc_marker(body: str, base: str = "HPCEXP_EOF") -> str:
+    """A here-document end marker that no line of ``body`` can be mistaken for.
+
+    The shell ends a here-document at the first line equal to its marker, so a body line
+    reading ``HPCEXP_EOF`` would cut the file short and run the rest as commands."""
+    marker = base
+    while marker in body:
+        marker += "_"
+    return marker

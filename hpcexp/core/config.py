@@ -249,6 +249,8 @@ EXP_KEYS = ("name", "path", "ref", "code", "description", "dockerfile", "command
             "params_as", "build_args", "bases", "slurm")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
+#: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
+COMPONENT_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 BASE_KEYS = ("sif", "image", "debootstrap", "mirror", "include", "components")
 BIND_KEYS = ("src", "dst", "mode")
 
@@ -472,6 +474,10 @@ class _Validator:
                     if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
                         self.err(f"{bp}.include[{i}]", f"invalid package name {_show(pkg)}")
                 components = self.str_list(f"{bp}.components", sm.get("components")) or ("main",)
+                for i, comp in enumerate(components):
+                    if not COMPONENT_RE.fullmatch(comp):
+                        self.err(f"{bp}.components[{i}]", f"invalid archive component {_show(comp)}: "
+                                 "lower-case letters, digits and '-' (main, contrib, non-free-firmware)")
                 if suite is not None:
                     out[ref_s] = BaseSpec(ref=ref_s, kind="debootstrap", suite=suite, mirror=mirror,
                                           include=tuple(include), components=tuple(components))

@@ -60,6 +60,11 @@ class RunPaths:
         return self.dir / "events"
 
     @property
+    def supervisor_log(self) -> Path:
+        """What the detached supervisor could not put in the record (its own failures)."""
+        return self.dir / "supervisor.log"
+
+    @property
     def stop_request(self) -> Path:
         """Written by ``hpcexp stop`` (who, when, grace) before it signals the run's supervisor."""
         return self.dir / "stop.json"

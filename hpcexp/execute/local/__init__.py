@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
@@ -913,6 +914,13 @@ class LocalExecutor:
 EXECUTOR = LocalExecutor()
 
 
+def _supervisor_log(run_paths: RunPaths, text: str) -> None:
+    """Append ``text`` to the run's supervisor.log; a failure here has nowhere else to go."""
+    with contextlib.suppress(OSError):
+        with open(run_paths.supervisor_log, "a", encoding="utf-8", errors="replace") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text.rstrip()}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m hpcexp.execute.local RUN_DIR``: the detached supervisor."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -925,12 +933,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotFound:
         return 2
     except Exception as exc:  # noqa: BLE001 - record the supervisor's own failure, never leave `created`
+        # A detached supervisor has no terminal: what went wrong goes to the run's folder,
+        # first as a traceback in supervisor.log, then (if the record can still be written)
+        # as the record's launch error.
+        _supervisor_log(run_paths, traceback.format_exc())
         try:
             rec = runs.read_record(run_paths)
             if not rec.terminal:
                 _mark(run_paths, rec, "failed", launch_error=f"supervisor error: {type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception:  # noqa: BLE001 - the record itself is unwritable: say so where we still can
+            _supervisor_log(run_paths, f"could not record the failure in {run_paths.record}:\n"
+                            + traceback.format_exc())
         return 1
     return 0 if rec.state == "succeeded" else 1
 

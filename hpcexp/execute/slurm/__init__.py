@@ -682,6 +682,12 @@ def _write_many(items: Sequence[tuple[RunPaths, runs.RunRecord]], *, strict: boo
             _write_one(it)
 
 
+def _check_scancel(res: process.Result) -> None:
+    """A job that already ended is not a failure to cancel; anything else scancel says is."""
+    if not res.ok and "already completing or completed" not in res.stderr and "Invalid job id" not in res.stderr:
+        raise SchedulerError(f"scancel failed: {res.last_line()}", hint="check `squeue --me`")
+
+
 def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, grace: float | None = None,
          wait: bool = True) -> list[tuple[RunPaths, runs.RunRecord]]:
     """scancel the given runs in one call: a whole array job when every one of its tasks
@@ -711,11 +717,9 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
         else:
             targets += [str(r.executor_ids["job_id"]) for r in recs]
     if targets:
-        res = _run(scancel_argv(sorted(set(targets), key=_id_key)))
-        if not res.ok and "already completing or completed" not in res.stderr and "Invalid job id" not in res.stderr:
-            raise SchedulerError(f"scancel failed: {res.last_line()}", hint="check `squeue --me`")
+        _check_scancel(_run(scancel_argv(sorted(set(targets), key=_id_key))))
     for name in sorted(set(names)):
-        _run(["scancel", "--name", name])
+        _check_scancel(_run(["scancel", "--name", name]))
     time.sleep(0.3)  # let slurmctld settle the cancelled state
     return reconcile(layout, items)
 
