@@ -99,7 +99,8 @@ def _result(rc: int, stderr: str) -> process.Result:
 
 def test_scancel_failures_are_errors_unless_the_job_already_ended() -> None:
     slurm._check_scancel(_result(0, ""))
-    slurm._check_scancel(_result(1, "scancel: error: Kill job error on job id 5: Job/step already completing or completed"))
+    slurm._check_scancel(_result(1, "scancel: error: Kill job error on job id 5: "
+                                    "Job/step already completing or completed"))
     slurm._check_scancel(_result(1, "scancel: error: Invalid job id 7"))
     with pytest.raises(SchedulerError, match="scancel failed: .*Access/permission denied"):
         slurm._check_scancel(_result(1, "scancel: error: Kill job error on job id 5: Access/permission denied"))
