@@ -19,6 +19,7 @@ from hpcexp.core.config import load_project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, LockBusy, StorageError
 from hpcexp.infra import atomic
+from hpcexp.infra import host as hostinfo
 from hpcexp.infra.lock import Lock
 from hpcexp.runtime import apptainer
 from tests.buildfakes import convert_fake
@@ -39,6 +40,7 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     subuid = tmp_path / "subuid"
     subuid.write_text(f"{getpass.getuser()}:100000:65536\n")
     monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(subuid))
+    monkeypatch.setenv("HPCEXP_SUBGID_FILE", str(subuid))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(recipe, "convert", convert_fake.convert)
     monkeypatch.setattr(image, "_caches", {})
@@ -269,7 +271,7 @@ def test_dead_owner_lock_and_orphan_temp_are_recovered(proj: Path, fake_env: Pat
     p = ctx.Process(target=grab)
     p.start()
     p.join()
-    host = image._short_host()
+    host = hostinfo.short_hostname()
     dead_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{p.pid}-abc123"
     live_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{os.getpid()}-def456"
     for d in (dead_scratch, live_scratch):
@@ -337,13 +339,17 @@ def test_faked_failure_without_subuid_is_retried_bare(fake_env: Path, tmp_path: 
         build(tmp_path / "st", force=True)
 
 
-def test_has_subuid_range(tmp_path: Path) -> None:
-    f = tmp_path / "subuid"
-    f.write_text("alice:100000:65536\n1234:200000:65536\nbob:1:0\n")
-    assert apptainer.has_subuid_range("alice", 1, f)
-    assert apptainer.has_subuid_range("carol", 1234, f)
-    assert not apptainer.has_subuid_range("bob", 1, f)
-    assert not apptainer.has_subuid_range("x", 1, tmp_path / "missing")
+def test_subid_ranges_one_definition_of_enough(tmp_path: Path) -> None:
+    u, g = tmp_path / "subuid", tmp_path / "subgid"
+    u.write_text("alice:100000:65536\n1234:200000:65536\nbob:1:0\ndave:300000:1000\n")
+    g.write_text("alice:100000:65536\n1234:200000:65536\ndave:300000:65536\n")
+    assert hostinfo.subid_ranges("alice", 1, subuid=u, subgid=g).full
+    assert hostinfo.subid_ranges("carol", 1234, subuid=u, subgid=g).full       # matched by uid
+    bob = hostinfo.subid_ranges("bob", 1, subuid=u, subgid=g)
+    assert not bob.full and not bob.any                                         # a range of 0 ids is none
+    dave = hostinfo.subid_ranges("dave", 5, subuid=u, subgid=g)
+    assert dave.any and not dave.full                                           # too small to map a base image
+    assert not hostinfo.subid_ranges("alice", 1, subuid=u, subgid=tmp_path / "missing").full
 
 
 def test_normalize_recipe_drops_header_and_base_paths() -> None:

@@ -20,6 +20,7 @@ import pytest
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.execute import local
+from hpcexp.infra import host as hostinfo
 
 
 def _record(run_dir: Path, code: str, *, run_id: str | None = None, grace: float = 10.0) -> RunPaths:
@@ -28,9 +29,9 @@ def _record(run_dir: Path, code: str, *, run_id: str | None = None, grace: float
     paths.results.mkdir()
     rid = run_id or run_dir.name
     rec = runs.RunRecord(experiment=run_dir.parent.name, run_id=rid, command=[sys.executable, "-c", code],
-                         executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(),
+                         executor_ids={"host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(),
                                        "launcher_pid": os.getpid(),
-                                       "launcher_start": local.proc_start_ticks(os.getpid())})
+                                       "launcher_start": hostinfo.pid_start_ticks(os.getpid())})
     rec.extra = {"container_env": {"HPCEXP_RUN_ID": rid, "ODD": "a b\n$(x);'\""}, "grace": grace}
     runs.write_record(paths, rec)
     return paths
@@ -71,13 +72,13 @@ def test_decode_exit_when_stopped_is_cancelled() -> None:
 
 def test_alive_knows_pid_reuse_and_zombies() -> None:
     me = os.getpid()
-    assert local.alive(me, local.proc_start_ticks(me))
-    assert not local.alive(me, (local.proc_start_ticks(me) or 0) + 1)  # same pid, another process
+    assert hostinfo.pid_alive(me, hostinfo.pid_start_ticks(me))
+    assert not hostinfo.pid_alive(me, (hostinfo.pid_start_ticks(me) or 0) + 1)  # same pid, another process
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    _wait(lambda: local.proc_start_ticks(child.pid) is None)  # exited, not yet reaped: a zombie is not alive
-    assert not local.alive(child.pid)
+    _wait(lambda: hostinfo.pid_start_ticks(child.pid) is None)  # exited, not yet reaped: a zombie is not alive
+    assert not hostinfo.pid_alive(child.pid)
     child.wait()
-    assert not local.alive(None)
+    assert not hostinfo.pid_alive(None)
 
 
 def test_supervise_success_writes_logs_record_and_passes_env_verbatim(tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_supervise_success_writes_logs_record_and_passes_env_verbatim(tmp_path: 
     disk = runs.read_record(paths)
     assert disk.state == "succeeded" and disk.started_at and disk.ended_at
     assert disk.executor_ids["supervisor_pid"] == os.getpid()
-    assert not local.alive(disk.executor_ids["watchdog_pid"])
+    assert not hostinfo.pid_alive(disk.executor_ids["watchdog_pid"])
 
 
 def test_supervise_failure_and_launch_error(tmp_path: Path) -> None:
@@ -155,11 +156,11 @@ def test_detached_run_stop_and_stop_of_finished_run(tmp_path: Path, monkeypatch)
     rec = local.spawn_detached(paths)
     assert rec.state == "running"
     sup = rec.executor_ids["supervisor_pid"]
-    assert sup != os.getpid() and local.alive(sup)
+    assert sup != os.getpid() and hostinfo.pid_alive(sup)
     [(p, stopped)] = local.stop(None, [(paths, rec)], grace=5)  # type: ignore[arg-type]
     assert stopped.state == "cancelled" and stopped.signal == 15
     assert "hpcexp stop" in stopped.reason
-    _wait(lambda: not local.alive(sup))
+    _wait(lambda: not hostinfo.pid_alive(sup))
     assert local.marker_pids(rec.run_id) == []
     [(p, again)] = local.stop(None, [(paths, stopped)], grace=5)  # type: ignore[arg-type]
     assert again.state == "cancelled"
@@ -171,12 +172,12 @@ def test_killed_supervisor_is_lost_and_leaves_no_process(tmp_path: Path, monkeyp
     rec = local.spawn_detached(paths)
     sup = rec.executor_ids["supervisor_pid"]
     os.kill(sup, signal.SIGKILL)
-    _wait(lambda: not local.alive(sup))
+    _wait(lambda: not hostinfo.pid_alive(sup))
     # the watchdog kills the payload although the supervisor could not
     _wait(lambda: local.marker_pids(rec.run_id) == [])
     [(p, after)] = local.reconcile(None, [(paths, runs.read_record(paths))])  # type: ignore[arg-type]
     assert after.state == "lost"
-    assert f"supervisor pid {sup} on host {runs.hostname()} is gone" in after.reason
+    assert f"supervisor pid {sup} on host {hostinfo.hostname()} is gone" in after.reason
     assert runs.read_record(paths).state == "lost"
 
 
@@ -244,7 +245,7 @@ def test_trusted_pgid_refuses_a_stale_group() -> None:
     try:
         pgid = os.getpgid(leader.pid)
         assert pgid == leader.pid
-        leader_start = local.proc_start_ticks(pgid)
+        leader_start = hostinfo.pid_start_ticks(pgid)
         assert leader_start is not None
         ids = {"pgid": pgid, "apptainer_pid": pgid, "apptainer_start": leader_start}
         assert local.trusted_pgid(ids) == pgid

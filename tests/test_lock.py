@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcexp.errors import LockBusy
-from hpcexp.infra import lock as lockmod
+from hpcexp.infra import host as hostinfo
 from hpcexp.infra.lock import Lock, Owner, read_owner
 
 
@@ -23,7 +23,7 @@ def test_lock_records_owner_and_excludes_others(tmp_path: Path) -> None:
     assert a.try_acquire() is None
     data = json.loads(path.read_text())
     assert data["pid"] == os.getpid() and data["host"] == socket.gethostname()
-    assert data["boot_id"] == lockmod.boot_id() and data["user"] and data["started"]
+    assert data["boot_id"] == hostinfo.boot_id() and data["user"] and data["started"]
     holder = b.try_acquire()
     assert holder is not None and holder.pid == os.getpid()
     with pytest.raises(LockBusy) as ei:
@@ -46,7 +46,7 @@ def _dead_pid() -> int:
 
 def test_dead_owner_on_this_host_is_broken(tmp_path: Path) -> None:
     path = tmp_path / "x.lock"
-    dead = Owner(host=socket.gethostname(), pid=_dead_pid(), user="u", started="t", boot_id=lockmod.boot_id())
+    dead = Owner(host=socket.gethostname(), pid=_dead_pid(), user="u", started="t", boot_id=hostinfo.boot_id())
     path.write_text(dead.to_json())
     assert Lock(path).try_acquire() is None
     assert read_owner(path).pid == os.getpid()  # type: ignore[union-attr]
@@ -61,7 +61,7 @@ def test_zombie_counts_as_dead(tmp_path: Path) -> None:
     while time.time() < deadline and "Z" not in Path(f"/proc/{child.pid}/stat").read_text().split(")")[1][:3]:
         time.sleep(0.02)
     try:
-        assert not lockmod.pid_alive(child.pid)
+        assert not hostinfo.pid_alive(child.pid)
     finally:
         child.wait()
 

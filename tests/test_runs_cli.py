@@ -12,6 +12,7 @@ from conftest import assert_clean_error, run_cli
 from hpcexp.cli.run_cmds import format_params, summarize
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
+from hpcexp.infra import host as hostinfo
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_logs_prints_stdout_stderr_both_and_tail(project: Path) -> None:
 
 def test_follow_of_a_run_whose_owner_is_gone_ends_as_lost(project: Path) -> None:
     paths = _add(project, "hello", "20260101-000000-aaaaa1", "running",
-                 executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(),
+                 executor_ids={"host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(),
                                "supervisor_pid": 2 ** 22 + 77, "supervisor_start": 1})
     paths.stdout.write_text("partial\n")
     proc = run_cli("logs", "-f", "@last", cwd=project, timeout=60)

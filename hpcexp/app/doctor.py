@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hpcexp.core.config import Project, host_arch
+from hpcexp.infra import host as hostinfo
 from hpcexp.infra import process
 from hpcexp.runtime import apptainer
 
@@ -82,37 +83,16 @@ def check_userns() -> Check:
                  required=True)
 
 
-def subid_range(user: str, uid: int, path: str) -> tuple[int, int] | None:
-    """The (start, count) of ``user``'s range in /etc/subuid or /etc/subgid, if any."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) == 3 and parts[0] in (user, str(uid)):
-            try:
-                return int(parts[1]), int(parts[2])
-            except ValueError:
-                continue
-    return None
-
-
 def check_fakeroot() -> Check:
-    import getpass
-
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001
-        user = str(os.getuid())
-    uid = os.getuid()
-    sub_u = subid_range(user, uid, "/etc/subuid")
-    sub_g = subid_range(user, uid, "/etc/subgid")
-    if sub_u and sub_g and sub_u[1] >= 65536 and sub_g[1] >= 65536:
-        return Check("fakeroot", OK, f"subuid/subgid range for {user} ({sub_u[1]} ids): full --fakeroot builds",
+    ranges = hostinfo.subid_ranges()
+    user = ranges.user
+    if ranges.full:
+        ids = ranges.uids[1] if ranges.uids else 0
+        return Check("fakeroot", OK, f"subuid/subgid range for {user} ({ids} ids): full --fakeroot builds",
                      required=True)
     if process.which("fakeroot"):
-        return Check("fakeroot", WARN, f"no /etc/subuid+subgid range of 65536 for {user}: builds use "
+        need = hostinfo.FULL_SUBID_RANGE
+        return Check("fakeroot", WARN, f"no /etc/subuid+subgid range of {need} for {user}: builds use "
                                        "Apptainer's root-mapped namespace with the fakeroot command "
                                        "(some package installs may fail)",
                      f"ask an admin: `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}`",

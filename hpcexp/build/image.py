@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import getpass
 import hashlib
 import json
 import logging
@@ -40,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -54,6 +52,7 @@ from hpcexp.core.config import BaseSpec, Experiment, Project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, EnvironmentProblem, HpcexpError, Interrupted, StorageError
 from hpcexp.infra import atomic, hashing
+from hpcexp.infra import host as hostinfo
 from hpcexp.infra.lock import Lock, Owner
 from hpcexp.runtime import apptainer
 
@@ -410,13 +409,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001
-        return str(os.getuid())
-
-
 def _label_value(value: str) -> str:
     return re.sub(r"\s+", " ", str(value)).strip() or "-"
 
@@ -444,7 +436,7 @@ def _fakeroot_check(progress: Progress | None) -> str:
     if mode != "subuid" and not _warned_fakeroot:
         _warned_fakeroot = True
         how = "the fakeroot command" if mode == "fakeroot-command" else "no fakeroot command (none installed)"
-        msg = (f"no /etc/subuid range for user {_user()}: --fakeroot cannot map ids, so Apptainer builds in a "
+        msg = (f"no /etc/subuid range for user {hostinfo.user()}: --fakeroot cannot map ids, so Apptainer builds in a "
                f"root-mapped user namespace with {how}; some package installs may fail "
                "(ask your admins for a subuid range; `hpcexp doctor` shows details)")
         log.info(msg)
@@ -506,7 +498,7 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
 
     def on_wait(owner: Owner) -> None:
         if progress is not None:
-            where = (f"if {owner.host} is down for good, remove {lock.path}" if owner.host != socket.gethostname()
+            where = (f"if {owner.host} is down for good, remove {lock.path}" if owner.host != hostinfo.hostname()
                      else f"lock {lock.path}")
             progress("wait", f"{label}: waiting for {owner.describe()} who is building it ({where})")
 
@@ -549,12 +541,13 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     own_tmpdir = None
     if not env.get("APPTAINER_TMPDIR"):
         base_tmp = env.get("TMPDIR") or tempfile.gettempdir()
-        own_tmpdir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_short_host()}-{os.getpid()}-", dir=base_tmp)
+        prefix = f"{SCRATCH_PREFIX}{hostinfo.short_hostname()}-{os.getpid()}-"
+        own_tmpdir = tempfile.mkdtemp(prefix=prefix, dir=base_tmp)
         env["APPTAINER_TMPDIR"] = own_tmpdir
     scratch = env["APPTAINER_TMPDIR"]
     all_labels = dict(labels)
     all_labels.update({"org.hpcexp.runtime.apptainer-version": f"{inst.program} {inst.version}",
-                       "org.hpcexp.host": socket.gethostname(), "org.hpcexp.user": _user(),
+                       "org.hpcexp.host": hostinfo.hostname(), "org.hpcexp.user": hostinfo.user(),
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
     build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
     # --force: the temp output never exists, but without it Apptainer keeps a base image's
@@ -578,7 +571,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
         except OSError as exc:
             raise atomic.storage_error(exc, log_path) from exc
         with logf:
-            logf.write(f"# hpcexp {__version__} build of {label} at {_now()} on {socket.gethostname()}\n"
+            logf.write(f"# hpcexp {__version__} build of {label} at {_now()} on {hostinfo.hostname()}\n"
                        f"# cwd: {context}\n# argv: {' '.join(argv)}\n# APPTAINER_TMPDIR={scratch}\n")
             logf.flush()
             rc = _stream(argv, env, context, logf, tail, progress, label)
@@ -594,7 +587,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
                 "schema": SIDECAR_SCHEMA, "path": str(final), "sha256": sha, "size": st.st_size,
                 "sif_stat": [st.st_size, st.st_mtime_ns, st.st_ino],
                 "labels": all_labels, "apptainer_version": inst.version, "apptainer_program": inst.program,
-                "host": socket.gethostname(), "user": _user(), "built_at": all_labels["org.hpcexp.built-at"],
+                "host": hostinfo.hostname(), "user": hostinfo.user(), "built_at": all_labels["org.hpcexp.built-at"],
                 "build_seconds": round(time.monotonic() - t0, 3), "hpcexp_version": __version__,
                 "build_log": str(log_path),
                 "note": "sha256 is the SIF's own hash; it cannot be a label inside the SIF it describes",
@@ -620,10 +613,6 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
 
 
 SCRATCH_PREFIX = "hpcexp-build-"
-
-
-def _short_host() -> str:
-    return socket.gethostname().split(".")[0] or "host"
 
 
 def scratch_dirs() -> list[tuple[Path, str, int]]:
@@ -837,11 +826,10 @@ def _tmp_owner_gone(name: str) -> tuple[bool, str]:
     if owner is None:
         return False, "owner unknown"
     host, pid = owner
-    me = socket.gethostname().split(".")[0] or "host"
+    me = hostinfo.short_hostname()
     if host != me:
         return False, f"owner on another host ({host} pid {pid})"
-    from hpcexp.infra.lock import pid_alive
-    if pid_alive(pid):
+    if hostinfo.pid_alive(pid):
         return False, f"owner pid {pid} is running"
     return True, f"owner pid {pid} on {host} is gone"
 
@@ -904,8 +892,7 @@ def clean(project: Project, *, dry_run: bool = False, force: bool = False) -> Cl
                 owner = read_owner(p)
                 if owner is not None and owner.is_dead():
                     remove(p, f"lock of {owner.describe()}, process gone")
-    from hpcexp.infra.lock import pid_alive
     for p, host, pid in scratch_dirs():
-        if host == _short_host() and not pid_alive(pid):
+        if host == hostinfo.short_hostname() and not hostinfo.pid_alive(pid):
             remove(p, f"build scratch of pid {pid}, process gone")
     return report

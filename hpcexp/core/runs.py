@@ -27,12 +27,10 @@ many users and hosts cannot collide (I8).
 from __future__ import annotations
 
 import datetime as _dt
-import getpass
 import json
 import logging
 import os
 import secrets
-import socket
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -41,6 +39,7 @@ from hpcexp import __version__
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import NotFound, StorageError, UsageError
 from hpcexp.infra import atomic
+from hpcexp.infra import host as hostinfo
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +64,6 @@ def parse_time(value: str | None) -> float | None:
         return None
 
 
-def boot_id() -> str | None:
-    """This boot's id: a pid is only meaningful together with it (pids are reused after reboot)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def hostname() -> str:
-    return socket.gethostname()
-
-
-def username() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return str(os.getuid())
-
-
 @dataclass
 class RunRecord:
     """Everything known about one run. Serialised as run.json (unknown keys are kept)."""
@@ -99,8 +79,8 @@ class RunRecord:
     signal: int | None = None
     launch_error: str | None = None
     reason: str | None = None
-    host: str = field(default_factory=hostname)
-    user: str = field(default_factory=username)
+    host: str = field(default_factory=hostinfo.hostname)
+    user: str = field(default_factory=hostinfo.user)
     arch: str | None = None
     params: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)

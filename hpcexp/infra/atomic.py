@@ -17,18 +17,18 @@ import errno
 import json
 import os
 import secrets
-import socket
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from hpcexp.errors import PermissionProblem, StorageError
+from hpcexp.infra import host as hostinfo
 
 TMP_PREFIX = ".hpcexp-tmp-"
 
 
 def tmp_name_for(final: Path) -> Path:
     """A unique temporary sibling of ``final`` that names its owner (host and pid)."""
-    host = socket.gethostname().split(".")[0] or "host"
+    host = hostinfo.short_hostname()
     return final.with_name(f"{TMP_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(4)}-{final.name}")
 
 

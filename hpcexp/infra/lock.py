@@ -21,11 +21,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
-import getpass
 import json
 import logging
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,34 +31,9 @@ from typing import Callable, Iterator
 
 from hpcexp.errors import LockBusy
 from hpcexp.infra import atomic
+from hpcexp.infra import host as hostinfo
 
 log = logging.getLogger(__name__)
-
-
-def boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def pid_start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:
-        return int(raw[raw.rindex(")") + 2:].split()[19])
-    except (ValueError, IndexError):
-        return None
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return str(os.getuid())
 
 
 @dataclass(frozen=True)
@@ -78,8 +51,8 @@ class Owner:
     @classmethod
     def me(cls, purpose: str = "") -> "Owner":
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-        return cls(host=socket.gethostname(), pid=os.getpid(), user=_user(), started=now,
-                   boot_id=boot_id(), pid_start=pid_start_time(os.getpid()), purpose=purpose)
+        return cls(host=hostinfo.hostname(), pid=os.getpid(), user=hostinfo.user(), started=now,
+                   boot_id=hostinfo.boot_id(), pid_start=hostinfo.pid_start_ticks(os.getpid()), purpose=purpose)
 
     @classmethod
     def from_json(cls, text: str) -> "Owner | None":
@@ -99,38 +72,15 @@ class Owner:
 
     def is_dead(self) -> bool:
         """True only when provably dead: same host, same boot, and the pid is gone or reused."""
-        if self.host != socket.gethostname():
+        if self.host != hostinfo.hostname():
             return False
-        mine = boot_id()
+        mine = hostinfo.boot_id()
         if self.boot_id is None or mine is None:
             return False
         if self.boot_id != mine:
             # Same host, another boot: every process of that boot is gone.
             return True
-        return not pid_alive(self.pid, self.pid_start)
-
-
-def pid_alive(pid: int, start: int | None = None) -> bool:
-    """Whether ``pid`` runs on this host (and, if ``start`` is given, is the same process)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, belongs to someone else
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-        if raw[raw.rindex(")") + 2:].startswith(("Z", "X")):
-            return False  # a zombie: dead, only not yet reaped by its parent
-    except (OSError, ValueError):
-        pass
-    if start is not None:
-        now = pid_start_time(pid)
-        if now is not None and now != start:
-            return False
-    return True
+        return not hostinfo.pid_alive(self.pid, self.pid_start)
 
 
 def read_owner(path: Path) -> Owner | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hpcexp.errors import EnvironmentProblem
+from hpcexp.infra import host as hostinfo
 from hpcexp.infra import process
 
 MIN_APPTAINER = (1, 1, 0)
@@ -210,40 +211,6 @@ def inspect_labels(image: Path) -> dict[str, str]:
         return {}
 
 
-SUBUID_FILE = Path("/etc/subuid")
-
-
-def has_subuid_range(user: str | None = None, uid: int | None = None, path: Path | None = None) -> bool:
-    """Whether ``/etc/subuid`` gives ``user`` (by name or uid) a range of ids for --fakeroot.
-
-    A missing entry here is what makes Apptainer fall back to a root-mapped namespace with
-    the ``fakeroot`` command. (Sites serving subids from another source are rare; a wrong
-    "no" only costs a warning, because Apptainer itself decides.)
-    """
-    import getpass
-
-    if user is None:
-        try:
-            user = getpass.getuser()
-        except Exception:  # noqa: BLE001
-            user = ""
-    uid = os.getuid() if uid is None else uid
-    path = path or Path(os.environ.get("HPCEXP_SUBUID_FILE") or SUBUID_FILE)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        parts = line.strip().split(":")
-        if len(parts) >= 3 and parts[0] in (user, str(uid)):
-            try:
-                if int(parts[2]) > 0:
-                    return True
-            except ValueError:
-                continue
-    return False
-
-
 def fakeroot_mode(path: Path | None = None) -> str:
     """How ``apptainer build --fakeroot`` will work for this user.
 
@@ -251,6 +218,6 @@ def fakeroot_mode(path: Path | None = None) -> str:
     Apptainer uses a root-mapped namespace plus the ``fakeroot`` command; ``none``: no
     range and no ``fakeroot`` command, so the build cannot work.
     """
-    if has_subuid_range(path=path):
+    if hostinfo.subid_ranges(subuid=path).full:
         return "subuid"
     return "fakeroot-command" if process.which("fakeroot") else "none"

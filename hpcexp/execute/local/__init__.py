@@ -45,6 +45,7 @@ from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import HpcexpError, NotFound, UsageError
 from hpcexp.execute.base import LaunchRequest, LogFile
 from hpcexp.infra import atomic
+from hpcexp.infra import host as hostinfo
 from hpcexp.runtime import apptainer
 
 log = logging.getLogger(__name__)
@@ -59,35 +60,6 @@ _TERMINAL_QUEUE_CHUNKS = 256        # bounded: a stuck terminal drops output, ne
 # --------------------------------------------------------------------------------------
 # Processes: identity, liveness, leftovers
 # --------------------------------------------------------------------------------------
-
-def proc_start_ticks(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat).
-
-    A pid alone is not an identity (pids are reused); pid + start time on the same boot is.
-    Returns None when the process does not exist or is a zombie (it has exited).
-    """
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    rest = raw[raw.rfind(b")") + 2:].split()
-    if not rest or rest[0] in (b"Z", b"X"):
-        return None
-    try:
-        return int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def alive(pid: int | None, start: int | None = None) -> bool:
-    """Whether the process ``pid`` (started at ``start`` ticks, if known) still runs here."""
-    if not pid or pid <= 0:
-        return False
-    ticks = proc_start_ticks(int(pid))
-    if ticks is None:
-        return False
-    return start is None or int(start) == ticks
-
 
 def marker_pids(run_id: str, *, exclude: Iterable[int] = ()) -> list[int]:
     """Processes of this user whose environment carries the run's marker (``HPCEXP_RUN_ID``).
@@ -134,7 +106,7 @@ def trusted_pgid(ids: Mapping[str, Any]) -> int | None:
     pgid, pid, start = ids.get("pgid"), ids.get("apptainer_pid"), ids.get("apptainer_start")
     if not pgid or pgid != pid or start is None:
         return None
-    return int(pgid) if alive(pid, start) else None
+    return int(pgid) if hostinfo.pid_alive(pid, start) else None
 
 
 def kill_tree(pgid: int | None, run_id: str, *, grace: float = 2.0, exclude: Iterable[int] = ()) -> int:
@@ -225,8 +197,8 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         command=list(the_plan.argv), image=str(info["path"]), image_sha256=info.get("sha256"),
         input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
         apptainer_version=known_version(program, project.cache_dir), git_commit=commit, git_dirty=dirty,
-        executor_ids={"host": runs.hostname(), "boot_id": runs.boot_id(), "launcher_pid": os.getpid(),
-                      "launcher_start": proc_start_ticks(os.getpid())},
+        executor_ids={"host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(), "launcher_pid": os.getpid(),
+                      "launcher_start": hostinfo.pid_start_ticks(os.getpid())},
     )
     rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
@@ -667,7 +639,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     os.close(err_w)
     pgid = proc.pid
     group[0] = pgid
-    apptainer_start = proc_start_ticks(proc.pid)
+    apptainer_start = hostinfo.pid_start_ticks(proc.pid)
     if stop.requested:  # a signal arrived while the container was being started
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGTERM)
@@ -691,8 +663,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         rec.state = "running"
         rec.started_at = runs.utcnow()
         rec.executor_ids.update({
-            "host": runs.hostname(), "boot_id": runs.boot_id(), "supervisor_pid": os.getpid(),
-            "supervisor_start": proc_start_ticks(os.getpid()), "apptainer_pid": proc.pid, "pgid": pgid,
+            "host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(), "supervisor_pid": os.getpid(),
+            "supervisor_start": hostinfo.pid_start_ticks(os.getpid()), "apptainer_pid": proc.pid, "pgid": pgid,
             "apptainer_start": apptainer_start,
             "watchdog_pid": watchdog,
         })
@@ -765,7 +737,7 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
     """Stop local runs: ask each supervisor (it sends SIGTERM, then SIGKILL after ``grace``)
     and wait until the record says how it ended. A run whose supervisor is gone has its
     leftover processes killed here and is recorded ``lost``."""
-    here = runs.hostname()
+    here = hostinfo.hostname()
     results: list[tuple[RunPaths, runs.RunRecord]] = []
     pending: list[tuple[RunPaths, runs.RunRecord]] = []
     for run_paths, rec in items:
@@ -777,11 +749,11 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
             raise UsageError(f"run {rec.run_id} runs on host {host}, not here ({here})",
                              hint=f"run `hpcexp stop {rec.run_id}` on {host}")
         atomic.write_json(run_paths.stop_request, {
-            "requested_at": runs.utcnow(), "grace": grace, "user": runs.username(), "host": here,
+            "requested_at": runs.utcnow(), "grace": grace, "user": hostinfo.user(), "host": here,
             "pid": os.getpid(),
         })
         sup = rec.executor_ids.get("supervisor_pid")
-        if sup and alive(sup, rec.executor_ids.get("supervisor_start")):
+        if sup and hostinfo.pid_alive(sup, rec.executor_ids.get("supervisor_start")):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(sup), signal.SIGUSR1)
         pending.append((run_paths, rec))
@@ -794,7 +766,7 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
             ids = rec.executor_ids
             owner = ids.get("supervisor_pid") or ids.get("launcher_pid")
             owner_start = ids.get("supervisor_start") if ids.get("supervisor_pid") else ids.get("launcher_start")
-            if not alive(owner, owner_start):
+            if not hostinfo.pid_alive(owner, owner_start):
                 time.sleep(0.2)
                 rec = runs.read_record(run_paths)
                 if not rec.terminal:
@@ -832,7 +804,7 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
 
     Runs of other hosts are left as they are: this host cannot see their processes.
     """
-    here, boot = runs.hostname(), runs.boot_id()
+    here, boot = hostinfo.hostname(), hostinfo.boot_id()
     out: list[tuple[RunPaths, runs.RunRecord]] = []
     for run_paths, rec in items:
         if rec.terminal or rec.executor != "local":
@@ -864,7 +836,7 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
                 # a detached supervisor may still be starting after its launcher exited
                 out.append((run_paths, rec))
                 continue
-        if owner is None or alive(owner, start):
+        if owner is None or hostinfo.pid_alive(owner, start):
             out.append((run_paths, rec))
             continue
         fresh = runs.read_record(run_paths)  # it may have finished between our two reads

@@ -33,6 +33,7 @@ from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, Usage
 from hpcexp.execute import base
 from hpcexp.execute.base import LaunchRequest, LogFile
 from hpcexp.infra import atomic, process
+from hpcexp.infra import host as hostinfo
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +524,7 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
     """One squeue call, then (only for runs that left the queue without a final answer)
     one sacct call unless accounting is known to be off, and one scontrol call."""
     ev = Evidence()
-    users = sorted({r.user for r in records if _known_user(r.user)} | {runs.username()})
+    users = sorted({r.user for r in records if _known_user(r.user)} | {hostinfo.user()})
     try:
         res = _run(squeue_argv(users))
         if res.ok:
@@ -1101,7 +1102,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     sweep_id = (sweep_mod.new_sweep_id() if dry_run else sweep_mod.allocate_sweep(layout)) if is_array else None
     res_dict = resources_dict(resources)
     hpcexp_argv = list(cmdline) if cmdline is not None else None
-    host, user = runs.hostname(), runs.username()
+    host, user = hostinfo.hostname(), hostinfo.user()
 
     tasks: list[_Task] = []
     allocated: list[RunPaths] = []
