@@ -125,7 +125,7 @@ def test_stop_request_cancels_with_sigterm_then_sigkill(tmp_path: Path) -> None:
         _wait(lambda: b"ready" in paths.stdout.read_bytes() if paths.stdout.exists() else False)
         rec = runs.read_record(paths)
         seen["state"] = rec.state
-        seen["marked"] = len(local.marker_pids(rec.run_id))
+        seen["marked"] = len(hostinfo.pids_with_marker(rec.run_id))
         paths.stop_request.write_text(json.dumps({"grace": 0.5, "user": "t", "host": "h", "pid": 1}))
         os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -137,7 +137,7 @@ def test_stop_request_cancels_with_sigterm_then_sigkill(tmp_path: Path) -> None:
     assert seen == {"state": "running", "marked": 2}
     assert rec.state == "cancelled" and rec.signal == 9
     assert "SIGKILL after 0.5 s" in (rec.reason or "")
-    assert local.marker_pids(rid) == []
+    assert hostinfo.pids_with_marker(rid) == []
 
 
 def test_supervise_in_main_thread_handles_sigterm_as_stop(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_detached_run_stop_and_stop_of_finished_run(tmp_path: Path, monkeypatch)
     assert stopped.state == "cancelled" and stopped.signal == 15
     assert "hpcexp stop" in stopped.reason
     _wait(lambda: not hostinfo.pid_alive(sup))
-    assert local.marker_pids(rec.run_id) == []
+    assert hostinfo.pids_with_marker(rec.run_id) == []
     [(p, again)] = local.stop(None, [(paths, stopped)], grace=5)  # type: ignore[arg-type]
     assert again.state == "cancelled"
 
@@ -174,7 +174,7 @@ def test_killed_supervisor_is_lost_and_leaves_no_process(tmp_path: Path, monkeyp
     os.kill(sup, signal.SIGKILL)
     _wait(lambda: not hostinfo.pid_alive(sup))
     # the watchdog kills the payload although the supervisor could not
-    _wait(lambda: local.marker_pids(rec.run_id) == [])
+    _wait(lambda: hostinfo.pids_with_marker(rec.run_id) == [])
     [(p, after)] = local.reconcile(None, [(paths, runs.read_record(paths))])  # type: ignore[arg-type]
     assert after.state == "lost"
     assert f"supervisor pid {sup} on host {hostinfo.hostname()} is gone" in after.reason

@@ -51,7 +51,7 @@ from hpcexp.build import bases
 from hpcexp.core.config import BaseSpec, Experiment, Project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, EnvironmentProblem, HpcexpError, Interrupted, StorageError
-from hpcexp.infra import atomic, hashing
+from hpcexp.infra import atomic, hashing, process
 from hpcexp.infra import host as hostinfo
 from hpcexp.infra.lock import Lock, Owner
 from hpcexp.runtime import apptainer
@@ -661,56 +661,22 @@ def _stream(argv: list[str], env: dict[str, str], cwd: Path, logf: Any, tail: li
 
     Apptainer's build is a tree of processes (fakeroot re-exec, the build engine, the
     container's %post) that outlives a killed parent: PR_SET_PDEATHSIG reaches only the
-    first one. So the tree gets its own process group, and a tiny forked watchdog kills
+    first one. So the tree gets its own process group, and a watchdog (infra.process) kills
     that group if hpcexp dies (kill -9, OOM) before saying the build is over. A
     half-built temp file left behind is then recognisably orphaned (``hpcexp clean``).
     """
     try:
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = process.spawn(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         raise EnvironmentProblem(f"could not start {argv[0]}: {exc.strerror}") from exc
-    watchdog = _watchdog(proc.pid)
+    watchdog = process.Watchdog.start(proc.pid)
     try:
         with proc:
             return _pump(proc, logf, tail, progress, label)
     finally:
-        _watchdog_release(watchdog)
-
-
-WATCHDOG = ("import os, signal, sys\n"
-            "for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):\n"
-            "    signal.signal(s, signal.SIG_IGN)\n"
-            "if not sys.stdin.buffer.read(1):\n"
-            "    try:\n"
-            "        os.killpg(int(sys.argv[1]), signal.SIGKILL)\n"
-            "    except OSError:\n"
-            "        pass\n")
-
-
-def _watchdog(pgid: int) -> "subprocess.Popen[bytes] | None":
-    """A separate process (immune to terminal signals and to ``pkill -f hpcexp``) that kills
-    group ``pgid`` when its stdin, our pipe, closes before we said the build is over."""
-    import sys
-
-    try:
-        return subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(pgid)], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
-    except OSError as exc:
-        log.info("no build watchdog: %s", exc)
-        return None
-
-
-def _watchdog_release(watchdog: "subprocess.Popen[bytes] | None") -> None:
-    if watchdog is None or watchdog.stdin is None:
-        return
-    with contextlib.suppress(OSError):
-        watchdog.stdin.write(b"x")
-        watchdog.stdin.flush()
-    with contextlib.suppress(OSError):
-        watchdog.stdin.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        watchdog.wait(timeout=10)
+        if watchdog is not None:
+            watchdog.release()
 
 
 def _signal_group(proc: "subprocess.Popen[bytes]", sig: int) -> None:

@@ -1,10 +1,12 @@
 """The one seam through which hpcexp runs child processes.
 
-Every ``apptainer``, ``sbatch``, ``squeue``... call goes through :func:`run` with an
-argument list (never a shell string, never ``shell=True``). Commands are logged at debug
-level, a missing executable becomes :class:`~hpcexp.errors.EnvironmentProblem` with a
-fix, and the result is a small dataclass rather than a dict, so callers decide what a
-non-zero exit means.
+Every ``apptainer``, ``sbatch``, ``squeue``... call goes through :func:`run` (to
+completion) or :func:`spawn` (a child to watch while it runs), with an argument list
+(never a shell string, never ``shell=True``). Commands are logged at debug level, a
+missing executable becomes :class:`~hpcexp.errors.EnvironmentProblem` with a fix, and
+the result is a small dataclass rather than a dict, so callers decide what a non-zero
+exit means. :class:`Watchdog` is the one way to make sure a child's process tree does
+not outlive hpcexp.
 
 Tests can substitute fakes by putting scripts on ``PATH``; nothing here caches the
 location of an executable.
@@ -12,15 +14,19 @@ location of an executable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from hpcexp.errors import EnvironmentProblem
+from hpcexp.infra import host as hostinfo
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +126,130 @@ def run(
         raise EnvironmentProblem(f"`{describe(argv)}` did not answer within {timeout:g} s") from exc
     log.debug("exit %d: %s", proc.returncode, argv[0])
     return Result(tuple(argv), proc.returncode, proc.stdout or "", proc.stderr or "")
+
+
+def spawn(argv: Sequence[str], **popen: Any) -> "subprocess.Popen[Any]":
+    """Start ``argv`` (a list, never a shell string) and return the live process.
+
+    For children hpcexp must watch while they run (a container, a build, the detached
+    supervisor): the caller owns waiting, output and signals. ``OSError`` propagates, so
+    each caller can say in its own terms what could not be started.
+    """
+    argv = [str(a) for a in argv]
+    if not argv:
+        raise ValueError("empty argv")
+    popen.pop("shell", None)  # never a shell
+    log.debug("spawn: %s", describe(argv))
+    return subprocess.Popen(argv, **popen)  # noqa: S603 - an argument list, no shell
+
+
+def kill_group(pgid: int | None, *, marker: str | None = None, grace: float = 2.0,
+               exclude: Iterable[int] = ()) -> int:
+    """SIGTERM process group ``pgid`` and the processes marked with ``marker``; SIGKILL what is
+    left after ``grace`` seconds. Returns how many processes had to be signalled.
+
+    The marker (a run id, see :func:`hpcexp.infra.host.pids_with_marker`) finds the
+    processes that left the group (daemonised helpers, a payload whose parent died).
+    """
+    exclude = set(exclude)
+
+    def marked() -> set[int]:
+        return set(hostinfo.pids_with_marker(marker, exclude=exclude)) if marker else set()
+
+    touched = 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        victims = marked()
+        group_alive = False
+        if pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+                group_alive = True
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        touched = max(touched, len(victims) + (1 if group_alive else 0))
+        if sig == signal.SIGKILL:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            group_alive = False
+            if pgid:
+                try:
+                    os.killpg(pgid, 0)
+                    group_alive = True
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not group_alive and not marked():
+                return touched
+            time.sleep(0.05)
+    return touched
+
+
+# The watchdog's whole program. It runs with -I -S (no site, no user paths: fast and
+# immune to the user's environment) and imports only hpcexp.infra.
+_WATCHDOG = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from hpcexp.infra.process import _watchdog_main; _watchdog_main(sys.argv[2:])")
+
+
+class Watchdog:
+    """A separate process that kills a process group if its owner dies before :meth:`release`.
+
+    Why: Apptainer's process trees (the starter, fakeroot re-execs, the container) outlive
+    a killed parent, and ``PR_SET_PDEATHSIG`` does not survive Apptainer's re-exec. The
+    watchdog blocks reading a pipe from its owner; end of file without the release byte
+    means the owner died (kill -9, OOM killer), and it kills the group (and the processes
+    carrying ``marker``). It is exec'd, never forked, so it is safe to start from a
+    process that already has threads, and it lives in its own session so terminal
+    signals and ``pkill -f hpcexp`` do not reach it.
+
+    One design for every child hpcexp must not leave behind: builds and local runs.
+    """
+
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+        self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @classmethod
+    def start(cls, pgid: int, *, marker: str | None = None, grace: float = 2.0) -> "Watchdog | None":
+        """Watch group ``pgid``; None (logged) where no watchdog could be started."""
+        import sys
+
+        import hpcexp
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(hpcexp.__file__)))
+        argv = [sys.executable, "-I", "-S", "-c", _WATCHDOG, root, str(pgid), marker or "", f"{grace:g}"]
+        try:
+            proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         close_fds=True, start_new_session=True)
+        except OSError as exc:
+            log.info("no watchdog for process group %d: %s", pgid, exc)
+            return None
+        return cls(proc)
+
+    def release(self) -> None:
+        """The owner is done: tell the watchdog to exit without killing anything, and reap it."""
+        if self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(b"x")
+                self._proc.stdin.flush()
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=10)
+
+
+def _watchdog_main(args: Sequence[str]) -> None:  # pragma: no cover - runs in the watchdog process
+    pgid, marker, grace = int(args[0]), args[1] or None, float(args[2])
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            data = os.read(0, 1)
+            break
+        except InterruptedError:
+            continue
+    if not data:
+        kill_group(pgid, marker=marker, grace=grace)

@@ -10,11 +10,12 @@ of ``run.json`` once the run has started. In the foreground the supervisor is th
 
 Why a watchdog: Apptainer's runtime parent does not keep ``PR_SET_PDEATHSIG`` (checked
 with 1.4.5), so a supervisor killed with SIGKILL would leave the container running. The
-supervisor therefore forks a tiny watchdog (own session) that blocks on a pipe; when
-the pipe closes without the "done" byte, the supervisor died and the watchdog kills the
-container's process group and every process carrying the run's marker environment
-(``HPCEXP_RUN_ID``). :func:`reconcile` later finds the supervisor gone (pid and its
-start time on the same host and boot) and records the run ``lost`` with that evidence.
+supervisor therefore starts a :class:`hpcexp.infra.process.Watchdog` (the same one
+builds use: its own session, blocking on a pipe); when the pipe closes without the
+"done" byte, the supervisor died and the watchdog kills the container's process group
+and every process carrying the run's marker environment (``HPCEXP_RUN_ID``).
+:func:`reconcile` later finds the supervisor gone (pid and its start time on the same
+host and boot) and records the run ``lost`` with that evidence.
 
 Exit decoding (``--containall`` makes Apptainer the parent in the PID namespace):
 payload exit N -> Apptainer exits N; a payload killed by signal S -> 128+S; Apptainer's
@@ -44,7 +45,7 @@ from hpcexp.core.config import Experiment, Project
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import HpcexpError, NotFound, UsageError
 from hpcexp.execute.base import LaunchRequest, LogFile
-from hpcexp.infra import atomic
+from hpcexp.infra import atomic, process
 from hpcexp.infra import host as hostinfo
 from hpcexp.runtime import apptainer
 
@@ -61,91 +62,17 @@ _TERMINAL_QUEUE_CHUNKS = 256        # bounded: a stuck terminal drops output, ne
 # Processes: identity, liveness, leftovers
 # --------------------------------------------------------------------------------------
 
-def marker_pids(run_id: str, *, exclude: Iterable[int] = ()) -> list[int]:
-    """Processes of this user whose environment carries the run's marker (``HPCEXP_RUN_ID``).
-
-    Apptainer passes ``APPTAINERENV_HPCEXP_RUN_ID`` to its helpers and the payload sees
-    ``HPCEXP_RUN_ID``, so this finds every process of the run, including children that
-    left the process group. The supervisor and watchdog never carry the marker.
-    """
-    want = run_id.encode()
-    skip = {os.getpid(), *exclude}
-    uid = os.getuid()
-    found: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in entries:
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        if pid in skip:
-            continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            env = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        for item in env.split(b"\0"):
-            key, _, value = item.partition(b"=")
-            if value == want and key.endswith(MARKER.encode()):
-                found.append(pid)
-                break
-    return found
-
-
 def trusted_pgid(ids: Mapping[str, Any]) -> int | None:
     """The run's process group, only while its leader is provably the run's apptainer.
 
     Once the supervisor is gone the pid may have been reused: signalling a stale group id
     could hit an unrelated job of the same user. Processes of the run that outlived the
-    leader still carry the run's marker and are found by :func:`marker_pids`.
+    leader still carry the run's marker and are found by :func:`hpcexp.infra.host.pids_with_marker`.
     """
     pgid, pid, start = ids.get("pgid"), ids.get("apptainer_pid"), ids.get("apptainer_start")
     if not pgid or pgid != pid or start is None:
         return None
     return int(pgid) if hostinfo.pid_alive(pid, start) else None
-
-
-def kill_tree(pgid: int | None, run_id: str, *, grace: float = 2.0, exclude: Iterable[int] = ()) -> int:
-    """SIGTERM the run's process group and marked processes, SIGKILL what is left after ``grace``.
-
-    Returns how many processes had to be signalled.
-    """
-    exclude = set(exclude)
-
-    def targets() -> set[int]:
-        return set(marker_pids(run_id, exclude=exclude))
-
-    touched = 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        victims = targets()
-        group_alive = False
-        if pgid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-                group_alive = True
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        touched = max(touched, len(victims) + (1 if group_alive else 0))
-        if sig == signal.SIGKILL:
-            break
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            group_alive = False
-            if pgid:
-                try:
-                    os.killpg(pgid, 0)
-                    group_alive = True
-                except (ProcessLookupError, PermissionError):
-                    pass
-            if not group_alive and not targets():
-                return touched
-            time.sleep(0.05)
-    return touched
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +197,7 @@ def _remember_version(program: str, version: str, cache: Path) -> None:
 
 def _start_version_probe(program: str) -> "subprocess.Popen[str] | None":
     try:
-        return subprocess.Popen([program, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
+        return process.spawn([program, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, close_fds=True)
     except OSError:
         return None
@@ -331,7 +258,7 @@ def spawn_detached(run_paths: RunPaths, *, wait: float = 60.0) -> runs.RunRecord
     env = apptainer.clean_env()
     pkg_root = str(Path(hpcexp.__file__).resolve().parents[1])  # the folder holding the hpcexp package
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+    proc = process.spawn(
         [sys.executable, "-m", "hpcexp.execute.local", str(run_paths.dir)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         cwd=str(run_paths.dir), env=env, start_new_session=True, close_fds=True,
@@ -457,28 +384,6 @@ class _Stream(threading.Thread):
                     self._tee.join(timeout=5)
                 except queue.Full:
                     pass
-
-
-def _watchdog(read_fd: int, pgid: int, run_id: str, keep: Sequence[int]) -> None:
-    """Body of the forked watchdog: if the supervisor dies (pipe closes without a byte), kill the run."""
-    try:
-        os.setsid()
-        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
-        for fd in range(3, 1024):
-            if fd != read_fd and fd not in keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        while True:
-            try:
-                data = os.read(read_fd, 1)
-                break
-            except InterruptedError:
-                continue
-        if not data:
-            kill_tree(pgid, run_id, grace=2.0)
-    finally:
-        os._exit(0)
 
 
 def _decode_exit(rc: int, fatal: str | None, stop: "_StopState") -> dict[str, Any]:
@@ -625,7 +530,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list from launch.plan, no shell
+        proc = process.spawn(
             rec.command, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, env=env,
             cwd=str(run_paths.dir), start_new_session=True, close_fds=True,
         )
@@ -645,12 +550,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             os.killpg(pgid, signal.SIGTERM)
     probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
 
-    # the watchdog must exist before any thread does (fork + threads do not mix)
-    wd_r, wd_w = os.pipe()
-    watchdog = os.fork()
-    if watchdog == 0:  # pragma: no cover - child, exits in _watchdog
-        _watchdog(wd_r, pgid, rec.run_id, keep=())
-    os.close(wd_r)
+    watchdog = process.Watchdog.start(pgid, marker=rec.run_id)
+    watchdog_pid = watchdog.pid if watchdog is not None else None
 
     term_out = getattr(sys.stdout, "buffer", None) if tee else None
     term_err = getattr(sys.stderr, "buffer", None) if tee else None
@@ -666,7 +567,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             "host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(), "supervisor_pid": os.getpid(),
             "supervisor_start": hostinfo.pid_start_ticks(os.getpid()), "apptainer_pid": proc.pid, "pgid": pgid,
             "apptainer_start": apptainer_start,
-            "watchdog_pid": watchdog,
+            "watchdog_pid": watchdog_pid,
         })
         try:
             runs.write_record(run_paths, rec)
@@ -687,7 +588,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.killpg(pgid, signal.SIGKILL)
         # leftovers (helpers that left the group, or a payload whose parent died first)
-        leftovers = kill_tree(pgid, rec.run_id, grace=1.0 if stop.requested else 0.5, exclude=(watchdog,))
+        leftovers = process.kill_group(pgid, marker=rec.run_id, grace=1.0 if stop.requested else 0.5,
+                                       exclude=(watchdog_pid,) if watchdog_pid else ())
         for reader in readers:
             reader.join(timeout=10)
         fatal = readers[1].fatal
@@ -718,12 +620,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     finally:
         if probe is not None:
             _finish_version_probe(probe)
-        with contextlib.suppress(OSError):
-            os.write(wd_w, b"x")
-        with contextlib.suppress(OSError):
-            os.close(wd_w)
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(watchdog, 0)
+        if watchdog is not None:
+            watchdog.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -770,7 +668,7 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
                 time.sleep(0.2)
                 rec = runs.read_record(run_paths)
                 if not rec.terminal:
-                    killed = kill_tree(trusted_pgid(ids), rec.run_id, grace=min(grace, 5.0))
+                    killed = process.kill_group(trusted_pgid(ids), marker=rec.run_id, grace=min(grace, 5.0))
                     rec = _lost(run_paths, rec, owner, killed)
                 break
             if time.monotonic() > deadline:
@@ -843,7 +741,7 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
         if fresh.terminal or fresh.executor_ids.get("supervisor_pid") != ids.get("supervisor_pid"):
             out.append((run_paths, fresh) if fresh.terminal else (run_paths, rec))
             continue
-        killed = kill_tree(trusted_pgid(ids), fresh.run_id, grace=1.0)
+        killed = process.kill_group(trusted_pgid(ids), marker=fresh.run_id, grace=1.0)
         out.append((run_paths, _lost(run_paths, fresh, owner, killed)))
     return out
 
