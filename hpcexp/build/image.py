@@ -365,8 +365,8 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         "org.hpcexp.experiment": exp.name,
         "org.hpcexp.arch": arch,
         "org.hpcexp.input-hash": prep.input_hash,
-        "org.hpcexp.convert.dockerfile-sha256": conv.dockerfile_sha256,
-        "org.hpcexp.convert.recipe-sha256": prep.recipe_sha256,
+        "org.hpcexp.dockerfile-sha256": conv.dockerfile_sha256,
+        "org.hpcexp.recipe-sha256": prep.recipe_sha256,
     }
     for i, (ref, digest) in enumerate(base_digests):
         labels[f"org.hpcexp.base.{i}.ref"] = ref
@@ -546,7 +546,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
         env["APPTAINER_TMPDIR"] = own_tmpdir
     scratch = env["APPTAINER_TMPDIR"]
     all_labels = dict(labels)
-    all_labels.update({"org.hpcexp.runtime.apptainer-version": f"{inst.program} {inst.version}",
+    all_labels.update({"org.hpcexp.apptainer-version": f"{inst.program} {inst.version}",
                        "org.hpcexp.host": hostinfo.hostname(), "org.hpcexp.user": hostinfo.user(),
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
     build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
