@@ -253,4 +253,4 @@ def fakeroot_mode(path: Path | None = None) -> str:
     """
     if has_subuid_range(path=path):
         return "subuid"
-    return "fakeroot-command" if process.which("fakeroot") else "none"
+    return "fakeroot-command" if process.find_host_tool("fakeroot") else "none"
