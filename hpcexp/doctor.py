@@ -131,7 +131,7 @@ def _where(found: str) -> str:
     """``found``, noting when it is not on the user's PATH (hpcexp and Apptainer look there too)."""
     if process.which(os.path.basename(found)) == found:
         return found
-    return f"{found} (not on your PATH; hpcexp and Apptainer also look in {', '.join(process.HOST_TOOL_DIRS)})"
+    return f"{found} (not on your PATH; hpcexp and Apptainer look there too)"
 
 
 def check_debootstrap() -> Check:
