@@ -317,7 +317,8 @@ def test_no_subuid_warns_once_and_without_fakeroot_skips_it(proj: Path, fake_env
     assert "--ignore-fakeroot-command" not in calls(fake_env)[-1]
     build(proj, force=True, progress=lambda k, t: events.append((k, t)))
     assert len([t for k, t in events if k == "warn" and "subuid" in t]) == 1, "warned once per process"
-    monkeypatch.setattr(apptainer.process, "which", lambda prog, env=None: None if prog == "fakeroot" else "/x")
+    monkeypatch.setattr(apptainer.process, "find_host_tool",
+                        lambda prog, env=None: None if prog == "fakeroot" else "/x")
     build(proj, force=True)
     assert "--ignore-fakeroot-command" in calls(fake_env)[-1]
 
@@ -465,6 +466,7 @@ def test_debootstrap_base_without_debootstrap_says_what_to_do(tmp_path: Path, fa
     (root / "experiments" / "py" / "Dockerfile").write_text("FROM debian:12\nRUN true\n")
     real = process.which
     monkeypatch.setattr(process, "which", lambda p, env=None: None if p == "debootstrap" else real(p, env))
+    monkeypatch.setattr(process, "HOST_TOOL_DIRS", ())  # nor where distributions put it
     project = load_project(root)
     with pytest.raises(EnvironmentProblem) as ei:
         image.ensure_image(project, project.experiment("py"), "amd64")

@@ -87,10 +87,16 @@ def check_fakeroot() -> Check:
     ranges = hostinfo.subid_ranges()
     user = ranges.user
     if ranges.full:
+        # Apptainer maps the range with these setuid helpers (Debian's uidmap package).
+        missing = [t for t in ("newuidmap", "newgidmap") if process.find_host_tool(t) is None]
+        if missing:
+            return Check("fakeroot", WARN, f"subuid/subgid range for {user}, but {' and '.join(missing)} "
+                                           "not installed: Apptainer cannot use the range for --fakeroot builds",
+                         "ask an admin to install the `uidmap` package (newuidmap, newgidmap)", required=True)
         ids = ranges.uids[1] if ranges.uids else 0
         return Check("fakeroot", OK, f"subuid/subgid range for {user} ({ids} ids): full --fakeroot builds",
                      required=True)
-    if process.which("fakeroot"):
+    if process.find_host_tool("fakeroot"):
         need = hostinfo.FULL_SUBID_RANGE
         return Check("fakeroot", WARN, f"no /etc/subuid+subgid range of {need} for {user}: builds use "
                                        "Apptainer's root-mapped namespace with the fakeroot command "
@@ -102,8 +108,25 @@ def check_fakeroot() -> Check:
                  required=True)
 
 
+def _where(found: str) -> str:
+    """``found``, noting when it is not on the user's PATH (hpcexp and Apptainer look there too)."""
+    if process.which(os.path.basename(found)) == found:
+        return found
+    return f"{found} (not on your PATH; hpcexp and Apptainer look there too)"
+
+
+def check_debootstrap() -> Check:
+    """debootstrap, for bases hpcexp builds itself; Debian installs it in /usr/sbin."""
+    found = process.find_host_tool("debootstrap")
+    if found is None:
+        return Check("debootstrap", FAIL, "hpcexp.yaml maps a base to debootstrap but `debootstrap` is not "
+                                          f"installed (looked on PATH and in {', '.join(process.HOST_TOOL_DIRS)})",
+                     "install Debian's debootstrap package, or map the base to a local SIF")
+    return Check("debootstrap", OK, _where(found))
+
+
 def check_squashfuse() -> Check:
-    sq = process.which("squashfuse") or process.which("squashfuse_ll")
+    sq = process.find_host_tool("squashfuse") or process.find_host_tool("squashfuse_ll")
     fuse_ok = os.access("/dev/fuse", os.R_OK | os.W_OK)
     if sq and fuse_ok:
         return Check("squashfuse", OK, "squashfuse and /dev/fuse usable: images mount without unpacking")
@@ -184,10 +207,8 @@ def run_checks(project: Project | None = None,
         checks.append(check_space("runs", project.runs_dir))
         uses_debootstrap = any(b.kind == "debootstrap" for e in project.experiments.values()
                                for b in e.bases.values())
-        if uses_debootstrap and process.which("debootstrap") is None:
-            checks.append(Check("debootstrap", FAIL, "hpcexp.yaml maps a base to debootstrap but `debootstrap` "
-                                                     "is not on PATH",
-                                "install Debian's debootstrap package, or map the base to a local SIF"))
+        if uses_debootstrap:
+            checks.append(check_debootstrap())
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())

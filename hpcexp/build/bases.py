@@ -281,8 +281,11 @@ def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str
     final = base_sif_path(project, spec)
     if image.valid_sif(final):
         return final
-    if process.which("debootstrap") is None:
-        raise EnvironmentProblem(f"base {spec.ref!r} is built with debootstrap, which is not installed",
+    # Not only on PATH: Debian installs debootstrap in /usr/sbin, which an ordinary user's
+    # PATH lacks; the build hands Apptainer a PATH with those folders (image._run_build).
+    if process.find_host_tool("debootstrap") is None:
+        raise EnvironmentProblem(f"base {spec.ref!r} is built with debootstrap, which is not installed "
+                                 f"(looked on PATH and in {', '.join(process.HOST_TOOL_DIRS)})",
                                  hint="install Debian's `debootstrap` package (or ask your admins), or map "
                                       "the base to a SIF under `bases:` in hpcexp.yaml")
     mirror = mirror_for(project, spec)

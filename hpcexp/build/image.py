@@ -538,6 +538,9 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     log_path = layout.build_log(final)
     tmp = atomic.tmp_name_for(final)
     env = apptainer.clean_env()
+    # Apptainer runs host tools for a build (debootstrap, and debootstrap runs chroot and the
+    # base's dpkg): give it the folders distributions keep them in, after the user's own PATH.
+    env["PATH"] = process.host_tool_path(env.get("PATH"))
     own_tmpdir = None
     if not env.get("APPTAINER_TMPDIR"):
         base_tmp = env.get("TMPDIR") or tempfile.gettempdir()
@@ -572,7 +575,8 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
             raise atomic.storage_error(exc, log_path) from exc
         with logf:
             logf.write(f"# hpcexp {__version__} build of {label} at {_now()} on {hostinfo.hostname()}\n"
-                       f"# cwd: {context}\n# argv: {' '.join(argv)}\n# APPTAINER_TMPDIR={scratch}\n")
+                       f"# cwd: {context}\n# argv: {' '.join(argv)}\n# APPTAINER_TMPDIR={scratch}\n"
+                       f"# PATH={env['PATH']}\n")
             logf.flush()
             rc = _stream(argv, env, context, logf, tail, progress, label)
         if rc != 0:

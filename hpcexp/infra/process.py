@@ -70,6 +70,29 @@ def which(program: str, env: Mapping[str, str] | None = None) -> str | None:
     return shutil.which(program, path=path)
 
 
+# Where distributions put the administrative tools Apptainer runs for a build (debootstrap,
+# fuse2fs, ...): an ordinary user's PATH on Debian has no sbin folder. This is Apptainer's own
+# default search list after $PATH (apptainer.conf `binary path`), so that hpcexp's view of
+# which tools exist is Apptainer's.
+HOST_TOOL_DIRS: tuple[str, ...] = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+
+def find_host_tool(program: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Where a host tool Apptainer runs is: on PATH (of ``env`` if given), else in HOST_TOOL_DIRS.
+
+    For tools hpcexp hands to Apptainer (debootstrap, fakeroot, newuidmap, squashfuse), not
+    for commands hpcexp runs itself (those follow the user's PATH, e.g. `module load slurm`).
+    """
+    return which(program, env) or shutil.which(program, path=os.pathsep.join(HOST_TOOL_DIRS))
+
+
+def host_tool_path(path: str | None) -> str:
+    """``path`` with every HOST_TOOL_DIRS folder it lacks appended (never ahead of the user's own)."""
+    own = path or ""
+    have = own.split(os.pathsep)
+    return os.pathsep.join([p for p in (own, *(d for d in HOST_TOOL_DIRS if d not in have)) if p])
+
+
 def require(program: str, env: Mapping[str, str] | None = None) -> str:
     """The full path of ``program``, or an EnvironmentProblem naming the fix."""
     found = which(program, env)

@@ -220,4 +220,4 @@ def fakeroot_mode(path: Path | None = None) -> str:
     """
     if hostinfo.subid_ranges(subuid=path).full:
         return "subuid"
-    return "fakeroot-command" if process.which("fakeroot") else "none"
+    return "fakeroot-command" if process.find_host_tool("fakeroot") else "none"
