@@ -132,9 +132,8 @@ def test_doctor_fakeroot_warns_without_newuidmap(tmp_path: Path, sbin: Path, use
     user = getpass.getuser()
     for name in ("subuid", "subgid"):
         (tmp_path / name).write_text(f"{user}:100000:65536\n")
-    real = doctor.subid_range
-    monkeypatch.setattr(doctor, "subid_range",
-                        lambda u, uid, path: real(u, uid, str(tmp_path / Path(path).name)))
+    monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(tmp_path / "subuid"))
+    monkeypatch.setenv("HPCEXP_SUBGID_FILE", str(tmp_path / "subgid"))
     check = doctor.check_fakeroot()
     assert check.status == doctor.WARN and "newuidmap and newgidmap" in check.detail and "uidmap" in check.fix
     _exe(sbin, "newuidmap")
