@@ -422,6 +422,9 @@ def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scan
     exp_name, run_id = paths.dir.parent.name, paths.dir.name
     prefix = f"{exp_name}/{run_id}"
     run = _Run(paths=paths, record=rec, prefix=prefix)
+    if rec.error:
+        scanner.warn(prefix, f"run record is damaged ({rec.error}); archiving the folder as it is",
+                     skipped=False)
     if (rec.experiment, rec.run_id) != (exp_name, run_id):
         scanner.warn(prefix, f"run.json names {rec.experiment}/{rec.run_id}; archived under its folder name",
                      skipped=False)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
-from hpcexp import apptainer, atomic, runs
+from hpcexp import apptainer, atomic, runs, safeio
 from hpcexp.config import Experiment, Project
 from hpcexp.errors import HpcexpError, NotFound, UsageError
 from hpcexp.paths import Layout, RunPaths
@@ -546,7 +546,7 @@ class _StopState:
 
 def _read_stop_request(run_paths: RunPaths) -> dict[str, Any] | None:
     try:
-        data = json.loads(run_paths.stop_request.read_text(encoding="utf-8"))
+        data = safeio.load_json_file(run_paths.stop_request, what="stop request")
         return data if isinstance(data, dict) else {}
     except FileNotFoundError:
         return None

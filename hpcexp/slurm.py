@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpcexp import atomic, process, runs
+from hpcexp import atomic, process, runs, safeio
 from hpcexp.config import MEM_RE, TIME_RE, SlurmResources
 from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, UsageError
 from hpcexp.paths import Layout, RunPaths
@@ -326,7 +326,7 @@ def read_markers(paths: RunPaths) -> dict[int, dict[str, dict[str, Any]]]:
         if not m:
             continue
         try:
-            data = json.loads((paths.events / name).read_text(encoding="utf-8"))
+            data = safeio.load_json_file(paths.events / name, what="event")
             if not isinstance(data, dict):
                 raise ValueError("not an object")
         except (OSError, ValueError) as exc:
@@ -600,7 +600,7 @@ def _attach_orphans(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]]
         if rec.sweep_id:
             if rec.sweep_id not in sweep_cache:
                 try:
-                    sweep_cache[rec.sweep_id] = json.loads(layout.sweep(rec.sweep_id).read_text(encoding="utf-8"))
+                    sweep_cache[rec.sweep_id] = safeio.load_json_file(layout.sweep(rec.sweep_id), max_bytes=64 << 20)
                 except (OSError, ValueError):
                     sweep_cache[rec.sweep_id] = {}
             for sub in sweep_cache[rec.sweep_id].get("submissions", []):

@@ -15,13 +15,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import itertools
-import json
 import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpcexp import atomic
+from hpcexp import atomic, safeio
 from hpcexp.config import PARAM_RE
 from hpcexp.errors import NotFound, StorageError, UsageError
 from hpcexp.paths import Layout
@@ -149,7 +148,7 @@ def allocate_sweep(layout: Layout, *, attempts: int = 50) -> str:
 
 def read_sweep(layout: Layout, sweep_id: str) -> dict[str, Any]:
     try:
-        data = json.loads(layout.sweep(sweep_id).read_text(encoding="utf-8"))
+        data = safeio.load_json_file(layout.sweep(sweep_id), max_bytes=64 << 20, what="sweep record")
     except FileNotFoundError:
         raise NotFound(f"no sweep record {layout.sweep(sweep_id)}") from None
     except ValueError as exc:

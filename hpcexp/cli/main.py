@@ -139,9 +139,10 @@ def main(argv: list[str] | None = None) -> Any:
         finally:
             sys.exit(0)
     except OSError as exc:
-        from hpcexp.atomic import storage_error
+        from hpcexp.atomic import access_error
 
-        err = storage_error(exc, exc.filename or "?")
+        # Which call failed is unknown here (a read or a write): say neither rather than guess.
+        err = access_error(exc, exc.filename or "?")
         if debug:
             import traceback
 

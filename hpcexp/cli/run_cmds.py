@@ -85,6 +85,19 @@ def run_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[list[str]]
     return rows
 
 
+def json_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[dict[str, Any]]:
+    """Records for ``--json``: every row has the same keys; ``error`` says why a record is
+    damaged (path and reason) and is null otherwise."""
+    return [{**rec.to_dict(), "dir": str(paths.dir), "error": rec.error} for paths, rec in items]
+
+
+def warn_damaged(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> None:
+    """One warning line per damaged record (the table shows those runs as `unknown`)."""
+    for _, rec in items:
+        if rec.error:
+            warn(f"run {rec.run_id}: record damaged: {rec.error}")
+
+
 RUN_HEADERS = ("RUN_ID", "EXPERIMENT", "STATE", "AGE", "DURATION", "EXIT", "PARAMS")
 
 
@@ -250,7 +263,7 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     else:
         items = _reconciled(layout, resolve(layout, ref), by_time=False)  # a sweep stays in task order
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        emit_json(json_rows(items))
         return
     if ref is not None and len(items) == 1 and not items[0][1].sweep_id:
         click.echo("\n".join(_details(*items[0])))
@@ -259,6 +272,7 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
                                                                   for _, r in items):
         click.echo(f"sweep {items[0][1].sweep_id}: {summarize([r for _, r in items])}")
     echo_runs(items)
+    warn_damaged(items)
 
 
 @click.command("runs")
@@ -279,9 +293,10 @@ def runs_cmd(ctx: "Ctx", name: str | None, as_json: bool) -> None:
             project.experiment(name)  # NotFound with a did-you-mean
     items = _reconciled(layout, list(iter_runs(layout, name)))
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        emit_json(json_rows(items))
         return
     echo_runs(items)
+    warn_damaged(items)
 
 
 # --------------------------------------------------------------------------------------
@@ -309,6 +324,7 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
 
     layout = Layout(ctx.project())
     items = resolve(layout, ref)
+    warn_damaged(items)
     several = len(items) > 1
     files = []
     for paths, rec in items:
@@ -373,6 +389,9 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
                 items.append((paths, rec))
     by_exec: dict[str, list[tuple[Any, Any]]] = {}
     for paths, rec in items:
+        if rec.error:
+            raise UsageError(f"cannot stop run {rec.run_id}: its record is damaged ({rec.error})",
+                             hint="nothing was changed; inspect that run folder by hand")
         by_exec.setdefault(rec.executor, []).append((paths, rec))
     results: dict[Any, Any] = {}
     for executor, group in by_exec.items():
@@ -387,7 +406,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
             results[paths.dir] = (paths, rec)
     final = [results.get(p.dir, (p, r)) for p, r in items]
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in final])
+        emit_json(json_rows(final))
         return
     for (_paths, before), (_, rec) in zip(items, final):
         if before.terminal:

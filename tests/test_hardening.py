@@ -1,0 +1,190 @@
+"""Hostile or unlucky input: one bad file, ref or user never takes the rest down.
+
+Each class of damage is tried through the real CLI (a child ``python -m hpcexp``, as the
+ordinary test user under scripts/run-tests): the exit code, exactly one error line and
+no traceback, every other run still listed, and nothing changed in the project or
+beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean_error, run_cli
+
+from hpcexp import runs
+from hpcexp.paths import RunPaths
+
+GOOD = ("20260101-000000.000-aaaaa1", "20260101-000000.000-ccccc3")
+BAD = "20260101-000000.000-bbbbb2"
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, str]]:
+    """Every entry below ``root``: its kind and content digest (links by target), not followed."""
+    out: dict[str, tuple[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    with open(p, "rb") as fh:
+                        out[rel] = ("file", hashlib.sha256(fh.read()).hexdigest())
+                except PermissionError:
+                    out[rel] = ("file", f"unreadable {st.st_size} {st.st_mtime_ns}")
+            else:
+                out[rel] = (stat.filemode(st.st_mode)[0], "")
+    return out
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("hpcexp: error:")]
+
+
+def one_error(proc, code: int, *needles: str) -> str:
+    """Exit ``code``, exactly one error line holding every needle, no traceback."""
+    assert_clean_error(proc, code, *needles)
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert len(lines[0]) < 600, lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "proj"
+    (root / "experiments" / "hello").mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text("{}\n")
+    (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
+    for i, run_id in enumerate((GOOD[0], BAD, GOOD[1])):
+        paths = RunPaths(root / "runs" / "hello" / run_id)
+        paths.dir.mkdir(parents=True)
+        rec = runs.RunRecord(experiment="hello", run_id=run_id, state="succeeded", exit_code=0,
+                             executor="local")
+        rec.created_at = f"2026-01-0{i + 1}T00:00:00.000Z"
+        runs.write_record(paths, rec)
+        paths.stdout.write_text(f"output of {run_id}\n")
+    return root
+
+
+def _damage(record: Path, kind: str, elsewhere: Path) -> None:
+    """Turn run.json into one kind of damaged record."""
+    good = json.loads(record.read_text())
+    record.unlink()
+    if kind == "directory":
+        record.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(record)
+    elif kind == "symlink":
+        secret = elsewhere / "secret.json"
+        secret.write_text(json.dumps({**good, "reason": "TOP-SECRET"}))
+        record.symlink_to(secret)
+    elif kind == "unreadable":
+        record.write_text(json.dumps(good))
+        record.chmod(0)
+    elif kind == "deep":
+        record.write_text("[" * 200_000 + "]" * 200_000)
+    elif kind == "wrong-types":
+        record.write_text(json.dumps({**good, "params": ["a"], "executor_ids": {"supervisor_pid": "x"}}))
+    elif kind == "wrong-state":
+        record.write_text(json.dumps({**good, "state": {"x": 1}}))
+    elif kind == "not-object":
+        record.write_text("[1, 2, 3]")
+    elif kind == "not-json":
+        record.write_bytes(b"\xff\xfe{garbage")
+    elif kind == "huge":
+        with open(record, "wb") as fh:
+            fh.truncate(runs.MAX_RECORD_BYTES + 1)
+    elif kind == "other-run":
+        record.write_text(json.dumps({**good, "run_id": GOOD[0]}))
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+KINDS = ["directory", "fifo", "symlink", "unreadable", "deep", "wrong-types", "wrong-state", "not-object",
+         "not-json", "huge", "other-run"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_record_hides_no_other_run(project: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    record = project / "runs" / "hello" / BAD / "run.json"
+    _damage(record, kind, elsewhere)
+    before, outside = snapshot(project), snapshot(tmp_path)
+
+    proc = run_cli("runs", cwd=project, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {*GOOD, BAD}, proc.stdout
+    assert all(" succeeded " in rows[g] for g in GOOD)
+    assert " unknown " in rows[BAD]
+    assert str(record) in proc.stderr and "damaged" in proc.stderr
+    assert "TOP-SECRET" not in proc.stdout + proc.stderr
+    assert "cannot write" not in proc.stderr
+
+    proc = run_cli("status", "--json", cwd=project, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    data = {d["run_id"]: d for d in json.loads(proc.stdout)}
+    assert set(data) == {*GOOD, BAD}
+    assert {frozenset(d) for d in data.values()} == {frozenset(data[GOOD[0]])}, "same shape for every run"
+    assert data[BAD]["state"] == "unknown" and str(record) in data[BAD]["error"]
+    assert all(data[g]["error"] is None and data[g]["state"] == "succeeded" for g in GOOD)
+    if kind == "unreadable":
+        assert "cannot read" in data[BAD]["error"]
+
+    proc = run_cli("status", BAD, cwd=project, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "state: unknown" in proc.stdout and str(record) in proc.stdout
+
+    proc = run_cli("logs", GOOD[1], cwd=project, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == f"output of {GOOD[1]}\n", proc.stderr
+
+    proc = run_cli("stop", BAD, cwd=project, timeout=60)
+    one_error(proc, 2, "damaged", str(record))
+
+    out = tmp_path / "out.tar.gz"
+    skip = ["--skip-unreadable"] if kind == "unreadable" else []  # else refused, as for any unreadable file
+    proc = run_cli("archive", "--all", *skip, "-o", str(out), cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert str(record) in proc.stderr
+    out.unlink()
+    assert snapshot(project) == before
+    assert snapshot(tmp_path) == outside
+
+
+def test_symlinked_run_folder_is_listed_not_followed(project: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside-run"
+    outside.mkdir()
+    (outside / "run.json").write_text(json.dumps({"experiment": "hello", "run_id": "x", "state": "succeeded"}))
+    (project / "runs" / "hello" / "20260101-000000.000-ddddd4").symlink_to(outside)
+    proc = run_cli("status", "--json", cwd=project, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    data = {d["run_id"]: d for d in json.loads(proc.stdout)}
+    assert data["20260101-000000.000-ddddd4"]["state"] == "unknown"
+    assert "symbolic link" in data["20260101-000000.000-ddddd4"]["error"]
+    assert all(data[g]["state"] == "succeeded" for g in GOOD)
+
+
+def test_fifo_stop_request_and_logs_do_not_block(project: Path) -> None:
+    """Special files planted beside a record: no read ever blocks on them."""
+    run_dir = project / "runs" / "hello" / GOOD[0]
+    (run_dir / "stdout.log").unlink()
+    os.mkfifo(run_dir / "stdout.log")
+    os.mkfifo(run_dir / "stop.json")
+    proc = run_cli("logs", GOOD[0], cwd=project, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    from hpcexp.local import _read_stop_request
+
+    assert _read_stop_request(RunPaths(run_dir)) == {}
