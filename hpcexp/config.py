@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpcexp.errors import ConfigError, NotFound, UsageError
+from hpcexp.errors import ConfigError, NotFound, UsageError, shown
 from hpcexp.yamlload import load_yaml
 
 CONFIG_NAME = "hpcexp.yaml"
@@ -52,7 +52,7 @@ def host_arch() -> str:
 def check_name(value: str, what: str = "name") -> str:
     """Validate a user-supplied name (experiment, run, sweep) against the one rule for names."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise UsageError(f"invalid {what} {value!r}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} "
+        raise UsageError(f"invalid {what} {shown(value)}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} "
                          "(letters, digits, '.', '_', '-'; no '/', no leading '.' or '-')")
     return value
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from hpcexp import __version__, atomic
-from hpcexp.errors import NotFound, StorageError, UsageError
+from hpcexp.errors import NotFound, StorageError, UsageError, shown
 from hpcexp.paths import Layout, RunPaths
 
 log = logging.getLogger(__name__)
@@ -416,8 +416,13 @@ def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[R
 def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     """Runs named by ``spec``: a run id, a unique prefix of one, an experiment name (its
     latest run), ``@last`` (the newest run of the project), or a sweep id (all its tasks)."""
-    if not spec or any(c in spec for c in "/\x00\n") or spec in (".", ".."):
-        raise UsageError(f"invalid run reference {spec!r}")
+    from hpcexp.config import NAME_RE
+
+    # Checked like a name before anything touches the disk: a ref is a run id, a sweep id,
+    # an experiment name or a prefix of one, all names ([A-Za-z0-9][A-Za-z0-9._-]{0,63}).
+    if spec != "@last" and not (isinstance(spec, str) and NAME_RE.match(spec)):
+        raise UsageError(f"invalid run reference {shown(spec)}: a run id, a unique prefix of one, an experiment "
+                         "name, a sweep id or @last (letters, digits, '.', '_', '-'; at most 64 characters)")
     runs = list(iter_runs(layout))
     if spec == "@last":
         if not runs:
@@ -432,7 +437,7 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     if spec in layout.project.experiments or (layout.project.runs_dir / spec).is_dir():
         mine = [r for r in runs if r[1].experiment == spec]
         if not mine:
-            raise NotFound(f"experiment {spec!r} has no runs yet")
+            raise NotFound(f"experiment {shown(spec)} has no runs yet")
         return [max(mine, key=lambda t: (t[1].created_at, t[1].run_id))]
     prefixed = [r for r in runs if r[1].run_id.startswith(spec) or (r[1].sweep_id or "").startswith(spec)]
     sweeps = {r[1].sweep_id for r in prefixed if r[1].sweep_id and r[1].sweep_id.startswith(spec)}
@@ -443,9 +448,9 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
         return sorted([r for r in runs if r[1].sweep_id in sweeps], key=lambda t: (t[1].task_index or 0))
     if ids or sweeps:
         sample = ", ".join(sorted(ids | sweeps)[:5])
-        raise UsageError(f"run reference {spec!r} is ambiguous: matches {sample}"
+        raise UsageError(f"run reference {shown(spec)} is ambiguous: matches {sample}"
                          + (" ..." if len(ids | sweeps) > 5 else ""))
-    raise NotFound(f"no run, sweep or experiment matches {spec!r}",
+    raise NotFound(f"no run, sweep or experiment matches {shown(spec)}",
                    hint="`hpcexp runs` lists runs; use a run id, a unique prefix, an experiment name or @last")
 
 

@@ -188,3 +188,39 @@ def test_fifo_stop_request_and_logs_do_not_block(project: Path) -> None:
     from hpcexp.local import _read_stop_request
 
     assert _read_stop_request(RunPaths(run_dir)) == {}
+
+
+BAD_REFS = ["x" * 5000, "a/b", "../hello", "-rf", ".hidden", "a\nb", "a\x00b", "a b", "ä", "*", "@lastx", ""]
+
+
+@pytest.mark.parametrize("ref", BAD_REFS, ids=lambda r: repr(r[:12]))
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["stop"], ["archive", "-o", "x.tar.gz"]])
+def test_refs_are_checked_like_names_before_the_disk(project: Path, tmp_path: Path, command: list[str],
+                                                     ref: str) -> None:
+    if "\x00" in ref:  # no process can receive a NUL in its argv: check the library call instead
+        from hpcexp.config import load_project
+        from hpcexp.errors import UsageError
+        from hpcexp.paths import Layout
+
+        with pytest.raises(UsageError, match="invalid run reference"):
+            runs.resolve(Layout(load_project(explicit=str(project))), ref)
+        return
+    before, outside = snapshot(project), snapshot(tmp_path)
+    proc = run_cli(*command, "--", ref, cwd=project, timeout=60)
+    line = one_error(proc, 2, "invalid run reference")
+    assert len(line) < 400, line
+    assert snapshot(project) == before and snapshot(tmp_path) == outside
+
+
+def test_good_refs_still_resolve(project: Path) -> None:
+    for ref in ("@last", "hello", GOOD[0], GOOD[0][:-2]):
+        proc = run_cli("status", ref, cwd=project, timeout=60)
+        assert proc.returncode == 0, (ref, proc.stderr)
+
+
+def test_every_long_message_is_clipped() -> None:
+    from hpcexp.errors import MAX_LINE_CHARS, clip_line, shown
+
+    assert len(shown("y" * 10_000)) < 120 and "10000 characters" in shown("y" * 10_000)
+    assert shown("short") == "'short'"
+    assert len(clip_line("z" * 50_000)) < MAX_LINE_CHARS + 40

@@ -94,7 +94,10 @@ def cli(ctx: click.Context, project: str | None, verbose: int, debug: bool) -> N
 
 
 def _fail(lines: list[str], code: int) -> None:
+    from hpcexp.errors import clip_line
+
     for i, line in enumerate(lines):
+        line = clip_line(line)
         prefix = "hpcexp: error: " if i == 0 else "hpcexp: " if not line.startswith("hint:") else "hpcexp: "
         click.echo(prefix + line, err=True)
     sys.exit(code)
