@@ -226,8 +226,9 @@ class _Run:
 class _Scanner:
     """Walks the runs without following links and spools one JSON line per member."""
 
-    def __init__(self, *, warn: Warn, skip_unreadable: bool) -> None:
+    def __init__(self, *, warn: Warn, skip_unreadable: bool, project_root: str | None = None) -> None:
         self.warn_cb = warn
+        self.project_root = os.path.realpath(project_root) if project_root else None
         self.skip_unreadable = skip_unreadable
         self.warnings: list[str] = []
         self.errors: list[str] = []
@@ -324,6 +325,9 @@ class _Scanner:
 
     def walk_dir(self, src: str, arcname: str, run_root: str, *, top: bool = False,
                  extra: list[tuple[str, Path]] | None = None) -> None:
+        if top and os.path.islink(src):
+            self.warn(arcname, "the run folder is a symbolic link; not followed, nothing of it archived")
+            return
         try:
             with os.scandir(src) as it:
                 names = sorted(e.name for e in it)
@@ -376,8 +380,16 @@ class _Scanner:
         self.links += 1
 
     def add_project_file(self, path: Path, arcname: str) -> None:
-        """A recipe or Dockerfile: read through its link only if it stays in the project."""
+        """A recipe, report or Dockerfile: read through its link only if it stays in the project.
+
+        Anything leading outside the project (a link to a secret elsewhere) is left out with a
+        warning before it is opened, so no byte of it reaches the archive."""
         src = str(path)
+        real = os.path.realpath(src)
+        if self.project_root is not None and not _is_inside(real, self.project_root):
+            self.warn(arcname, f"{_show(src)} leads outside the project (to {_show(real)}); not archived, "
+                      "never read")
+            return
         try:
             st = os.stat(src)
         except OSError as exc:
@@ -819,7 +831,7 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
             raise UsageError(f"the output {out_path} is inside the run folder {paths.dir} being archived",
                              hint="write the archive somewhere else with -o (runs are never modified)")
 
-    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable)
+    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
     manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
     try:
         runs = [_prepare_run(layout, paths, rec, scanner) for paths, rec in items]

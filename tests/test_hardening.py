@@ -224,3 +224,77 @@ def test_every_long_message_is_clipped() -> None:
     assert len(shown("y" * 10_000)) < 120 and "10000 characters" in shown("y" * 10_000)
     assert shown("short") == "'short'"
     assert len(clip_line("z" * 50_000)) < MAX_LINE_CHARS + 40
+
+
+def _archive_bytes(path: Path) -> tuple[bytes, dict[str, str]]:
+    """Every member's content concatenated, and member name -> kind/link target."""
+    import tarfile
+    import zipfile
+
+    blob, names = b"", {}
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            for zi in zf.infolist():
+                data = zf.read(zi)
+                blob += data
+                is_link = stat.S_ISLNK(zi.external_attr >> 16)
+                names[zi.filename] = f"link:{data.decode()}" if is_link else "file"
+    else:
+        with tarfile.open(path) as tf:
+            for ti in tf.getmembers():
+                if ti.isfile():
+                    blob += tf.extractfile(ti).read()  # type: ignore[union-attr]
+                names[ti.name] = f"link:{ti.linkname}" if ti.issym() else ti.type.decode()
+    return blob, names
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_nothing_outside_the_project_reaches_an_archive(project: Path, tmp_path: Path, fmt: str) -> None:
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE-KEY-MATERIAL\n")
+    (project / "recipes").mkdir()
+    from hpcexp.config import host_arch
+
+    (project / "recipes" / f"hello.{host_arch()}.def").symlink_to(secret)
+    dockerfile = project / "experiments" / "hello" / "Dockerfile"
+    dockerfile.unlink()
+    dockerfile.symlink_to(secret)
+    results = project / "runs" / "hello" / GOOD[0] / "results"
+    results.mkdir()
+    (results / "key").symlink_to(secret)
+    (results / "fine.txt").write_text("result\n")
+    (results / "inside").symlink_to("fine.txt")
+    before, outside = snapshot(project), snapshot(tmp_path)
+    out = tmp_path / f"a.{fmt}"
+    proc = run_cli("archive", GOOD[0], "-o", str(out), cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "leads outside the project" in proc.stderr  # the recipe
+    blob, names = _archive_bytes(out)
+    assert b"PRIVATE-KEY-MATERIAL" not in blob
+    prefix = f"hello/{GOOD[0]}"
+    assert names[f"{prefix}/results/key"] == f"link:{secret}"  # stored as a link, never read
+    assert names[f"{prefix}/results/inside"] == "link:fine.txt"
+    assert [n for n in names if n.startswith(f"{prefix}/recipe/") and not n.endswith("/")
+            and names[n] in ("file", "0")] == []
+    # --strict turns the refusal into an error: one line, no archive left behind
+    out.unlink()
+    proc = run_cli("archive", GOOD[0], "--strict", "-o", str(out), cwd=project, timeout=120)
+    one_error(proc, 2 if proc.returncode == 2 else 1)
+    assert not out.exists()
+    assert snapshot(project) == before and snapshot(tmp_path) == outside
+
+
+def test_a_recipe_link_inside_the_project_is_still_archived(project: Path, tmp_path: Path) -> None:
+    (project / "recipes").mkdir()
+    real = project / "recipes" / "shared.def"
+    real.write_text("Bootstrap: docker\nFrom: busybox\n")
+    from hpcexp.config import host_arch
+
+    (project / "recipes" / f"hello.{host_arch()}.def").symlink_to("shared.def")
+    out = tmp_path / "b.tar.gz"
+    proc = run_cli("archive", GOOD[0], "-o", str(out), cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    blob, names = _archive_bytes(out)
+    assert b"From: busybox" in blob
+    assert names[f"hello/{GOOD[0]}/recipe/hello.{host_arch()}.def"] == "0"
