@@ -93,7 +93,7 @@ def read_regular(path: Path | str, *, max_bytes: int, what: str = "file", inside
     if not stat.S_ISREG(st.st_mode):
         raise Unsafe(what, path, f"is {_kind(st.st_mode)}, not a regular file")
     if st.st_size > max_bytes:
-        raise Unsafe(what, path, f"is {st.st_size} bytes, more than the {max_bytes} allowed")
+        raise Unsafe(what, path, f"is {st.st_size} bytes, larger than the {max_bytes} allowed; refusing to read it")
     try:
         fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

@@ -298,3 +298,107 @@ def test_a_recipe_link_inside_the_project_is_still_archived(project: Path, tmp_p
     blob, names = _archive_bytes(out)
     assert b"From: busybox" in blob
     assert names[f"hello/{GOOD[0]}/recipe/hello.{host_arch()}.def"] == "0"
+
+
+SECRET = "ssh-rsa AAAAB3NzaSECRETKEY user@host"
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    p = tmp_path / "private" / "id_rsa"
+    p.parent.mkdir()
+    p.write_text(f"{SECRET}\nsecond line\n")
+    return p
+
+
+def _no_secret(proc) -> None:
+    assert "SECRETKEY" not in proc.stdout + proc.stderr and "ssh-rsa" not in proc.stderr, proc.stderr
+
+
+def test_dockerfile_linked_out_of_the_project_is_refused_unread(project: Path, tmp_path: Path,
+                                                                 secret_file: Path) -> None:
+    dockerfile = project / "experiments" / "hello" / "Dockerfile"
+    dockerfile.unlink()
+    dockerfile.symlink_to(secret_file)
+    before, outside = snapshot(project), snapshot(tmp_path)
+    for command in (["convert", "hello"], ["build", "hello"], ["run", "hello"], ["submit", "hello", "--dry-run"]):
+        proc = run_cli(*command, cwd=project, timeout=120)
+        one_error(proc, 2, "leads outside the project", str(dockerfile))
+        _no_secret(proc)
+    assert snapshot(project) == before and snapshot(tmp_path) == outside
+
+
+def test_a_dockerfile_link_inside_the_project_still_converts(project: Path) -> None:
+    shared = project / "common.Dockerfile"
+    shared.write_text("FROM busybox:latest\nRUN true\n")
+    dockerfile = project / "experiments" / "hello" / "Dockerfile"
+    dockerfile.unlink()
+    dockerfile.symlink_to(shared)
+    proc = run_cli("convert", "hello", cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_explicit_non_dockerfile_is_not_quoted(project: Path, secret_file: Path) -> None:
+    proc = run_cli("convert", "--dockerfile", str(secret_file), "-o", "-", cwd=project, timeout=60)
+    one_error(proc, 2, "not a Dockerfile instruction")
+    _no_secret(proc)
+    typo = project / "typo.Dockerfile"
+    typo.write_text("FORM busybox\n")
+    proc = run_cli("convert", "--dockerfile", str(typo), "-o", "-", cwd=project, timeout=60)
+    one_error(proc, 2, "unknown instruction 'FORM'")  # a plausible misspelling is still named
+
+
+def test_dockerignore_linked_out_is_refused(project: Path, secret_file: Path) -> None:
+    (project / "experiments" / "hello" / ".dockerignore").symlink_to(secret_file)
+    (project / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\nCOPY . /app\n")
+    proc = run_cli("convert", "hello", cwd=project, timeout=60)
+    one_error(proc, 2, ".dockerignore", "outside the build context")
+    _no_secret(proc)
+    assert not (project / "recipes").exists()
+
+
+def test_config_linked_out_of_the_project_is_refused(project: Path, tmp_path: Path, secret_file: Path) -> None:
+    cfg = project / "hpcexp.yaml"
+    cfg.unlink()
+    cfg.symlink_to(secret_file)
+    for command in (["list"], ["runs"]):
+        proc = run_cli(*command, cwd=project, timeout=60)
+        one_error(proc, 2, "hpcexp.yaml", "outside")
+        _no_secret(proc)
+
+
+@pytest.mark.parametrize("special", ["fifo", "dir"])
+def test_config_that_is_a_special_file_never_blocks(project: Path, special: str) -> None:
+    cfg = project / "hpcexp.yaml"
+    cfg.unlink()
+    os.mkfifo(cfg) if special == "fifo" else cfg.mkdir()
+    proc = run_cli("list", cwd=project, timeout=30)
+    one_error(proc, 2, "hpcexp.yaml")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".csv"])
+def test_sweep_file_linked_out_is_refused(project: Path, tmp_path: Path, secret_file: Path, suffix: str) -> None:
+    link = project / f"sweep{suffix}"
+    link.symlink_to(secret_file)
+    before = snapshot(project)
+    proc = run_cli("submit", "hello", "--sweep-file", str(link), "--dry-run", cwd=project, timeout=60)
+    one_error(proc, 2, "outside")
+    _no_secret(proc)
+    assert snapshot(project) == before
+
+
+def test_experiment_folder_leading_out_is_refused_unless_allowed(project: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere-exp"
+    elsewhere.mkdir()
+    (elsewhere / "Dockerfile").write_text("FROM busybox:latest\n")
+    (project / "experiments" / "away").symlink_to(elsewhere)
+    before, outside = snapshot(project), snapshot(tmp_path)
+    for command in (["convert", "away"], ["build", "away"], ["run", "away"], ["submit", "away", "--dry-run"]):
+        proc = run_cli(*command, cwd=project, timeout=120)
+        one_error(proc, 2, "outside the project", "allow_outside_project")
+    assert snapshot(project) == before and snapshot(tmp_path) == outside
+    proc = run_cli("runs", cwd=project, timeout=60)  # the other experiments are unaffected
+    assert proc.returncode == 0, proc.stderr
+    (project / "hpcexp.yaml").write_text("experiments:\n  away:\n    allow_outside_project: true\n")
+    proc = run_cli("convert", "away", cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
