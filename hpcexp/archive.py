@@ -30,6 +30,7 @@ of links), writing through a link, and device or FIFO members, naming the member
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import functools
@@ -922,6 +923,7 @@ class _Member:
     mode: int = 0o644
     detail: str = ""               # for special: what it is
     open: Callable[[], IO[bytes]] | None = None
+    packed: int | None = None      # zip: the member's compressed size (for the ratio check)
 
 
 class _Corrupt(Exception):
@@ -998,7 +1000,7 @@ def _iter_zip(path: Path) -> Iterator[_Member]:
                     yield _Member(name, "symlink", target=target)
                 elif ftype in (0, stat.S_IFREG):
                     yield _Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
-                                  open=functools.partial(zf.open, zi))
+                                  open=functools.partial(zf.open, zi), packed=zi.compress_size)
                 else:
                     what = ("FIFO" if ftype == stat.S_IFIFO else "socket" if ftype == stat.S_IFSOCK
                             else "device" if ftype in (stat.S_IFCHR, stat.S_IFBLK) else "special member")
@@ -1168,6 +1170,20 @@ _SEEN = ("seen", None, None)
 # --------------------------------------------------------------------------------------
 
 MAX_LINK_HOPS = 40
+MAX_MEMBER_DEPTH = 128           # folders in one member path; results trees are far shallower
+MAX_MEMBER_NAME = 2048           # bytes of one member path (PATH_MAX is 4096 with the destination)
+MAX_COMPONENT = 255              # bytes of one path component (NAME_MAX)
+DEFAULT_MAX_SIZE = 16 << 30      # total bytes an extraction writes unless --max-size / --allow-large
+MAX_RATIO = 200                  # unpacked : packed, checked once more than RATIO_FLOOR is unpacked
+RATIO_FLOOR = 64 << 20
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``500M``, ``64k`` or plain bytes (binary units) -> bytes; UsageError otherwise."""
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([kKmMgGtT]?)(i?B)?\s*", text or "")
+    if not m:
+        raise UsageError(f"invalid size {text[:40]!r}: use bytes or a number with K, M, G or T (e.g. 20G)")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
 
 
 def _safe_name(name: str) -> tuple[str, str | None]:
@@ -1212,7 +1228,8 @@ def _resolve_link(start_dir: list[str], target: str, links: dict[str, str]) -> s
 
 
 def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
-              warn: Warn | None = None) -> tuple[set[str], dict[str, str]]:
+              warn: Warn | None = None, max_size: int | None = DEFAULT_MAX_SIZE,
+              max_ratio: float | None = MAX_RATIO) -> tuple[set[str], dict[str, str]]:
     """First pass over an untrusted archive: refuse (UsageError naming the member) before
     anything is written. Returns the links to leave out (only with ``skip_outside_links``)
     and every validated link, which the second pass insists on finding unchanged."""
@@ -1224,11 +1241,30 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
         return UsageError(f"refusing to extract {path}: member {_show(name)}: {why}; nothing was written",
                           hint="the archive may be hostile or damaged; inspect it with `tar tvzf` / `unzip -l`")
 
+    total = packed = 0
+    zip_packed = True
     try:
         for m in _iter_members(path, fmt):
+            raw_len = len(m.name.encode("utf-8", "surrogateescape"))
+            if raw_len > MAX_MEMBER_NAME:
+                raise refuse(m.name[:200] + "...", f"path of {raw_len} bytes, more than the {MAX_MEMBER_NAME} allowed")
             name, why = _safe_name(m.name)
             if why:
                 raise refuse(m.name, why)
+            depth = name.count("/") + 1
+            if depth > MAX_MEMBER_DEPTH:
+                raise refuse(name[:200] + "...", f"path {depth} levels deep, more than the {MAX_MEMBER_DEPTH} allowed")
+            if any(len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for p in name.split("/")):
+                raise refuse(name, f"a path component longer than {MAX_COMPONENT} bytes")
+            if m.kind == "file":
+                total += m.size
+                if m.packed is None:
+                    zip_packed = False
+                else:
+                    packed += m.packed
+                if max_size is not None and total > max_size:
+                    raise refuse(m.name, f"the archive unpacks to more than {_human(max_size)} "
+                                 "(use --max-size SIZE or --allow-large if that is expected)")
             if not name:
                 if m.kind == "dir":
                     continue  # "./": the destination itself
@@ -1260,6 +1296,16 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
             names.add(name)
     except _Corrupt as exc:
         raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+    if max_ratio is not None and total > RATIO_FLOOR:
+        try:
+            on_disk = packed if (fmt == "zip" and zip_packed) else os.stat(path).st_size
+        except OSError:
+            on_disk = 0
+        ratio = total / max(on_disk, 1)
+        if ratio > max_ratio:
+            raise UsageError(f"refusing to extract {path}: it unpacks to {_human(total)} from {_human(on_disk)} "
+                             f"(ratio {ratio:.0f}:1, more than {max_ratio:.0f}:1); nothing was written",
+                             hint="a compression bomb, or very repetitive data: pass --allow-large if you trust it")
     skip: set[str] = set()
     while True:  # leaving a link out changes where others lead: repeat until stable
         kept = {n: t for n, t in links.items() if n not in skip}
@@ -1281,12 +1327,15 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
 
 
 def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: bool = False,
-                    warn: Warn | None = None) -> ExtractResult:
+                    warn: Warn | None = None, max_size: int | None = DEFAULT_MAX_SIZE,
+                    allow_large: bool = False) -> ExtractResult:
     """Restore an archive into ``dest`` (new or empty), refusing anything unsafe.
 
     Every member is validated before the first byte is written; the tree is built in a
-    temporary sibling folder and renamed to ``dest`` when complete. When the archive has
-    an hpcexp manifest, each file's sha256 is checked as it is written.
+    temporary sibling folder and renamed to ``dest`` when complete (removed on any failure,
+    without recursion). When the archive has an hpcexp manifest, each file's sha256 is
+    checked as it is written. Member paths are bounded in depth and length; the total size
+    (``max_size``) and the compression ratio are limited unless ``allow_large``.
     """
     path, dest = Path(path), Path(os.path.abspath(dest))
     fmt = detect_format(path)
@@ -1298,7 +1347,8 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
         if any(dest.iterdir()):
             raise UsageError(f"destination {dest} is not empty",
                              hint="extract into a new or empty folder (nothing is ever overwritten)")
-    skip, links = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn)
+    skip, links = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn,
+                            max_size=None if allow_large else max_size, max_ratio=None if allow_large else MAX_RATIO)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1319,11 +1369,69 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
             raise
         atomic.fsync_dir(dest.parent)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(str(tmp))
         if isinstance(exc, OSError):
             raise atomic.storage_error(exc, dest) from exc
         raise
     return ExtractResult(path=dest, format=fmt, files=files, bytes=total, verified=verified)
+
+
+def _remove_tree(top: str) -> None:
+    """rm -rf ``top`` without recursion and by directory descriptors: a hostile tree may be
+    deeper than Python's stack, than PATH_MAX and than the descriptor limit (only one
+    folder is open at a time; ``..`` leads back up). Links are never followed; errors are
+    ignored (best effort on a failure path), and the walk always ends."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(top, flags)
+    except OSError:
+        return
+    stack: list[tuple[str, set[str]]] = [("", set())]   # (name in parent, names to skip here)
+    try:
+        while stack:
+            skip = stack[-1][1]
+            child = None
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        if e.name in skip:
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            child = e.name
+                            break
+                        try:
+                            os.unlink(e.name, dir_fd=fd)
+                        except OSError:
+                            skip.add(e.name)
+            except OSError:
+                pass
+            if child is not None:
+                try:
+                    nfd = os.open(child, flags, dir_fd=fd)
+                except OSError:
+                    skip.add(child)
+                    continue
+                os.close(fd)
+                fd = nfd
+                stack.append((child, set()))
+                continue
+            name, _ = stack.pop()
+            if not stack:
+                break
+            try:
+                pfd = os.open("..", flags, dir_fd=fd)
+            except OSError:
+                break
+            os.close(fd)
+            fd = pfd
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError:
+                stack[-1][1].add(name)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(top)
 
 
 def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],

@@ -402,3 +402,103 @@ def test_experiment_folder_leading_out_is_refused_unless_allowed(project: Path, 
     (project / "hpcexp.yaml").write_text("experiments:\n  away:\n    allow_outside_project: true\n")
     proc = run_cli("convert", "away", cwd=project, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# extraction edge cases (the real `hpcexp extract`)
+# --------------------------------------------------------------------------------------
+
+def _tar_with(path: Path, names: list[str], data: bytes = b"x") -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for name in names:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def _zeros_zip(path: Path, size: int) -> Path:
+    import zipfile
+
+    chunk = b"\0" * (1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("zeros.bin", "w", force_zip64=True) as fh:
+            for _ in range(size // len(chunk)):
+                fh.write(chunk)
+    return path
+
+
+def _no_debris(folder: Path) -> None:
+    left = [p.name for p in folder.iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    assert left == [], left
+
+
+@pytest.mark.parametrize("case", ["deep", "long-name", "long-component"])
+def test_extract_refuses_unbounded_member_paths(tmp_path: Path, case: str) -> None:
+    names = {"deep": ["a/" * 3000 + "f"], "long-name": ["/".join(["d" * 200] * 40) + "/f"],
+             "long-component": ["ok.txt", "x" * 300]}[case]
+    archive = _tar_with(tmp_path / "bad.tar.gz", names)
+    dest_parent = tmp_path / "out"
+    dest_parent.mkdir()
+    before = snapshot(tmp_path)
+    proc = run_cli("extract", str(archive), str(dest_parent / "dest"), cwd=tmp_path, timeout=120)
+    line = one_error(proc, 2, "refusing to extract")
+    assert "RecursionError" not in proc.stderr and len(line) < 600
+    _no_debris(dest_parent)
+    assert snapshot(tmp_path) == before
+
+
+def test_extract_refuses_a_zip_bomb_unless_allowed(tmp_path: Path) -> None:
+    archive = _zeros_zip(tmp_path / "zeros.zip", 80 << 20)
+    assert archive.stat().st_size < 1 << 20
+    before = snapshot(tmp_path)
+    proc = run_cli("extract", str(archive), str(tmp_path / "dest"), cwd=tmp_path, timeout=120)
+    one_error(proc, 2, "ratio")
+    _no_debris(tmp_path)
+    assert snapshot(tmp_path) == before
+    proc = run_cli("extract", "--allow-large", str(archive), str(tmp_path / "dest"), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "dest" / "zeros.bin").stat().st_size == 80 << 20
+
+
+def test_extract_total_size_limit(tmp_path: Path) -> None:
+    import os as _os
+
+    archive = _tar_with(tmp_path / "big.tar.gz", ["a.bin", "b.bin"], data=_os.urandom(600 << 10))
+    proc = run_cli("extract", "--max-size", "1M", str(archive), str(tmp_path / "dest"), cwd=tmp_path, timeout=60)
+    one_error(proc, 2, "more than 1.0 MiB", "--max-size")
+    assert not (tmp_path / "dest").exists()
+    _no_debris(tmp_path)
+    proc = run_cli("extract", "--max-size", "lots", str(archive), str(tmp_path / "dest"), cwd=tmp_path)
+    one_error(proc, 2, "invalid size")
+    proc = run_cli("extract", "--max-size", "2M", str(archive), str(tmp_path / "dest"), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_failed_extraction_cleans_a_tree_deeper_than_the_stack(tmp_path: Path) -> None:
+    from hpcexp.archive import _remove_tree
+
+    top = tmp_path / ".hpcexp-tmp-x"
+    top.mkdir()
+    try:
+        fd = os.open(top, os.O_RDONLY)
+        try:
+            for _ in range(3000):  # deeper than PATH_MAX allows by name, and than Python's recursion limit
+                os.mkdir("d", dir_fd=fd)
+                nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+                with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=nfd), "w") as fh:
+                    fh.write("x")
+                os.close(fd)
+                fd = nfd
+        finally:
+            os.close(fd)
+        _remove_tree(str(top))
+        assert not top.exists()
+    finally:  # never leave a tree pytest's own (recursive) cleanup cannot remove
+        if top.exists():
+            import subprocess
+
+            subprocess.run(["rm", "-rf", str(top)], check=False)
