@@ -39,7 +39,7 @@ from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 from hpcexp import apptainer, atomic, runs, safeio
 from hpcexp.config import Experiment, Project
-from hpcexp.errors import HpcexpError, NotFound, UsageError
+from hpcexp.errors import HpcexpError, NotFound, PermissionProblem, UsageError
 from hpcexp.paths import Layout, RunPaths
 
 log = logging.getLogger(__name__)
@@ -763,14 +763,20 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
     here = runs.hostname()
     results: list[tuple[RunPaths, runs.RunRecord]] = []
     pending: list[tuple[RunPaths, runs.RunRecord]] = []
-    for run_paths, rec in items:
+    # Every run is checked before anything is written or signalled: a stop that cannot be
+    # delivered (another host, another user's processes) is refused at once, for all of them.
+    for _run_paths, rec in items:
         if rec.terminal:
-            results.append((run_paths, rec))
             continue
         host = rec.executor_ids.get("host", rec.host)
         if host != here:
             raise UsageError(f"run {rec.run_id} runs on host {host}, not here ({here})",
                              hint=f"run `hpcexp stop {rec.run_id}` on {host}")
+        _check_may_signal(rec)
+    for run_paths, rec in items:
+        if rec.terminal:
+            results.append((run_paths, rec))
+            continue
         atomic.write_json(run_paths.stop_request, {
             "requested_at": runs.utcnow(), "grace": grace, "user": runs.username(), "host": here,
             "pid": os.getpid(),
@@ -802,6 +808,43 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
         results.append((run_paths, rec))
     order = {p.dir: i for i, (p, _) in enumerate(items)}
     return sorted(results, key=lambda t: order[t[0].dir])
+
+
+def _process_owner(pid: int) -> int | None:
+    """The real uid of process ``pid`` (None when it is gone)."""
+    try:
+        with open(f"/proc/{int(pid)}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _check_may_signal(rec: runs.RunRecord) -> None:
+    """PermissionProblem (exit 77, naming the owner) when this user may not signal the run's
+    processes: another user's run on a group-shared project. Checked with signal 0, which
+    delivers nothing."""
+    from hpcexp.safeio import owner_name
+
+    ids = rec.executor_ids
+    for key, start_key in (("supervisor_pid", "supervisor_start"), ("launcher_pid", "launcher_start"),
+                           ("pgid", None)):
+        pid = ids.get(key)
+        if not pid or not alive(pid, ids.get(start_key) if start_key else None):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except PermissionError:
+            uid = _process_owner(int(pid))
+            owner = owner_name(uid) if uid is not None else rec.user
+            raise PermissionProblem(f"cannot stop run {rec.run_id}: it belongs to {owner} (pid {pid}), "
+                                    f"not to {runs.username()}; nothing was changed",
+                                    hint=f"ask {owner} to stop it") from None
+        except ProcessLookupError:
+            continue
+        return
 
 
 def _lost(run_paths: RunPaths, rec: runs.RunRecord, owner: Any, killed: int) -> runs.RunRecord:

@@ -13,6 +13,7 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from conftest import assert_clean_error, run_cli
@@ -502,3 +503,85 @@ def test_failed_extraction_cleans_a_tree_deeper_than_the_stack(tmp_path: Path) -
             import subprocess
 
             subprocess.run(["rm", "-rf", str(top)], check=False)
+
+
+# --------------------------------------------------------------------------------------
+# another user's run on a group-shared project (the real second user, hpcexp-ci2)
+# --------------------------------------------------------------------------------------
+
+SECOND_USER = os.environ.get("HPCEXP_SECOND_USER", "hpcexp-ci2")
+
+
+def _as_second(script: str, input: str | None = None) -> str:
+    import subprocess
+
+    proc = subprocess.run(["sudo", "-n", "-u", SECOND_USER, "/bin/sh", "-c", script], input=input,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def shared_project() -> Iterator[tuple[Path, str]]:
+    """A project folder shared by the test user's group with SECOND_USER (setgid, 2770)."""
+    import grp
+    import shutil
+    import subprocess
+    import tempfile
+
+    if os.geteuid() == 0:
+        pytest.skip("must run as the ordinary test user")
+    probe = subprocess.run(["sudo", "-n", "-u", SECOND_USER, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        msg = f"cannot run commands as {SECOND_USER} (scripts/provision-test-env sets that up)"
+        pytest.fail(msg) if os.environ.get("HPCEXP_E2E_REQUIRED") == "1" else pytest.skip(msg)
+    import pwd
+
+    second_groups = {g.gr_gid for g in grp.getgrall() if SECOND_USER in g.gr_mem}
+    shared_gid = next(iter(second_groups & set(os.getgroups())), None)
+    assert shared_gid is not None, f"{SECOND_USER} shares no group with {pwd.getpwuid(os.getuid()).pw_name}"
+    root = Path(tempfile.mkdtemp(prefix="hpcexp-shared-", dir="/tmp"))
+    try:
+        os.chown(root, -1, shared_gid)
+        root.chmod(0o2770)
+        (root / "experiments" / "hello").mkdir(parents=True)
+        (root / "hpcexp.yaml").write_text("{}\n")
+        (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
+        for d in (root / "runs", root / "runs" / "hello"):
+            d.mkdir()
+            d.chmod(0o2770)
+        yield root, SECOND_USER
+    finally:
+        _as_second(f"find {root}/runs -user {SECOND_USER} -depth -exec rm -rf {{}} + 2>/dev/null; true")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_stop_of_another_users_run_is_refused_at_once(shared_project: tuple[Path, str]) -> None:
+    import time
+
+    from hpcexp.local import proc_start_ticks
+
+    root, other = shared_project
+    pid = int(_as_second("sleep 300 </dev/null >/dev/null 2>&1 & echo $!").strip())
+    try:
+        run_id = "20260101-000000.000-0f0f0f"
+        rec = runs.RunRecord(experiment="hello", run_id=run_id, state="running", user=other,
+                             executor_ids={"supervisor_pid": pid, "supervisor_start": proc_start_ticks(pid),
+                                           "host": runs.hostname(), "boot_id": runs.boot_id()})
+        run_dir = root / "runs" / "hello" / run_id
+        _as_second(f"umask 007; mkdir {run_dir} && cat > {run_dir}/run.json", input=rec.json_text())
+        before = snapshot(root)
+        started = time.monotonic()
+        proc = run_cli("stop", run_id, cwd=root, timeout=60)
+        elapsed = time.monotonic() - started
+        one_error(proc, 77, f"belongs to {other}", run_id)
+        assert elapsed < 10, elapsed
+        assert snapshot(root) == before, "the refused stop wrote nothing"
+        with pytest.raises(PermissionError):  # still alive, and still not ours to signal
+            os.kill(pid, 0)
+        proc = run_cli("status", "--json", cwd=root, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)[0]["state"] == "running"
+    finally:
+        _as_second(f"kill {pid} 2>/dev/null; true")
