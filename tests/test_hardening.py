@@ -585,3 +585,49 @@ def test_stop_of_another_users_run_is_refused_at_once(shared_project: tuple[Path
         assert json.loads(proc.stdout)[0]["state"] == "running"
     finally:
         _as_second(f"kill {pid} 2>/dev/null; true")
+
+
+# --------------------------------------------------------------------------------------
+# binds that lead to credentials or above $HOME
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("src", ["~/.ssh", "~/.ssh/id_rsa", "~/.gnupg", "~/.aws", "~/.config/gcloud", "~/.config",
+                                 "~/.kube", "~/.docker", "HOME_PARENT", "LINK_TO_SSH"])
+@pytest.mark.parametrize("command", [["run"], ["submit", "--dry-run"]])
+def test_credential_and_home_parent_binds_are_refused(tmp_path: Path, command: list[str], src: str) -> None:
+    home = tmp_path / "home" / "me"
+    for rel in (".ssh", ".gnupg", ".aws", ".config/gcloud", ".kube", ".docker"):
+        (home / rel).mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("KEY\n")
+    root = tmp_path / "work" / "proj"
+    (root / "experiments" / "hello").mkdir(parents=True)
+    (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
+    (tmp_path / "work" / "sshlink").symlink_to(home / ".ssh")
+    value = {"HOME_PARENT": str(home.parent), "LINK_TO_SSH": str(tmp_path / "work" / "sshlink")}.get(src, src)
+    (root / "hpcexp.yaml").write_text(f"experiments:\n  hello:\n    binds: [{{src: {json.dumps(value)}, dst: /x}}]\n")
+    before = snapshot(tmp_path)
+    proc = run_cli(*command, "hello", cwd=root, env={"HOME": str(home), "XDG_CACHE_HOME": str(tmp_path / "c")},
+                   timeout=60)
+    one_error(proc, 2, "refusing to bind", "--allow-bind")
+    assert snapshot(tmp_path) == before, "refused before any build or run folder"
+
+
+def test_allow_bind_lets_a_credential_folder_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcexp import launch
+    from hpcexp.config import load_project
+    from hpcexp.errors import UsageError
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    root = tmp_path / "proj"
+    (root / "experiments" / "hello").mkdir(parents=True)
+    (root / "experiments" / "hello" / "Dockerfile").write_text("FROM busybox:latest\n")
+    (root / "hpcexp.yaml").write_text("experiments:\n  hello:\n    binds: [{src: ~/.ssh, dst: /x}]\n")
+    project = load_project(explicit=str(root))
+    with pytest.raises(UsageError, match="credential folder ~/.ssh"):
+        launch.check_binds(project, project.experiment("hello"))
+    launch.check_binds(project, project.experiment("hello"), allow_binds=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    assert launch.canonical_bind_source(str(data), project) == str(data.resolve())

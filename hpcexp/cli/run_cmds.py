@@ -165,7 +165,8 @@ def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]
               "experiment's `gpu` setting.")
 @click.option("--writable/--read-only", default=None, help="Bind the experiment folder read-write (default: "
               "read-only unless the experiment sets `writable: true`).")
-@click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME, project parents and system folders.")
+@click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME and its parents, project parents, system "
+              "folders and credential folders (~/.ssh, ~/.gnupg, ~/.aws...).")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the run is stopped.")
 @click.option("--rebuild", is_flag=True, help="Rebuild the image even when it is cached.")
@@ -196,6 +197,7 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
 
     project = ctx.project()
     exp = project.experiment(name)
+    launch.check_binds(project, exp, allow_binds=allow_bind)
     parsed = launch.parse_params(params)
     arch = arch or host_arch()
     dropped = apptainer.scrubbed_vars()

@@ -126,6 +126,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
         raise UsageError("--wait with --hold would wait forever: the job stays held until released")
     project = ctx.project()
     exp = project.experiment(name)
+    launch.check_binds(project, exp, allow_binds=allow_bind)
     fixed = launch.parse_params(params)
     grid = [sweep.parse_sweep_option(s) for s in sweeps]
     file_sets = sweep.load_sweep_file(Path(sweep_file), inside=ctx.project().root) if sweep_file else []
