@@ -60,7 +60,10 @@ def load_yaml(path: Path, *, label: str | None = None, inside: Path | str | None
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: not valid UTF-8 (byte {exc.start})") from exc
-    loader = _NoAliasLoader(text)
+    try:
+        loader = _NoAliasLoader(text)  # its reader refuses control characters right here
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {getattr(exc, 'reason', None) or 'unreadable text'}") from None
     loader.name = name  # type: ignore[attr-defined]
     try:
         node = loader.get_single_node()
