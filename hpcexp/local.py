@@ -765,14 +765,14 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
     pending: list[tuple[RunPaths, runs.RunRecord]] = []
     # Every run is checked before anything is written or signalled: a stop that cannot be
     # delivered (another host, another user's processes) is refused at once, for all of them.
-    for _run_paths, rec in items:
+    for run_paths, rec in items:
         if rec.terminal:
             continue
         host = rec.executor_ids.get("host", rec.host)
         if host != here:
             raise UsageError(f"run {rec.run_id} runs on host {host}, not here ({here})",
                              hint=f"run `hpcexp stop {rec.run_id}` on {host}")
-        _check_may_signal(rec)
+        _check_may_signal(run_paths, rec)
     for run_paths, rec in items:
         if rec.terminal:
             results.append((run_paths, rec))
@@ -822,12 +822,14 @@ def _process_owner(pid: int) -> int | None:
     return None
 
 
-def _check_may_signal(rec: runs.RunRecord) -> None:
+def _check_may_signal(run_paths: RunPaths, rec: runs.RunRecord) -> None:
     """PermissionProblem (exit 77, naming the owner) when this user may not signal the run's
     processes: another user's run on a group-shared project. Checked with signal 0, which
-    delivers nothing."""
+    delivers nothing. When none of its processes is left, a record owned by someone else
+    is refused too: what remains to do (record it lost) is for its owner."""
     from hpcexp.safeio import owner_name
 
+    me = os.getuid()
     ids = rec.executor_ids
     for key, start_key in (("supervisor_pid", "supervisor_start"), ("launcher_pid", "launcher_start"),
                            ("pgid", None)):
@@ -845,6 +847,15 @@ def _check_may_signal(rec: runs.RunRecord) -> None:
         except ProcessLookupError:
             continue
         return
+    try:
+        uid = os.lstat(run_paths.record).st_uid
+    except OSError:
+        return
+    if me != 0 and uid != me:
+        owner = owner_name(uid)
+        raise PermissionProblem(f"cannot stop run {rec.run_id}: its record belongs to {owner}, not to "
+                                f"{runs.username()}, and none of its processes is left; nothing was changed",
+                                hint=f"`hpcexp status` shows how it ended; ask {owner} to clean it up")
 
 
 def _lost(run_paths: RunPaths, rec: runs.RunRecord, owner: Any, killed: int) -> runs.RunRecord:

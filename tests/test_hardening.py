@@ -531,8 +531,9 @@ def shared_project() -> Iterator[tuple[Path, str]]:
 
     if os.geteuid() == 0:
         pytest.skip("must run as the ordinary test user")
-    probe = subprocess.run(["sudo", "-n", "-u", SECOND_USER, "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
+    probe = subprocess.run(["sudo", "-n", "-u", SECOND_USER, "true"], capture_output=True, text=True) \
+        if shutil.which("sudo") else None
+    if probe is None or probe.returncode != 0:
         msg = f"cannot run commands as {SECOND_USER} (scripts/provision-test-env sets that up)"
         pytest.fail(msg) if os.environ.get("HPCEXP_E2E_REQUIRED") == "1" else pytest.skip(msg)
     import pwd
@@ -631,3 +632,19 @@ def test_allow_bind_lets_a_credential_folder_through(tmp_path: Path, monkeypatch
     data = tmp_path / "data"
     data.mkdir()
     assert launch.canonical_bind_source(str(data), project) == str(data.resolve())
+
+
+@pytest.mark.e2e
+def test_stop_of_another_users_finished_run_writes_nothing(shared_project: tuple[Path, str]) -> None:
+    """No process left (the owner's supervisor is gone): still not ours to touch."""
+    root, other = shared_project
+    run_id = "20260101-000000.000-0e0e0e"
+    rec = runs.RunRecord(experiment="hello", run_id=run_id, state="running", user=other,
+                         executor_ids={"supervisor_pid": 999_999, "supervisor_start": 1,
+                                       "host": runs.hostname(), "boot_id": runs.boot_id()})
+    run_dir = root / "runs" / "hello" / run_id
+    _as_second(f"umask 007; mkdir {run_dir} && cat > {run_dir}/run.json", input=rec.json_text())
+    before = snapshot(root)
+    proc = run_cli("stop", run_id, cwd=root, timeout=60)
+    one_error(proc, 77, f"belongs to {other}")
+    assert snapshot(root) == before
