@@ -10,6 +10,28 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+MAX_VALUE_CHARS = 80
+"""A user value quoted in a message is cut to this many characters (see :func:`shown`)."""
+MAX_LINE_CHARS = 1000
+"""No message line printed by the CLI is longer than this (see :func:`clip_line`)."""
+
+
+def shown(value: object, limit: int = MAX_VALUE_CHARS) -> str:
+    """``repr`` of a user-supplied value for a message, cut to ``limit`` characters.
+
+    The one place that decides how much of a user's value a message may quote: a ref of
+    thousands of characters, or a file's content, never turns into a wall of text.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 1]}… ({len(str(value))} characters)"
+
+
+def clip_line(line: str, limit: int = MAX_LINE_CHARS) -> str:
+    """One message line cut to ``limit`` characters (the CLI's last guard on long messages)."""
+    return line if len(line) <= limit else f"{line[: limit - 1]}… ({len(line) - limit + 1} more characters)"
+
 
 class HpcexpError(Exception):
     """Base of every error hpcexp reports to a user. ``str(err)`` is the one-line message."""

@@ -255,3 +255,21 @@ def test_example_experiment_builds_offline_on_a_debootstrap_base(tmp_path: Path)
     assert labels["org.hpcexp.input-hash"] == side["input_hash"]
     again = run_cli("build", "hello", cwd=root)
     assert again.returncode == 0 and "cached" in again.stdout
+
+
+def test_fallback_build_failure_says_why_and_what_to_do(tmp_path: Path, busybox_sif: Path) -> None:
+    """The real Apptainer without a subuid range (`--ignore-subuid`, chosen by hpcexp from the
+    subuid database it is pointed at): a recipe giving a file another owner fails, and the
+    one error line names the missing range, what the fallback cannot do and the fix."""
+    empty = tmp_path / "subuid"
+    empty.write_text("")
+    root = project(tmp_path / "p", busybox_sif, run="touch /app/owned && chown 1234:1234 /app/owned")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_cli("build", "hello", cwd=root, env={"HPCEXP_SUBUID_FILE": str(empty)})
+    assert_clean_error(proc, 4, "no /etc/subuid+/etc/subgid range for", "cannot give files other owners",
+                       "usermod --add-subuids")
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpcexp: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert not list((root / "images").glob("*.sif")), "no image published"
+    assert not [p for p in (root / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written beside the project"

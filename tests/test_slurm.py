@@ -300,13 +300,15 @@ def test_newline_in_a_value_is_refused_before_anything(project: Any, fake_slurm:
     assert not project.runs_dir.exists() or not any(project.runs_dir.rglob("run.json"))
 
 
-def test_sbatch_refusal_is_recorded_and_exit_6(project: Any, fake_slurm: FakeSlurm) -> None:
+def test_sbatch_refusal_names_the_option_exit_6_and_keeps_no_run(project: Any, fake_slurm: FakeSlurm) -> None:
     fake_slurm.set("sbatch", "", "sbatch: error: Invalid partition name specified\n", 1)
     with pytest.raises(SchedulerError, match="Invalid partition") as err:
         _submit(project, [{"a": "1"}, {"a": "2"}], sweep=True)
     assert err.value.exit_code == 6 and "nothing was submitted" in str(err.value)
-    recs = [r for _, r in runs.iter_runs(Layout(project))]
-    assert len(recs) == 2 and all(r.state == "failed" and "Invalid partition" in r.launch_error for r in recs)
+    assert "the option it refused: --partition=debug" in str(err.value)
+    # a submission that never happened leaves no run (and no sweep record) behind
+    assert list(runs.iter_runs(Layout(project))) == []
+    assert not Layout(project).sweeps_dir().exists() or not any(Layout(project).sweeps_dir().iterdir())
 
 
 def test_dry_run_writes_and_submits_nothing(project: Any, fake_slurm: FakeSlurm) -> None:

@@ -246,3 +246,36 @@ def test_submit_wait_returns_when_every_task_has_settled(proj: dict[str, Any]) -
     assert rec["state"] == "succeeded" and rec["exit_code"] == 0
     assert_clean_error(cli(proj, "submit", "echo", "--wait", "--hold"), 2, "--hold")
     assert len(sbatch_calls(proj)) == 2, "--wait --hold must be refused before submitting"
+
+
+def _run_folders(p: dict[str, Any]) -> list[str]:
+    runs_dir = p["root"] / "runs"
+    if not runs_dir.exists():
+        return []
+    return sorted(str(x.relative_to(runs_dir)) for x in runs_dir.rglob("*"))
+
+
+def test_unknown_partition_is_named_before_sbatch_and_leaves_no_run(proj: dict[str, Any]) -> None:
+    ok = cli(proj, "submit", "echo", "--wait")  # builds the image; one real run to keep untouched
+    assert ok.returncode == 0, ok.stderr
+    before, calls = _run_folders(proj), len(sbatch_calls(proj))
+    proc = cli(proj, "submit", "echo", "--partition", "nosuch")
+    assert_clean_error(proc, 6, "--partition=nosuch", "no such partition")
+    assert len([x for x in proc.stderr.splitlines() if x.startswith("hpcexp: error:")]) == 1
+    assert len(sbatch_calls(proj)) == calls, "refused before any sbatch call"
+    assert _run_folders(proj) == before
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_sbatch_refusal_names_the_option_and_leaves_no_run(proj: dict[str, Any], sweep: bool) -> None:
+    ok = cli(proj, "build", "echo")
+    assert ok.returncode == 0, ok.stderr
+    before, calls = _run_folders(proj), len(sbatch_calls(proj))
+    extra = ["--sweep", "msg=a,b"] if sweep else []
+    proc = cli(proj, "submit", "echo", "--mem", "100T", *extra)
+    assert_clean_error(proc, 6, "--mem=100T", "no run was kept")
+    assert len([x for x in proc.stderr.splitlines() if x.startswith("hpcexp: error:")]) == 1
+    assert len(sbatch_calls(proj)) == calls + 1, "sbatch itself refused it"
+    assert _run_folders(proj) == before, "a submission that never happened leaves nothing behind"
+    listing = cli(proj, "runs")
+    assert listing.returncode == 0 and "failed" not in listing.stdout

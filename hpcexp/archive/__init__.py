@@ -30,6 +30,7 @@ of links), writing through a link, and device or FIFO members, naming the member
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import functools
@@ -227,8 +228,9 @@ class _Run:
 class _Scanner:
     """Walks the runs without following links and spools one JSON line per member."""
 
-    def __init__(self, *, warn: Warn, skip_unreadable: bool) -> None:
+    def __init__(self, *, warn: Warn, skip_unreadable: bool, project_root: str | None = None) -> None:
         self.warn_cb = warn
+        self.project_root = os.path.realpath(project_root) if project_root else None
         self.skip_unreadable = skip_unreadable
         self.warnings: list[str] = []
         self.errors: list[str] = []
@@ -325,6 +327,9 @@ class _Scanner:
 
     def walk_dir(self, src: str, arcname: str, run_root: str, *, top: bool = False,
                  extra: list[tuple[str, Path]] | None = None) -> None:
+        if top and os.path.islink(src):
+            self.warn(arcname, "the run folder is a symbolic link; not followed, nothing of it archived")
+            return
         try:
             with os.scandir(src) as it:
                 names = sorted(e.name for e in it)
@@ -377,8 +382,16 @@ class _Scanner:
         self.links += 1
 
     def add_project_file(self, path: Path, arcname: str) -> None:
-        """A recipe or Dockerfile: read through its link only if it stays in the project."""
+        """A recipe, report or Dockerfile: read through its link only if it stays in the project.
+
+        Anything leading outside the project (a link to a secret elsewhere) is left out with a
+        warning before it is opened, so no byte of it reaches the archive."""
         src = str(path)
+        real = os.path.realpath(src)
+        if self.project_root is not None and not _is_inside(real, self.project_root):
+            self.warn(arcname, f"{_show(src)} leads outside the project (to {_show(real)}); not archived, "
+                      "never read")
+            return
         try:
             st = os.stat(src)
         except OSError as exc:
@@ -423,6 +436,9 @@ def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scan
     exp_name, run_id = paths.dir.parent.name, paths.dir.name
     prefix = f"{exp_name}/{run_id}"
     run = _Run(paths=paths, record=rec, prefix=prefix)
+    if rec.error:
+        scanner.warn(prefix, f"run record is damaged ({rec.error}); archiving the folder as it is",
+                     skipped=False)
     if (rec.experiment, rec.run_id) != (exp_name, run_id):
         scanner.warn(prefix, f"run.json names {rec.experiment}/{rec.run_id}; archived under its folder name",
                      skipped=False)
@@ -817,7 +833,7 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
             raise UsageError(f"the output {out_path} is inside the run folder {paths.dir} being archived",
                              hint="write the archive somewhere else with -o (runs are never modified)")
 
-    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable)
+    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
     manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
     try:
         runs = [_prepare_run(layout, paths, rec, scanner) for paths, rec in items]
@@ -908,6 +924,7 @@ class _Member:
     mode: int = 0o644
     detail: str = ""               # for special: what it is
     open: Callable[[], IO[bytes]] | None = None
+    packed: int | None = None      # zip: the member's compressed size (for the ratio check)
 
 
 class _Corrupt(Exception):
@@ -984,7 +1001,7 @@ def _iter_zip(path: Path) -> Iterator[_Member]:
                     yield _Member(name, "symlink", target=target)
                 elif ftype in (0, stat.S_IFREG):
                     yield _Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
-                                  open=functools.partial(zf.open, zi))
+                                  open=functools.partial(zf.open, zi), packed=zi.compress_size)
                 else:
                     what = ("FIFO" if ftype == stat.S_IFIFO else "socket" if ftype == stat.S_IFSOCK
                             else "device" if ftype in (stat.S_IFCHR, stat.S_IFBLK) else "special member")
@@ -1154,6 +1171,20 @@ _SEEN = ("seen", None, None)
 # --------------------------------------------------------------------------------------
 
 MAX_LINK_HOPS = 40
+MAX_MEMBER_DEPTH = 128           # folders in one member path; results trees are far shallower
+MAX_MEMBER_NAME = 2048           # bytes of one member path (PATH_MAX is 4096 with the destination)
+MAX_COMPONENT = 255              # bytes of one path component (NAME_MAX)
+DEFAULT_MAX_SIZE = 16 << 30      # total bytes an extraction writes unless --max-size / --allow-large
+MAX_RATIO = 200                  # unpacked : packed, checked once more than RATIO_FLOOR is unpacked
+RATIO_FLOOR = 64 << 20
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``500M``, ``64k`` or plain bytes (binary units) -> bytes; UsageError otherwise."""
+    m = re.fullmatch(r"\s*(\d{1,15})\s*([kKmMgGtT]?)(i?B)?\s*", text or "")
+    if not m:
+        raise UsageError(f"invalid size {text[:40]!r}: use bytes or a number with K, M, G or T (e.g. 20G)")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
 
 
 def _safe_name(name: str) -> tuple[str, str | None]:
@@ -1198,7 +1229,8 @@ def _resolve_link(start_dir: list[str], target: str, links: dict[str, str]) -> s
 
 
 def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
-              warn: Warn | None = None) -> tuple[set[str], dict[str, str]]:
+              warn: Warn | None = None, max_size: int | None = DEFAULT_MAX_SIZE,
+              max_ratio: float | None = MAX_RATIO) -> tuple[set[str], dict[str, str]]:
     """First pass over an untrusted archive: refuse (UsageError naming the member) before
     anything is written. Returns the links to leave out (only with ``skip_outside_links``)
     and every validated link, which the second pass insists on finding unchanged."""
@@ -1210,11 +1242,30 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
         return UsageError(f"refusing to extract {path}: member {_show(name)}: {why}; nothing was written",
                           hint="the archive may be hostile or damaged; inspect it with `tar tvzf` / `unzip -l`")
 
+    total = packed = 0
+    zip_packed = True
     try:
         for m in _iter_members(path, fmt):
+            raw_len = len(m.name.encode("utf-8", "surrogateescape"))
+            if raw_len > MAX_MEMBER_NAME:
+                raise refuse(m.name[:200] + "...", f"path of {raw_len} bytes, more than the {MAX_MEMBER_NAME} allowed")
             name, why = _safe_name(m.name)
             if why:
                 raise refuse(m.name, why)
+            depth = name.count("/") + 1
+            if depth > MAX_MEMBER_DEPTH:
+                raise refuse(name[:200] + "...", f"path {depth} levels deep, more than the {MAX_MEMBER_DEPTH} allowed")
+            if any(len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for p in name.split("/")):
+                raise refuse(name, f"a path component longer than {MAX_COMPONENT} bytes")
+            if m.kind == "file":
+                total += m.size
+                if m.packed is None:
+                    zip_packed = False
+                else:
+                    packed += m.packed
+                if max_size is not None and total > max_size:
+                    raise refuse(m.name, f"the archive unpacks to more than {_human(max_size)} "
+                                 "(use --max-size SIZE or --allow-large if that is expected)")
             if not name:
                 if m.kind == "dir":
                     continue  # "./": the destination itself
@@ -1246,6 +1297,16 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
             names.add(name)
     except _Corrupt as exc:
         raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+    if max_ratio is not None and total > RATIO_FLOOR:
+        try:
+            on_disk = packed if (fmt == "zip" and zip_packed) else os.stat(path).st_size
+        except OSError:
+            on_disk = 0
+        ratio = total / max(on_disk, 1)
+        if ratio > max_ratio:
+            raise UsageError(f"refusing to extract {path}: it unpacks to {_human(total)} from {_human(on_disk)} "
+                             f"(ratio {ratio:.0f}:1, more than {max_ratio:.0f}:1); nothing was written",
+                             hint="a compression bomb, or very repetitive data: pass --allow-large if you trust it")
     skip: set[str] = set()
     while True:  # leaving a link out changes where others lead: repeat until stable
         kept = {n: t for n, t in links.items() if n not in skip}
@@ -1267,12 +1328,15 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
 
 
 def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: bool = False,
-                    warn: Warn | None = None) -> ExtractResult:
+                    warn: Warn | None = None, max_size: int | None = DEFAULT_MAX_SIZE,
+                    allow_large: bool = False) -> ExtractResult:
     """Restore an archive into ``dest`` (new or empty), refusing anything unsafe.
 
     Every member is validated before the first byte is written; the tree is built in a
-    temporary sibling folder and renamed to ``dest`` when complete. When the archive has
-    an hpcexp manifest, each file's sha256 is checked as it is written.
+    temporary sibling folder and renamed to ``dest`` when complete (removed on any failure,
+    without recursion). When the archive has an hpcexp manifest, each file's sha256 is
+    checked as it is written. Member paths are bounded in depth and length; the total size
+    (``max_size``) and the compression ratio are limited unless ``allow_large``.
     """
     path, dest = Path(path), Path(os.path.abspath(dest))
     fmt = detect_format(path)
@@ -1284,7 +1348,8 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
         if any(dest.iterdir()):
             raise UsageError(f"destination {dest} is not empty",
                              hint="extract into a new or empty folder (nothing is ever overwritten)")
-    skip, links = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn)
+    skip, links = _validate(path, fmt, skip_outside_links=skip_outside_links, warn=warn,
+                            max_size=None if allow_large else max_size, max_ratio=None if allow_large else MAX_RATIO)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1305,11 +1370,69 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
             raise
         atomic.fsync_dir(dest.parent)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(str(tmp))
         if isinstance(exc, OSError):
             raise atomic.storage_error(exc, dest) from exc
         raise
     return ExtractResult(path=dest, format=fmt, files=files, bytes=total, verified=verified)
+
+
+def _remove_tree(top: str) -> None:
+    """rm -rf ``top`` without recursion and by directory descriptors: a hostile tree may be
+    deeper than Python's stack, than PATH_MAX and than the descriptor limit (only one
+    folder is open at a time; ``..`` leads back up). Links are never followed; errors are
+    ignored (best effort on a failure path), and the walk always ends."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(top, flags)
+    except OSError:
+        return
+    stack: list[tuple[str, set[str]]] = [("", set())]   # (name in parent, names to skip here)
+    try:
+        while stack:
+            skip = stack[-1][1]
+            child = None
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        if e.name in skip:
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            child = e.name
+                            break
+                        try:
+                            os.unlink(e.name, dir_fd=fd)
+                        except OSError:
+                            skip.add(e.name)
+            except OSError:
+                pass
+            if child is not None:
+                try:
+                    nfd = os.open(child, flags, dir_fd=fd)
+                except OSError:
+                    skip.add(child)
+                    continue
+                os.close(fd)
+                fd = nfd
+                stack.append((child, set()))
+                continue
+            name, _ = stack.pop()
+            if not stack:
+                break
+            try:
+                pfd = os.open("..", flags, dir_fd=fd)
+            except OSError:
+                break
+            os.close(fd)
+            fd = pfd
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError:
+                stack[-1][1].add(name)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(top)
 
 
 def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],

@@ -459,6 +459,31 @@ def _step_of(line: str) -> str | None:
     return None
 
 
+# What a build in the root-mapped fallback (no subuid range) says when it needs a file to
+# be owned by another id: only one id exists there, so every such change fails.
+OWNERSHIP_FAILURE = ("failed to change uid", "change uid and gid", "cannot change ownership", "chown",
+                     "setgroups", "setgid", "setuid", "seteuid", "setegid", "invalid argument",
+                     "operation not permitted")
+
+
+def _no_subuid_failure(exc: ImageBuildFailed, label: str) -> ImageBuildFailed:
+    """The build failure of the no-subuid fallback, with the cause and the fix in the one line."""
+    user = hostinfo.user()
+    fix = f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}"
+    text = "\n".join(exc.tail).lower()
+    if any(s in text for s in OWNERSHIP_FAILURE):
+        why = (f"there is no /etc/subuid+/etc/subgid range for {user}, so Apptainer built in its fallback (a "
+               "root-mapped namespace with a single id), which cannot give files other owners or switch users "
+               "as this recipe needs")
+    else:
+        why = (f"there is no /etc/subuid+/etc/subgid range for {user}, so Apptainer built in its limited fallback "
+               "(a root-mapped namespace with a single id); that may be the cause")
+    own = exc.message.split(": ", 1)[-1].rsplit("; log: ", 1)[0]
+    return ImageBuildFailed(f"build of {label} failed: {why}; ask an admin for a range (`{fix}`); "
+                            f"log: {exc.log_path}", tail=exc.tail, log_path=exc.log_path,
+                            hint=f"the build's own last line: {own}")
+
+
 def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmpdir: str, out_dir: Path) -> HpcexpError:
     text = "\n".join(tail).lower()
     last = next((ln.strip() for ln in reversed(tail)
@@ -512,22 +537,32 @@ def build_sif(project: Project, recipe_text: str, final: Path, *, context: Path,
             return side
         mode = _fakeroot_check(progress)
         extra = ["--ignore-fakeroot-command"] if mode == "none" else []
+        if mode != "subuid" and os.environ.get("HPCEXP_SUBUID_FILE"):
+            # The override names the subuid database to trust (tests, odd sites): make
+            # Apptainer take the same no-range path instead of reading /etc/subuid itself.
+            extra.append("--ignore-subuid")
         try:
-            return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
-                              sidecar_extra=sidecar_extra, progress=progress, arch=arch, extra=extra,
-                              size_hint=size_hint)
-        except BuildError as exc:
-            tail = "\n".join(getattr(exc, "tail", []))
-            if mode != "fakeroot-command" or not any(s in tail for s in FAKED_FAILURE):
+            try:
+                return _run_build(project, inst, recipe_text, final, context=context, label=label,
+                                  labels=labels, sidecar_extra=sidecar_extra, progress=progress, arch=arch,
+                                  extra=extra, size_hint=size_hint)
+            except BuildError as exc:
+                tail = "\n".join(getattr(exc, "tail", []))
+                if mode != "fakeroot-command" or not any(s in tail for s in FAKED_FAILURE):
+                    raise
+                # The fakeroot command is bound in from the host and cannot start in some bases
+                # (a static busybox has no dynamic loader): the bare root-mapped namespace can.
+                if progress is not None:
+                    progress("warn", f"{label}: the fakeroot command cannot run inside this base; "
+                                     "retrying in the root-mapped namespace without it")
+                return _run_build(project, inst, recipe_text, final, context=context, label=label,
+                                  labels=labels, sidecar_extra=sidecar_extra, progress=progress, arch=arch,
+                                  extra=[*(e for e in extra if e != "--ignore-fakeroot-command"),
+                                         "--ignore-fakeroot-command"])
+        except ImageBuildFailed as exc:
+            if mode == "subuid":
                 raise
-            # The fakeroot command is bound in from the host and cannot start in some bases
-            # (a static busybox has no dynamic loader): the bare root-mapped namespace can.
-            if progress is not None:
-                progress("warn", f"{label}: the fakeroot command cannot run inside this base; "
-                                 "retrying in the root-mapped namespace without it")
-            return _run_build(project, inst, recipe_text, final, context=context, label=label, labels=labels,
-                              sidecar_extra=sidecar_extra, progress=progress, arch=arch,
-                              extra=["--ignore-fakeroot-command"])
+            raise _no_subuid_failure(exc, label) from exc
 
 
 def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str, final: Path, *,

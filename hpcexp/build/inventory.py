@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +38,19 @@ class ExperimentInfo:
     image: dict[str, str] = field(default_factory=dict)    # arch -> none | built | stale
 
 
+def _open_regular(path: Path) -> int:
+    """A descriptor of regular file ``path``; never blocks on a FIFO or device (OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
+
+
 def file_sha256(path: Path) -> str | None:
     try:
         h = hashlib.sha256()
-        with open(path, "rb") as fh:
+        with open(_open_regular(path), "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         return h.hexdigest()
@@ -50,7 +61,7 @@ def file_sha256(path: Path) -> str | None:
 def recipe_state(layout: Layout, exp: Experiment, arch: str) -> str:
     recipe = layout.recipe(exp.name, arch)
     try:
-        with open(recipe, encoding="utf-8", errors="replace") as fh:
+        with open(_open_regular(recipe), encoding="utf-8", errors="replace") as fh:
             head = [next(fh, "") for _ in range(8)]
     except OSError:
         return "missing"

@@ -83,12 +83,20 @@ def archive_cmd(ctx, refs: tuple[str, ...], all_runs: bool, output: str | None, 
 @click.argument("dest", metavar="DIR")
 @click.option("--skip-outside-links", is_flag=True,
               help="Leave out symlinks leading outside DIR (with a warning) instead of refusing the archive.")
+@click.option("--max-size", "max_size", metavar="SIZE", default=None,
+              help="Refuse an archive that unpacks to more than SIZE (e.g. 50G; default 16G).")
+@click.option("--allow-large", is_flag=True,
+              help="Extract however large the archive unpacks and however well it compresses "
+                   "(no size or compression-ratio limit).")
 @json_option
-def extract_cmd(archive_file: str, dest: str, skip_outside_links: bool, as_json: bool) -> None:
+def extract_cmd(archive_file: str, dest: str, skip_outside_links: bool, max_size: str | None, allow_large: bool,
+                as_json: bool) -> None:
     """Restore an archive into DIR (a new or empty folder), refusing anything unsafe.
 
     Absolute paths, '..', links leading outside DIR, writing through a link and device
-    or FIFO members are refused (exit 2, naming the member) before anything is written.
+    or FIFO members are refused (exit 2, naming the member) before anything is written,
+    as are member paths deeper than 128 folders or longer than 2048 bytes, and archives that
+    unpack to more than --max-size or compress better than 200:1 (a zip bomb).
     Files are checked against MANIFEST.json when the archive has one. An hpcexp archive
     of a results folder holding a link to outside the run keeps that link as a link;
     --skip-outside-links restores everything else.
@@ -96,7 +104,9 @@ def extract_cmd(archive_file: str, dest: str, skip_outside_links: bool, as_json:
     from hpcexp import archive
 
     _stop_on_sigterm()
-    result = archive.extract_archive(archive_file, dest, skip_outside_links=skip_outside_links, warn=warn)
+    limit = archive.parse_size(max_size) if max_size is not None else archive.DEFAULT_MAX_SIZE
+    result = archive.extract_archive(archive_file, dest, skip_outside_links=skip_outside_links, warn=warn,
+                                     max_size=limit, allow_large=allow_large)
     if as_json:
         emit_json(result)
         return

@@ -94,7 +94,10 @@ def cli(ctx: click.Context, project: str | None, verbose: int, debug: bool) -> N
 
 
 def _fail(lines: list[str], code: int) -> None:
+    from hpcexp.errors import clip_line
+
     for i, line in enumerate(lines):
+        line = clip_line(line)
         prefix = "hpcexp: error: " if i == 0 else "hpcexp: " if not line.startswith("hint:") else "hpcexp: "
         click.echo(prefix + line, err=True)
     sys.exit(code)
@@ -139,9 +142,10 @@ def main(argv: list[str] | None = None) -> Any:
         finally:
             sys.exit(0)
     except OSError as exc:
-        from hpcexp.infra.atomic import storage_error
+        from hpcexp.infra.atomic import access_error
 
-        err = storage_error(exc, exc.filename or "?")
+        # Which call failed is unknown here (a read or a write): say neither rather than guess.
+        err = access_error(exc, exc.filename or "?")
         if debug:
             import traceback
 

@@ -85,6 +85,19 @@ def run_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[list[str]]
     return rows
 
 
+def json_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[dict[str, Any]]:
+    """Records for ``--json``: every row has the same keys; ``error`` says why a record is
+    damaged (path and reason) and is null otherwise."""
+    return [{**rec.to_dict(), "dir": str(paths.dir), "error": rec.error} for paths, rec in items]
+
+
+def warn_damaged(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> None:
+    """One warning line per damaged record (the table shows those runs as `unknown`)."""
+    for _, rec in items:
+        if rec.error:
+            warn(f"run {rec.run_id}: record damaged: {rec.error}")
+
+
 RUN_HEADERS = ("RUN_ID", "EXPERIMENT", "STATE", "AGE", "DURATION", "EXIT", "PARAMS")
 
 
@@ -152,7 +165,8 @@ def _reconciled(layout: "Layout", items: Sequence[tuple["RunPaths", "RunRecord"]
               "experiment's `gpu` setting.")
 @click.option("--writable/--read-only", default=None, help="Bind the experiment folder read-write (default: "
               "read-only unless the experiment sets `writable: true`).")
-@click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME, project parents and system folders.")
+@click.option("--allow-bind", is_flag=True, help="Allow binds of /, $HOME and its parents, project parents, system "
+              "folders and credential folders (~/.ssh, ~/.gnupg, ~/.aws...).")
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when the run is stopped.")
 @click.option("--rebuild", is_flag=True, help="Rebuild the image even when it is cached.")
@@ -184,6 +198,7 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
 
     project = ctx.project()
     exp = project.experiment(name)
+    launch.check_binds(project, exp, allow_binds=allow_bind)
     parsed = launch.parse_params(params)
     arch = arch or host_arch()
     dropped = apptainer.scrubbed_vars()
@@ -251,7 +266,7 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     else:
         items = _reconciled(layout, resolve(layout, ref), by_time=False)  # a sweep stays in task order
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        emit_json(json_rows(items))
         return
     if ref is not None and len(items) == 1 and not items[0][1].sweep_id:
         click.echo("\n".join(_details(*items[0])))
@@ -260,6 +275,7 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
                                                                   for _, r in items):
         click.echo(f"sweep {items[0][1].sweep_id}: {summarize([r for _, r in items])}")
     echo_runs(items)
+    warn_damaged(items)
 
 
 @click.command("runs")
@@ -280,9 +296,10 @@ def runs_cmd(ctx: "Ctx", name: str | None, as_json: bool) -> None:
             project.experiment(name)  # NotFound with a did-you-mean
     items = _reconciled(layout, list(iter_runs(layout, name)))
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in items])
+        emit_json(json_rows(items))
         return
     echo_runs(items)
+    warn_damaged(items)
 
 
 # --------------------------------------------------------------------------------------
@@ -311,6 +328,7 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
 
     layout = Layout(ctx.project())
     items = resolve(layout, ref)
+    warn_damaged(items)
     several = len(items) > 1
     files = []
     for paths, rec in items:
@@ -359,6 +377,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     """
     from hpcexp.core.layout import Layout
     from hpcexp.core.runs import resolve
+    from hpcexp.errors import UsageError
     from hpcexp.execute.base import stop
 
     layout = Layout(ctx.project())
@@ -369,9 +388,13 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
             if paths.dir not in seen:
                 seen.add(paths.dir)
                 items.append((paths, rec))
+    for _paths, rec in items:
+        if rec.error:
+            raise UsageError(f"cannot stop run {rec.run_id}: its record is damaged ({rec.error})",
+                             hint="nothing was changed; inspect that run folder by hand")
     final = stop(layout, items, grace=grace)
     if as_json:
-        emit_json([{**rec.to_dict(), "dir": str(paths.dir)} for paths, rec in final])
+        emit_json(json_rows(final))
         return
     for (_paths, before), (_, rec) in zip(items, final):
         if before.terminal:

@@ -127,9 +127,10 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
         raise UsageError("--wait with --hold would wait forever: the job stays held until released")
     project = ctx.project()
     exp = project.experiment(name)
+    launch.check_binds(project, exp, allow_binds=allow_bind)
     fixed = launch.parse_params(params)
     grid = [sweep.parse_sweep_option(s) for s in sweeps]
-    file_sets = sweep.load_sweep_file(Path(sweep_file)) if sweep_file else []
+    file_sets = sweep.load_sweep_file(Path(sweep_file), inside=ctx.project().root) if sweep_file else []
     param_sets = sweep.product(fixed, grid, file_sets)
     over = _resources(partition, time_, cpus, mem, gpus, account, qos, max_parallel, sbatch_args, template)
     slurm.check_resources(over)

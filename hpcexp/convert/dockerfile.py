@@ -145,7 +145,7 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
         i += 1
     esc = df.directives.get("escape", "\\")
     if esc not in ("\\", "`"):
-        raise ConvertError(f"{label}:{i}: invalid escape directive {esc!r}: must be \\ or `")
+        raise ConvertError(f"{label}:{i}: invalid escape directive {esc[:4]!r}: must be \\ or `")
     df.escape = esc
 
     def continues(s: str) -> bool:
@@ -183,7 +183,11 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
             rest = more + " " + rest
         keyword = word.upper()
         if keyword not in _INSTRUCTION_SET:
-            raise ConvertError(f"{label}:{start + 1}: unknown instruction {word[:40]!r}",
+            # Quote the word only when it looks like a misspelt instruction: the first line of a
+            # file that is no Dockerfile at all (a key, a token) is never echoed back.
+            what = f"unknown instruction {word!r}" if re.fullmatch(r"[A-Za-z]{1,20}", word) \
+                else "not a Dockerfile instruction (content not shown)"
+            raise ConvertError(f"{label}:{start + 1}: {what}",
                                hint=f"Dockerfile instructions are {', '.join(INSTRUCTIONS)}")
         rest = rest.strip()
         flags: list[tuple[str, str | None]] = []

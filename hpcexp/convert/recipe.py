@@ -276,6 +276,11 @@ class BuildContext:
         for ignore_file in (str(dockerfile) + ".dockerignore", os.path.join(self.base, ".dockerignore")):
             if not os.access(ignore_file, os.F_OK):  # no exception object when it is absent (the usual case)
                 continue
+            real = os.path.realpath(ignore_file)
+            if os.path.islink(ignore_file) and not (real == os.path.realpath(self.base) or real.startswith(
+                    os.path.realpath(self.base).rstrip("/") + "/")):
+                raise ConvertError(f"{os.path.basename(ignore_file)} is a symbolic link leading outside the build "
+                                   f"context (to {real}); refusing to read it")
             try:
                 with open(ignore_file, encoding="utf-8", errors="replace") as fh:
                     lines = fh.read().splitlines()

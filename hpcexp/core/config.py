@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hpcexp.errors import ConfigError, NotFound, UsageError
+from hpcexp.errors import ConfigError, NotFound, UsageError, shown
 from hpcexp.infra.yamlload import load_yaml
 
 CONFIG_NAME = "hpcexp.yaml"
@@ -52,7 +52,7 @@ def host_arch() -> str:
 def check_name(value: str, what: str = "name") -> str:
     """Validate a user-supplied name (experiment, run, sweep) against the one rule for names."""
     if not isinstance(value, str) or not NAME_RE.match(value):
-        raise UsageError(f"invalid {what} {value!r}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} "
+        raise UsageError(f"invalid {what} {shown(value)}: must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}} "
                          "(letters, digits, '.', '_', '-'; no '/', no leading '.' or '-')")
     return value
 
@@ -141,6 +141,32 @@ class Experiment:
     build_args: Mapping[str, str] = field(default_factory=dict)
     bases: Mapping[str, BaseSpec] = field(default_factory=dict)
     slurm: SlurmResources = field(default_factory=SlurmResources)
+    root: Path | None = None            # the project root its files must resolve inside
+    allow_outside: bool = False         # allow_outside_project: true in hpcexp.yaml
+
+    def outside_problem(self) -> str | None:
+        """Why this experiment's folder may not be used: it resolves outside the project
+        (a symlink or a `path:` leading out) and hpcexp.yaml does not allow that."""
+        if self.root is None or self.allow_outside:
+            return None
+        real = os.path.realpath(self.path)
+        if _inside(real, os.path.realpath(self.root)):
+            return None
+        return (f"experiment {self.name!r}: folder {self.path} resolves to {real}, outside the project "
+                f"{self.root}; refusing to use it")
+
+    def check_inside(self) -> None:
+        """Raise UsageError (exit 2) when :meth:`outside_problem` finds one."""
+        problem = self.outside_problem()
+        if problem:
+            raise UsageError(problem, hint=f"set `allow_outside_project: true` under experiments.{self.name} in "
+                                           "hpcexp.yaml if that folder is meant to be used")
+
+    def trusted_root(self) -> str | None:
+        """The folder every file of this experiment (its Dockerfile) must resolve inside."""
+        if self.root is None:
+            return None
+        return os.path.realpath(self.path if self.allow_outside else self.root)
 
     def dockerfile(self, arch: str) -> Path:
         """The Dockerfile for ``arch``, or a NotFound that lists what exists and how to choose."""
@@ -148,6 +174,13 @@ class Experiment:
             raise UsageError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHES)}")
         found = self.dockerfiles.get(arch)
         if found is not None:
+            self.check_inside()
+            trusted = self.trusted_root()
+            if trusted is not None:
+                real = os.path.realpath(found)
+                if not _inside(real, trusted):
+                    raise UsageError(f"Dockerfile {found} leads outside the project (to {real}); "
+                                     "refusing to read it", hint="copy the file into the project instead of linking it")
             return found
         have = ", ".join(f"{p.name} ({a})" for a, p in sorted(self.dockerfiles.items())) or "none"
         other = [a for a in ARCHES if a in self.dockerfiles]
@@ -177,10 +210,13 @@ class Project:
     debian_mirror: str | None = None
 
     def experiment(self, name: str) -> Experiment:
-        """The experiment called ``name``, or NotFound with a did-you-mean."""
+        """The experiment called ``name``, or NotFound with a did-you-mean; UsageError when its
+        folder leads outside the project without ``allow_outside_project``."""
         check_name(name, "experiment name")
         try:
-            return self.experiments[name]
+            exp = self.experiments[name]
+            exp.check_inside()
+            return exp
         except KeyError:
             close = _close_matches(name, list(self.experiments), n=1)
             hint = f"did you mean {close[0]!r}?" if close else (
@@ -227,7 +263,7 @@ def load_project(root: Path | str | None = None, *, explicit: str | os.PathLike[
     data: Any = {}
     lines: dict[str, int] = {}
     if cfg_path.exists():
-        data, lines = load_yaml(cfg_path, label=CONFIG_NAME)
+        data, lines = load_yaml(cfg_path, label=CONFIG_NAME, inside=root)
         if data is None:
             data = {}
     v = _Validator(CONFIG_NAME, lines, root)
@@ -244,9 +280,9 @@ def load_project(root: Path | str | None = None, *, explicit: str | os.PathLike[
 
 TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir", "bases", "slurm",
             "env", "build_args", "debian_mirror", "experiments")
-EXP_KEYS = ("name", "path", "ref", "code", "description", "dockerfile", "command", "entrypoint", "args",
-            "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds", "env", "params",
-            "params_as", "build_args", "bases", "slurm")
+EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
+            "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
+            "env", "params", "params_as", "build_args", "bases", "slurm")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
@@ -581,6 +617,8 @@ class _Validator:
             gpu=self.boolean(f"{path}.gpu", m.get("gpu"), False),
             binds=self.binds(f"{path}.binds", m.get("binds")),
             env=env, params=params, params_as=params_as, build_args=build_args, bases=bases, slurm=slurm,
+            root=self.root,
+            allow_outside=self.boolean(f"{path}.allow_outside_project", m.get("allow_outside_project"), False),
         )
 
     def project(self, data: Any, cfg_path: Path | None) -> Project | None:
@@ -623,7 +661,7 @@ class _Validator:
                         experiments[child.name] = Experiment(
                             name=child.name, path=child, dockerfiles=dfs, env=dict(defaults["env"]),
                             build_args=dict(defaults["build_args"]), bases=dict(defaults["bases"]),
-                            slurm=defaults["slurm"])
+                            slurm=defaults["slurm"], root=self.root)
 
         declared = top.get("experiments")
         entries: list[tuple[str, str, Any]] = []
@@ -671,6 +709,10 @@ class _Validator:
             experiments=experiments, bases=defaults["bases"], slurm=defaults["slurm"], env=defaults["env"],
             build_args=defaults["build_args"], debian_mirror=mirror,
         )
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def discover_dockerfiles(folder: Path) -> dict[str, Path]:

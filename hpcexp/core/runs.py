@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 from hpcexp import __version__
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import NotFound, StorageError, UsageError
+from hpcexp.errors import NotFound, StorageError, UsageError, shown
 from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
 
@@ -101,6 +101,9 @@ class RunRecord:
     resources: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     schema: int = SCHEMA
+    # Not a field (never serialised): set on the stand-in for a damaged run.json, saying why
+    # and where (``status --json`` shows it as ``error``); such a record is never written back.
+    error = None
 
     @property
     def terminal(self) -> bool:
@@ -178,8 +181,15 @@ def allocate_run(layout: Layout, experiment: str, *, attempts: int = 50) -> RunP
     raise StorageError(f"could not allocate a unique run folder under {parent} after {attempts} tries")
 
 
+def _refuse_damaged(paths: RunPaths, record: RunRecord) -> None:
+    if record.error is not None:
+        raise UsageError(f"run record {paths.record} is damaged ({record.error}); not replacing it",
+                         hint="inspect or remove that run folder by hand")
+
+
 def write_record(paths: RunPaths, record: RunRecord) -> None:
     """Atomically replace run.json (temp, fsync, rename, fsync dir)."""
+    _refuse_damaged(paths, record)
     atomic.write_json(paths.record, record.to_dict())
 
 
@@ -191,6 +201,7 @@ def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     :func:`reconcile` can redo them: the job ids of a sweep's tasks after ``sbatch`` live
     in the fsynced sweep record and in the job name.
     """
+    _refuse_damaged(paths, record)
     tmp = atomic.tmp_name_for(paths.record)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -237,44 +248,162 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
         raise errors[0]
 
 
-def read_record(paths: RunPaths) -> RunRecord:
-    """Read run.json. An unreadable record is reported as state ``unknown``, never as success."""
+MAX_RECORD_BYTES = 4 << 20
+"""A run.json larger than this is damaged (a sweep task's record is a few KiB)."""
+
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+_SCHEMA_TYPES: dict[str, tuple[type, ...]] = {
+    "experiment": _STR, "run_id": _STR, "state": _STR, "executor": _STR, "created_at": _STR, "host": _STR,
+    "user": _STR, "hpcexp_version": _STR,
+    **{k: _OPT_STR for k in ("started_at", "ended_at", "launch_error", "reason", "arch", "image", "image_sha256",
+                             "input_hash", "recipe_sha256", "apptainer_version", "git_commit", "sweep_id")},
+    "exit_code": _OPT_INT, "signal": _OPT_INT, "task_index": _OPT_INT, "git_dirty": (bool, type(None)),
+    "attempt": (int,), "schema": (int,),
+    "params": (dict,), "executor_ids": (dict,), "resources": (dict,),
+    "args": (list,), "command": (list,), "attempts": (list,),
+}
+_ID_INTS = ("supervisor_pid", "supervisor_start", "launcher_pid", "launcher_start", "pgid", "array_size",
+            "array_task_id")
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "an object", list: "a list",
+               type(None): "null"}
+
+
+def _schema_problem(data: dict[str, Any], paths: RunPaths) -> str | None:
+    """The first way ``data`` breaks run.json's schema (field types, ids matching the folder), or None."""
+    for key, types in _SCHEMA_TYPES.items():
+        if key not in data:
+            continue
+        value = data[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            return f"field {key!r} is {type(value).__name__}, not {want}"
+    for key in ("experiment", "run_id"):
+        if key not in data:
+            return f"field {key!r} is missing"
+    if data["run_id"] != paths.dir.name or data["experiment"] != paths.dir.parent.name:
+        return "its experiment/run_id do not match the folder it is in"
+    if data.get("state", "created") not in STATES:
+        return f"unknown state {str(data['state'])[:40]!r}"
+    for key in ("args", "command"):
+        if not all(isinstance(v, str) for v in data.get(key, [])):
+            return f"field {key!r} holds something other than strings"
+    if not all(isinstance(v, dict) for v in data.get("attempts", [])):
+        return "field 'attempts' holds something other than objects"
+    if not all(isinstance(v, (str, int, float, bool)) for v in data.get("params", {}).values()):
+        return "field 'params' holds something other than plain values"
+    ids = data.get("executor_ids", {})
+    for key in _ID_INTS:
+        v = ids.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"field 'executor_ids.{key}' is {type(v).__name__}, not an integer"
+    for key in ("host", "job_id", "job_name", "boot_id"):
+        v = ids.get(key)
+        if v is not None and not isinstance(v, (str, int)):
+            return f"field 'executor_ids.{key}' is {type(v).__name__}, not a string"
+    return None
+
+
+def damaged_record(paths: RunPaths, why: str) -> RunRecord:
+    """The stand-in for a run whose run.json cannot be used: state ``unknown``, the reason
+    and the path in ``reason`` and ``error``; never written back (``error`` is set)."""
+    from hpcexp.infra.safeio import owner_name
+
     try:
-        data = json.loads(paths.record.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return RunRecord.from_dict(data)
+        owner = owner_name(os.lstat(paths.record).st_uid)
+    except OSError:
+        owner = "?"
+    msg = f"{paths.record}: {why}"
+    rec = RunRecord(experiment=paths.dir.parent.name, run_id=paths.dir.name, state="unknown",
+                    executor="unknown", host="?", user=owner, created_at="", hpcexp_version="?",
+                    reason=f"run record is damaged or unreadable ({msg}); left in place for inspection")
+    rec.error = msg
+    return rec
+
+
+def read_record(paths: RunPaths) -> RunRecord:
+    """Read run.json. A record that cannot be used (unreadable, a symlink, a FIFO or other
+    special file, too big, too deeply nested, not JSON, wrong field types) comes back as
+    state ``unknown`` with the reason and the path (``error``), never as success and never
+    as an exception, so one damaged run cannot hide the others. Nothing blocks: special
+    files are refused before they are opened."""
+    from hpcexp.infra.safeio import Unreadable, Unsafe, load_json, read_regular
+
+    try:
+        raw = read_regular(paths.record, max_bytes=MAX_RECORD_BYTES, what="run record")
     except FileNotFoundError:
         raise NotFound(f"no run record at {paths.record}") from None
-    except (ValueError, TypeError) as exc:
-        exp, run_id = paths.dir.parent.name, paths.dir.name
-        return RunRecord(experiment=exp, run_id=run_id, state="unknown",
-                         reason=f"run.json is unreadable ({exc}); left in place for inspection")
+    except (Unsafe, Unreadable) as exc:
+        return damaged_record(paths, exc.why)
+    except OSError as exc:
+        return damaged_record(paths, f"cannot read it ({exc.strerror or exc})")
+    try:
+        data = load_json(raw)
+    except ValueError as exc:
+        return damaged_record(paths, str(exc))
+    if not isinstance(data, dict):
+        return damaged_record(paths, f"not a JSON object but {type(data).__name__}")
+    problem = _schema_problem(data, paths)
+    if problem:
+        return damaged_record(paths, problem)
+    try:
+        return RunRecord.from_dict(data)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - the schema check comes first
+        return damaged_record(paths, str(exc))
 
 
 def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[RunPaths, RunRecord]]:
-    """Every run of the project (or of one experiment), oldest first by id."""
+    """Every run of the project (or of one experiment), oldest first by id.
+
+    Never follows a symlinked experiment or run folder (such a run is listed as damaged)
+    and never fails as a whole: an unreadable folder is skipped with a warning, a damaged
+    record is listed as ``unknown`` (see :func:`read_record`)."""
     root = layout.project.runs_dir
     if not root.is_dir():
         return
-    exp_dirs = [root / experiment] if experiment else sorted(p for p in root.iterdir()
-                                                             if p.is_dir() and not p.name.startswith("."))
-    items: list[tuple[str, RunPaths]] = []
+
+    def entries(folder: Path) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(folder) as it:
+                return [e for e in it if not e.name.startswith(".")]
+        except OSError as exc:
+            log.warning("cannot read %s (%s); its runs are not listed", folder, exc.strerror or exc)
+            return []
+
+    if experiment:
+        exp_dirs = [root / experiment]
+    else:
+        exp_dirs = sorted(Path(e.path) for e in entries(root) if e.is_dir(follow_symlinks=False))
+    items: list[tuple[str, RunPaths, bool]] = []
     for exp_dir in exp_dirs:
-        if not exp_dir.is_dir():
+        if not exp_dir.is_dir() or exp_dir.is_symlink():
             continue
-        for run_dir in exp_dir.iterdir():
-            if run_dir.is_dir() and not run_dir.name.startswith(".") and (run_dir / "run.json").exists():
-                items.append((run_dir.name, RunPaths(run_dir)))
-    for _, paths in sorted(items, key=lambda t: t[0]):
-        yield paths, read_record(paths)
+        for entry in entries(exp_dir):
+            paths = RunPaths(Path(entry.path))
+            if entry.is_symlink():
+                if entry.is_dir():
+                    items.append((entry.name, paths, True))
+            elif entry.is_dir(follow_symlinks=False) and os.path.lexists(paths.record):
+                items.append((entry.name, paths, False))
+    for _, paths, linked in sorted(items, key=lambda t: t[0]):
+        if linked:
+            yield paths, damaged_record(paths, "the run folder is a symbolic link; not followed")
+        else:
+            yield paths, read_record(paths)
 
 
 def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     """Runs named by ``spec``: a run id, a unique prefix of one, an experiment name (its
     latest run), ``@last`` (the newest run of the project), or a sweep id (all its tasks)."""
-    if not spec or any(c in spec for c in "/\x00\n") or spec in (".", ".."):
-        raise UsageError(f"invalid run reference {spec!r}")
+    from hpcexp.core.config import NAME_RE
+
+    # Checked like a name before anything touches the disk: a ref is a run id, a sweep id,
+    # an experiment name or a prefix of one, all names ([A-Za-z0-9][A-Za-z0-9._-]{0,63}).
+    if spec != "@last" and not (isinstance(spec, str) and NAME_RE.match(spec)):
+        raise UsageError(f"invalid run reference {shown(spec)}: a run id, a unique prefix of one, an experiment "
+                         "name, a sweep id or @last (letters, digits, '.', '_', '-'; at most 64 characters)")
     runs = list(iter_runs(layout))
     if spec == "@last":
         if not runs:
@@ -289,7 +418,7 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     if spec in layout.project.experiments or (layout.project.runs_dir / spec).is_dir():
         mine = [r for r in runs if r[1].experiment == spec]
         if not mine:
-            raise NotFound(f"experiment {spec!r} has no runs yet")
+            raise NotFound(f"experiment {shown(spec)} has no runs yet")
         return [max(mine, key=lambda t: (t[1].created_at, t[1].run_id))]
     prefixed = [r for r in runs if r[1].run_id.startswith(spec) or (r[1].sweep_id or "").startswith(spec)]
     sweeps = {r[1].sweep_id for r in prefixed if r[1].sweep_id and r[1].sweep_id.startswith(spec)}
@@ -300,9 +429,9 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
         return sorted([r for r in runs if r[1].sweep_id in sweeps], key=lambda t: (t[1].task_index or 0))
     if ids or sweeps:
         sample = ", ".join(sorted(ids | sweeps)[:5])
-        raise UsageError(f"run reference {spec!r} is ambiguous: matches {sample}"
+        raise UsageError(f"run reference {shown(spec)} is ambiguous: matches {sample}"
                          + (" ..." if len(ids | sweeps) > 5 else ""))
-    raise NotFound(f"no run, sweep or experiment matches {spec!r}",
+    raise NotFound(f"no run, sweep or experiment matches {shown(spec)}",
                    hint="`hpcexp runs` lists runs; use a run id, a unique prefix, an experiment name or @last")
 
 

@@ -18,7 +18,9 @@ Used by ``hpcexp logs`` for local runs and by the Slurm executor for jobs and sw
 from __future__ import annotations
 
 import codecs
+import errno
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -54,10 +56,25 @@ def tail_offset(fd: int, size: int, lines: int) -> int:
     return 0
 
 
+def open_log(path: Path) -> int:
+    """A descriptor of log file ``path``: never blocks on a FIFO or device, never follows a
+    symlink (hpcexp writes logs itself, so neither is a log). OSError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symbolic link; not followed", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def tail_lines(path: Path, lines: int | None) -> bytes:
     """The last ``lines`` lines of ``path`` (all of it when None); b"" when it does not exist."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_log(path)
     except FileNotFoundError:
         return b""
     try:
@@ -93,7 +110,7 @@ class _Followed:
 
     def _open(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_log(self.path)
         except OSError:
             return False
         st = os.fstat(fd)

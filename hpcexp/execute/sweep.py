@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import itertools
-import json
+import os
 import secrets
 from collections import Counter
 from pathlib import Path
@@ -23,9 +23,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from hpcexp.core.config import PARAM_RE
 from hpcexp.core.layout import Layout
-from hpcexp.errors import NotFound, StorageError, UsageError
+from hpcexp.errors import NotFound, StorageError, UsageError, shown
 from hpcexp.execute.slurm.sbatch import check_value
-from hpcexp.infra import atomic
+from hpcexp.infra import atomic, safeio
 
 MAX_SWEEP = 1_000_000
 FAILED_STATES = ("failed", "timeout", "out_of_memory", "node_fail", "lost")
@@ -33,7 +33,8 @@ FAILED_STATES = ("failed", "timeout", "out_of_memory", "node_fail", "lost")
 
 def _check_param(key: str, value: str, where: str) -> None:
     if not isinstance(key, str) or not PARAM_RE.match(key):
-        raise UsageError(f"{where}: invalid parameter name {key!r}: letters, digits and _, not starting with a digit")
+        raise UsageError(f"{where}: invalid parameter name {shown(key, 40)}: letters, digits and _, "
+                         "not starting with a digit")
     check_value(f"{where}: parameter {key}", value)
 
 
@@ -53,27 +54,49 @@ def _scalar(value: Any, where: str) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
         return str(value)
-    raise UsageError(f"{where}: values must be strings or numbers, got {type(value).__name__} {value!r}")
+    raise UsageError(f"{where}: values must be strings or numbers, got {type(value).__name__} {shown(value, 40)}")
 
 
-def load_sweep_file(path: Path) -> list[dict[str, str]]:
+def load_sweep_file(path: Path, *, inside: Path | None = None) -> list[dict[str, str]]:
     """Parameter sets from a file: YAML/JSON (a list of mappings, or a mapping KEY -> list of
-    values meaning their product) or CSV/TSV (a header row of names, one set per row)."""
+    values meaning their product) or CSV/TSV (a header row of names, one set per row).
+
+    ``inside``: the project root; a symlinked sweep file leading out of it is refused unread."""
+    import io
+
+    from hpcexp.infra.safeio import Unreadable, Unsafe, read_regular
+    from hpcexp.infra.yamlload import MAX_CONFIG_BYTES
+
     label = str(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise NotFound(f"sweep file {label} does not exist")
     sets: list[dict[str, str]] = []
     if path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        try:
+            raw = read_regular(path, max_bytes=16 * MAX_CONFIG_BYTES, what="sweep file",
+                               inside=inside if inside is not None else "/")
+            text = raw.decode("utf-8")
+        except (Unsafe, Unreadable):
+            raise
+        except FileNotFoundError:
+            raise NotFound(f"sweep file {label} does not exist") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{label}: not valid UTF-8 (byte {exc.start})") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read sweep file {label}: {exc.strerror or exc}") from None
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
             for i, row in enumerate(reader, start=2):
                 if None in row:
                     raise UsageError(f"{label}:{i}: more fields than the header names")
                 sets.append({k: v for k, v in row.items() if v is not None})
+        except csv.Error as exc:
+            raise UsageError(f"{label}:{reader.line_num}: not valid CSV ({exc})") from None
     else:
         from hpcexp.infra.yamlload import load_yaml
 
-        data, _lines = load_yaml(path, label=label)
+        data, _lines = load_yaml(path, label=label, inside=inside)
         if isinstance(data, dict):
             grid = [(str(k), [_scalar(v, f"{label}: {k}") for v in (vals if isinstance(vals, list) else [vals])])
                     for k, vals in data.items()]
@@ -149,7 +172,7 @@ def allocate_sweep(layout: Layout, *, attempts: int = 50) -> str:
 
 def read_sweep(layout: Layout, sweep_id: str) -> dict[str, Any]:
     try:
-        data = json.loads(layout.sweep(sweep_id).read_text(encoding="utf-8"))
+        data = safeio.load_json_file(layout.sweep(sweep_id), max_bytes=64 << 20, what="sweep record")
     except FileNotFoundError:
         raise NotFound(f"no sweep record {layout.sweep(sweep_id)}") from None
     except ValueError as exc:

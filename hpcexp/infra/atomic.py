@@ -69,6 +69,22 @@ def storage_error(exc: OSError, path: Path | str) -> Exception:
     return StorageError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def access_error(exc: OSError, path: Path | str) -> Exception:
+    """Translate an OSError of unknown direction (read or write) without guessing which."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return storage_error(exc, path)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionProblem(f"cannot access {path}: {exc.strerror}")
+    return StorageError(f"cannot access {path}: {exc.strerror or exc}")
+
+
+def read_error(exc: OSError, path: Path | str) -> Exception:
+    """Translate an OSError raised while READING ``path`` (never says "write")."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionProblem(f"cannot read {path}: {exc.strerror}")
+    return StorageError(f"cannot read {path}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def atomic_open(final: str | os.PathLike[str], mode: str = "wb", *, perms: int | None = None) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``final``; on clean exit fsync and rename it into place.

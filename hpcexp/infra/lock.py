@@ -154,7 +154,7 @@ class Lock:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise atomic.storage_error(exc, self.path) from exc
+            raise atomic.read_error(exc, self.path) from exc
 
     def _break(self, text: str, holder: Owner) -> None:
         """Remove a dead owner's lock without ever removing a live one taken meanwhile."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hpcexp.errors import ConfigError
+from hpcexp.errors import ConfigError, shown
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -34,27 +34,36 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_yaml(path: Path, *, label: str | None = None) -> tuple[Any, dict[str, int]]:
-    """Load ``path``; return (data, {dotted.path: line}). Raise ConfigError on any problem."""
+def load_yaml(path: Path, *, label: str | None = None, inside: Path | str | None = None
+              ) -> tuple[Any, dict[str, int]]:
+    """Load ``path``; return (data, {dotted.path: line}). Raise ConfigError on any problem.
+
+    ``inside``: the project root; a symlinked file whose target leaves it is refused before
+    it is read (without it, any symlink is followed as before). FIFOs and devices are refused
+    without being opened, so nothing blocks.
+    """
+    from hpcexp.infra.safeio import Unreadable, Unsafe, read_regular
+
     name = label or str(path)
+    root = inside if inside is not None else "/"
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        raw = read_regular(path, max_bytes=MAX_CONFIG_BYTES, what="file", inside=root)
     except FileNotFoundError as exc:
         raise ConfigError(f"{name}: file not found") from exc
-    except IsADirectoryError as exc:
-        raise ConfigError(f"{name}: is a directory, not a YAML file") from exc
+    except (Unsafe, Unreadable) as exc:
+        raise ConfigError(f"{name}: {exc.why}") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read: {exc.strerror}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{name}: larger than {MAX_CONFIG_BYTES // 1024} KiB; refusing to parse it")
     if b"\x00" in raw:
         raise ConfigError(f"{name}: contains a NUL byte; not a YAML text file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{name}: not valid UTF-8 (byte {exc.start})") from exc
-    loader = _NoAliasLoader(text)
+    try:
+        loader = _NoAliasLoader(text)  # its reader refuses control characters right here
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {getattr(exc, 'reason', None) or 'unreadable text'}") from None
     loader.name = name  # type: ignore[attr-defined]
     try:
         node = loader.get_single_node()
@@ -78,7 +87,7 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[
     expected = {"mapping": "tag:yaml.org,2002:map", "sequence": "tag:yaml.org,2002:seq"}.get(getattr(node, "id", ""))
     if expected is not None and node.tag != expected:
         raise ConfigError(f"{name}:{node.start_mark.line + 1}: {path or 'top level'}: invalid YAML: "
-                          f"tag {node.tag!r} is not allowed")
+                          f"tag {shown(node.tag, 40)} is not allowed")
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         first_line: dict[Any, int] = {}

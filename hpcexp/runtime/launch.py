@@ -40,6 +40,13 @@ from hpcexp.runtime import apptainer
 # quoted and arrive byte for byte (newlines included).
 NO_EVAL = ("--no-eval",)
 
+# Folders (and files) below $HOME that hold credentials: a bind of one, of anything inside
+# one, or of a folder containing one (~/.config, $HOME and its parents) is refused unless
+# --allow-bind, so a payload never sees keys it was not meant to.
+CREDENTIAL_PATHS = (".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".config/gcloud", ".config/gh",
+                    ".config/hub", ".oci", ".password-store", ".local/share/keyrings", ".netrc", ".pgpass",
+                    ".git-credentials", ".vault-token", ".terraform.d", ".config/rclone", ".s3cfg", ".boto")
+
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
                "/usr", "/var")
 
@@ -77,8 +84,10 @@ def parse_params(items: Sequence[str]) -> dict[str, str]:
 def canonical_bind_source(src: str, project: Project, *, allow_any: bool = False) -> str:
     """Resolve a bind's host path and refuse ones that expose too much.
 
-    Refused unless ``allow_any``: ``/``, the user's home itself, any parent of the project,
-    and system directories. The path is canonicalised (symlinks resolved), so a link to
+    Refused unless ``allow_any``: ``/``, the user's home itself and its parents, any parent
+    of the project, system directories, and credential folders (``~/.ssh``, ``~/.gnupg``,
+    cloud credentials: :data:`CREDENTIAL_PATHS`), anything inside one or containing one.
+    The path is canonicalised (symlinks resolved), so a link to
     ``/`` is caught too.
     """
     path = os.path.realpath(os.path.expanduser(src))
@@ -97,7 +106,23 @@ def canonical_bind_source(src: str, project: Project, *, allow_any: bool = False
                              hint="bind a narrower folder, or allow it explicitly with --allow-bind")
     if path in SYSTEM_DIRS:
         raise UsageError(f"refusing to bind system folder {path}", hint="allow it explicitly with --allow-bind")
+    if home.startswith(path.rstrip("/") + "/"):
+        raise UsageError(f"refusing to bind {src!r} (resolves to {path}): it is a parent of your home {home}",
+                         hint="bind a narrower folder, or allow it explicitly with --allow-bind")
+    for rel in CREDENTIAL_PATHS:
+        cred = os.path.join(home, rel)
+        if path == cred or path.startswith(cred + "/") or cred.startswith(path.rstrip("/") + "/"):
+            what = "is" if path == cred else "is inside" if path.startswith(cred + "/") else "contains"
+            raise UsageError(f"refusing to bind {src!r} (resolves to {path}): it {what} the credential folder "
+                             f"~/{rel}", hint="bind a narrower folder, or allow it explicitly with --allow-bind")
     return path
+
+
+def check_binds(project: Project, exp: Experiment, *, allow_binds: bool = False) -> None:
+    """Every configured bind of ``exp`` checked as :func:`plan` will, before anything is
+    built or written (so a refused bind costs no image build and leaves no run)."""
+    for b in exp.binds:
+        canonical_bind_source(b.src, project, allow_any=allow_binds)
 
 
 def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_id: str,

@@ -43,9 +43,9 @@ import hpcexp
 from hpcexp.core import runs
 from hpcexp.core.config import Experiment, Project
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import HpcexpError, NotFound, UsageError
+from hpcexp.errors import HpcexpError, NotFound, PermissionProblem, UsageError
 from hpcexp.execute.base import LaunchRequest, LogFile
-from hpcexp.infra import atomic, process
+from hpcexp.infra import atomic, process, safeio
 from hpcexp.infra import host as hostinfo
 from hpcexp.runtime import apptainer
 
@@ -428,7 +428,7 @@ class _StopState:
 
 def _read_stop_request(run_paths: RunPaths) -> dict[str, Any] | None:
     try:
-        data = json.loads(run_paths.stop_request.read_text(encoding="utf-8"))
+        data = safeio.load_json_file(run_paths.stop_request, what="stop request")
         return data if isinstance(data, dict) else {}
     except FileNotFoundError:
         return None
@@ -638,14 +638,20 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
     here = hostinfo.hostname()
     results: list[tuple[RunPaths, runs.RunRecord]] = []
     pending: list[tuple[RunPaths, runs.RunRecord]] = []
+    # Every run is checked before anything is written or signalled: a stop that cannot be
+    # delivered (another host, another user's processes) is refused at once, for all of them.
     for run_paths, rec in items:
         if rec.terminal:
-            results.append((run_paths, rec))
             continue
         host = rec.executor_ids.get("host", rec.host)
         if host != here:
             raise UsageError(f"run {rec.run_id} runs on host {host}, not here ({here})",
                              hint=f"run `hpcexp stop {rec.run_id}` on {host}")
+        _check_may_signal(run_paths, rec)
+    for run_paths, rec in items:
+        if rec.terminal:
+            results.append((run_paths, rec))
+            continue
         atomic.write_json(run_paths.stop_request, {
             "requested_at": runs.utcnow(), "grace": grace, "user": hostinfo.user(), "host": here,
             "pid": os.getpid(),
@@ -677,6 +683,54 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
         results.append((run_paths, rec))
     order = {p.dir: i for i, (p, _) in enumerate(items)}
     return sorted(results, key=lambda t: order[t[0].dir])
+
+
+def _process_owner(pid: int) -> int | None:
+    """The real uid of process ``pid`` (None when it is gone)."""
+    try:
+        with open(f"/proc/{int(pid)}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _check_may_signal(run_paths: RunPaths, rec: runs.RunRecord) -> None:
+    """PermissionProblem (exit 77, naming the owner) when this user may not signal the run's
+    processes: another user's run on a group-shared project. Checked with signal 0, which
+    delivers nothing. When none of its processes is left, a record owned by someone else
+    is refused too: what remains to do (record it lost) is for its owner."""
+    from hpcexp.infra.safeio import owner_name
+
+    me = os.getuid()
+    ids = rec.executor_ids
+    for key, start_key in (("supervisor_pid", "supervisor_start"), ("launcher_pid", "launcher_start"),
+                           ("pgid", None)):
+        pid = ids.get(key)
+        if not pid or not hostinfo.pid_alive(pid, ids.get(start_key) if start_key else None):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except PermissionError:
+            uid = _process_owner(int(pid))
+            owner = owner_name(uid) if uid is not None else rec.user
+            raise PermissionProblem(f"cannot stop run {rec.run_id}: it belongs to {owner} (pid {pid}), "
+                                    f"not to {hostinfo.user()}; nothing was changed",
+                                    hint=f"ask {owner} to stop it") from None
+        except ProcessLookupError:
+            continue
+        return
+    try:
+        uid = os.lstat(run_paths.record).st_uid
+    except OSError:
+        return
+    if me != 0 and uid != me:
+        owner = owner_name(uid)
+        raise PermissionProblem(f"cannot stop run {rec.run_id}: its record belongs to {owner}, not to "
+                                f"{hostinfo.user()}, and none of its processes is left; nothing was changed",
+                                hint=f"`hpcexp status` shows how it ended; ask {owner} to clean it up")
 
 
 def _lost(run_paths: RunPaths, rec: runs.RunRecord, owner: Any, killed: int) -> runs.RunRecord:

@@ -16,6 +16,7 @@ Why it is built this way
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -29,10 +30,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from hpcexp.core import runs
 from hpcexp.core.config import MEM_RE, TIME_RE, SlurmResources
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, UsageError
+from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError, UsageError, shown
 from hpcexp.execute import base
 from hpcexp.execute.base import LaunchRequest, LogFile
-from hpcexp.infra import atomic, process
+from hpcexp.infra import atomic, process, safeio
 from hpcexp.infra import host as hostinfo
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def read_markers(paths: RunPaths) -> dict[int, dict[str, dict[str, Any]]]:
         if not m:
             continue
         try:
-            data = json.loads((paths.events / name).read_text(encoding="utf-8"))
+            data = safeio.load_json_file(paths.events / name, what="event")
             if not isinstance(data, dict):
                 raise ValueError("not an object")
         except (OSError, ValueError) as exc:
@@ -604,7 +605,7 @@ def _attach_orphans(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]]
         if rec.sweep_id:
             if rec.sweep_id not in sweep_cache:
                 try:
-                    sweep_cache[rec.sweep_id] = json.loads(layout.sweep(rec.sweep_id).read_text(encoding="utf-8"))
+                    sweep_cache[rec.sweep_id] = safeio.load_json_file(layout.sweep(rec.sweep_id), max_bytes=64 << 20)
                 except (OSError, ValueError):
                     sweep_cache[rec.sweep_id] = {}
             for sub in sweep_cache[rec.sweep_id].get("submissions", []):
@@ -832,6 +833,67 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# sbatch's own refusals -> the option they are about (Slurm says "Invalid partition name
+# specified" without the value; the user needs to know which of their settings it was).
+_REFUSALS: tuple[tuple[str, str], ...] = (
+    ("invalid account", "account"), ("invalid qos", "qos"), ("invalid partition", "partition"),
+    ("time limit", "time"), ("memory", "mem"), ("mem-per", "mem"), ("gres", "gpus"), ("gpu", "gpus"),
+    ("cpu count", "cpus"), ("cpus", "cpus"), ("partition", "partition"), ("account", "account"), ("qos", "qos"),
+)
+
+
+def offending_option(message: str, res: SlurmResources) -> str | None:
+    """``--partition=nosuch``: the option (and the value asked for) an sbatch error is about."""
+    low = message.lower()
+    for needle, attr in _REFUSALS:
+        if needle in low:
+            value = getattr(res, attr, None)
+            if value is not None:
+                return f"--{attr}={shown(str(value), 60)[1:-1]}"
+            return f"--{attr}"
+    if "node configuration" in low:  # the node cannot give what was asked: name every size asked for
+        asked = [f"--{a}={shown(str(getattr(res, a)), 40)[1:-1]}" for a in ("cpus", "mem", "gpus")
+                 if getattr(res, a, None) is not None]
+        return " or ".join(asked) if asked else None
+    return None
+
+
+def check_against_cluster(layout: Layout, res: SlurmResources) -> None:
+    """Refuse a partition, account or QOS the cluster does not have, naming the option and
+    value, before any run is created (exit 6, as when sbatch refuses). Cheap: one ``sinfo``; ``sacctmgr`` only when
+    accounting storage exists. When a tool cannot answer, sbatch decides as before."""
+    def listing(argv: list[str]) -> set[str] | None:
+        try:
+            r = process.run(argv, timeout=15)
+        except HpcexpError:
+            return None
+        if not r.ok:
+            return None
+        names = {w.split("|")[0].strip().rstrip("*") for w in r.stdout.split()}
+        return {n for n in names if n} or None
+
+    if res.partition:
+        parts = listing(["sinfo", "-h", "-o", "%P"])
+        for p in res.partition.split(","):
+            if parts is not None and p not in parts:
+                raise SchedulerError(f"--partition={shown(p, 60)[1:-1]}: no such partition on this cluster "
+                                 f"(it has: {', '.join(sorted(parts))}); nothing was submitted",
+                                 hint="set slurm.partition in hpcexp.yaml or pass --partition")
+    if not (res.account or res.qos):
+        return
+    if not cached_facts(layout).get("accounting"):
+        return  # without accounting storage Slurm does not check accounts or QOS either
+    for attr, argv in (("account", ["sacctmgr", "-n", "-P", "show", "account", "format=account"]),
+                       ("qos", ["sacctmgr", "-n", "-P", "show", "qos", "format=name"])):
+        value = getattr(res, attr)
+        if not value:
+            continue
+        known = listing(argv)
+        if known is not None and value not in known:
+            raise SchedulerError(f"--{attr}={shown(value, 60)[1:-1]}: no such {attr} on this cluster "
+                             f"(it has: {', '.join(sorted(known)[:20])}); nothing was submitted")
+
+
 class SubmitUncertain(SchedulerError):
     """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
 
@@ -848,7 +910,12 @@ def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None, 
                                        "the runs lost after a few minutes") from exc
         raise SchedulerError(exc.message, hint=exc.hint) from exc
     if not res.ok:
-        raise SchedulerError(f"sbatch refused {script}: {res.last_line()}",
+        # sbatch often gives the cause on an earlier line ("Memory specification can not be
+        # satisfied") than the last one ("Requested node configuration is not available")
+        errs = [ln.strip().removeprefix("sbatch: error: ") for ln in res.stderr.splitlines()
+                if ln.strip().startswith("sbatch: error:")]
+        reason = "; ".join(dict.fromkeys(errs))[:500] if errs else res.last_line()
+        raise SchedulerError(f"sbatch refused {script}: {reason}",
                              hint="see `hpcexp doctor`; resources come from hpcexp.yaml then the command line")
     return parse_sbatch(res.stdout)
 
@@ -941,8 +1008,12 @@ def _link_script(script: Path, target: Path) -> None:
 
 def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task], res: SlurmResources, *,
                   sweep_id: str | None, array: bool, hold: bool, dry_run: bool, label_hint: str,
-                  first_chunk: int = 0, sweep_record: dict[str, Any] | None = None) -> Submission:
-    """Render, keep and submit the job script(s) for ``tasks`` (records already written)."""
+                  first_chunk: int = 0, sweep_record: dict[str, Any] | None = None,
+                  fresh: bool = False) -> Submission:
+    """Render, keep and submit the job script(s) for ``tasks`` (records already written).
+
+    ``fresh``: the runs were created for this submission; when sbatch refuses the first
+    part, their folders (and the sweep's) are removed again instead of kept as ``failed``."""
     from hpcexp.execute import sweep as sweep_mod
     from hpcexp.execute.slurm import sbatch
 
@@ -1025,7 +1096,15 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             _write_many([(t.paths, t.record) for t in rest])
             raise SubmitUncertain(exc.message + done, hint=exc.hint) from exc
         except SchedulerError as exc:
+            which = offending_option(exc.message, res)
+            if which:
+                exc = SchedulerError(f"{exc.message} (the option it refused: {which})", hint=exc.hint)
             failed = [tasks[i] for r in renders[n:] for i in r[0]]
+            if fresh and not job_ids:
+                # nothing was ever queued: leave no run behind (the records were ours alone)
+                _discard_unsubmitted(layout, tasks, sweep_id if array else None)
+                raise SchedulerError(exc.message + "; nothing was submitted and no run was kept",
+                                     hint=exc.hint) from exc
             for t in failed:
                 t.record.state = "failed"
                 t.record.launch_error = f"not submitted: {exc.message}"
@@ -1079,6 +1158,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
 
     layout = Layout(project)
     check_resources(resources)
+    if not dry_run:
+        check_against_cluster(layout, resources)
     for arg in resources.sbatch_args:
         sbatch.check_value("--sbatch-arg", arg)
     if not param_sets:
@@ -1165,7 +1246,23 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                         "resources": res_dict, "image": str(image_path), "submissions": []}
     return _submit_tasks(layout, exp.name, image_path, tasks, resources, sweep_id=sweep_id, array=is_array,
                          hold=hold, dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp.name}`",
-                         sweep_record=sweep_record)
+                         sweep_record=sweep_record, fresh=True)
+
+
+def _discard_unsubmitted(layout: Layout, tasks: Sequence[_Task], sweep_id: str | None) -> None:
+    """Remove the run folders (and sweep record) of a submission sbatch refused outright."""
+    import shutil
+
+    for t in tasks:
+        shutil.rmtree(t.paths.dir, ignore_errors=True)
+    if sweep_id:
+        shutil.rmtree(layout.sweep_dir(sweep_id), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(layout.sweep(sweep_id))
+    # and the folders made for them, when nothing else is in there (rmdir refuses otherwise)
+    for folder in {t.paths.dir.parent for t in tasks} | ({layout.sweeps_dir()} if sweep_id else set()):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, runs.RunRecord]], *,

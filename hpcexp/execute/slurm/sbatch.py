@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcexp.errors import UsageError
+from hpcexp.errors import UsageError, shown
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
 
@@ -58,7 +58,7 @@ def check_value(what: str, value: str) -> str:
     a ``#SBATCH`` directive or a command); return it unchanged otherwise."""
     m = CONTROL_RE.search(value)
     if m:
-        raise UsageError(f"{what} {value!r} holds a control character ({m.group(0)!r}); "
+        raise UsageError(f"{what} {shown(value)} holds a control character ({m.group(0)!r}); "
                          "newlines and control characters cannot be passed to a Slurm job",
                          hint="remove it; values reach the payload byte for byte otherwise")
     return value
