@@ -76,8 +76,8 @@ def test_a_heredoc_body_holding_the_marker_survives_whole(tmp_path: Path, form: 
 # -- the detached supervisor's own failures -----------------------------------------------
 
 def test_a_supervisor_failure_is_logged_in_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = RunPaths(tmp_path / "run")
-    paths.dir.mkdir()
+    paths = RunPaths(tmp_path / "e" / "run")   # runs/EXPERIMENT/RUN_ID, as the record says
+    paths.dir.mkdir(parents=True)
     runs.write_record(paths, runs.RunRecord(experiment="e", run_id="run", state="created"))
 
     def boom(*_a, **_k):

@@ -127,7 +127,10 @@ def reconcile(layout: "Layout", items: Iterable["tuple[RunPaths, RunRecord]"]
     """
     items = list(items)
     out: dict[Path, tuple[RunPaths, RunRecord]] = {p.dir: (p, r) for p, r in items}
-    for name, group in _by_executor((p, r) for p, r in items if not r.terminal).items():
+    # A damaged record (``error`` set when it was read) is shown as read: no executor can
+    # reconcile what it cannot trust.
+    live = ((p, r) for p, r in items if not r.terminal and not r.error)
+    for name, group in _by_executor(live).items():
         executor = get(name)
         if executor is None:
             for paths, rec in group:
