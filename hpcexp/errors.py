@@ -162,7 +162,7 @@ EXIT_CODES: dict[int, str] = {
     74: "an I/O error such as a full disk; nothing half-written was left",
     75: "a lock is held by another process",
     77: "permission denied on a path hpcexp must use",
-    130: "interrupted (Ctrl-C); the run was stopped and recorded",
+    130: "interrupted (Ctrl-C, or SIGTERM in archive/extract); nothing half-written was left",
 }
 
 

@@ -22,6 +22,10 @@ Why it is built the way it is
   - Crash consistent. The archive is written under a temporary name in the destination
     folder (:mod:`hpcexp.infra.atomic`) and renamed only when complete; archived runs are only
     read, never modified.
+  - Interruptible. On any failure, SIGTERM or Ctrl-C included, the gzip or zip stream is
+    cut off from the temporary file (:class:`_Sink`) and closed before that file is
+    closed and removed: nothing the stdlib stream still wants to write (at once, or when
+    the garbage collector finalises it, which Python 3.13 reports) reaches a closed file.
 
 ``extract`` restores an archive into a new (or empty) folder and refuses, before writing
 anything, absolute names, ``..``, links leading outside the folder (also through chains
@@ -42,6 +46,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import stat
 import struct
 import sys
@@ -58,7 +63,7 @@ from typing import IO, Any, Callable, Iterator
 from hpcexp import __version__
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord, iter_runs, parse_time, resolve
-from hpcexp.errors import Failure, HpcexpError, NotFound, UsageError
+from hpcexp.errors import Failure, HpcexpError, Interrupted, NotFound, UsageError
 from hpcexp.infra import atomic
 
 log = logging.getLogger(__name__)
@@ -142,7 +147,15 @@ def _show(name: str) -> str:
 
 
 def _fault(point: str) -> None:
-    """Test hook: ``HPCEXP_TEST_FAULT=archive.write:sleep`` (or ``:enospc``) at ``point``."""
+    """Test hook: ``HPCEXP_TEST_FAULT=archive.write:sleep`` (or ``:enospc``, ``:sigterm``) at ``point``.
+
+    Points, in order: ``archive.scan`` (first pass, nothing written yet), ``archive.write``
+    (MANIFEST.json written), ``archive.member`` (inside a file larger than SMALL, after
+    its first chunk), ``archive.close`` (every member written, the end of the stream
+    not), ``archive.publish`` (the stream is complete, the file not renamed yet), and
+    ``archive.abort`` (a failure is being cleaned up).
+    ``sigterm`` sends this process SIGTERM there, as ``kill`` or ``scancel`` would.
+    """
     spec = os.environ.get(FAULT_ENV, "")
     for item in spec.split(","):
         where, _, what = item.partition(":")
@@ -152,6 +165,9 @@ def _fault(point: str) -> None:
             time.sleep(float(os.environ.get("HPCEXP_TEST_FAULT_SECONDS", "60")))
         elif what == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        elif what == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler interrupts this at once; without one the signal kills us
 
 
 def detect_format(path: Path) -> str:
@@ -594,6 +610,7 @@ class _Source:
             self.hash.update(chunk)
             self.left -= n
             yield chunk
+            _fault("archive.member")
 
     def read_all(self) -> bytes:
         parts = []
@@ -617,13 +634,71 @@ class _Source:
             raise _Changed(f"{_show(self.arcname)} changed while archiving (sha256 differs)")
 
 
+class _Sink:
+    """The temporary archive file as the gzip and zip streams see it, until :meth:`cut`.
+
+    A stdlib stream that is not closed writes its tail when it is finalised (GzipFile,
+    its BufferedWriter, ZipFile and an open zip member all do), which after the file is
+    closed is ``ValueError: write to closed file``: an "Exception ignored" traceback on
+    Python 3.13, where IOBase finalisers report errors. Failing writers therefore cut
+    the sink first and then close their streams: whatever they still write is counted
+    and dropped, on every Python version, and only then is the file closed and removed.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw: IO[bytes] | None = raw
+        self.pos = 0                       # the position once cut (zipfile asks for it)
+
+    def cut(self) -> None:
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            try:
+                self.pos = raw.tell()
+            except (OSError, ValueError):
+                pass
+
+    def write(self, data: bytes | memoryview) -> int:
+        raw = self.raw
+        if raw is None:
+            self.pos += len(data)
+            return len(data)
+        return raw.write(data)
+
+    def tell(self) -> int:
+        raw = self.raw
+        return self.pos if raw is None else raw.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        raw = self.raw
+        if raw is not None:
+            return raw.seek(offset, whence)
+        if whence == os.SEEK_SET:
+            self.pos = offset
+        elif whence == os.SEEK_CUR:
+            self.pos += offset
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        raw = self.raw
+        if raw is not None:
+            raw.flush()
+
+    def close(self) -> None:
+        """Nothing: the file belongs to atomic_open, which closes and renames or removes it."""
+
+
 class _Compressor:
     """gzip in a second thread (zlib releases the GIL), as `tar czf` pipes into gzip."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=GZIP_LEVEL, mtime=0)
+    def __init__(self, sink: _Sink) -> None:
+        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=sink, compresslevel=GZIP_LEVEL,
+                                mtime=0)
         self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
+        self.dropping = False              # aborting: compress nothing more
         self.thread = threading.Thread(target=self._work, name="hpcexp-gzip", daemon=True)
         self.thread.start()
 
@@ -632,7 +707,7 @@ class _Compressor:
             item = self.q.get()
             if item is None:
                 return
-            if self.error is None:
+            if self.error is None and not self.dropping:
                 try:
                     self.gz.write(item)
                 except BaseException as exc:  # noqa: BLE001 - re-raised in the writer thread
@@ -643,13 +718,23 @@ class _Compressor:
             raise self.error
         self.q.put(data)
 
-    def close(self, ok: bool = True) -> None:
+    def close(self) -> None:
+        """Finish the stream: the worker drains the queue, then the gzip trailer is written."""
         self.q.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
-        if ok:
-            self.gz.close()
+        self.gz.close()
+
+    def abort(self) -> None:
+        """Stop the worker and close the gzip stream (its sink is cut: nothing is written)."""
+        self.dropping = True
+        try:
+            self.q.put(None)
+            self.thread.join()
+        finally:
+            with contextlib.suppress(Exception):
+                self.gz.close()
 
 
 def _ustar_header(name: str, kind: bytes, size: int, mode: int, mtime: int, linkname: str) -> bytes | None:
@@ -677,8 +762,8 @@ def _ustar_header(name: str, kind: bytes, size: int, mode: int, mtime: int, link
 class _TarGzWriter:
     """A ustar/pax stream written member by member (no member list kept in memory)."""
 
-    def __init__(self, raw: IO[bytes], mtime: int) -> None:
-        self.out = _Compressor(raw)
+    def __init__(self, sink: _Sink, mtime: int) -> None:
+        self.out = _Compressor(sink)
         self.mtime = mtime
         self.buf = bytearray()
         self.offset = 0
@@ -743,17 +828,16 @@ class _TarGzWriter:
         self.out.close()
 
     def abort(self) -> None:
-        try:
-            self.out.close(ok=False)
-        except BaseException:  # noqa: BLE001 - the original error is what matters
-            pass
+        """After :meth:`_Sink.cut`: stop compressing; the original error is what matters."""
+        with contextlib.suppress(Exception):
+            self.out.abort()
 
 
 class _ZipWriter:
     """zip with deflate level 6, zip64 where needed, fixed timestamps."""
 
-    def __init__(self, raw: IO[bytes], mtime: int) -> None:
-        self.zf = zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=GZIP_LEVEL,
+    def __init__(self, sink: _Sink, mtime: int) -> None:
+        self.zf = zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=GZIP_LEVEL,
                                   allowZip64=True)
         self.date_time = time.gmtime(max(mtime, ZIP_MIN_TIME))[:6]
 
@@ -793,10 +877,10 @@ class _ZipWriter:
         self.zf.close()
 
     def abort(self) -> None:
-        try:
+        """After :meth:`_Sink.cut`: close the zip (its central directory goes nowhere) so
+        that neither it nor a member left open writes anything when finalised."""
+        with contextlib.suppress(Exception):
             self.zf.close()
-        except BaseException:  # noqa: BLE001 - the original error is what matters
-            pass
 
 
 # --------------------------------------------------------------------------------------
@@ -833,12 +917,38 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
             raise UsageError(f"the output {out_path} is inside the run folder {paths.dir} being archived",
                              hint="write the archive somewhere else with -o (runs are never modified)")
 
+    before = _identity(out_path)
+    try:
+        return _create(out_path, fmt, items, records, strict=strict, skip_unreadable=skip_unreadable,
+                       layout=layout, warn=warn)
+    except KeyboardInterrupt:
+        # SIGTERM (the CLI turns it into KeyboardInterrupt) or Ctrl-C: the temporary file
+        # is gone by now. Say so, unless the archive had already been renamed into place.
+        after = _identity(out_path)
+        if after is not None and after != before:
+            raise Interrupted(f"interrupted after {out_path} was complete; it is kept") from None
+        raise Interrupted(f"interrupted while writing {out_path}; no archive was written"
+                          + (" (the existing file is unchanged)" if before is not None else "")) from None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when nothing is there: tells a new file from an old one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], records: list[RunRecord], *,
+            strict: bool, skip_unreadable: bool, layout: Layout, warn: Warn) -> ArchiveResult:
     scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
     manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
     try:
         runs = [_prepare_run(layout, paths, rec, scanner) for paths, rec in items]
         for run in runs:
             root = os.path.realpath(run.paths.dir)
+            _fault("archive.scan")
             scanner.walk_dir(str(run.paths.dir), run.prefix, root, top=True, extra=run.extras)
         _fill_recipe_hashes(runs, scanner)
         if scanner.errors:
@@ -883,7 +993,8 @@ def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO
            manifest_size: int) -> int:
     buf = bytearray(CHUNK)
     with atomic.atomic_open(out_path, "wb") as raw:
-        writer: _TarGzWriter | _ZipWriter = _TarGzWriter(raw, mtime) if fmt == "tar.gz" else _ZipWriter(raw, mtime)
+        sink = _Sink(raw)
+        writer: _TarGzWriter | _ZipWriter = _TarGzWriter(sink, mtime) if fmt == "tar.gz" else _ZipWriter(sink, mtime)
         try:
             manifest.seek(0)
             writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
@@ -903,8 +1014,14 @@ def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO
                         os.close(source.fd)
                         raise
                     source.finish()
+            _fault("archive.close")
             writer.close()
+            _fault("archive.publish")
         except BaseException:
+            # Streams before their file: cut the sink, close the streams into it, and only
+            # then let atomic_open close and remove the temporary file.
+            _fault("archive.abort")
+            sink.cut()
             writer.abort()
             raise
         size = raw.tell()
@@ -1373,6 +1490,8 @@ def extract_archive(path: Path | str, dest: Path | str, *, skip_outside_links: b
         _remove_tree(str(tmp))
         if isinstance(exc, OSError):
             raise atomic.storage_error(exc, dest) from exc
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM through the CLI
+            raise Interrupted(f"interrupted while extracting into {dest}; nothing was written") from None
         raise
     return ExtractResult(path=dest, format=fmt, files=files, bytes=total, verified=verified)
 

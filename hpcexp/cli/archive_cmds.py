@@ -116,10 +116,16 @@ def extract_cmd(archive_file: str, dest: str, skip_outside_links: bool, max_size
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (kill, scancel) unwinds like Ctrl-C so the temporary file is removed."""
+    """SIGTERM (kill, scancel) unwinds like Ctrl-C so the temporary file is removed.
+
+    Only the first one: a second SIGTERM while unwinding would interrupt the clean-up
+    itself (closing the streams, removing the temporary file), so it is ignored; SIGKILL
+    still ends the process at once.
+    """
     import signal
 
     def handler(signum, frame):  # noqa: ANN001 - signal handler signature
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     try:

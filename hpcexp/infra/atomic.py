@@ -93,11 +93,11 @@ def atomic_open(final: str | os.PathLike[str], mode: str = "wb", *, perms: int |
     """
     final = Path(final)
     tmp = tmp_name_for(final)
+    fh: IO[Any] | None = None
     try:
-        fh = open(tmp, mode + ("" if "x" in mode else ""))  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise storage_error(exc, final) from exc
-    try:
+        # open() inside the try: a signal turned into an exception (SIGTERM, Ctrl-C) right
+        # after the file was created must still close and remove it
+        fh = open(tmp, mode)  # noqa: SIM115 - closed below
         with fh:
             yield fh
             fh.flush()
@@ -106,6 +106,9 @@ def atomic_open(final: str | os.PathLike[str], mode: str = "wb", *, perms: int |
             os.chmod(tmp, perms)
         os.replace(tmp, final)
     except BaseException as exc:
+        if fh is not None:
+            with contextlib.suppress(OSError, ValueError):
+                fh.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
