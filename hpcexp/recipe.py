@@ -30,6 +30,7 @@ the context as the working directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import logging
@@ -82,6 +83,7 @@ class BaseResolution:
     bootstrap: str       # "docker" | "localimage" | "oras" | "library" | ...
     source: str          # the From: value (a path for localimage, a reference otherwise)
     headers: tuple[tuple[str, str], ...] = ()  # extra header lines (debootstrap: OSVersion, MirrorURL, Include)
+    environment: tuple[tuple[str, str], ...] = ()  # the base image's environment, when hpcexp can read it
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class Conversion:
     source_label: str = ""                        # how the recipe header names the Dockerfile
     cmd: tuple[str, ...] | None = None            # last stage's CMD as an argv (shell form: sh -c TEXT)
     entrypoint: tuple[str, ...] | None = None     # last stage's ENTRYPOINT as an argv
+    environment: Mapping[str, str] = field(default_factory=dict)  # the image's known environment (base + ENV)
+    stopsignal: str | None = None                 # last stage's STOPSIGNAL, as a signal name (SIGINT...)
 
     @property
     def approximated(self) -> bool:
@@ -123,6 +127,7 @@ class Conversion:
             "base_refs": list(self.base_refs),
             "build_args": dict(sorted(self.build_args.items())),
             "workdir": self.workdir,
+            "stopsignal": self.stopsignal,
             "context_files": [rel for rel, _ in self.context_files],
             "counts": self.counts(),
             "notes": [{"line": n.line, "construct": n.construct, "action": n.action, "reason": n.reason,
@@ -139,6 +144,8 @@ _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f]")
 _ARG_COMMENT = re.compile(r"(^|\s)#")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SPACES = re.compile(r"\s+")
+_REF = "\x00"  # brackets a base-image variable inside a path (see _q)
+_LEGACY_SPLIT = re.compile(r"[\t\v\f\r ]+")
 _CHMOD = re.compile(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*")
 _URL = re.compile(r"^(https?|git)://|^git@")
 _SIMPLE_PAIRS = re.compile(r"""\s*(?:[A-Za-z_][A-Za-z0-9_.-]*=(?:"[^"\\`]*"|'[^'\\`]*'|[^\s"'\\`]+)(?:\s+|$))+""")
@@ -438,6 +445,8 @@ class _Stage:
     base_ref: str | None = None
     merged_from: str | None = None
     ctx_files: set[str] = field(default_factory=set)
+    base_env: dict[str, str] = field(default_factory=dict)   # the base image's own environment, when known
+    stopsignal: str | None = None
 
 
 class _Converter:
@@ -464,10 +473,13 @@ class _Converter:
         self.base_refs: list[str] = []
         self.cur: _Stage | None = None
         self._wp: WordProcessor | None = None     # the stage's word processor; reset when ARG/ENV change
+        self.base_env: dict[str, str] = {}        # environment of the last base resolved (local SIF)
 
     # -- helpers ----------------------------------------------------------------------
     def note(self, ins: "Instruction | None", construct: str, action: str, reason: str,
              code: str | None = None) -> None:
+        if _REF in construct or _REF in reason:  # a base-image variable inside a path: show it as ${NAME}
+            construct, reason = construct.replace(_REF, ""), reason.replace(_REF, "")
         self.notes.append(Note(ins.line if ins else 0, construct, action, reason, code))
 
     def fail(self, ins: "Instruction", msg: str, hint: str | None = None) -> ConvertError:
@@ -508,9 +520,18 @@ class _Converter:
                 self.note(ins, f"${name}", "translated", f"{name} is a global ARG not declared in this stage, so it "
                           f"expands to nothing, as in Docker (add `ARG {name}` after FROM to use it)", "P02")
 
-    def path_value(self, ins: "Instruction", value: "Value", what: str) -> str:
+    def path_value(self, ins: "Instruction", value: "Value", what: str, shell: bool = False) -> str:
+        """A path as text. A variable the base image may define (unknown here) is taken as unset
+        for sources; for destinations and WORKDIR (``shell``) it is left to the shell at build and
+        run time: the path then holds the reference between two NULs, see :func:`_q`."""
         if has_refs(value):
             names = sorted({s.name for s in value if not isinstance(s, str)})
+            if shell:
+                self.note(ins, f"{ins.keyword} {what}", "approximated",
+                          f"${', $'.join(names)} is not set by this Dockerfile, so Docker would take it from the "
+                          "base image's environment; the recipe leaves it to the shell at build and run time "
+                          "(the base image's value, or empty)", "P33")
+                return "".join(s if isinstance(s, str) else _REF + render_shell((s,)) + _REF for s in value)
             self.note(ins, f"{ins.keyword} {what}", "approximated",
                       f"${', $'.join(names)} comes from the base image, unknown at conversion time; "
                       "taken as unset", "P05")
@@ -518,7 +539,7 @@ class _Converter:
 
     def abspath(self, path: str) -> str:
         assert self.cur is not None
-        if not path.startswith("/"):
+        if not path.startswith(("/", _REF)):
             path = posixpath.join(self.cur.workdir, path)
         norm = posixpath.normpath(path)
         return "/" if norm in ("/", "//") else norm.replace("//", "/")
@@ -531,7 +552,7 @@ class _Converter:
         st = self.cur
         assert st is not None
         if st.workdir_set and st.cwd_emitted != st.workdir:
-            self.emit(f"cd {shlex.quote(st.workdir)}")
+            self.emit(f"cd {_q(st.workdir)}")
             st.cwd_emitted = st.workdir
 
     # -- driver -----------------------------------------------------------------------
@@ -605,9 +626,15 @@ class _Converter:
                       "are repeated in this one", "P02")
         else:
             st = _Stage(index=index, name=name, alias=alias, line=ins.line)
+            self.base_env = {}
             st.header = self.base_header(ins, ref)
             if ref != "scratch":
                 st.base_ref = ref
+            if self.base_env:
+                st.env = {k: (v,) for k, v in self.base_env.items()}
+                st.base_env = dict(self.base_env)
+                self.note(ins, f"FROM {ref}", "translated", f"the base image's environment is read from the image "
+                          f"({len(self.base_env)} variables): $VAR references to it expand as in Docker", "P33")
         if alias is None and index > 0:
             self.note(ins, "FROM (unnamed stage)", "translated", f"stage {index} is named {name!r}", "P02")
         self.stages.append(st)
@@ -630,6 +657,7 @@ class _Converter:
         if ref not in self.base_refs:
             self.base_refs.append(ref)
         res = self.resolve_base(ref) if self.resolve_base else None
+        self.base_env = dict(res.environment) if res is not None else {}
         if res is None:
             return ["Bootstrap: docker", f"From: {ref}"]
         lines = [f"Bootstrap: {res.bootstrap}"]
@@ -700,15 +728,17 @@ class _Converter:
         tokens = _split_unquoted(text)
         first = tokens[0] if tokens else ""
         if "=" not in first:
-            if keyword == "LABEL":
-                raise self.fail(ins, "expects KEY=VALUE pairs")
-            key, _, rest = text.strip().partition(" ")
-            if not rest.strip():
-                raise self.fail(ins, f"{key!r} needs a value")
-            if len(rest.split()) > 1:
-                self.note(ins, "ENV KEY value (legacy form)", "translated",
-                          "the whole rest of the line is the value, as in Docker", "P10")
-            return [(key, rest.strip())]
+            # Docker's legacy one-pair form (its parser's "old format"): the key is the text up to
+            # the first run of whitespace, the value is ALL the rest of the line, taken as one word
+            # (quotes removed, variables expanded, inner spaces kept): `LABEL version = "2.0"` is
+            # the label `version` with the value `= 2.0`.
+            parts = _LEGACY_SPLIT.split(text.strip(), maxsplit=1)
+            if len(parts) < 2 or not parts[1]:
+                raise self.fail(ins, f"{parts[0][:40]!r} needs a value (KEY=VALUE, or the legacy KEY VALUE)")
+            key, rest = parts
+            self.note(ins, f"{keyword} KEY value (legacy form)", "translated",
+                      "the whole rest of the line is the value, as in Docker", "P10")
+            return [(key, rest)]
         if _SIMPLE_PAIRS.fullmatch(text):
             # plain KEY=VALUE / KEY="quoted value" pairs: spython's parse_env splits these right
             spy = _spython_mod()
@@ -833,7 +863,7 @@ class _Converter:
         if kind == "tmpfs":
             self.note(ins, "RUN --mount=type=tmpfs", "dropped", f"{target} is an ordinary folder during the step",
                       "P21")
-            return ([f"mkdir -p {shlex.quote(target)}"] if target else []), []
+            return ([f"mkdir -p {_q(target)}"] if target else []), []
         if kind in ("secret", "ssh"):
             sid = opts.get("id") or opts.get("target") or "default"
             self.note(ins, f"RUN --mount=type={kind}", "dropped",
@@ -863,10 +893,10 @@ class _Converter:
                 raise self.fail(ins, f"--mount source {src!r} must be one file or folder")
             staged = self.stage_context(rels[0], n, 0)
         st.uses_cp = True
-        lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(tgt)} file")
+        lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(tgt)} file")
         self.note(ins, "RUN --mount=type=bind", "translated",
                   f"{src} is copied to {tgt} for this step and removed after it", "P21")
-        return lines, [f"rm -rf {shlex.quote(tgt)}"]
+        return lines, [f"rm -rf {_q(tgt)}"]
 
     # -- COPY / ADD -------------------------------------------------------------------
     def from_stage(self, ins: "Instruction", ref: str) -> str:
@@ -891,7 +921,7 @@ class _Converter:
             self.cur.ext_before.append(ext.name)
         return ext.name
 
-    def context_sources(self, ins: "Instruction", src: str) -> list[str]:
+    def context_sources(self, ins: "Instruction", src: str, allow_empty: bool = False) -> list[str]:
         norm = posixpath.normpath(src.replace("\\", "/") if self.df.escape == "`" else src).lstrip("/")
         if norm in (".", ""):
             norm = ""
@@ -899,6 +929,12 @@ class _Converter:
             raise self.fail(ins, f"source {src!r} is outside the build context")
         ctx = self.context()
         found = ctx.match(norm)
+        if not found and allow_empty and any(ch in norm for ch in "*?["):
+            # BuildKit: a source wildcard that matches nothing is nothing to copy (the "copy if
+            # present" idiom, `COPY cwallet.ss[o] ./`); a literal path that is missing is an error
+            self.note(ins, f"{ins.keyword} {src}", "translated", "the wildcard matches nothing in the build "
+                      "context, so nothing is copied (as BuildKit does)", "P32")
+            return []
         if not found:
             raise self.fail(ins, f"source {src!r} not found in the build context {self.ctx_root.name}/"
                             + (" (or excluded by .dockerignore)" if ctx.has_rules else ""))
@@ -977,11 +1013,11 @@ class _Converter:
             words = self.words(ins, ins.args)
         if len(words) < 2:
             raise self.fail(ins, "needs at least one source and a destination")
-        dest_raw = self.path_value(ins, words[-1], "destination")
+        dest_raw = self.path_value(ins, words[-1], "destination", shell=True)
         srcs = [self.path_value(ins, w, "source") for w in words[:-1]]
         dest_is_dir = dest_raw.endswith("/") or dest_raw in (".", "") or len(srcs) > 1
         dest = self.abspath(dest_raw or ".")
-        if not dest_raw.startswith("/"):
+        if not dest_raw.startswith(("/", _REF)):
             if st.workdir_set:
                 self.note(ins, f"{kw} to {dest_raw}", "translated", f"relative destination resolved against "
                           f"WORKDIR to {dest}", "P05")
@@ -1000,16 +1036,16 @@ class _Converter:
                     st.files.append((frm, path, staged_dir + "/"))
                     self.note(ins, f"{kw} --from with wildcard", "approximated",
                               "matches are copied into the destination folder", "P03")
-                    lines.append(f"mkdir -p {shlex.quote(dest)} && cp -a {staged_dir}/. {shlex.quote(dest)}/")
+                    lines.append(f"mkdir -p {_q(dest)} && cp -a {staged_dir}/. {_q(dest)}/")
                     continue
                 staged = f"{STAGING}/from/{n}/{k}/{_basename(path)}"
                 st.files.append((frm, path, staged))
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(dest)} "
+                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} "
                              f"{'dir' if dest_is_dir else 'file'}")
                 targets.append(dest if dest_is_dir or path.endswith("/") else dest)
                 continue
-            rels = self.context_sources(ins, src)
+            rels = self.context_sources(ins, src, allow_empty=True)
             many = dest_is_dir or len(rels) > 1
             for j, rel in enumerate(rels):
                 kk = f"{k}" if len(rels) == 1 else f"{k}.{j}"
@@ -1018,29 +1054,29 @@ class _Converter:
                 if kind:
                     staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
                     if kind == "tar":
-                        unpack = f"tar -xf {shlex.quote(staged)} -C {shlex.quote(dest)}"
+                        unpack = f"tar -xf {shlex.quote(staged)} -C {_q(dest)}"
                     else:  # a pipe works with every tar, busybox's included (no -z/-j/-J needed)
-                        unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {shlex.quote(dest)}"
-                    lines.append(f"mkdir -p {shlex.quote(dest)} && {unpack}")
+                        unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {_q(dest)}"
+                    lines.append(f"mkdir -p {_q(dest)} && {unpack}")
                     self.note(ins, f"ADD {rel}", "translated", f"the archive is extracted into {dest}", "P08")
                     targets.append(dest)
                     continue
                 staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(dest)} {'dir' if many else 'file'}")
+                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if many else 'file'}")
                 if ctx.is_dir(rel) or not many:
                     targets.append(dest)
                 else:
                     targets.append(posixpath.join(dest, _basename(rel)))
         if chmod:
             for t in dict.fromkeys(targets):
-                lines.append(f"chmod -R {shlex.quote(chmod)} {shlex.quote(t)}")
+                lines.append(f"chmod -R {shlex.quote(chmod)} {_q(t)}")
             self.note(ins, f"{kw} --chmod", "translated", f"chmod {chmod} applied after the copy", "P04")
         self.emit(*lines)
 
     def copy_heredoc(self, ins: "Instruction", chmod: str | None) -> None:
         words = self.words(ins, ins.args)
-        dest_raw = self.path_value(ins, words[-1], "destination")
+        dest_raw = self.path_value(ins, words[-1], "destination", shell=True)
         dest = self.abspath(dest_raw)
         dest_is_dir = dest_raw.endswith("/") or len(ins.heredocs) > 1
         lines = [f"# Dockerfile line {ins.line}: {ins.keyword} <<heredoc"]
@@ -1063,28 +1099,28 @@ class _Converter:
             marker = "HPCEXP_EOF"
             while marker in body:
                 marker += "_"
-            lines += [f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}",
-                      f"cat > {shlex.quote(target)} <<'{marker}'", body.rstrip("\n"), marker]
+            lines += [f"mkdir -p {_q(posixpath.dirname(target) or '/')}",
+                      f"cat > {_q(target)} <<'{marker}'", body.rstrip("\n"), marker]
             if chmod:
-                lines.append(f"chmod {shlex.quote(chmod)} {shlex.quote(target)}")
+                lines.append(f"chmod {shlex.quote(chmod)} {_q(target)}")
         self.note(ins, f"{ins.keyword} <<heredoc", "translated", f"written to {dest} in %post", "P20")
         self.emit(*lines)
 
     def add_url(self, ins: "Instruction", url: str, dest: str, dest_is_dir: bool) -> list[str]:
         if url.startswith("git") or ".git" in url.split("#")[0][-5:] or url.startswith("git@"):
             repo, _, ref = url.partition("#")
-            argv = ["git", "clone", "--depth", "1"] + (["--branch", ref] if ref else []) + [repo, dest]
+            argv = ["git", "clone", "--depth", "1"] + (["--branch", ref] if ref else []) + [repo, dest]  # dest: _q
             self.note(ins, f"ADD {url}", "approximated", "cloned with git during %post: the image needs git "
                       "and the build needs network access", "P08")
-            return [f"mkdir -p {shlex.quote(posixpath.dirname(dest))}", shlex.join(argv)]
+            return [f"mkdir -p {_q(posixpath.dirname(dest))}", f"{shlex.join(argv[:-1])} {_q(dest)}"]
         name = _basename(url.split("?")[0].split("#")[0]) or "download"
         target = posixpath.join(dest, name) if dest_is_dir else dest
-        q = shlex.quote(target)
+        q = _q(target)
         u = shlex.quote(url)
         self.note(ins, f"ADD {url}", "approximated", "downloaded during %post with curl or wget: the image needs "
                   "one of them and the build needs network access (or download it into the context and COPY it)",
                   "P08")
-        return [f"mkdir -p {shlex.quote(posixpath.dirname(target))}",
+        return [f"mkdir -p {_q(posixpath.dirname(target))}",
                 f"if command -v curl >/dev/null 2>&1; then curl -fsSL -o {q} {u}; "
                 f"else wget -q -O {q} {u}; fi"]
 
@@ -1095,14 +1131,14 @@ class _Converter:
         words = self.words(ins, ins.args)
         if len(words) != 1:
             raise self.fail(ins, "expects one path")
-        raw = self.path_value(ins, words[0], "path")
+        raw = self.path_value(ins, words[0], "path", shell=True)
         if not raw:
             raise self.fail(ins, "expands to an empty path")
         st.workdir = self.abspath(raw)
         st.workdir_set = True
-        if not raw.startswith("/") or raw != ins.args.strip():
+        if not raw.startswith(("/", _REF)) or (_REF not in raw and raw != ins.args.strip()):
             self.note(ins, "WORKDIR", "translated", f"resolved to the absolute path {st.workdir}", "P14")
-        self.emit(f"mkdir -p {shlex.quote(st.workdir)}")
+        self.emit(f"mkdir -p {_q(st.workdir)}")
 
     def do_user(self, ins: "Instruction") -> None:
         user = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
@@ -1126,7 +1162,7 @@ class _Converter:
         paths = list(ins.exec_form) if ins.exec_form is not None else [literal(w) for w in self.words(ins, ins.args)]
         for p in paths:
             ap = self.abspath(p)
-            self.emit(f"mkdir -p {shlex.quote(ap)}")
+            self.emit(f"mkdir -p {_q(ap)}")
             self.note(ins, f"VOLUME {ap}", "approximated", "the folder is created, but the image is read-only: "
                       "bind a host folder there (binds:) or run with --writable-tmpfs", "P27")
 
@@ -1135,8 +1171,16 @@ class _Converter:
                   "Apptainer shares the host network; ports need no exposing", "P27")
 
     def do_stopsignal(self, ins: "Instruction") -> None:
-        self.note(ins, f"STOPSIGNAL {ins.args.strip()}", "dropped", "Apptainer has no stop signal setting; "
-                  "hpcexp stop sends SIGTERM", "P27")
+        st = self.cur
+        assert st is not None
+        raw = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
+        name = _signal_name(raw)
+        if name is None:
+            raise self.fail(ins, f"{raw[:40]!r} is not a signal (use a name like SIGINT, or a number)")
+        st.stopsignal = name
+        self.note(ins, f"STOPSIGNAL {raw}", "translated", "Apptainer has no stop signal setting; it is recorded in "
+                  f"the fidelity report and the image's sidecar, and `hpcexp stop` of a local run sends {name} "
+                  "first (then SIGKILL after the grace period), as `docker stop` does", "P27")
 
     def do_healthcheck(self, ins: "Instruction") -> None:
         if ins.args.strip().upper() == "NONE":
@@ -1185,7 +1229,7 @@ class _Converter:
             return None
         lines = []
         if st.workdir_set:
-            lines.append(f"cd {shlex.quote(st.workdir)}")
+            lines.append(f"cd {_q(st.workdir)}")
         if ep and st.entrypoint_shell:
             lines.append(f"exec {shlex.join(ep)}")  # Docker: CMD and run arguments never reach it
         elif ep:
@@ -1340,6 +1384,30 @@ def _split_unquoted(text: str) -> list[str]:
     return out
 
 
+_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "BUS": 7, "FPE": 8, "KILL": 9,
+            "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16, "CHLD": 17,
+            "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25,
+            "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "PWR": 30, "SYS": 31}
+
+
+def _signal_name(text: str) -> str | None:
+    """``SIGINT``/``INT``/``2`` -> ``SIGINT`` (Linux numbering, as Docker's signal.ParseSignal); else None."""
+    t = text.strip().upper()
+    if t.isdigit():
+        n = int(t)
+        return next((f"SIG{k}" for k, v in _SIGNALS.items() if v == n), None)
+    t = t.removeprefix("SIG")
+    return f"SIG{t}" if t in _SIGNALS else None
+
+
+def _q(path: str) -> str:
+    """A path as one shell word: shlex-quoted, or double-quoted around base-image variables."""
+    if _REF not in path:
+        return shlex.quote(path)
+    parts = path.split(_REF)
+    return '"' + "".join(p if k % 2 else dfmod._esc_dq(p) for k, p in enumerate(parts)) + '"'
+
+
 def _basename(path: str) -> str:
     b = posixpath.basename(path.rstrip("/"))
     return b if b not in ("", ".", "..") else "_"
@@ -1404,10 +1472,22 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
     notes = tuple(sorted(conv.notes, key=lambda n: n.line))
     return Conversion(recipe=recipe, notes=notes, dockerfile=dockerfile, dockerfile_sha256=sha, context=ctx,
                       arch=arch, context_files=files, base_refs=tuple(conv.base_refs),
-                      workdir=last.workdir if last.workdir_set else None,
+                      workdir=last.workdir if last.workdir_set and _REF not in last.workdir else None,
                       build_args=dict(sorted(conv.used_args.items())), source_label=label,
                       cmd=tuple(last.cmd) if last.cmd else None,
-                      entrypoint=tuple(last.entrypoint) if last.entrypoint else None)
+                      entrypoint=tuple(last.entrypoint) if last.entrypoint else None,
+                      environment=_known_environment(last), stopsignal=last.stopsignal)
+
+
+def _known_environment(st: _Stage) -> dict[str, str]:
+    """The final image's environment as far as it is known: the base's plus literal ENV values."""
+    env = dict(st.base_env)
+    for key, value in st.env.items():
+        if has_refs(value):
+            env.pop(key, None)
+        else:
+            env[key] = literal(value)
+    return dict(sorted(env.items()))
 
 
 def base_resolver(project: "Project", exp: "Experiment | None" = None,
@@ -1422,6 +1502,16 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
 
     def resolve(ref: str) -> BaseResolution | None:
         spec = mapping.get(ref)
-        return None if spec is None else bases_mod.resolution(project, spec, ctx)
+        if spec is None:
+            return None
+        res = bases_mod.resolution(project, spec, ctx)
+        if spec.kind == "sif" and spec.sif is not None and not res.environment:
+            from hpcexp.baseenv import sif_environment
+
+            sif = Path(spec.sif) if Path(spec.sif).is_absolute() else project.root / spec.sif
+            env = sif_environment(sif)
+            if env:
+                res = dataclasses.replace(res, environment=tuple(sorted(env.items())))
+        return res
 
     return resolve
