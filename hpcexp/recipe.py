@@ -147,12 +147,23 @@ _SPACES = re.compile(r"\s+")
 _REF = "\x00"  # brackets a base-image variable inside a path (see _q)
 _LEGACY_SPLIT = re.compile(r"[\t\v\f\r ]+")
 _CHMOD = re.compile(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*")
+_CHOWN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
 _URL = re.compile(r"^(https?|git)://|^git@")
 _SIMPLE_PAIRS = re.compile(r"""\s*(?:[A-Za-z_][A-Za-z0-9_.-]*=(?:"[^"\\`]*"|'[^'\\`]*'|[^\s"'\\`]+)(?:\s+|$))+""")
 _CP_FUNC = r'''_hpcexp_cp() {  # Docker COPY semantics: a folder's contents, or a file (into DEST if a folder)
     if [ -d "$1" ] && [ ! -L "$1" ]; then mkdir -p "$2" && cp -a "$1/." "$2/"
     elif [ "$3" = dir ] || [ -d "$2" ]; then mkdir -p "$2" && cp -a "$1" "$2/"
     else mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"; fi
+}'''
+
+_MOUNT_FUNC = r'''_hpcexp_hide() {  # RUN --mount: TARGET is an empty folder for one step, what it held is put aside
+    if [ -e "$1" ] || [ -L "$1" ]; then mkdir -p /.hpcexp/hidden && mv "$1" "/.hpcexp/hidden/$2"; fi
+    mkdir -p "$1"; cd "$PWD" 2>/dev/null || true
+}
+_hpcexp_unhide() {  # after the step: drop what the step left there, put the original back
+    rm -rf "$1"
+    if [ -e "/.hpcexp/hidden/$2" ] || [ -L "/.hpcexp/hidden/$2" ]; then mv "/.hpcexp/hidden/$2" "$1"; fi
+    cd "$PWD" 2>/dev/null || true
 }'''
 
 
@@ -441,6 +452,7 @@ class _Stage:
     runscript_line: int = 0
     stage_no: int = 0              # staging counter
     uses_cp: bool = False
+    uses_mount: bool = False
     ext_before: list[str] = field(default_factory=list)
     base_ref: str | None = None
     merged_from: str | None = None
@@ -753,20 +765,34 @@ class _Converter:
     def do_env(self, ins: "Instruction") -> None:
         st = self.cur
         assert st is not None
-        for key, raw in self.env_pairs(ins, "ENV"):
+        pairs = self.env_pairs(ins, "ENV")
+        # Docker expands every value of one ENV line against the environment from BEFORE the
+        # line: `ENV A=2 B=$A` gives B the previous A, not 2
+        wp = self.processor()
+        values = []
+        for key, raw in pairs:
             if not _VAR_NAME.match(key):
                 raise self.fail(ins, f"invalid variable name {key[:40]!r}")
-            wp = self.processor()
             try:
-                value = wp.word(raw)
+                values.append((key, wp.word(raw)))
             except ValueError as exc:
                 raise self.fail(ins, str(exc)) from None
             self.global_only_note(ins, wp)
+        if len(pairs) > 1 and any(re.search(r"\$\{?" + k + r"(?![A-Za-z0-9_])", raw)
+                                  for k, _ in pairs for _, raw in pairs):
+            self.note(ins, "ENV with several pairs", "translated", "each value refers to the variables as they "
+                      "were before this line, as in Docker", "P11")
+        keys = {k for k, _ in values}
+        together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
+        for key, value in values:
             st.env[key] = value
             self._wp = None
             shown = render_shell(value)
-            self.emit(f'export {key}="{shown}"')
+            if not together:
+                self.emit(f'export {key}="{shown}"')
             st.environment.append((key, shown))
+        if together:  # one export: the shell expands all its words before assigning any (Docker's rule)
+            self.emit("export " + " ".join(f'{k}="{render_shell(v)}"' for k, v in values))
 
     # -- LABEL / MAINTAINER -----------------------------------------------------------
     def do_label(self, ins: "Instruction") -> None:
@@ -856,14 +882,20 @@ class _Converter:
             opts[k.strip().lower()] = v.strip()
         kind = opts.get("type", "bind")
         target = opts.get("target") or opts.get("dst") or opts.get("destination") or ""
-        if kind == "cache":
-            self.note(ins, "RUN --mount=type=cache", "dropped",
-                      "a build cache only speeds Docker up; the step runs without it", "P21")
-            return [], []
-        if kind == "tmpfs":
-            self.note(ins, "RUN --mount=type=tmpfs", "dropped", f"{target} is an ordinary folder during the step",
-                      "P21")
-            return ([f"mkdir -p {_q(target)}"] if target else []), []
+        if kind in ("cache", "tmpfs"):
+            if not target:
+                raise self.fail(ins, f"--mount={spec}: a {kind} mount needs target=")
+            tgt = self.abspath(target)
+            st = self.cur
+            assert st is not None
+            st.uses_mount = True
+            hid = f"m{ins.line}.{len(st.post)}"   # its own id: the staging numbers stay as they were
+            what = "a build cache" if kind == "cache" else "a tmpfs"
+            self.note(ins, f"RUN --mount=type={kind}", "approximated",
+                      f"{tgt} is an empty folder for this step (Docker: {what}, kept out of the image); what the step "
+                      "writes there is removed after it and the image's own files there are put back, so it stays "
+                      "out of the image" + (", but nothing is reused between builds" if kind == "cache" else ""), "P21")
+            return [f"_hpcexp_hide {_q(tgt)} {hid}"], [f"_hpcexp_unhide {_q(tgt)} {hid}"]
         if kind in ("secret", "ssh"):
             sid = opts.get("id") or opts.get("target") or "default"
             self.note(ins, f"RUN --mount=type={kind}", "dropped",
@@ -893,10 +925,12 @@ class _Converter:
                 raise self.fail(ins, f"--mount source {src!r} must be one file or folder")
             staged = self.stage_context(rels[0], n, 0)
         st.uses_cp = True
-        lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(tgt)} file")
+        st.uses_mount = True
+        lines.append(f"_hpcexp_hide {_q(tgt)} {n}")
+        lines.append(f"rmdir {_q(tgt)} && _hpcexp_cp {shlex.quote(staged)} {_q(tgt)} file")
         self.note(ins, "RUN --mount=type=bind", "translated",
-                  f"{src} is copied to {tgt} for this step and removed after it", "P21")
-        return lines, [f"rm -rf {_q(tgt)}"]
+                  f"{src} is copied to {tgt} for this step and removed after it (what was there is put back)", "P21")
+        return lines, [f"_hpcexp_unhide {_q(tgt)} {n}"]
 
     # -- COPY / ADD -------------------------------------------------------------------
     def from_stage(self, ins: "Instruction", ref: str) -> str:
@@ -940,7 +974,7 @@ class _Converter:
                             + (" (or excluded by .dockerignore)" if ctx.has_rules else ""))
         return found
 
-    def stage_context(self, rel: str, n: int, k: int) -> str:
+    def stage_context(self, rel: str, n: int, k: int, exclude: "IgnoreRules | None" = None) -> str:
         """Add %files lines staging context path ``rel``; return the staged path."""
         st = self.cur
         assert st is not None
@@ -949,15 +983,26 @@ class _Converter:
         staged = f"{STAGING}/ctx/{n}/{k}/{base}"
         if ctx.is_dir(rel):
             members = ctx.under(rel)
+            dropped: list[str] = []
+            if exclude is not None:  # COPY --exclude: patterns match paths inside the copied folder
+                kept = []
+                for f in members:
+                    inner = f[len(rel) + 1:] if rel else f
+                    (dropped if exclude.ignored(inner) else kept).append(f)
+                members = kept
             st.ctx_files.update(members)
-            if ctx.filtered(rel) and all(_SAFE_SRC.fullmatch(f) for f in members):
+            filtered = ctx.filtered(rel) or bool(dropped)
+            if filtered and all(_SAFE_SRC.fullmatch(f) for f in members):
                 for f in members:
                     inner = f[len(rel) + 1:] if rel else f
                     st.files.append((None, f, f"{staged}/{inner}"))
+                if not members:
+                    st.post.append(f"mkdir -p {shlex.quote(staged)}")
             else:
                 st.files.append((None, rel or ".", staged))
                 # names %files cannot carry one by one: stage the folder, drop the ignored part in %post
-                for path in ctx.ignored_paths(rel) if ctx.filtered(rel) else ():
+                gone = (ctx.ignored_paths(rel) if ctx.filtered(rel) else []) + dropped
+                for path in gone:
                     inner = path[len(rel) + 1:] if rel else path
                     st.post.append(f"rm -rf {shlex.quote(staged + '/' + inner)}")
         else:
@@ -976,12 +1021,17 @@ class _Converter:
         assert st is not None
         kw = ins.keyword
         chmod = None
+        chown = None
         frm = None
+        parents = False
         excludes: list[str] = []
         for fl, val in ins.flags:
             if fl == "chown":
-                self.note(ins, f"{kw} --chown", "dropped", "the container runs as the invoking user, so file "
-                          "owners from the Dockerfile do not apply; files belong to root in the image", "P04")
+                chown = self.path_value(ins, self.processor().word(val or ""), "--chown", shell=True)
+                if _REF not in chown and not _CHOWN.fullmatch(chown):
+                    raise self.fail(ins, f"--chown={chown!r} is not USER, USER:GROUP or UID:GID")
+                self.note(ins, f"{kw} --chown={chown}", "translated", "the copied files get this owner in the image "
+                          "(chown during the build); the container still runs as whoever starts it", "P04")
             elif fl == "chmod":
                 chmod = val or ""
                 if not _CHMOD.fullmatch(chmod):
@@ -993,15 +1043,20 @@ class _Converter:
             elif fl == "exclude":
                 excludes.append(val or "")
             elif fl == "parents":
-                self.note(ins, f"{kw} --parents", "approximated", "parent folders are not recreated", "P04")
+                parents = True
+                self.note(ins, f"{kw} --parents", "translated", "each source keeps its path under the destination, "
+                          "as BuildKit does", "P04")
             elif fl in ("checksum", "keep-git-dir"):
                 self.note(ins, f"{kw} --{fl}", "dropped", "not checked by Apptainer", "P04")
             else:
                 self.note(ins, f"{kw} --{fl}", "dropped", f"unknown {kw} option", "P04")
         if excludes:
-            self.note(ins, f"{kw} --exclude", "approximated", "--exclude patterns are not applied", "P31")
+            self.note(ins, f"{kw} --exclude", "translated" if frm is None else "approximated",
+                      f"--exclude {' '.join(excludes)}: matching files are left out"
+                      + ("" if frm is None else " (matched by name in the copied folder; ** is read as any depth)"),
+                      "P31")
         if ins.heredocs and ins.exec_form is None:
-            self.copy_heredoc(ins, chmod)
+            self.copy_heredoc(ins, chmod, chown)
             return
         if ins.exec_form is not None:
             self.note(ins, f"{kw} [JSON form]", "translated", "sources and destination read as a JSON list", "P07")
@@ -1024,7 +1079,8 @@ class _Converter:
         st.stage_no += 1
         n = st.stage_no
         lines = [f"# Dockerfile line {ins.line}: {kw}"]
-        targets: list[str] = []
+        staged_all: list[str] = []
+        exclude = IgnoreRules(excludes) if excludes else None
         for k, src in enumerate(srcs):
             if add and _URL.match(src):
                 lines += self.add_url(ins, src, dest, dest_is_dir)
@@ -1034,18 +1090,26 @@ class _Converter:
                 if any(ch in path for ch in "*?["):
                     staged_dir = f"{STAGING}/from/{n}/{k}"
                     st.files.append((frm, path, staged_dir + "/"))
+                    staged_all.append(staged_dir)
                     self.note(ins, f"{kw} --from with wildcard", "approximated",
                               "matches are copied into the destination folder", "P03")
+                    lines += self.exclude_lines(ins, staged_dir, excludes)
                     lines.append(f"mkdir -p {_q(dest)} && cp -a {staged_dir}/. {_q(dest)}/")
                     continue
                 staged = f"{STAGING}/from/{n}/{k}/{_basename(path)}"
                 st.files.append((frm, path, staged))
+                staged_all.append(staged)
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} "
-                             f"{'dir' if dest_is_dir else 'file'}")
-                targets.append(dest if dest_is_dir or path.endswith("/") else dest)
+                lines += self.exclude_lines(ins, staged, excludes)
+                if parents:
+                    target = self.parents_dest(dest, src.lstrip("/"))
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(target)} file")
+                else:
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if dest_is_dir else 'file'}")
                 continue
             rels = self.context_sources(ins, src, allow_empty=True)
+            if exclude is not None:
+                rels = [r for r in rels if not (exclude.ignored(r) or exclude.ignored(_basename(r)))]
             many = dest_is_dir or len(rels) > 1
             for j, rel in enumerate(rels):
                 kk = f"{k}" if len(rels) == 1 else f"{k}.{j}"
@@ -1059,22 +1123,51 @@ class _Converter:
                         unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {_q(dest)}"
                     lines.append(f"mkdir -p {_q(dest)} && {unpack}")
                     self.note(ins, f"ADD {rel}", "translated", f"the archive is extracted into {dest}", "P08")
-                    targets.append(dest)
                     continue
-                staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
+                staged = self.stage_context(rel, n, kk, exclude)  # type: ignore[arg-type]
+                staged_all.append(staged)
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if many else 'file'}")
-                if ctx.is_dir(rel) or not many:
-                    targets.append(dest)
+                if parents:
+                    target = self.parents_dest(dest, rel, src)
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(target)} file")
                 else:
-                    targets.append(posixpath.join(dest, _basename(rel)))
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if many else 'file'}")
+        if chmod or chown:
+            # mode and owner are set on the staged copy, before it is copied into place (cp -a keeps
+            # them): only the files this instruction copies change, never what the destination held
+            fix = []
+            for p in dict.fromkeys(staged_all):
+                if chmod:
+                    fix.append(f"chmod -R {shlex.quote(chmod)} {shlex.quote(p)}")
+                if chown:
+                    fix.append(_chown_line(chown, shlex.quote(p)))
+            lines[1:1] = fix
         if chmod:
-            for t in dict.fromkeys(targets):
-                lines.append(f"chmod -R {shlex.quote(chmod)} {_q(t)}")
-            self.note(ins, f"{kw} --chmod", "translated", f"chmod {chmod} applied after the copy", "P04")
+            self.note(ins, f"{kw} --chmod", "translated", f"mode {chmod} set on the copied files", "P04")
         self.emit(*lines)
 
-    def copy_heredoc(self, ins: "Instruction", chmod: str | None) -> None:
+    def parents_dest(self, dest: str, rel: str, src: str | None = None) -> str:
+        """COPY --parents: the source's path is kept under the destination (after a ``/./`` marker
+        only the part after it, as BuildKit does)."""
+        keep = rel
+        if src is not None and "/./" in "/" + src:
+            marker = posixpath.normpath(("/" + src).rsplit("/./", 1)[0]).lstrip("/")
+            if marker and rel.startswith(marker + "/"):
+                keep = rel[len(marker) + 1:]
+        return posixpath.join(dest, keep) if keep else dest
+
+    def exclude_lines(self, ins: "Instruction", staged: str, excludes: list[str]) -> list[str]:
+        """--exclude for a copy from another stage: the staged copy is pruned in %post."""
+        out = []
+        for pat in excludes:
+            if not _GLOB_FILES.fullmatch(pat) or ".." in pat.split("/"):
+                raise self.fail(ins, f"--exclude={pat!r}: only plain names and * ? [ ] wildcards are supported")
+            sh = pat.replace("**/", "").strip("/")
+            out.append(f'find {shlex.quote(staged)} -mindepth 1 \\( -path {shlex.quote(staged + "/" + sh)} -o -name '
+                       f'{shlex.quote(sh)} \\) -exec rm -rf {{}} + 2>/dev/null || true')
+        return out
+
+    def copy_heredoc(self, ins: "Instruction", chmod: str | None, chown: str | None = None) -> None:
         words = self.words(ins, ins.args)
         dest_raw = self.path_value(ins, words[-1], "destination", shell=True)
         dest = self.abspath(dest_raw)
@@ -1103,6 +1196,8 @@ class _Converter:
                       f"cat > {_q(target)} <<'{marker}'", body.rstrip("\n"), marker]
             if chmod:
                 lines.append(f"chmod {shlex.quote(chmod)} {_q(target)}")
+            if chown:
+                lines.append(_chown_line(chown, _q(target)))
         self.note(ins, f"{ins.keyword} <<heredoc", "translated", f"written to {dest} in %post", "P20")
         self.emit(*lines)
 
@@ -1313,6 +1408,8 @@ class _Converter:
                 out.extend(_spython(self.label, st.line, "%environment", writer.create_env_section,
                                     [f'{k}="{v}"' for k, v in st.environment], "environment"))
             post = list(st.post)
+            if st.uses_mount:
+                post.insert(0, _MOUNT_FUNC)
             if st.uses_cp:
                 post.insert(0, _CP_FUNC)
             if st.files or any(STAGING in p for p in post):
@@ -1398,6 +1495,14 @@ def _signal_name(text: str) -> str | None:
         return next((f"SIG{k}" for k, v in _SIGNALS.items() if v == n), None)
     t = t.removeprefix("SIG")
     return f"SIG{t}" if t in _SIGNALS else None
+
+
+def _chown_line(owner: str, quoted_path: str) -> str:
+    """chown at build time; a fakeroot build without a subordinate id range cannot give files to
+    other ids, and then the files stay root's (said on the build log, not fatal)."""
+    shown = owner.replace(_REF, "").replace("'", "")
+    return (f"chown -R {_q(owner)} {quoted_path} 2>/dev/null || echo 'hpcexp: warning: could not chown "
+            f"{shown} (unknown user or group, or no subordinate ids for this build)' >&2")
 
 
 def _q(path: str) -> str:
