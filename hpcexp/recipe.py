@@ -1194,8 +1194,8 @@ class _Converter:
                 marker += "_"
             lines += [f"mkdir -p {_q(posixpath.dirname(target) or '/')}",
                       f"cat > {_q(target)} <<'{marker}'", body.rstrip("\n"), marker]
-            if chmod:
-                lines.append(f"chmod {shlex.quote(chmod)} {_q(target)}")
+            # Docker writes a heredoc file with mode 0644 (or --chmod), whatever the build's umask
+            lines.append(f"chmod {shlex.quote(chmod or '644')} {_q(target)}")
             if chown:
                 lines.append(_chown_line(chown, _q(target)))
         self.note(ins, f"{ins.keyword} <<heredoc", "translated", f"written to {dest} in %post", "P20")
