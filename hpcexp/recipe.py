@@ -778,12 +778,13 @@ class _Converter:
             except ValueError as exc:
                 raise self.fail(ins, str(exc)) from None
             self.global_only_note(ins, wp)
-        if len(pairs) > 1 and any(re.search(r"\$\{?" + k + r"(?![A-Za-z0-9_])", raw)
-                                  for k, _ in pairs for _, raw in pairs):
+        if len(pairs) > 1 and _refers_to_each_other(pairs):
             self.note(ins, "ENV with several pairs", "translated", "each value refers to the variables as they "
                       "were before this line, as in Docker", "P11")
-        keys = {k for k, _ in values}
-        together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
+        together = False
+        if len(values) > 1:
+            keys = {k for k, _ in values}
+            together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
         for key, value in values:
             st.env[key] = value
             self._wp = None
@@ -1503,6 +1504,17 @@ def _chown_line(owner: str, quoted_path: str) -> str:
     shown = owner.replace(_REF, "").replace("'", "")
     return (f"chown -R {_q(owner)} {quoted_path} 2>/dev/null || echo 'hpcexp: warning: could not chown "
             f"{shown} (unknown user or group, or no subordinate ids for this build)' >&2")
+
+
+def _refers_to_each_other(pairs: list[tuple[str, str]]) -> bool:
+    """Does a value of ``K1=V1 K2=V2`` name one of the line's own keys ($K or ${K})?"""
+    raws = [raw for _, raw in pairs if "$" in raw]
+    for key, _ in pairs:
+        for raw in raws:
+            if "$" + key in raw or "${" + key in raw:
+                if re.search(r"\$\{?" + key + r"(?![A-Za-z0-9_])", raw):
+                    return True
+    return False
 
 
 def _q(path: str) -> str:
