@@ -156,6 +156,24 @@ _CP_FUNC = r'''_hpcexp_cp() {  # Docker COPY semantics: a folder's contents, or 
     else mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"; fi
 }'''
 
+_AS_FUNC = r'''_hpcexp_as() {  # USER: run one step as USER[:GROUP] (Docker), if this build can switch users
+    _u="${1%%:*}"; _g=""; case "$1" in *:*) _g="${1#*:}";; esac; shift
+    case "$_u" in ""|root|0) "$@"; return;; esac
+    _uid=$(id -u "$_u" 2>/dev/null || echo "$_u")
+    [ -n "$_g" ] || _g=$(id -g "$_u" 2>/dev/null || echo "$_uid")
+    _gid=$(awk -F: -v g="$_g" '$1 == g { print $3; exit }' /etc/group 2>/dev/null || true)
+    [ -n "$_gid" ] || _gid="$_g"
+    _home=$(awk -F: -v u="$_uid" '$3 == u { print $6; exit }' /etc/passwd 2>/dev/null || true)
+    [ -n "$_home" ] || _home=/
+    for _sp in /usr/bin/setpriv /bin/setpriv setpriv; do  # util-linux's (busybox's cannot switch users)
+        if "$_sp" --reuid="$_uid" --regid="$_gid" --clear-groups true 2>/dev/null; then
+            HOME="$_home" USER="$_u" "$_sp" --reuid="$_uid" --regid="$_gid" --clear-groups "$@"
+            return
+        fi
+    done
+    echo "hpcexp: warning: cannot switch to user $_u (needs setpriv, subordinate ids): step runs as root" >&2
+    "$@"
+}'''
 _MOUNT_FUNC = r'''_hpcexp_hide() {  # RUN --mount: TARGET is an empty folder for one step, what it held is put aside
     if [ -e "$1" ] || [ -L "$1" ]; then mkdir -p /.hpcexp/hidden && mv "$1" "/.hpcexp/hidden/$2"; fi
     mkdir -p "$1"; cd "$PWD" 2>/dev/null || true
@@ -453,6 +471,8 @@ class _Stage:
     stage_no: int = 0              # staging counter
     uses_cp: bool = False
     uses_mount: bool = False
+    uses_as: bool = False
+    run_as: str | None = None      # USER (not root): later RUN steps run as this user
     ext_before: list[str] = field(default_factory=list)
     base_ref: str | None = None
     merged_from: str | None = None
@@ -822,6 +842,8 @@ class _Converter:
         """Lines running ``text`` like Docker's ``SHELL + [text]`` (default: sh -c, no -e)."""
         st = self.cur
         assert st is not None
+        if st.run_as is not None:  # USER: a process of its own, switched to that user
+            return [f"_hpcexp_as {_q(st.run_as)} {shlex.join([*st.shell, text.rstrip(chr(10))])}"]
         if st.shell == DEFAULT_SHELL:
             return ["(", "set +e", text.rstrip("\n"), ")"]
         return [shlex.join([*st.shell, text])]
@@ -847,6 +869,8 @@ class _Converter:
             if not ins.exec_form:
                 raise self.fail(ins, "the exec form [] is empty")
             body = [shlex.join(ins.exec_form)]
+            if st.run_as is not None:
+                body = [f"_hpcexp_as {_q(st.run_as)} {body[0]}"]
             self.note(ins, "RUN [exec form]", "translated", "the argument list is run without a shell, "
                       "each argument quoted", "P23")
         elif ins.heredocs:
@@ -1237,13 +1261,23 @@ class _Converter:
         self.emit(f"mkdir -p {_q(st.workdir)}")
 
     def do_user(self, ins: "Instruction") -> None:
-        user = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
+        st = self.cur
+        assert st is not None
+        words = self.words(ins, ins.args) if ins.args.strip() else []
+        if len(words) != 1:
+            raise self.fail(ins, "expects one user, e.g. USER app or USER 1000:1000")
+        user = self.path_value(ins, words[0], "user", shell=True)
+        shown = user.replace(_REF, "")
         if user.split(":")[0] in ("root", "0"):
-            self.note(ins, f"USER {user}", "translated", "the build runs as root anyway")
+            st.run_as = None
+            self.note(ins, f"USER {shown}", "translated", "later RUN steps run as root, as in Docker")
             return
-        self.note(ins, f"USER {user}", "dropped",
-                  f"Apptainer runs the container as whoever starts it, not as {user!r}; later RUN steps run as "
-                  "root, so files they create belong to root and ~ means /root during the build", "P13")
+        st.run_as = user
+        st.uses_as = True
+        self.note(ins, f"USER {shown}", "approximated",
+                  f"later RUN steps run as {shown} during the build, as in Docker, when the build can switch "
+                  "users (setpriv in the image and subordinate ids for the build; otherwise as root, with a "
+                  "warning in the build log); the container itself runs as whoever starts it", "P13")
 
     def do_shell(self, ins: "Instruction") -> None:
         st = self.cur
@@ -1411,6 +1445,8 @@ class _Converter:
             post = list(st.post)
             if st.uses_mount:
                 post.insert(0, _MOUNT_FUNC)
+            if st.uses_as:
+                post.insert(0, _AS_FUNC)
             if st.uses_cp:
                 post.insert(0, _CP_FUNC)
             if st.files or any(STAGING in p for p in post):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import textwrap
 import time
@@ -101,6 +103,18 @@ DOCKERFILES = {
         ENTRYPOINT trap 'echo "got-int"; exit 0' INT; echo "ep0=$0 args=$#"; while :; do sleep 0.1; done
         CMD ["ignored"]
         """,
+    # USER uid:gid and USER name: later RUN steps run as that user (a base with util-linux setpriv)
+    "user": """\
+        FROM withsetpriv:latest
+        RUN mkdir -p /home/app && chown 1000:1000 /home/app
+        USER 1000:1000
+        RUN id -u > /home/app/ids.txt && id -g >> /home/app/ids.txt && echo "$HOME" >> /home/app/ids.txt
+        USER app
+        RUN touch /home/app/by-name
+        USER root
+        RUN id -u > /root-again.txt
+        ENTRYPOINT ["id", "-u"]
+        """,
     # the fixes of this round: legacy KEY VALUE, variables the base image defines, empty wildcard
     "legacy": """\
         FROM busybox:latest
@@ -122,10 +136,34 @@ def _tree(root: Path, files: dict[str, str]) -> None:
         p.write_text(text)
 
 
+def _setpriv_base(busybox_sif: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """busybox plus the host's util-linux setpriv (and the libraries it loads), users app/root."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("util-linux setpriv is not installed")
+    root = tmp_path_factory.mktemp("setpriv-rootfs") / "root"
+    subprocess.run(["apptainer", "build", "--sandbox", "-F", str(root), str(busybox_sif)], check=True,
+                   capture_output=True)
+    libs = re.findall(r"(/\S+\.so[.\d]*)", subprocess.run(["ldd", setpriv], capture_output=True, text=True,
+                                                          check=True).stdout)
+    for src in [setpriv, *libs]:
+        dst = root / src.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(src), dst)
+    (root / "usr" / "bin" / "setpriv").chmod(0o755)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
+    out = root.parent / "setpriv.sif"
+    subprocess.run(["apptainer", "build", "-F", str(out), str(root)], check=True, capture_output=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def images(busybox_sif: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     proj = tmp_path_factory.mktemp("features-e2e")
-    (proj / "hpcexp.yaml").write_text(f"bases:\n  busybox:latest: {{sif: {json.dumps(str(busybox_sif))}}}\n")
+    setpriv_sif = _setpriv_base(busybox_sif, tmp_path_factory)
+    (proj / "hpcexp.yaml").write_text(f"bases:\n  busybox:latest: {{sif: {json.dumps(str(busybox_sif))}}}\n"
+                                      f"  withsetpriv:latest: {{sif: {json.dumps(str(setpriv_sif))}}}\n")
     for name, text in DOCKERFILES.items():
         exp = proj / "experiments" / name
         exp.mkdir(parents=True)
@@ -316,7 +354,8 @@ def test_numeric_user_exec_entrypoint_and_report(images, img):
     me = _exec(sif, "id", "-u").strip()
     assert me == str(os.getuid())
     by = {n["construct"].split()[0]: n for n in _report(images, "runs")["notes"]}
-    assert by["USER"]["action"] == "dropped" and "1000:1000" in by["USER"]["construct"]
+    assert by["USER"]["action"] == "approximated" and "1000:1000" in by["USER"]["construct"]
+    assert "whoever starts it" in by["USER"]["reason"]
     for construct, code in (("EXPOSE", "P27"), ("HEALTHCHECK", "P24"), ("ONBUILD", "P25")):
         assert by[construct]["code"] == code and by[construct]["reason"]
         assert by[construct]["action"] == "dropped"
@@ -351,6 +390,15 @@ def test_stopsignal_used_by_hpcexp_stop(images):
     assert rec["stop_signal"] == "SIGINT"
     assert rec["state"] == "cancelled" and rec["signal"] == 2
     assert "got-int" in log.read_text()  # the payload saw SIGINT (SIGTERM would have killed it silently)
+
+
+def test_user_runs_later_steps_as_that_user(images, img):
+    sif = img("user")
+    assert _exec(sif, "cat", "/home/app/ids.txt") == "1000\n1000\n/home/app\n"
+    assert _exec(sif, "stat", "-c", "%u:%g", "/home/app/ids.txt", "/home/app/by-name", fakeroot=True) == \
+        "1000:1000\n1000:1000\n"
+    assert _exec(sif, "cat", "/root-again.txt") == "0\n"
+    assert _run(sif) == f"{os.getuid()}\n"  # the container runs as whoever starts it
 
 
 # -- legacy KEY VALUE, base-image variables, empty wildcard -------------------------------
