@@ -78,8 +78,22 @@ def parse_env_scripts(scripts: list[tuple[str, str]]) -> dict[str, str]:
     return env
 
 
-def sif_environment(sif: Path) -> dict[str, str]:
-    """The environment of a local SIF; empty when it cannot be read (never an error)."""
+def _read_cache(cache_file: Path | None) -> dict:
+    if cache_file is None:
+        return {}
+    try:
+        data = json.loads(cache_file.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sif_environment(sif: Path, cache_file: Path | None = None) -> dict[str, str]:
+    """The environment of a local SIF; empty when it cannot be read (never an error).
+
+    ``cache_file`` (JSON, keyed by the SIF's path, size, mtime and inode) keeps what
+    ``apptainer inspect`` said, so converting again (every ``hpcexp build``) runs nothing.
+    """
     try:
         st = os.stat(sif)
     except OSError:
@@ -87,6 +101,13 @@ def sif_environment(sif: Path) -> dict[str, str]:
     key = (str(sif), st.st_size, st.st_mtime_ns)
     if key in _CACHE:
         return dict(_CACHE[key])
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    disk = _read_cache(cache_file)
+    hit = disk.get(str(sif))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("environment"), dict):
+        env = {str(k): str(v) for k, v in hit["environment"].items()}
+        _CACHE[key] = env
+        return dict(env)
     env: dict[str, str] | None = None
     try:
         side = json.loads(sif.with_suffix(".json").read_text(encoding="utf-8"))
@@ -107,6 +128,16 @@ def sif_environment(sif: Path) -> dict[str, str]:
                     env = parse_env_scripts([("env", data)])
         except Exception as exc:  # noqa: BLE001 - no apptainer, odd output: the shell decides then
             log.debug("cannot read the environment of %s: %s", sif, exc)
-            env = {}
+            _CACHE[key] = {}
+            return {}
+        if cache_file is not None:
+            disk[str(sif)] = {"stamp": stamp, "environment": env}
+            try:
+                from hpcexp import atomic
+
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_json(cache_file, disk)
+            except Exception as exc:  # noqa: BLE001 - a cache that cannot be written only costs time
+                log.debug("cannot write %s: %s", cache_file, exc)
     _CACHE[key] = env
     return dict(env)

@@ -1662,7 +1662,7 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
             from hpcexp.baseenv import sif_environment
 
             sif = Path(spec.sif) if Path(spec.sif).is_absolute() else project.root / spec.sif
-            env = sif_environment(sif)
+            env = sif_environment(sif, project.cache_dir / "base-environments.json")
             if env:
                 res = dataclasses.replace(res, environment=tuple(sorted(env.items())))
         return res

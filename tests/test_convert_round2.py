@@ -121,6 +121,24 @@ def test_sif_environment_from_sidecar_and_missing_file(tmp_path: Path) -> None:
     assert baseenv.sif_environment(tmp_path / "nope.sif") == {}
 
 
+def test_sif_environment_inspected_once_then_cached_on_disk(tmp_path: Path, monkeypatch) -> None:
+    sif = tmp_path / "base.sif"
+    sif.write_bytes(b"sif")
+    calls = []
+    out = '{"data": {"attributes": {"environment": {"/.singularity.d/env/90-environment.sh": "export HOME=/h"}}}}'
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return baseenv.process.Result(tuple(argv), 0, out, "")
+
+    monkeypatch.setattr(baseenv.process, "run", fake_run)
+    cache = tmp_path / "cache" / "env.json"
+    assert baseenv.sif_environment(sif, cache) == {"HOME": "/h"}
+    baseenv._CACHE.clear()  # a new process: only the file is left
+    assert baseenv.sif_environment(sif, cache) == {"HOME": "/h"}
+    assert len(calls) == 1 and calls[0][:3] == ["apptainer", "inspect", "--environment"]
+
+
 # -- wildcards that match nothing ------------------------------------------------------
 
 def test_wildcard_matching_nothing_copies_nothing(tmp_path: Path) -> None:
