@@ -562,7 +562,8 @@ class _Converter:
                 self.note(ins, f"{ins.keyword} {what}", "approximated",
                           f"${', $'.join(names)} is not set by this Dockerfile, so Docker would take it from the "
                           "base image's environment; the recipe leaves it to the shell at build and run time "
-                          "(the base image's value, or empty)", "P33")
+                          "(the base image's environment plus Apptainer's: HOME is /root during the build and "
+                          "the invoking user's home at run time)", "P33")
                 return "".join(s if isinstance(s, str) else _REF + render_shell((s,)) + _REF for s in value)
             self.note(ins, f"{ins.keyword} {what}", "approximated",
                       f"${', $'.join(names)} comes from the base image, unknown at conversion time; "

@@ -166,3 +166,11 @@ def test_stopsignal_recorded(tmp_path: Path, value: str, name: str) -> None:
 def test_stopsignal_invalid(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match=r"Dockerfile:2: STOPSIGNAL: 'SIGNOPE' is not a signal"):
         conv(tmp_path, "FROM alpine\nSTOPSIGNAL SIGNOPE\n")
+
+
+@pytest.mark.parametrize("recorded, sent", [("SIGINT", "SIGINT"), ("SIGUSR1", "SIGUSR1"), (None, "SIGTERM"),
+                                            ("SIGKILL", "SIGTERM"), ("SIGNOPE", "SIGTERM"), (15, "SIGTERM")])
+def test_local_stop_sends_the_recorded_stopsignal(recorded, sent) -> None:
+    from hpcexp import local
+
+    assert local._stop_signal(recorded).name == sent
