@@ -1,8 +1,8 @@
 """A real Dockerfile tokenizer: parser directives, continuations, comments, heredocs, flags, JSON form.
 
 spython reads Dockerfiles as raw physical lines and guesses instructions from the first
-word of each line (spython-gaps.md "How spython works"), which is the root of P20, P22,
-P23, P28, P29 and P30. This module follows the Dockerfile reference instead:
+word of each line, which is the root of P20, P22, P23, P28, P29 and P30 (docs/conversion.md).
+This module follows the Dockerfile reference instead:
 
 * parser directives (``# escape=``, ``# syntax=``) only at the very top;
 * a logical line is physical lines joined on the escape character; whole-line comments

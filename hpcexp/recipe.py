@@ -3,7 +3,7 @@
 The build, the CLI and the tests depend only on :class:`Conversion`, :class:`Note`,
 :class:`BaseResolution` and :func:`convert` below.
 
-Pipeline (why it looks like this: /work/shared/notes/spython-gaps.md, codes P01..P31):
+Pipeline (why it looks like this, and the codes P01..P33 of the fidelity report: docs/conversion.md):
 
 1. :mod:`hpcexp.dockerfile` tokenizes the Dockerfile (directives, continuations, comments,
    heredocs, flags, JSON form). spython reads raw lines and guesses, which is where most of
