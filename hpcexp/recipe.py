@@ -812,9 +812,12 @@ class _Converter:
             shown = render_shell(value)
             if not together:
                 self.emit(f'export {key}="{shown}"')
-            st.environment.append((key, shown))
+                st.environment.append((key, shown))
         if together:  # one export: the shell expands all its words before assigning any (Docker's rule)
             self.emit("export " + " ".join(f'{k}="{render_shell(v)}"' for k, v in values))
+            # %environment is one export per line: a variable is set only after every value that
+            # refers to its previous value (`A=2 B=$A`: B first)
+            st.environment.extend((k, render_shell(v)) for k, v in _referrers_first(values))
 
     # -- LABEL / MAINTAINER -----------------------------------------------------------
     def do_label(self, ins: "Instruction") -> None:
@@ -1541,6 +1544,21 @@ def _chown_line(owner: str, quoted_path: str) -> str:
     shown = owner.replace(_REF, "").replace("'", "")
     return (f"chown -R {_q(owner)} {quoted_path} 2>/dev/null || echo 'hpcexp: warning: could not chown "
             f"{shown} (unknown user or group, or no subordinate ids for this build)' >&2")
+
+
+def _referrers_first(values: list[tuple[str, "Value"]]) -> list[tuple[str, "Value"]]:
+    """Order ``values`` so that each key comes after the values referring to it (cycles keep line order)."""
+    todo = list(values)
+    out: list[tuple[str, Value]] = []
+    while todo:
+        for i, (key, _) in enumerate(todo):
+            if not any(isinstance(seg, dfmod.Ref) and seg.name == key for k, v in todo if k != key for seg in v):
+                out.append(todo.pop(i))
+                break
+        else:
+            out.extend(todo)
+            break
+    return out
 
 
 def _refers_to_each_other(pairs: list[tuple[str, str]]) -> bool:

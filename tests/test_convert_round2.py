@@ -174,3 +174,15 @@ def test_local_stop_sends_the_recorded_stopsignal(recorded, sent) -> None:
     from hpcexp import local
 
     assert local._stop_signal(recorded).name == sent
+
+
+def test_env_pairs_referring_to_base_values(tmp_path: Path) -> None:
+    # PATH/A come from the base (unknown here): the shell must see their OLD values for B and C
+    c = conv(tmp_path, "FROM x\nENV A=2 B=$A C=${B}x PATH=/opt/bin:$PATH\n")
+    post = section(c.recipe, "post")
+    assert 'export A="2" B="${A}" C="${B}x" PATH="/opt/bin:${PATH}"' in post
+    env = [ln for ln in section(c.recipe, "environment").splitlines() if ln.startswith("export")]
+    assert env.index('export C="${B}x"') < env.index('export B="${A}"') < env.index('export A="2"')
+    script = "A=1; B=b; " + "; ".join(env) + '; echo "$A|$B|$C"'
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out == "2|1|bx\n"
