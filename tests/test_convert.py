@@ -278,15 +278,15 @@ def project(tmp_path):
 def test_cli_convert_writes_recipe_and_report(project):
     proc = run_cli("convert", "hello", "--arch", "amd64", "--build-arg", "WHO=cli", cwd=project)
     assert proc.returncode == 0, proc.stderr
-    assert "hello.amd64.def: 3 notes (1 dropped)" in proc.stderr
-    assert "USER nobody: dropped" in proc.stderr
+    assert "hello.amd64.def: 3 notes (1 approximated)" in proc.stderr
+    assert "USER nobody: approximated" in proc.stderr
     recipe = (project / "recipes" / "hello.amd64.def").read_text()
     assert "Bootstrap: localimage\nFrom: ../../bases/busybox.sif\n" in recipe
     assert 'export G="yaml"' in recipe and 'export W="cli"' in recipe
     assert "experiments/hello/Dockerfile" in recipe.splitlines()[0] and str(project) not in recipe
     report = json.loads((project / "recipes" / "hello.amd64.report.json").read_text())
     assert report["dockerfile"] == "experiments/hello/Dockerfile"
-    assert report["counts"]["dropped"] == 1 and report["notes"][0]["line"] >= 0
+    assert report["counts"]["approximated"] == 1 and report["notes"][0]["line"] >= 0
     assert report["base_refs"] == ["busybox:latest"]
 
 

@@ -1,4 +1,4 @@
-"""Golden Dockerfile -> recipe pairs, one or more per defect code of spython-gaps.md (P01..P31).
+"""Golden Dockerfile -> recipe pairs, one or more per fidelity code of docs/conversion.md (P01..P33).
 
 Each folder of tests/golden/convert holds a Dockerfile (plus the context files it copies,
 optionally build-args.json) and the reviewed expected output: expected.def and

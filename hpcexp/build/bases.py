@@ -18,6 +18,7 @@ under a lock like any image.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -310,6 +311,17 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
 
     def resolve(ref: str) -> BaseResolution | None:
         spec = mapping.get(ref)
-        return None if spec is None else resolution(project, spec, ctx)
+        if spec is None:
+            return None
+        res = resolution(project, spec, ctx)
+        if spec.kind == "sif" and spec.sif is not None and not res.environment:
+            # What a Dockerfile FROM this image sees: its environment, when hpcexp can read it
+            from hpcexp.convert.baseenv import sif_environment
+
+            sif = Path(spec.sif) if Path(spec.sif).is_absolute() else project.root / spec.sif
+            env = sif_environment(sif, project.cache_dir / "base-environments.json")
+            if env:
+                res = dataclasses.replace(res, environment=tuple(sorted(env.items())))
+        return res
 
     return resolve

@@ -95,6 +95,7 @@ class ImageInfo:
     build_seconds: float | None = None
     cmd: tuple[str, ...] | None = None        # the Dockerfile's CMD / ENTRYPOINT (argv), for the run's
     entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.runtime.launch.plan)
+    stopsignal: str | None = None              # the Dockerfile's STOPSIGNAL: what `hpcexp stop` sends first
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,8 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         workdir=prep.conversion.workdir, built=built, sidecar=prep.image.with_suffix(".json"),
         apptainer_version=sidecar.get("apptainer_version"),
         build_seconds=sidecar.get("build_seconds") if built else None,
-        cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint)
+        cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint,
+        stopsignal=getattr(prep.conversion, "stopsignal", None))
 
 
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:
@@ -378,6 +380,8 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         "base_refs": list(conv.base_refs),
         "bases": [{"ref": r, "digest": d} for r, d in base_digests],
         "workdir": conv.workdir, "build_args": dict(conv.build_args),
+        # what a Dockerfile FROM this image would see (hpcexp.convert.baseenv), and what `hpcexp stop` sends
+        "environment": dict(conv.environment), "stopsignal": conv.stopsignal,
     }
     size_hint = 0
     for _, absolute in conv.context_files:

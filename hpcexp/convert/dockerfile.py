@@ -1,8 +1,8 @@
 """A real Dockerfile tokenizer: parser directives, continuations, comments, heredocs, flags, JSON form.
 
 spython reads Dockerfiles as raw physical lines and guesses instructions from the first
-word of each line (spython-gaps.md "How spython works"), which is the root of P20, P22,
-P23, P28, P29 and P30. This module follows the Dockerfile reference instead:
+word of each line, which is the root of P20, P22, P23, P28, P29 and P30 (docs/conversion.md).
+This module follows the Dockerfile reference instead:
 
 * parser directives (``# escape=``, ``# syntax=``) only at the very top;
 * a logical line is physical lines joined on the escape character; whole-line comments
@@ -148,9 +148,6 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
         raise ConvertError(f"{label}:{i}: invalid escape directive {esc[:4]!r}: must be \\ or `")
     df.escape = esc
 
-    def continues(s: str) -> bool:
-        return s.rstrip().endswith(esc)
-
     while i < n:
         raw = lines[i]
         stripped = raw.strip()
@@ -160,22 +157,26 @@ def parse(text: str, path: Path, label: str | None = None) -> Dockerfile:
         start = i
         parts: list[str] = []
         cur = raw.lstrip()
-        while True:
-            if continues(cur):
-                body = cur.rstrip()
-                parts.append(body[:-1])
-                i += 1
-                # skip comment lines and blank lines inside the continuation (Docker removes them)
-                while i < n and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
-                    i += 1
-                if i >= n:
-                    break
-                cur = lines[i]
-                continue
-            parts.append(cur)
+        if not stripped.endswith(esc):  # one physical line (the usual case): no joining
+            parts.append(stripped)
             i += 1
-            break
-        logical = "".join(parts)
+        else:
+            while True:
+                body = cur.rstrip()
+                if body.endswith(esc):
+                    parts.append(body[:-1])
+                    i += 1
+                    # skip comment lines and blank lines inside the continuation (Docker removes them)
+                    while i < n and (not lines[i].strip() or lines[i].lstrip().startswith("#")):
+                        i += 1
+                    if i >= n:
+                        break
+                    cur = lines[i]
+                    continue
+                parts.append(cur)
+                i += 1
+                break
+        logical = parts[0] if len(parts) == 1 else "".join(parts)
         end = i  # 1-based last line == index i
         word, _, rest = logical.strip().partition(" ")
         if "\t" in word:
@@ -258,12 +259,19 @@ class Ref:
 Value = tuple  # tuple[str | Ref, ...]
 
 
+_DQ_SPECIAL = re.compile(r'[\\"$`]')
+
+
 def _esc_dq(s: str) -> str:
+    if not _DQ_SPECIAL.search(s):
+        return s
     return s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
 
 
 def render_shell(value: Value) -> str:
     """A value as the inside of a double-quoted shell string (refs stay references)."""
+    if len(value) == 1 and value[0].__class__ is str:
+        return _esc_dq(value[0])
     out = []
     for seg in value:
         if isinstance(seg, Ref):
@@ -275,6 +283,8 @@ def render_shell(value: Value) -> str:
 
 def literal(value: Value) -> str:
     """The text of a value with unknown references replaced by their Docker fallback."""
+    if len(value) == 1 and value[0].__class__ is str:  # the usual case: one plain string
+        return value[0]
     out = []
     for seg in value:
         if isinstance(seg, Ref):
@@ -286,7 +296,10 @@ def literal(value: Value) -> str:
 
 
 def has_refs(value: Value) -> bool:
-    return any(isinstance(s, Ref) for s in value)
+    for s in value:  # a loop, not any(genexpr): this runs for every word of every instruction
+        if s.__class__ is not str:
+            return True
+    return False
 
 
 def _join(segs: list) -> Value:

@@ -3,7 +3,7 @@
 The build, the CLI and the tests depend only on :class:`Conversion`, :class:`Note`,
 :class:`BaseResolution` and :func:`convert` below.
 
-Pipeline (why it looks like this: /work/shared/notes/spython-gaps.md, codes P01..P31):
+Pipeline (why it looks like this, and the codes P01..P33 of the fidelity report: docs/conversion.md):
 
 1. :mod:`hpcexp.convert.dockerfile` tokenizes the Dockerfile (directives, continuations, comments,
    heredocs, flags, JSON form). spython reads raw lines and guesses, which is where most of
@@ -82,6 +82,7 @@ class BaseResolution:
     bootstrap: str       # "docker" | "localimage" | "oras" | "library" | ...
     source: str          # the From: value (a path for localimage, a reference otherwise)
     headers: tuple[tuple[str, str], ...] = ()  # extra header lines (debootstrap: OSVersion, MirrorURL, Include)
+    environment: tuple[tuple[str, str], ...] = ()  # the base image's environment, when hpcexp can read it
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Conversion:
     source_label: str = ""                        # how the recipe header names the Dockerfile
     cmd: tuple[str, ...] | None = None            # last stage's CMD as an argv (shell form: sh -c TEXT)
     entrypoint: tuple[str, ...] | None = None     # last stage's ENTRYPOINT as an argv
+    environment: Mapping[str, str] = field(default_factory=dict)  # the image's known environment (base + ENV)
+    stopsignal: str | None = None                 # last stage's STOPSIGNAL, as a signal name (SIGINT...)
 
     @property
     def approximated(self) -> bool:
@@ -123,6 +126,7 @@ class Conversion:
             "base_refs": list(self.base_refs),
             "build_args": dict(sorted(self.build_args.items())),
             "workdir": self.workdir,
+            "stopsignal": self.stopsignal,
             "context_files": [rel for rel, _ in self.context_files],
             "counts": self.counts(),
             "notes": [{"line": n.line, "construct": n.construct, "action": n.action, "reason": n.reason,
@@ -139,13 +143,44 @@ _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f]")
 _ARG_COMMENT = re.compile(r"(^|\s)#")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SPACES = re.compile(r"\s+")
+_REF = "\x00"  # brackets a base-image variable inside a path (see _q)
+_LEGACY_SPLIT = re.compile(r"[\t\v\f\r ]+")
 _CHMOD = re.compile(r"[0-7]{3,4}|[ugoa]*[-+=][rwxXst]*(,[ugoa]*[-+=][rwxXst]*)*")
+_CHOWN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
 _URL = re.compile(r"^(https?|git)://|^git@")
 _SIMPLE_PAIRS = re.compile(r"""\s*(?:[A-Za-z_][A-Za-z0-9_.-]*=(?:"[^"\\`]*"|'[^'\\`]*'|[^\s"'\\`]+)(?:\s+|$))+""")
 _CP_FUNC = r'''_hpcexp_cp() {  # Docker COPY semantics: a folder's contents, or a file (into DEST if a folder)
     if [ -d "$1" ] && [ ! -L "$1" ]; then mkdir -p "$2" && cp -a "$1/." "$2/"
     elif [ "$3" = dir ] || [ -d "$2" ]; then mkdir -p "$2" && cp -a "$1" "$2/"
     else mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"; fi
+}'''
+
+_AS_FUNC = r'''_hpcexp_as() {  # USER: run one step as USER[:GROUP] (Docker), if this build can switch users
+    _u="${1%%:*}"; _g=""; case "$1" in *:*) _g="${1#*:}";; esac; shift
+    case "$_u" in ""|root|0) "$@"; return;; esac
+    _uid=$(id -u "$_u" 2>/dev/null || echo "$_u")
+    [ -n "$_g" ] || _g=$(id -g "$_u" 2>/dev/null || echo "$_uid")
+    _gid=$(awk -F: -v g="$_g" '$1 == g { print $3; exit }' /etc/group 2>/dev/null || true)
+    [ -n "$_gid" ] || _gid="$_g"
+    _home=$(awk -F: -v u="$_uid" '$3 == u { print $6; exit }' /etc/passwd 2>/dev/null || true)
+    [ -n "$_home" ] || _home=/
+    for _sp in /usr/bin/setpriv /bin/setpriv setpriv; do  # util-linux's (busybox's cannot switch users)
+        if "$_sp" --reuid="$_uid" --regid="$_gid" --clear-groups true 2>/dev/null; then
+            HOME="$_home" USER="$_u" "$_sp" --reuid="$_uid" --regid="$_gid" --clear-groups "$@"
+            return
+        fi
+    done
+    echo "hpcexp: warning: cannot switch to user $_u (needs setpriv, subordinate ids): step runs as root" >&2
+    "$@"
+}'''
+_MOUNT_FUNC = r'''_hpcexp_hide() {  # RUN --mount: TARGET is an empty folder for one step, what it held is put aside
+    if [ -e "$1" ] || [ -L "$1" ]; then mkdir -p /.hpcexp/hidden && mv "$1" "/.hpcexp/hidden/$2"; fi
+    mkdir -p "$1"; cd "$PWD" 2>/dev/null || true
+}
+_hpcexp_unhide() {  # after the step: drop what the step left there, put the original back
+    rm -rf "$1"
+    if [ -e "/.hpcexp/hidden/$2" ] || [ -L "/.hpcexp/hidden/$2" ]; then mv "/.hpcexp/hidden/$2" "$1"; fi
+    cd "$PWD" 2>/dev/null || true
 }'''
 
 
@@ -439,10 +474,15 @@ class _Stage:
     runscript_line: int = 0
     stage_no: int = 0              # staging counter
     uses_cp: bool = False
+    uses_mount: bool = False
+    uses_as: bool = False
+    run_as: str | None = None      # USER (not root): later RUN steps run as this user
     ext_before: list[str] = field(default_factory=list)
     base_ref: str | None = None
     merged_from: str | None = None
     ctx_files: set[str] = field(default_factory=set)
+    base_env: dict[str, str] = field(default_factory=dict)   # the base image's own environment, when known
+    stopsignal: str | None = None
 
 
 class _Converter:
@@ -469,10 +509,13 @@ class _Converter:
         self.base_refs: list[str] = []
         self.cur: _Stage | None = None
         self._wp: WordProcessor | None = None     # the stage's word processor; reset when ARG/ENV change
+        self.base_env: dict[str, str] = {}        # environment of the last base resolved (local SIF)
 
     # -- helpers ----------------------------------------------------------------------
     def note(self, ins: "Instruction | None", construct: str, action: str, reason: str,
              code: str | None = None) -> None:
+        if _REF in construct or _REF in reason:  # a base-image variable inside a path: show it as ${NAME}
+            construct, reason = construct.replace(_REF, ""), reason.replace(_REF, "")
         self.notes.append(Note(ins.line if ins else 0, construct, action, reason, code))
 
     def fail(self, ins: "Instruction", msg: str, hint: str | None = None) -> ConvertError:
@@ -513,9 +556,19 @@ class _Converter:
                 self.note(ins, f"${name}", "translated", f"{name} is a global ARG not declared in this stage, so it "
                           f"expands to nothing, as in Docker (add `ARG {name}` after FROM to use it)", "P02")
 
-    def path_value(self, ins: "Instruction", value: "Value", what: str) -> str:
+    def path_value(self, ins: "Instruction", value: "Value", what: str, shell: bool = False) -> str:
+        """A path as text. A variable the base image may define (unknown here) is taken as unset
+        for sources; for destinations and WORKDIR (``shell``) it is left to the shell at build and
+        run time: the path then holds the reference between two NULs, see :func:`_q`."""
         if has_refs(value):
             names = sorted({s.name for s in value if not isinstance(s, str)})
+            if shell:
+                self.note(ins, f"{ins.keyword} {what}", "approximated",
+                          f"${', $'.join(names)} is not set by this Dockerfile, so Docker would take it from the "
+                          "base image's environment; the recipe leaves it to the shell at build and run time "
+                          "(the base image's environment plus Apptainer's: HOME is /root during the build and "
+                          "the invoking user's home at run time)", "P33")
+                return "".join(s if isinstance(s, str) else _REF + render_shell((s,)) + _REF for s in value)
             self.note(ins, f"{ins.keyword} {what}", "approximated",
                       f"${', $'.join(names)} comes from the base image, unknown at conversion time; "
                       "taken as unset", "P05")
@@ -523,7 +576,7 @@ class _Converter:
 
     def abspath(self, path: str) -> str:
         assert self.cur is not None
-        if not path.startswith("/"):
+        if not path.startswith(("/", _REF)):
             path = posixpath.join(self.cur.workdir, path)
         norm = posixpath.normpath(path)
         return "/" if norm in ("/", "//") else norm.replace("//", "/")
@@ -536,7 +589,7 @@ class _Converter:
         st = self.cur
         assert st is not None
         if st.workdir_set and st.cwd_emitted != st.workdir:
-            self.emit(f"cd {shlex.quote(st.workdir)}")
+            self.emit(f"cd {_q(st.workdir)}")
             st.cwd_emitted = st.workdir
 
     # -- driver -----------------------------------------------------------------------
@@ -610,9 +663,15 @@ class _Converter:
                       "are repeated in this one", "P02")
         else:
             st = _Stage(index=index, name=name, alias=alias, line=ins.line)
+            self.base_env = {}
             st.header = self.base_header(ins, ref)
             if ref != "scratch":
                 st.base_ref = ref
+            if self.base_env:
+                st.env = {k: (v,) for k, v in self.base_env.items()}
+                st.base_env = dict(self.base_env)
+                self.note(ins, f"FROM {ref}", "translated", f"the base image's environment is read from the image "
+                          f"({len(self.base_env)} variables): $VAR references to it expand as in Docker", "P33")
         if alias is None and index > 0:
             self.note(ins, "FROM (unnamed stage)", "translated", f"stage {index} is named {name!r}", "P02")
         self.stages.append(st)
@@ -635,6 +694,7 @@ class _Converter:
         if ref not in self.base_refs:
             self.base_refs.append(ref)
         res = self.resolve_base(ref) if self.resolve_base else None
+        self.base_env = dict(res.environment) if res is not None else {}
         if res is None:
             return ["Bootstrap: docker", f"From: {ref}"]
         lines = [f"Bootstrap: {res.bootstrap}"]
@@ -705,15 +765,17 @@ class _Converter:
         tokens = _split_unquoted(text)
         first = tokens[0] if tokens else ""
         if "=" not in first:
-            if keyword == "LABEL":
-                raise self.fail(ins, "expects KEY=VALUE pairs")
-            key, _, rest = text.strip().partition(" ")
-            if not rest.strip():
-                raise self.fail(ins, f"{key!r} needs a value")
-            if len(rest.split()) > 1:
-                self.note(ins, "ENV KEY value (legacy form)", "translated",
-                          "the whole rest of the line is the value, as in Docker", "P10")
-            return [(key, rest.strip())]
+            # Docker's legacy one-pair form (its parser's "old format"): the key is the text up to
+            # the first run of whitespace, the value is ALL the rest of the line, taken as one word
+            # (quotes removed, variables expanded, inner spaces kept): `LABEL version = "2.0"` is
+            # the label `version` with the value `= 2.0`.
+            parts = _LEGACY_SPLIT.split(text.strip(), maxsplit=1)
+            if len(parts) < 2 or not parts[1]:
+                raise self.fail(ins, f"{parts[0][:40]!r} needs a value (KEY=VALUE, or the legacy KEY VALUE)")
+            key, rest = parts
+            self.note(ins, f"{keyword} KEY value (legacy form)", "translated",
+                      "the whole rest of the line is the value, as in Docker", "P10")
+            return [(key, rest)]
         if _SIMPLE_PAIRS.fullmatch(text):
             # plain KEY=VALUE / KEY="quoted value" pairs: spython's parse_env splits these right
             spy = _spython_mod()
@@ -728,20 +790,38 @@ class _Converter:
     def do_env(self, ins: "Instruction") -> None:
         st = self.cur
         assert st is not None
-        for key, raw in self.env_pairs(ins, "ENV"):
+        pairs = self.env_pairs(ins, "ENV")
+        # Docker expands every value of one ENV line against the environment from BEFORE the
+        # line: `ENV A=2 B=$A` gives B the previous A, not 2
+        wp = self.processor()
+        values = []
+        for key, raw in pairs:
             if not _VAR_NAME.match(key):
                 raise self.fail(ins, f"invalid variable name {key[:40]!r}")
-            wp = self.processor()
             try:
-                value = wp.word(raw)
+                values.append((key, wp.word(raw)))
             except ValueError as exc:
                 raise self.fail(ins, str(exc)) from None
             self.global_only_note(ins, wp)
+        if len(pairs) > 1 and _refers_to_each_other(pairs):
+            self.note(ins, "ENV with several pairs", "translated", "each value refers to the variables as they "
+                      "were before this line, as in Docker", "P11")
+        together = False
+        if len(values) > 1:
+            keys = {k for k, _ in values}
+            together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
+        for key, value in values:
             st.env[key] = value
             self._wp = None
             shown = render_shell(value)
-            self.emit(f'export {key}="{shown}"')
-            st.environment.append((key, shown))
+            if not together:
+                self.emit(f'export {key}="{shown}"')
+                st.environment.append((key, shown))
+        if together:  # one export: the shell expands all its words before assigning any (Docker's rule)
+            self.emit("export " + " ".join(f'{k}="{render_shell(v)}"' for k, v in values))
+            # %environment is one export per line: a variable is set only after every value that
+            # refers to its previous value (`A=2 B=$A`: B first)
+            st.environment.extend((k, render_shell(v)) for k, v in _referrers_first(values))
 
     # -- LABEL / MAINTAINER -----------------------------------------------------------
     def do_label(self, ins: "Instruction") -> None:
@@ -770,6 +850,8 @@ class _Converter:
         """Lines running ``text`` like Docker's ``SHELL + [text]`` (default: sh -c, no -e)."""
         st = self.cur
         assert st is not None
+        if st.run_as is not None:  # USER: a process of its own, switched to that user
+            return [f"_hpcexp_as {_q(st.run_as)} {shlex.join([*st.shell, text.rstrip(chr(10))])}"]
         if st.shell == DEFAULT_SHELL:
             return ["(", "set +e", text.rstrip("\n"), ")"]
         return [shlex.join([*st.shell, text])]
@@ -795,6 +877,8 @@ class _Converter:
             if not ins.exec_form:
                 raise self.fail(ins, "the exec form [] is empty")
             body = [shlex.join(ins.exec_form)]
+            if st.run_as is not None:
+                body = [f"_hpcexp_as {_q(st.run_as)} {body[0]}"]
             self.note(ins, "RUN [exec form]", "translated", "the argument list is run without a shell, "
                       "each argument quoted", "P23")
         elif ins.heredocs:
@@ -832,14 +916,20 @@ class _Converter:
             opts[k.strip().lower()] = v.strip()
         kind = opts.get("type", "bind")
         target = opts.get("target") or opts.get("dst") or opts.get("destination") or ""
-        if kind == "cache":
-            self.note(ins, "RUN --mount=type=cache", "dropped",
-                      "a build cache only speeds Docker up; the step runs without it", "P21")
-            return [], []
-        if kind == "tmpfs":
-            self.note(ins, "RUN --mount=type=tmpfs", "dropped", f"{target} is an ordinary folder during the step",
-                      "P21")
-            return ([f"mkdir -p {shlex.quote(target)}"] if target else []), []
+        if kind in ("cache", "tmpfs"):
+            if not target:
+                raise self.fail(ins, f"--mount={spec}: a {kind} mount needs target=")
+            tgt = self.abspath(target)
+            st = self.cur
+            assert st is not None
+            st.uses_mount = True
+            hid = f"m{ins.line}.{len(st.post)}"   # its own id: the staging numbers stay as they were
+            what = "a build cache" if kind == "cache" else "a tmpfs"
+            self.note(ins, f"RUN --mount=type={kind}", "approximated",
+                      f"{tgt} is an empty folder for this step (Docker: {what}, kept out of the image); what the step "
+                      "writes there is removed after it and the image's own files there are put back, so it stays "
+                      "out of the image" + (", but nothing is reused between builds" if kind == "cache" else ""), "P21")
+            return [f"_hpcexp_hide {_q(tgt)} {hid}"], [f"_hpcexp_unhide {_q(tgt)} {hid}"]
         if kind in ("secret", "ssh"):
             sid = opts.get("id") or opts.get("target") or "default"
             self.note(ins, f"RUN --mount=type={kind}", "dropped",
@@ -869,10 +959,12 @@ class _Converter:
                 raise self.fail(ins, f"--mount source {src!r} must be one file or folder")
             staged = self.stage_context(rels[0], n, 0)
         st.uses_cp = True
-        lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(tgt)} file")
+        st.uses_mount = True
+        lines.append(f"_hpcexp_hide {_q(tgt)} {n}")
+        lines.append(f"rmdir {_q(tgt)} && _hpcexp_cp {shlex.quote(staged)} {_q(tgt)} file")
         self.note(ins, "RUN --mount=type=bind", "translated",
-                  f"{src} is copied to {tgt} for this step and removed after it", "P21")
-        return lines, [f"rm -rf {shlex.quote(tgt)}"]
+                  f"{src} is copied to {tgt} for this step and removed after it (what was there is put back)", "P21")
+        return lines, [f"_hpcexp_unhide {_q(tgt)} {n}"]
 
     # -- COPY / ADD -------------------------------------------------------------------
     def from_stage(self, ins: "Instruction", ref: str) -> str:
@@ -897,7 +989,7 @@ class _Converter:
             self.cur.ext_before.append(ext.name)
         return ext.name
 
-    def context_sources(self, ins: "Instruction", src: str) -> list[str]:
+    def context_sources(self, ins: "Instruction", src: str, allow_empty: bool = False) -> list[str]:
         norm = posixpath.normpath(src.replace("\\", "/") if self.df.escape == "`" else src).lstrip("/")
         if norm in (".", ""):
             norm = ""
@@ -905,12 +997,18 @@ class _Converter:
             raise self.fail(ins, f"source {src!r} is outside the build context")
         ctx = self.context()
         found = ctx.match(norm)
+        if not found and allow_empty and any(ch in norm for ch in "*?["):
+            # BuildKit: a source wildcard that matches nothing is nothing to copy (the "copy if
+            # present" idiom, `COPY cwallet.ss[o] ./`); a literal path that is missing is an error
+            self.note(ins, f"{ins.keyword} {src}", "translated", "the wildcard matches nothing in the build "
+                      "context, so nothing is copied (as BuildKit does)", "P32")
+            return []
         if not found:
             raise self.fail(ins, f"source {src!r} not found in the build context {self.ctx_root.name}/"
                             + (" (or excluded by .dockerignore)" if ctx.has_rules else ""))
         return found
 
-    def stage_context(self, rel: str, n: int, k: int) -> str:
+    def stage_context(self, rel: str, n: int, k: int, exclude: "IgnoreRules | None" = None) -> str:
         """Add %files lines staging context path ``rel``; return the staged path."""
         st = self.cur
         assert st is not None
@@ -919,15 +1017,26 @@ class _Converter:
         staged = f"{STAGING}/ctx/{n}/{k}/{base}"
         if ctx.is_dir(rel):
             members = ctx.under(rel)
+            dropped: list[str] = []
+            if exclude is not None:  # COPY --exclude: patterns match paths inside the copied folder
+                kept = []
+                for f in members:
+                    inner = f[len(rel) + 1:] if rel else f
+                    (dropped if exclude.ignored(inner) else kept).append(f)
+                members = kept
             st.ctx_files.update(members)
-            if ctx.filtered(rel) and all(_SAFE_SRC.fullmatch(f) for f in members):
+            filtered = ctx.filtered(rel) or bool(dropped)
+            if filtered and all(_SAFE_SRC.fullmatch(f) for f in members):
                 for f in members:
                     inner = f[len(rel) + 1:] if rel else f
                     st.files.append((None, f, f"{staged}/{inner}"))
+                if not members:
+                    st.post.append(f"mkdir -p {shlex.quote(staged)}")
             else:
                 st.files.append((None, rel or ".", staged))
                 # names %files cannot carry one by one: stage the folder, drop the ignored part in %post
-                for path in ctx.ignored_paths(rel) if ctx.filtered(rel) else ():
+                gone = (ctx.ignored_paths(rel) if ctx.filtered(rel) else []) + dropped
+                for path in gone:
                     inner = path[len(rel) + 1:] if rel else path
                     st.post.append(f"rm -rf {shlex.quote(staged + '/' + inner)}")
         else:
@@ -946,12 +1055,17 @@ class _Converter:
         assert st is not None
         kw = ins.keyword
         chmod = None
+        chown = None
         frm = None
+        parents = False
         excludes: list[str] = []
         for fl, val in ins.flags:
             if fl == "chown":
-                self.note(ins, f"{kw} --chown", "dropped", "the container runs as the invoking user, so file "
-                          "owners from the Dockerfile do not apply; files belong to root in the image", "P04")
+                chown = self.path_value(ins, self.processor().word(val or ""), "--chown", shell=True)
+                if _REF not in chown and not _CHOWN.fullmatch(chown):
+                    raise self.fail(ins, f"--chown={chown!r} is not USER, USER:GROUP or UID:GID")
+                self.note(ins, f"{kw} --chown={chown}", "translated", "the copied files get this owner in the image "
+                          "(chown during the build); the container still runs as whoever starts it", "P04")
             elif fl == "chmod":
                 chmod = val or ""
                 if not _CHMOD.fullmatch(chmod):
@@ -963,15 +1077,20 @@ class _Converter:
             elif fl == "exclude":
                 excludes.append(val or "")
             elif fl == "parents":
-                self.note(ins, f"{kw} --parents", "approximated", "parent folders are not recreated", "P04")
+                parents = True
+                self.note(ins, f"{kw} --parents", "translated", "each source keeps its path under the destination, "
+                          "as BuildKit does", "P04")
             elif fl in ("checksum", "keep-git-dir"):
                 self.note(ins, f"{kw} --{fl}", "dropped", "not checked by Apptainer", "P04")
             else:
                 self.note(ins, f"{kw} --{fl}", "dropped", f"unknown {kw} option", "P04")
         if excludes:
-            self.note(ins, f"{kw} --exclude", "approximated", "--exclude patterns are not applied", "P31")
+            self.note(ins, f"{kw} --exclude", "translated" if frm is None else "approximated",
+                      f"--exclude {' '.join(excludes)}: matching files are left out"
+                      + ("" if frm is None else " (matched by name in the copied folder; ** is read as any depth)"),
+                      "P31")
         if ins.heredocs and ins.exec_form is None:
-            self.copy_heredoc(ins, chmod)
+            self.copy_heredoc(ins, chmod, chown)
             return
         if ins.exec_form is not None:
             self.note(ins, f"{kw} [JSON form]", "translated", "sources and destination read as a JSON list", "P07")
@@ -983,18 +1102,19 @@ class _Converter:
             words = self.words(ins, ins.args)
         if len(words) < 2:
             raise self.fail(ins, "needs at least one source and a destination")
-        dest_raw = self.path_value(ins, words[-1], "destination")
+        dest_raw = self.path_value(ins, words[-1], "destination", shell=True)
         srcs = [self.path_value(ins, w, "source") for w in words[:-1]]
         dest_is_dir = dest_raw.endswith("/") or dest_raw in (".", "") or len(srcs) > 1
         dest = self.abspath(dest_raw or ".")
-        if not dest_raw.startswith("/"):
+        if not dest_raw.startswith(("/", _REF)):
             if st.workdir_set:
                 self.note(ins, f"{kw} to {dest_raw}", "translated", f"relative destination resolved against "
                           f"WORKDIR to {dest}", "P05")
         st.stage_no += 1
         n = st.stage_no
         lines = [f"# Dockerfile line {ins.line}: {kw}"]
-        targets: list[str] = []
+        staged_all: list[str] = []
+        exclude = IgnoreRules(excludes) if excludes else None
         for k, src in enumerate(srcs):
             if add and _URL.match(src):
                 lines += self.add_url(ins, src, dest, dest_is_dir)
@@ -1004,18 +1124,26 @@ class _Converter:
                 if any(ch in path for ch in "*?["):
                     staged_dir = f"{STAGING}/from/{n}/{k}"
                     st.files.append((frm, path, staged_dir + "/"))
+                    staged_all.append(staged_dir)
                     self.note(ins, f"{kw} --from with wildcard", "approximated",
                               "matches are copied into the destination folder", "P03")
-                    lines.append(f"mkdir -p {shlex.quote(dest)} && cp -a {staged_dir}/. {shlex.quote(dest)}/")
+                    lines += self.exclude_lines(ins, staged_dir, excludes)
+                    lines.append(f"mkdir -p {_q(dest)} && cp -a {staged_dir}/. {_q(dest)}/")
                     continue
                 staged = f"{STAGING}/from/{n}/{k}/{_basename(path)}"
                 st.files.append((frm, path, staged))
+                staged_all.append(staged)
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(dest)} "
-                             f"{'dir' if dest_is_dir else 'file'}")
-                targets.append(dest if dest_is_dir or path.endswith("/") else dest)
+                lines += self.exclude_lines(ins, staged, excludes)
+                if parents:
+                    target = self.parents_dest(dest, src.lstrip("/"))
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(target)} file")
+                else:
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if dest_is_dir else 'file'}")
                 continue
-            rels = self.context_sources(ins, src)
+            rels = self.context_sources(ins, src, allow_empty=True)
+            if exclude is not None:
+                rels = [r for r in rels if not (exclude.ignored(r) or exclude.ignored(_basename(r)))]
             many = dest_is_dir or len(rels) > 1
             for j, rel in enumerate(rels):
                 kk = f"{k}" if len(rels) == 1 else f"{k}.{j}"
@@ -1024,29 +1152,58 @@ class _Converter:
                 if kind:
                     staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
                     if kind == "tar":
-                        unpack = f"tar -xf {shlex.quote(staged)} -C {shlex.quote(dest)}"
+                        unpack = f"tar -xf {shlex.quote(staged)} -C {_q(dest)}"
                     else:  # a pipe works with every tar, busybox's included (no -z/-j/-J needed)
-                        unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {shlex.quote(dest)}"
-                    lines.append(f"mkdir -p {shlex.quote(dest)} && {unpack}")
+                        unpack = f"{_DECOMPRESS[kind]} -dc {shlex.quote(staged)} | tar -xf - -C {_q(dest)}"
+                    lines.append(f"mkdir -p {_q(dest)} && {unpack}")
                     self.note(ins, f"ADD {rel}", "translated", f"the archive is extracted into {dest}", "P08")
-                    targets.append(dest)
                     continue
-                staged = self.stage_context(rel, n, kk)  # type: ignore[arg-type]
+                staged = self.stage_context(rel, n, kk, exclude)  # type: ignore[arg-type]
+                staged_all.append(staged)
                 st.uses_cp = True
-                lines.append(f"_hpcexp_cp {shlex.quote(staged)} {shlex.quote(dest)} {'dir' if many else 'file'}")
-                if ctx.is_dir(rel) or not many:
-                    targets.append(dest)
+                if parents:
+                    target = self.parents_dest(dest, rel, src)
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(target)} file")
                 else:
-                    targets.append(posixpath.join(dest, _basename(rel)))
+                    lines.append(f"_hpcexp_cp {shlex.quote(staged)} {_q(dest)} {'dir' if many else 'file'}")
+        if chmod or chown:
+            # mode and owner are set on the staged copy, before it is copied into place (cp -a keeps
+            # them): only the files this instruction copies change, never what the destination held
+            fix = []
+            for p in dict.fromkeys(staged_all):
+                if chmod:
+                    fix.append(f"chmod -R {shlex.quote(chmod)} {shlex.quote(p)}")
+                if chown:
+                    fix.append(_chown_line(chown, shlex.quote(p)))
+            lines[1:1] = fix
         if chmod:
-            for t in dict.fromkeys(targets):
-                lines.append(f"chmod -R {shlex.quote(chmod)} {shlex.quote(t)}")
-            self.note(ins, f"{kw} --chmod", "translated", f"chmod {chmod} applied after the copy", "P04")
+            self.note(ins, f"{kw} --chmod", "translated", f"mode {chmod} set on the copied files", "P04")
         self.emit(*lines)
 
-    def copy_heredoc(self, ins: "Instruction", chmod: str | None) -> None:
+    def parents_dest(self, dest: str, rel: str, src: str | None = None) -> str:
+        """COPY --parents: the source's path is kept under the destination (after a ``/./`` marker
+        only the part after it, as BuildKit does)."""
+        keep = rel
+        if src is not None and "/./" in "/" + src:
+            marker = posixpath.normpath(("/" + src).rsplit("/./", 1)[0]).lstrip("/")
+            if marker and rel.startswith(marker + "/"):
+                keep = rel[len(marker) + 1:]
+        return posixpath.join(dest, keep) if keep else dest
+
+    def exclude_lines(self, ins: "Instruction", staged: str, excludes: list[str]) -> list[str]:
+        """--exclude for a copy from another stage: the staged copy is pruned in %post."""
+        out = []
+        for pat in excludes:
+            if not _GLOB_FILES.fullmatch(pat) or ".." in pat.split("/"):
+                raise self.fail(ins, f"--exclude={pat!r}: only plain names and * ? [ ] wildcards are supported")
+            sh = pat.replace("**/", "").strip("/")
+            out.append(f'find {shlex.quote(staged)} -mindepth 1 \\( -path {shlex.quote(staged + "/" + sh)} -o -name '
+                       f'{shlex.quote(sh)} \\) -exec rm -rf {{}} + 2>/dev/null || true')
+        return out
+
+    def copy_heredoc(self, ins: "Instruction", chmod: str | None, chown: str | None = None) -> None:
         words = self.words(ins, ins.args)
-        dest_raw = self.path_value(ins, words[-1], "destination")
+        dest_raw = self.path_value(ins, words[-1], "destination", shell=True)
         dest = self.abspath(dest_raw)
         dest_is_dir = dest_raw.endswith("/") or len(ins.heredocs) > 1
         lines = [f"# Dockerfile line {ins.line}: {ins.keyword} <<heredoc"]
@@ -1067,28 +1224,30 @@ class _Converter:
                               "taken as unset", "P20")
                 body = literal(value)
             marker = heredoc_marker(body)
-            lines += [f"mkdir -p {shlex.quote(posixpath.dirname(target) or '/')}",
-                      f"cat > {shlex.quote(target)} <<'{marker}'", body.rstrip("\n"), marker]
-            if chmod:
-                lines.append(f"chmod {shlex.quote(chmod)} {shlex.quote(target)}")
+            lines += [f"mkdir -p {_q(posixpath.dirname(target) or '/')}",
+                      f"cat > {_q(target)} <<'{marker}'", body.rstrip("\n"), marker]
+            # Docker writes a heredoc file with mode 0644 (or --chmod), whatever the build's umask
+            lines.append(f"chmod {shlex.quote(chmod or '644')} {_q(target)}")
+            if chown:
+                lines.append(_chown_line(chown, _q(target)))
         self.note(ins, f"{ins.keyword} <<heredoc", "translated", f"written to {dest} in %post", "P20")
         self.emit(*lines)
 
     def add_url(self, ins: "Instruction", url: str, dest: str, dest_is_dir: bool) -> list[str]:
         if url.startswith("git") or ".git" in url.split("#")[0][-5:] or url.startswith("git@"):
             repo, _, ref = url.partition("#")
-            argv = ["git", "clone", "--depth", "1"] + (["--branch", ref] if ref else []) + [repo, dest]
+            argv = ["git", "clone", "--depth", "1"] + (["--branch", ref] if ref else []) + [repo, dest]  # dest: _q
             self.note(ins, f"ADD {url}", "approximated", "cloned with git during %post: the image needs git "
                       "and the build needs network access", "P08")
-            return [f"mkdir -p {shlex.quote(posixpath.dirname(dest))}", shlex.join(argv)]
+            return [f"mkdir -p {_q(posixpath.dirname(dest))}", f"{shlex.join(argv[:-1])} {_q(dest)}"]
         name = _basename(url.split("?")[0].split("#")[0]) or "download"
         target = posixpath.join(dest, name) if dest_is_dir else dest
-        q = shlex.quote(target)
+        q = _q(target)
         u = shlex.quote(url)
         self.note(ins, f"ADD {url}", "approximated", "downloaded during %post with curl or wget: the image needs "
                   "one of them and the build needs network access (or download it into the context and COPY it)",
                   "P08")
-        return [f"mkdir -p {shlex.quote(posixpath.dirname(target))}",
+        return [f"mkdir -p {_q(posixpath.dirname(target))}",
                 f"if command -v curl >/dev/null 2>&1; then curl -fsSL -o {q} {u}; "
                 f"else wget -q -O {q} {u}; fi"]
 
@@ -1099,23 +1258,33 @@ class _Converter:
         words = self.words(ins, ins.args)
         if len(words) != 1:
             raise self.fail(ins, "expects one path")
-        raw = self.path_value(ins, words[0], "path")
+        raw = self.path_value(ins, words[0], "path", shell=True)
         if not raw:
             raise self.fail(ins, "expands to an empty path")
         st.workdir = self.abspath(raw)
         st.workdir_set = True
-        if not raw.startswith("/") or raw != ins.args.strip():
+        if not raw.startswith(("/", _REF)) or (_REF not in raw and raw != ins.args.strip()):
             self.note(ins, "WORKDIR", "translated", f"resolved to the absolute path {st.workdir}", "P14")
-        self.emit(f"mkdir -p {shlex.quote(st.workdir)}")
+        self.emit(f"mkdir -p {_q(st.workdir)}")
 
     def do_user(self, ins: "Instruction") -> None:
-        user = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
+        st = self.cur
+        assert st is not None
+        words = self.words(ins, ins.args) if ins.args.strip() else []
+        if len(words) != 1:
+            raise self.fail(ins, "expects one user, e.g. USER app or USER 1000:1000")
+        user = self.path_value(ins, words[0], "user", shell=True)
+        shown = user.replace(_REF, "")
         if user.split(":")[0] in ("root", "0"):
-            self.note(ins, f"USER {user}", "translated", "the build runs as root anyway")
+            st.run_as = None
+            self.note(ins, f"USER {shown}", "translated", "later RUN steps run as root, as in Docker")
             return
-        self.note(ins, f"USER {user}", "dropped",
-                  f"Apptainer runs the container as whoever starts it, not as {user!r}; later RUN steps run as "
-                  "root, so files they create belong to root and ~ means /root during the build", "P13")
+        st.run_as = user
+        st.uses_as = True
+        self.note(ins, f"USER {shown}", "approximated",
+                  f"later RUN steps run as {shown} during the build, as in Docker, when the build can switch "
+                  "users (setpriv in the image and subordinate ids for the build; otherwise as root, with a "
+                  "warning in the build log); the container itself runs as whoever starts it", "P13")
 
     def do_shell(self, ins: "Instruction") -> None:
         st = self.cur
@@ -1130,7 +1299,7 @@ class _Converter:
         paths = list(ins.exec_form) if ins.exec_form is not None else [literal(w) for w in self.words(ins, ins.args)]
         for p in paths:
             ap = self.abspath(p)
-            self.emit(f"mkdir -p {shlex.quote(ap)}")
+            self.emit(f"mkdir -p {_q(ap)}")
             self.note(ins, f"VOLUME {ap}", "approximated", "the folder is created, but the image is read-only: "
                       "bind a host folder there (binds:) or run with --writable-tmpfs", "P27")
 
@@ -1139,8 +1308,16 @@ class _Converter:
                   "Apptainer shares the host network; ports need no exposing", "P27")
 
     def do_stopsignal(self, ins: "Instruction") -> None:
-        self.note(ins, f"STOPSIGNAL {ins.args.strip()}", "dropped", "Apptainer has no stop signal setting; "
-                  "hpcexp stop sends SIGTERM", "P27")
+        st = self.cur
+        assert st is not None
+        raw = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
+        name = _signal_name(raw)
+        if name is None:
+            raise self.fail(ins, f"{raw[:40]!r} is not a signal (use a name like SIGINT, or a number)")
+        st.stopsignal = name
+        self.note(ins, f"STOPSIGNAL {raw}", "translated", "Apptainer has no stop signal setting; it is recorded in "
+                  f"the fidelity report and the image's sidecar, and `hpcexp stop` of a local run sends {name} "
+                  "first (then SIGKILL after the grace period), as `docker stop` does", "P27")
 
     def do_healthcheck(self, ins: "Instruction") -> None:
         if ins.args.strip().upper() == "NONE":
@@ -1189,7 +1366,7 @@ class _Converter:
             return None
         lines = []
         if st.workdir_set:
-            lines.append(f"cd {shlex.quote(st.workdir)}")
+            lines.append(f"cd {_q(st.workdir)}")
         if ep and st.entrypoint_shell:
             lines.append(f"exec {shlex.join(ep)}")  # Docker: CMD and run arguments never reach it
         elif ep:
@@ -1273,6 +1450,10 @@ class _Converter:
                 out.extend(_spython(self.label, st.line, "%environment", writer.create_env_section,
                                     [f'{k}="{v}"' for k, v in st.environment], "environment"))
             post = list(st.post)
+            if st.uses_mount:
+                post.insert(0, _MOUNT_FUNC)
+            if st.uses_as:
+                post.insert(0, _AS_FUNC)
             if st.uses_cp:
                 post.insert(0, _CP_FUNC)
             if st.files or any(STAGING in p for p in post):
@@ -1344,6 +1525,64 @@ def _split_unquoted(text: str) -> list[str]:
     return out
 
 
+_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "BUS": 7, "FPE": 8, "KILL": 9,
+            "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16, "CHLD": 17,
+            "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25,
+            "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "PWR": 30, "SYS": 31}
+
+
+def _signal_name(text: str) -> str | None:
+    """``SIGINT``/``INT``/``2`` -> ``SIGINT`` (Linux numbering, as Docker's signal.ParseSignal); else None."""
+    t = text.strip().upper()
+    if t.isdigit():
+        n = int(t)
+        return next((f"SIG{k}" for k, v in _SIGNALS.items() if v == n), None)
+    t = t.removeprefix("SIG")
+    return f"SIG{t}" if t in _SIGNALS else None
+
+
+def _chown_line(owner: str, quoted_path: str) -> str:
+    """chown at build time; a fakeroot build without a subordinate id range cannot give files to
+    other ids, and then the files stay root's (said on the build log, not fatal)."""
+    shown = owner.replace(_REF, "").replace("'", "")
+    return (f"chown -R {_q(owner)} {quoted_path} 2>/dev/null || echo 'hpcexp: warning: could not chown "
+            f"{shown} (unknown user or group, or no subordinate ids for this build)' >&2")
+
+
+def _referrers_first(values: list[tuple[str, "Value"]]) -> list[tuple[str, "Value"]]:
+    """Order ``values`` so that each key comes after the values referring to it (cycles keep line order)."""
+    todo = list(values)
+    out: list[tuple[str, Value]] = []
+    while todo:
+        for i, (key, _) in enumerate(todo):
+            if not any(isinstance(seg, dfmod.Ref) and seg.name == key for k, v in todo if k != key for seg in v):
+                out.append(todo.pop(i))
+                break
+        else:
+            out.extend(todo)
+            break
+    return out
+
+
+def _refers_to_each_other(pairs: list[tuple[str, str]]) -> bool:
+    """Does a value of ``K1=V1 K2=V2`` name one of the line's own keys ($K or ${K})?"""
+    raws = [raw for _, raw in pairs if "$" in raw]
+    for key, _ in pairs:
+        for raw in raws:
+            if "$" + key in raw or "${" + key in raw:
+                if re.search(r"\$\{?" + key + r"(?![A-Za-z0-9_])", raw):
+                    return True
+    return False
+
+
+def _q(path: str) -> str:
+    """A path as one shell word: shlex-quoted, or double-quoted around base-image variables."""
+    if _REF not in path:
+        return shlex.quote(path)
+    parts = path.split(_REF)
+    return '"' + "".join(p if k % 2 else dfmod._esc_dq(p) for k, p in enumerate(parts)) + '"'
+
+
 def _basename(path: str) -> str:
     b = posixpath.basename(path.rstrip("/"))
     return b if b not in ("", ".", "..") else "_"
@@ -1408,10 +1647,22 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
     notes = tuple(sorted(conv.notes, key=lambda n: n.line))
     return Conversion(recipe=recipe, notes=notes, dockerfile=dockerfile, dockerfile_sha256=sha, context=ctx,
                       arch=arch, context_files=files, base_refs=tuple(conv.base_refs),
-                      workdir=last.workdir if last.workdir_set else None,
+                      workdir=last.workdir if last.workdir_set and _REF not in last.workdir else None,
                       build_args=dict(sorted(conv.used_args.items())), source_label=label,
                       cmd=tuple(last.cmd) if last.cmd else None,
-                      entrypoint=tuple(last.entrypoint) if last.entrypoint else None)
+                      entrypoint=tuple(last.entrypoint) if last.entrypoint else None,
+                      environment=_known_environment(last), stopsignal=last.stopsignal)
+
+
+def _known_environment(st: _Stage) -> dict[str, str]:
+    """The final image's environment as far as it is known: the base's plus literal ENV values."""
+    env = dict(st.base_env)
+    for key, value in st.env.items():
+        if has_refs(value):
+            env.pop(key, None)
+        else:
+            env[key] = literal(value)
+    return dict(sorted(env.items()))
 
 
 def heredoc_marker(body: str, base: str = "HPCEXP_EOF") -> str:

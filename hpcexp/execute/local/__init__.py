@@ -85,7 +85,7 @@ def _image_fields(image: Any) -> dict[str, Any]:
         return {"path": Path(image)}
     return {name: getattr(image, name, None)
             for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version",
-                         "cmd", "entrypoint")}
+                         "cmd", "entrypoint", "stopsignal")}
 
 
 def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
@@ -128,6 +128,7 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
                       "launcher_start": hostinfo.pid_start_ticks(os.getpid())},
     )
     rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
+                 "stop_signal": info.get("stopsignal") or "SIGTERM",  # the Dockerfile's STOPSIGNAL
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
                  "pwd": the_plan.pwd, "runtime": os.path.basename(program),
                  "version_cache": str(_version_cache(project.cache_dir))}
@@ -386,6 +387,15 @@ class _Stream(threading.Thread):
                     pass
 
 
+def _stop_signal(name: Any) -> signal.Signals:
+    """The signal a stop sends first: the image's STOPSIGNAL (as Docker), else SIGTERM."""
+    if isinstance(name, str) and name.startswith("SIG") and name not in ("SIGKILL", "SIGSTOP"):
+        sig = getattr(signal, name, None)
+        if isinstance(sig, signal.Signals):
+            return sig
+    return signal.SIGTERM
+
+
 def _decode_exit(rc: int, fatal: str | None, stop: "_StopState") -> dict[str, Any]:
     """Turn Apptainer's exit status into record fields (see the module docstring)."""
     if stop.requested:
@@ -484,6 +494,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
                      started_at=None)
 
     group: list[int | None] = [None]  # the container's process group, once it exists
+    stop_signal = _stop_signal(rec.extra.get("stop_signal"))
 
     def request_stop(by: str, grace: float | None = None) -> None:
         if not stop.requested:
@@ -493,10 +504,10 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             if grace is not None:
                 stop.grace = grace
             stop.deadline = time.monotonic() + stop.grace
-            stop.signal_sent = signal.SIGTERM
+            stop.signal_sent = stop_signal
             if group[0] is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group[0], signal.SIGTERM)
+                    os.killpg(group[0], stop_signal)
         else:
             stop.kill_now = True
 
@@ -547,7 +558,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     apptainer_start = hostinfo.pid_start_ticks(proc.pid)
     if stop.requested:  # a signal arrived while the container was being started
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, stop_signal)
     probe = _start_version_probe(rec.command[0]) if not rec.apptainer_version else None
 
     watchdog = process.Watchdog.start(pgid, marker=rec.run_id)
