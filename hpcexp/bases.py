@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from hpcexp import standins
 from hpcexp.config import BaseSpec, host_arch
 from hpcexp.errors import EnvironmentProblem
 from hpcexp.recipe import BaseResolution
@@ -157,6 +158,8 @@ def spec_hash(spec: BaseSpec) -> str:
     """
     doc = {"format": BASE_FORMAT, "kind": spec.kind, "suite": spec.suite, "include": sorted(spec.include),
            "components": list(spec.components), "mirror": spec.mirror}
+    if spec.contract is not None:  # only when set, so that existing bases keep their names
+        doc["contract"] = spec.contract
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -167,7 +170,7 @@ def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
 
 def base_sif_name(spec: BaseSpec) -> str:
     """The base's file name, the same for every architecture and machine."""
-    return f"debootstrap-{spec.suite}-{spec_hash(spec)[:16]}.sif"
+    return f"{spec.contract or 'debootstrap'}-{spec.suite}-{spec_hash(spec)[:16]}.sif"
 
 
 # Recipes name hpcexp-built bases relative to this token instead of the per-user cache path,
@@ -197,23 +200,64 @@ def materialize(recipe_text: str, project: "Project") -> str:
     return "".join(out)
 
 
+# The python:* image's contract (docs/bases.md): python/python3/pip/pip3 (and pythonX.Y,
+# pipX.Y) in /usr/local/bin as in the official image; no PEP 668 marker, so pip installs
+# system-wide; Debian's own Python packages get the RECORD files Debian strips, so that
+# `pip install --upgrade pip` can replace Debian's pip as it replaces the official one.
+PYTHON_CONTRACT_POST = r"""    rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
+    v="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    for n in python python3 "python$v"; do ln -sf /usr/bin/python3 "/usr/local/bin/$n"; done
+    for n in pip pip3 "pip$v"; do ln -sf /usr/bin/pip3 "/usr/local/bin/$n"; done
+    python3 - <<'HPCEXP_RECORDS'
+import glob, os, subprocess
+root = "/usr/lib/python3/dist-packages/"
+for d in glob.glob(root + "*.dist-info"):
+    if os.path.exists(d + "/RECORD"):
+        continue
+    owner = subprocess.run(["dpkg", "-S", d], capture_output=True, text=True).stdout
+    owner = owner.split(":")[0].split(",")[0].strip()
+    if not owner:
+        continue
+    listed = subprocess.run(["dpkg", "-L", owner], capture_output=True, text=True).stdout.split("\n")
+    with open(d + "/RECORD", "w") as f:
+        for p in listed:
+            if p.startswith(root) and os.path.isfile(p) and "," not in p:
+                f.write(os.path.relpath(p, root) + ",,\n")
+HPCEXP_RECORDS
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*"""
+
+
 def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
     """The Apptainer recipe of a debootstrap base (pure)."""
     lines = ["Bootstrap: debootstrap", f"OSVersion: {spec.suite}", f"MirrorURL: {mirror}"]
     if spec.include:
         lines.append(f"Include: {' '.join(spec.include)}")
     lines.append("")
+    post: list[str] = []
     extra = [c for c in spec.components if c != "main"]
     if extra:
         # debootstrap writes a sources.list with `main` only; add the other components.
         comps = " ".join(spec.components)
-        lines += ["%post", f"    sed -i 's/ main$/ {comps}/' /etc/apt/sources.list", ""]
+        post.append(f"    sed -i 's/ main$/ {comps}/' /etc/apt/sources.list")
+    if spec.contract == "python":
+        post.append(PYTHON_CONTRACT_POST)
+    if post:
+        lines += ["%post", *post, ""]
+    if spec.contract == "python":
+        lines += ["%environment", "    export LANG=\"${LANG:-C.UTF-8}\"", ""]
     return "\n".join(lines)
 
 
-def spec_for(exp: "Experiment", project: "Project", ref: str) -> BaseSpec | None:
-    """The mapping for FROM reference ``ref`` (experiment's own, then the project's)."""
-    return exp.bases.get(ref) or project.bases.get(ref)
+def spec_for(exp: "Experiment | None", project: "Project", ref: str) -> BaseSpec | None:
+    """The mapping for FROM reference ``ref``: the experiment's own, then the project's, then
+    (unless ``build: {stand_ins: false}``) hpcexp's stand-in for an official python/debian image."""
+    spec = (exp.bases.get(ref) if exp is not None else None) or project.bases.get(ref)
+    if spec is None and project.stand_ins:
+        found = standins.stand_in(ref)
+        if found is not None:
+            return found.spec
+    return spec
 
 
 def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) -> BaseResolution:
@@ -237,6 +281,12 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
         assert spec.image is not None
         scheme, _, rest = spec.image.partition("://")
         return BaseResolution(scheme, rest)
+    found = standins.stand_in(spec.ref)
+    if found is not None and found.spec == spec:
+        notes = ((("translated", f"no `bases:` entry: hpcexp builds a stand-in, {found.summary} "
+                                 f"(see docs/bases.md)"),)
+                 + tuple(("approximated", f"stand-in differs: {d}") for d in found.differences))
+        return BaseResolution("localimage", recipe_ref(spec), notes=notes)
     return BaseResolution("localimage", recipe_ref(spec))
 
 

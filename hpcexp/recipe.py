@@ -82,6 +82,7 @@ class BaseResolution:
     bootstrap: str       # "docker" | "localimage" | "oras" | "library" | ...
     source: str          # the From: value (a path for localimage, a reference otherwise)
     headers: tuple[tuple[str, str], ...] = ()  # extra header lines (debootstrap: OSVersion, MirrorURL, Include)
+    notes: tuple[tuple[str, str], ...] = ()    # (action, reason) for the report, e.g. a stand-in's differences
 
 
 @dataclass(frozen=True)
@@ -636,7 +637,10 @@ class _Converter:
         if res.source:
             lines.append(f"From: {res.source}")
         lines.extend(f"{k}: {v}" for k, v in res.headers)
-        if ins is not None:
+        if ins is not None and res.notes:
+            for action, reason in res.notes:
+                self.note(ins, f"FROM {ref}", action, reason)
+        elif ins is not None:
             self.note(ins, f"FROM {ref}", "translated",
                       f"base image taken from the project's base map: Bootstrap: {res.bootstrap}"
                       + (f", From: {res.source}" if res.source else ""))
@@ -1415,13 +1419,10 @@ def base_resolver(project: "Project", exp: "Experiment | None" = None,
     """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
     from hpcexp import bases as bases_mod  # bases imports this module: load it only when needed
 
-    mapping = dict(project.bases)
-    if exp is not None:
-        mapping.update(exp.bases)
     ctx = Path(context) if context is not None else (exp.path if exp is not None else project.root)
 
     def resolve(ref: str) -> BaseResolution | None:
-        spec = mapping.get(ref)
+        spec = bases_mod.spec_for(exp, project, ref)  # hpcexp.yaml's bases, then a stand-in
         return None if spec is None else bases_mod.resolution(project, spec, ctx)
 
     return resolve
