@@ -217,3 +217,19 @@ def test_failure_hints_name_the_switch() -> None:
     assert "--no-host-network" in off and "host_network" in off and "\n" not in off
     on = hostnet.failure_hint(hostnet.BuildNetwork(enabled=True, ca_bundle=Path("/x.pem"), ca_source="SSL_CERT_FILE"))
     assert "/x.pem" in on and "SSL_CERT_FILE" in on
+
+
+def test_build_announces_stand_ins_and_how_to_map_other_images(tmp_path: Path) -> None:
+    from hpcexp import image
+    root = _project(tmp_path, "{}\n", "FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04 AS gpu\nFROM debian:12.5\n"
+                                      "COPY --from=gpu /etc/hostname /x\n")
+    project = load_project(root)
+    exp = project.experiment("tool")
+    prep = image.prepare(project, exp, "amd64", write=False)
+    said: list[tuple[str, str]] = []
+    image._announce_bases(project, exp, "amd64", prep, lambda kind, text: said.append((kind, text)))
+    assert [k for k, _ in said] == ["note", "note"]
+    assert said[0][1] == standins.mapping_hint("nvidia/cuda:12.4.1-runtime-ubuntu22.04")
+    assert "FROM debian:12.5: no `bases:` entry, so hpcexp builds a stand-in: Debian bookworm (minbase); " \
+           "1 difference(s)" in said[1][1]
+    assert "Bootstrap: docker\nFrom: nvidia/cuda:12.4.1-runtime-ubuntu22.04" in prep.conversion.recipe
