@@ -233,3 +233,31 @@ def test_build_announces_stand_ins_and_how_to_map_other_images(tmp_path: Path) -
     assert "FROM debian:12.5: no `bases:` entry, so hpcexp builds a stand-in: Debian bookworm (minbase); " \
            "1 difference(s)" in said[1][1]
     assert "Bootstrap: docker\nFrom: nvidia/cuda:12.4.1-runtime-ubuntu22.04" in prep.conversion.recipe
+
+
+def test_doctor_probes_package_indexes(tmp_path: Path) -> None:
+    import http.server
+    import socket
+    import threading
+
+    from hpcexp import doctor
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    try:
+        up = f"http://127.0.0.1:{server.server_address[1]}/"
+        checks = doctor.check_package_indexes(None, timeout=3, urls=[("pip index", up),
+                                                                     ("Debian mirror", f"http://u:pw123@127.0.0.1:{dead}/")])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    by_name = {c.name: c for c in checks}
+    assert by_name["build CA bundle"].detail.startswith(("build steps get the host's CA bundle", "no CA bundle"))
+    assert by_name["build network: pip index"].status == doctor.OK
+    mirror = by_name["build network: Debian mirror"]
+    assert mirror.status == doctor.WARN and "not reachable" in mirror.detail and "pw123" not in mirror.detail
