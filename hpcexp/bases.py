@@ -159,7 +159,7 @@ def spec_hash(spec: BaseSpec) -> str:
     doc = {"format": BASE_FORMAT, "kind": spec.kind, "suite": spec.suite, "include": sorted(spec.include),
            "components": list(spec.components), "mirror": spec.mirror}
     if spec.contract is not None:  # only when set, so that existing bases keep their names
-        doc["contract"] = spec.contract
+        doc["contract"] = f"{spec.contract}/{CONTRACT_REVISION}"
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -202,28 +202,15 @@ def materialize(recipe_text: str, project: "Project") -> str:
 
 # The python:* image's contract (docs/bases.md): python/python3/pip/pip3 (and pythonX.Y,
 # pipX.Y) in /usr/local/bin as in the official image; no PEP 668 marker, so pip installs
-# system-wide; Debian's own Python packages get the RECORD files Debian strips, so that
-# `pip install --upgrade pip` can replace Debian's pip as it replaces the official one.
+# system-wide (Debian's pip then installs into /usr/local and leaves Debian's own packages
+# alone, so `pip install --upgrade pip` works as in the official image); package lists
+# removed like the official image's. Bump CONTRACT_REVISION when this text changes: it is
+# part of the base's identity, so existing stand-ins are rebuilt.
+CONTRACT_REVISION = 1
 PYTHON_CONTRACT_POST = r"""    rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
     v="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
     for n in python python3 "python$v"; do ln -sf /usr/bin/python3 "/usr/local/bin/$n"; done
     for n in pip pip3 "pip$v"; do ln -sf /usr/bin/pip3 "/usr/local/bin/$n"; done
-    python3 - <<'HPCEXP_RECORDS'
-import glob, os, subprocess
-root = "/usr/lib/python3/dist-packages/"
-for d in glob.glob(root + "*.dist-info"):
-    if os.path.exists(d + "/RECORD"):
-        continue
-    owner = subprocess.run(["dpkg", "-S", d], capture_output=True, text=True).stdout
-    owner = owner.split(":")[0].split(",")[0].strip()
-    if not owner:
-        continue
-    listed = subprocess.run(["dpkg", "-L", owner], capture_output=True, text=True).stdout.split("\n")
-    with open(d + "/RECORD", "w") as f:
-        for p in listed:
-            if p.startswith(root) and os.path.isfile(p) and "," not in p:
-                f.write(os.path.relpath(p, root) + ",,\n")
-HPCEXP_RECORDS
     apt-get clean
     rm -rf /var/lib/apt/lists/*"""
 
