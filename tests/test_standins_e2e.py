@@ -151,19 +151,23 @@ def test_apt_get_in_python_311_slim(tmp_path: Path) -> None:
     assert "tree v" in proc.stdout
 
 
-def _tls_is_inspected() -> bool:
-    """Whether this network's TLS to pip's index fails with pip's own CA list (certifi), as an
-    image without the host's CA bundle would see it."""
+def _tls_is_inspected(tmp_path: Path) -> bool:
+    """Whether TLS to pip's index fails with Debian's stock CA list (what an image without
+    the host's CA bundle trusts), i.e. this network inspects TLS with a site CA."""
     import ssl
     import urllib.error
     import urllib.request
 
+    stock = sorted(Path("/usr/share/ca-certificates/mozilla").glob("*.crt"))
     try:
         from pip._internal.models.index import PyPI
-        from pip._vendor import certifi
     except ImportError:
         return False
-    ctx = ssl.create_default_context(cafile=certifi.where())
+    if not stock:
+        return False
+    bundle = tmp_path / "stock-ca.pem"
+    bundle.write_text("\n".join(p.read_text() for p in stock))
+    ctx = ssl.create_default_context(cafile=str(bundle))
     try:
         urllib.request.urlopen(PyPI.simple_url, timeout=15, context=ctx).close()  # noqa: S310
     except urllib.error.URLError as exc:
@@ -172,7 +176,7 @@ def _tls_is_inspected() -> bool:
 
 
 def test_without_host_network_a_build_fails_with_one_hint(tmp_path: Path, standin_cache: Path) -> None:
-    if not _tls_is_inspected():
+    if not _tls_is_inspected(tmp_path):
         pytest.skip("this network does not inspect TLS: a build without the host's CA bundle would succeed")
     project = _project(tmp_path / "p", standin_cache, {"fig": {"Dockerfile": (
         "FROM python:3-slim\nRUN pip install --no-cache-dir --retries 0 pyfiglet\n")}})
