@@ -138,7 +138,6 @@ def python_stand_in(ref: str, tag: str | None, digest: str | None) -> StandIn:
         diffs.append("the official non-slim image also carries compilers, git and -dev libraries "
                      "(buildpack-deps); the stand-in is like -slim: install them in RUN, or map the "
                      "image under `bases:` with an `include:` list")
-    diffs.append(f"pip is Debian {suite}'s python3-pip, not the newest pip")
     if digest:
         diffs.append(f"the digest {digest} cannot be honoured: the stand-in is built from the Debian mirror")
     spec = BaseSpec(ref=ref, kind="debootstrap", suite=suite, include=PYTHON_INCLUDE, contract="python")
