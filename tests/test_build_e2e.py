@@ -231,8 +231,8 @@ def test_no_subuid_range_falls_back_with_a_warning(tmp_path: Path, busybox_sif: 
 
 @pytest.mark.slow
 def test_example_experiment_builds_offline_on_a_debootstrap_base(tmp_path: Path) -> None:
-    """The one slow test: the project's own example experiment (FROM python:3.11-slim,
-    mapped to a Debian + python3-minimal base) builds with no registry: the base comes from
+    """The one slow test: the project's own example experiment (FROM python:3.11-slim, no
+    `bases:` entry, so hpcexp's python stand-in) builds with no registry: the base comes from
     debootstrap and the mirror in this machine's apt configuration. The base is cached in
     the user's cache folder, so a rerun only builds the image on top."""
     root = tmp_path / "example"

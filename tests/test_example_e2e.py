@@ -1,7 +1,7 @@
 """The repository's own example experiment works end to end, offline, as documented.
 
-`hello` is `FROM python:3.11-slim`; hpcexp.yaml maps that to a base built with
-debootstrap from the machine's Debian mirror (no image registry is reachable here).
+`hello` is `FROM python:3.11-slim` with no `bases:` entry, so hpcexp builds its python
+stand-in with debootstrap from the machine's Debian mirror (no image registry is reachable here).
 The base is cached per user, so only the first run of the suite pays for it.
 """
 

@@ -188,6 +188,84 @@ def check_slurm() -> list[Check]:
     return checks
 
 
+def pip_default_index() -> str | None:
+    """pip's built-in index URL, from pip itself (hpcexp names no index host)."""
+    try:
+        from pip._internal.models.index import PyPI  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - no pip, or another layout: nothing to check
+        return None
+    return str(PyPI.simple_url)
+
+
+def _probe_url(url: str, cafile: str | None, timeout: float) -> str | None:
+    """None when ``url`` answers over HTTP(S) verifying TLS with ``cafile``; else why not."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from hpcexp.build.hostnet import redact
+
+    ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "hpcexp-doctor"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx):  # noqa: S310 - http(s) only
+            return None
+    except urllib.error.HTTPError as exc:
+        return None if exc.code < 500 else f"HTTP {exc.code}"   # it answered: reachable
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return redact(str(reason))
+
+
+def check_package_indexes(project: Project | None = None, timeout: float = 6.0,
+                          urls: Sequence[tuple[str, str]] | None = None) -> list[Check]:
+    """Whether a build step can reach the package indexes the host reaches, with the CA
+    bundle and proxies hpcexp passes into builds (see hpcexp.build.hostnet)."""
+    from hpcexp.build import bases, hostnet
+
+    if project is not None and not project.host_network:
+        return [Check("build network", WARN, "`build: {host_network: false}`: builds get neither the host's CA "
+                                             "bundle nor its proxy variables",
+                      "remove that setting if RUN steps download through a TLS-inspecting proxy")]
+    found = hostnet.find_ca_bundle()
+    ca = str(found[0]) if found else None
+    checks = [Check("build CA bundle", OK if found else WARN,
+                    f"build steps get the host's CA bundle {found[0]} (from {found[1]})" if found else
+                    "no CA bundle found on this host: build steps use the image's own CA certificates",
+                    None if found else "set SSL_CERT_FILE to your site's CA bundle")]
+    if urls is None:
+        pairs: list[tuple[str, str]] = []
+        index = hostnet.pip_config("index-url")
+        if index and index[0].startswith(("http://", "https://")):
+            pairs.append(("pip index", index[0]))
+        else:
+            default = pip_default_index()
+            if default:
+                pairs.append(("pip index", default))
+        try:
+            mirror = (project.debian_mirror if project is not None else None) or bases.machine_mirror()
+        except Exception:  # noqa: BLE001
+            mirror = None
+        if mirror and mirror.startswith(("http://", "https://")):
+            pairs.append(("Debian mirror", mirror.rstrip("/") + "/dists/"))
+        urls = pairs
+    for what, url in urls:
+        shown = hostnet.redact(url)
+        why = _probe_url(url, ca, timeout)
+        if why is None:
+            checks.append(Check(f"build network: {what}", OK, f"{shown} reachable"
+                                + (" (TLS verified with that bundle)" if url.startswith("https:") else "")))
+        elif hostnet.tls_failure(why):
+            checks.append(Check(f"build network: {what}", WARN, f"{shown}: TLS verification fails with "
+                                f"{ca or 'the default CA store'} ({why})",
+                                "set SSL_CERT_FILE to the CA bundle that holds your site's proxy CA"))
+        else:
+            checks.append(Check(f"build network: {what}", WARN, f"{shown} not reachable ({why}): RUN steps "
+                                "that download from it will fail", "map bases and vendor packages, or ask "
+                                "your admins for the proxy settings (HTTPS_PROXY)"))
+    return checks
+
+
 def check_arch() -> Check:
     return Check("architecture", OK, f"{platform.machine()} -> Dockerfiles for {host_arch()}")
 
@@ -209,6 +287,10 @@ def run_checks(project: Project | None = None,
                                for b in e.bases.values())
         if uses_debootstrap:
             checks.append(check_debootstrap())
+    try:
+        checks.extend(check_package_indexes(project))
+    except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
+        checks.append(Check("build network", WARN, f"check failed: {exc}"))
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())

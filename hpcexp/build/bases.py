@@ -28,6 +28,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from hpcexp.build import standins
 from hpcexp.convert.recipe import BaseResolution, BaseResolver
 from hpcexp.core.config import COMPONENT_RE, BaseSpec, host_arch
 from hpcexp.errors import ConfigError, EnvironmentProblem
@@ -159,6 +160,8 @@ def spec_hash(spec: BaseSpec) -> str:
     """
     doc = {"format": BASE_FORMAT, "kind": spec.kind, "suite": spec.suite, "include": sorted(spec.include),
            "components": list(spec.components), "mirror": spec.mirror}
+    if spec.contract is not None:  # only when set, so that existing bases keep their names
+        doc["contract"] = f"{spec.contract}/{CONTRACT_REVISION}"
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -169,7 +172,7 @@ def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
 
 def base_sif_name(spec: BaseSpec) -> str:
     """The base's file name, the same for every architecture and machine."""
-    return f"debootstrap-{spec.suite}-{spec_hash(spec)[:16]}.sif"
+    return f"{spec.contract or 'debootstrap'}-{spec.suite}-{spec_hash(spec)[:16]}.sif"
 
 
 # Recipes name hpcexp-built bases relative to this token instead of the per-user cache path,
@@ -199,12 +202,28 @@ def materialize(recipe_text: str, project: "Project") -> str:
     return "".join(out)
 
 
+# The python:* image's contract (docs/bases.md): python/python3/pip/pip3 (and pythonX.Y,
+# pipX.Y) in /usr/local/bin as in the official image; no PEP 668 marker, so pip installs
+# system-wide (Debian's pip then installs into /usr/local and leaves Debian's own packages
+# alone, so `pip install --upgrade pip` works as in the official image); package lists
+# removed like the official image's. Bump CONTRACT_REVISION when this text changes: it is
+# part of the base's identity, so existing stand-ins are rebuilt.
+CONTRACT_REVISION = 1
+PYTHON_CONTRACT_POST = r"""    rm -f /usr/lib/python3*/EXTERNALLY-MANAGED
+    v="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    for n in python python3 "python$v"; do ln -sf /usr/bin/python3 "/usr/local/bin/$n"; done
+    for n in pip pip3 "pip$v"; do ln -sf /usr/bin/pip3 "/usr/local/bin/$n"; done
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*"""
+
+
 def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
     """The Apptainer recipe of a debootstrap base (pure)."""
     lines = ["Bootstrap: debootstrap", f"OSVersion: {spec.suite}", f"MirrorURL: {mirror}"]
     if spec.include:
         lines.append(f"Include: {' '.join(spec.include)}")
     lines.append("")
+    post: list[str] = []
     extra = [c for c in spec.components if c != "main"]
     if extra:
         # debootstrap writes a sources.list with `main` only; add the other components. The
@@ -214,13 +233,25 @@ def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
         if bad:
             raise ConfigError(f"bases.{spec.ref}.components: invalid archive component {bad[0]!r}")
         program = f"s/ main$/ {' '.join(spec.components)}/"
-        lines += ["%post", f"    sed -i {shlex.quote(program)} /etc/apt/sources.list", ""]
+        post.append(f"    sed -i {shlex.quote(program)} /etc/apt/sources.list")
+    if spec.contract == "python":
+        post.append(PYTHON_CONTRACT_POST)
+    if post:
+        lines += ["%post", *post, ""]
+    if spec.contract == "python":
+        lines += ["%environment", "    export LANG=\"${LANG:-C.UTF-8}\"", ""]
     return "\n".join(lines)
 
 
-def spec_for(exp: "Experiment", project: "Project", ref: str) -> BaseSpec | None:
-    """The mapping for FROM reference ``ref`` (experiment's own, then the project's)."""
-    return exp.bases.get(ref) or project.bases.get(ref)
+def spec_for(exp: "Experiment | None", project: "Project", ref: str) -> BaseSpec | None:
+    """The mapping for FROM reference ``ref``: the experiment's own, then the project's, then
+    (unless ``build: {stand_ins: false}``) hpcexp's stand-in for an official python/debian image."""
+    spec = (exp.bases.get(ref) if exp is not None else None) or project.bases.get(ref)
+    if spec is None and project.stand_ins:
+        found = standins.stand_in(ref)
+        if found is not None:
+            return found.spec
+    return spec
 
 
 def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) -> BaseResolution:
@@ -244,6 +275,12 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
         assert spec.image is not None
         scheme, _, rest = spec.image.partition("://")
         return BaseResolution(scheme, rest)
+    found = standins.stand_in(spec.ref)
+    if found is not None and found.spec == spec:
+        notes = ((("translated", f"no `bases:` entry: hpcexp builds a stand-in, {found.summary} "
+                                 f"(see docs/bases.md)"),)
+                 + tuple(("approximated", f"stand-in differs: {d}") for d in found.differences))
+        return BaseResolution("localimage", recipe_ref(spec), notes=notes)
     return BaseResolution("localimage", recipe_ref(spec))
 
 
@@ -303,14 +340,12 @@ def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str
 
 def base_resolver(project: "Project", exp: "Experiment | None" = None,
                   context: Path | None = None) -> "BaseResolver":
-    """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap bases."""
-    mapping = dict(project.bases)
-    if exp is not None:
-        mapping.update(exp.bases)
+    """The FROM -> BaseResolution map of ``exp`` (or the project): sif, image and debootstrap
+    bases from hpcexp.yaml, then stand-ins for official images (:func:`spec_for`)."""
     ctx = Path(context) if context is not None else (exp.path if exp is not None else project.root)
 
     def resolve(ref: str) -> BaseResolution | None:
-        spec = mapping.get(ref)
+        spec = spec_for(exp, project, ref)
         if spec is None:
             return None
         res = resolution(project, spec, ctx)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from hpcexp import __version__
-from hpcexp.build import bases
+from hpcexp.build import bases, hostnet, standins
 from hpcexp.core.config import BaseSpec, Experiment, Project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import BuildError, EnvironmentProblem, HpcexpError, Interrupted, StorageError
@@ -63,7 +63,7 @@ SIDECAR_SCHEMA = 1
 TAIL_LINES = 20
 
 Progress = Callable[[str, str], None]
-"""progress(kind, text): kind is one of start, step, wait, warn, done."""
+"""progress(kind, text): kind is one of start, step, wait, note, warn, done."""
 
 
 class ImageBuildFailed(BuildError):
@@ -349,6 +349,8 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
     if not force and sidecar is not None and sidecar.get("input_hash") == prep.input_hash \
             and valid_sif(prep.image, sidecar):
         return _info(prep, sidecar, built=False)
+    if progress is not None:
+        _announce_bases(project, exp, arch, prep, progress)
     # Debootstrap bases are built first (cached in the user's cache dir like any image).
     base_digests: list[tuple[str, str]] = []
     for ref, spec in prep.base_specs:
@@ -396,6 +398,21 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
                         label=f"{exp.name} {arch}", labels=labels, sidecar_extra=extra, progress=progress,
                         wait=wait, force=force, arch=arch, reuse_if=lambda s: s.get("input_hash") == prep.input_hash)
     return _info(prep, sidecar, built=bool(sidecar.pop("_built", True)))
+
+
+def _announce_bases(project: Project, exp: Experiment, arch: str, prep: Prepared, progress: Progress) -> None:
+    """One note per base hpcexp chose itself (a stand-in), one line per unmapped registry image."""
+    report = Layout(project).report(exp.name, arch)
+    for ref, spec in prep.base_specs:
+        if spec is None:
+            progress("note", standins.mapping_hint(ref))
+            continue
+        found = standins.stand_in(ref) if spec.kind == "debootstrap" else None
+        if found is not None and found.spec == spec:
+            more = f"; {len(found.differences)} difference(s) from the official image in {report}" \
+                if found.differences else ""
+            progress("note", f"FROM {ref}: no `bases:` entry, so hpcexp builds a stand-in: {found.summary}{more} "
+                             "(docs/bases.md; map it under `bases:` to choose another)")
 
 
 def _only_warnings(progress: Progress | None) -> Progress | None:
@@ -463,6 +480,22 @@ def _step_of(line: str) -> str | None:
     return None
 
 
+def _describe_net(net: hostnet.BuildNetwork) -> str:
+    if not net.enabled:
+        return "off (no host CA bundle, proxy variables removed)"
+    ca = f"CA bundle {net.ca_bundle} ({net.ca_source})" if net.ca_bundle else "no CA bundle found"
+    return f"{ca}; proxy variables: {', '.join(net.proxy_vars) or 'none'}"
+
+
+def _log_end(log_path: Path, size: int = 1 << 18) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 # What a build in the root-mapped fallback (no subuid range) says when it needs a file to
 # be owned by another id: only one id exists there, so every such change fails.
 OWNERSHIP_FAILURE = ("failed to change uid", "change uid and gid", "cannot change ownership", "chown",
@@ -488,7 +521,8 @@ def _no_subuid_failure(exc: ImageBuildFailed, label: str) -> ImageBuildFailed:
                             hint=f"the build's own last line: {own}")
 
 
-def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmpdir: str, out_dir: Path) -> HpcexpError:
+def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmpdir: str, out_dir: Path,
+                       net: hostnet.BuildNetwork | None = None) -> HpcexpError:
     text = "\n".join(tail).lower()
     last = next((ln.strip() for ln in reversed(tail)
                  if ln.strip() and ("fatal" in ln.lower() or "error" in ln.lower())),
@@ -503,6 +537,9 @@ def _translate_failure(label: str, rc: int, tail: list[str], log_path: Path, tmp
         return StorageError(
             f"build of {label} failed: no space left on device (scratch {tmpdir}, output {out_dir}); log: {log_path}",
             hint="free space, or set APPTAINER_TMPDIR / `images:` in hpcexp.yaml to a larger file system")
+    if hostnet.tls_failure(text) or hostnet.tls_failure(_log_end(log_path)):
+        return ImageBuildFailed(f"build of {label} failed (exit {rc}): {last}; log: {log_path}",
+                                tail=list(tail), log_path=log_path, hint=hostnet.failure_hint(net))
     return ImageBuildFailed(f"build of {label} failed (exit {rc}): {last}; log: {log_path}",
                             tail=list(tail), log_path=log_path,
                             hint=f"the last lines are above; the full log is {log_path}")
@@ -580,18 +617,30 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     # Apptainer runs host tools for a build (debootstrap, and debootstrap runs chroot and the
     # base's dpkg): give it the folders distributions keep them in, after the user's own PATH.
     env["PATH"] = process.host_tool_path(env.get("PATH"))
-    own_tmpdir = None
+    # A private folder for the build's recipe copy and the host's CA bundle (and Apptainer's
+    # scratch space unless APPTAINER_TMPDIR is set); `hpcexp clean` knows its name.
+    base_tmp = env.get("TMPDIR") or tempfile.gettempdir()
+    try:
+        own_tmpdir = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{hostinfo.short_hostname()}-{os.getpid()}-",
+                                      dir=base_tmp)
+    except OSError as exc:
+        raise atomic.storage_error(exc, Path(base_tmp)) from exc
     if not env.get("APPTAINER_TMPDIR"):
-        base_tmp = env.get("TMPDIR") or tempfile.gettempdir()
-        prefix = f"{SCRATCH_PREFIX}{hostinfo.short_hostname()}-{os.getpid()}-"
-        own_tmpdir = tempfile.mkdtemp(prefix=prefix, dir=base_tmp)
         env["APPTAINER_TMPDIR"] = own_tmpdir
     scratch = env["APPTAINER_TMPDIR"]
+    prefix = "SINGULARITYENV_" if inst.program == "singularity" else "APPTAINERENV_"
+    try:
+        net = hostnet.prepare(Path(own_tmpdir) / "host", project.host_network, env, prefix=prefix)
+    except OSError as exc:
+        shutil.rmtree(own_tmpdir, ignore_errors=True)
+        raise atomic.storage_error(exc, Path(own_tmpdir)) from exc
+    env = net.apply(env)
+    extra = list(extra or ()) + net.bind_argv()
     all_labels = dict(labels)
     all_labels.update({"org.hpcexp.apptainer-version": f"{inst.program} {inst.version}",
                        "org.hpcexp.host": hostinfo.hostname(), "org.hpcexp.user": hostinfo.user(),
                        "org.hpcexp.built-at": _now(), "org.hpcexp.hpcexp-version": __version__})
-    build_recipe = Path(own_tmpdir or scratch) / f"{final.stem}.{os.getpid()}.def"
+    build_recipe = Path(own_tmpdir) / f"{final.stem}.{os.getpid()}.def"
     # --force: the temp output never exists, but without it Apptainer keeps a base image's
     # label over ours when both set the same key (org.hpcexp.built-at of a debootstrap base).
     argv = apptainer.build_argv(inst.path, build_recipe, tmp, fakeroot=True, force=True,
@@ -607,25 +656,29 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
     try:
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            build_recipe.write_text(labelled_recipe(bases.materialize(recipe_text, project), all_labels),
-                                    encoding="utf-8")
+            text = labelled_recipe(bases.materialize(recipe_text, project), all_labels)
+            if net.folder is not None:
+                text = hostnet.inject_mount_point(text)
+            build_recipe.write_text(text, encoding="utf-8")
             logf = open(log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         except OSError as exc:
             raise atomic.storage_error(exc, log_path) from exc
         with logf:
             logf.write(f"# hpcexp {__version__} build of {label} at {_now()} on {hostinfo.hostname()}\n"
-                       f"# cwd: {context}\n# argv: {' '.join(argv)}\n# APPTAINER_TMPDIR={scratch}\n"
-                       f"# PATH={env['PATH']}\n")
+                       f"# cwd: {context}\n# argv: {hostnet.redact(' '.join(argv), net.secrets)}\n"
+                       f"# APPTAINER_TMPDIR={scratch}\n# PATH={hostnet.redact(env['PATH'], net.secrets)}\n"
+                       f"# host network: {_describe_net(net)}\n")
             logf.flush()
-            rc = _stream(argv, env, context, logf, tail, progress, label)
+            rc = _stream(argv, env, context, logf, tail, progress, label, net.secrets)
         if rc != 0:
-            raise _translate_failure(label, rc, tail, log_path, scratch, final.parent)
+            raise _translate_failure(label, rc, tail, log_path, scratch, final.parent, net)
         if not tmp.exists():
             raise BuildError(f"build of {label} reported success but wrote no image; log: {log_path}")
         try:
             sha = hashing.sha256_file(tmp)
             st = os.stat(tmp)
             sidecar = dict(sidecar_extra)
+            sidecar["host_network"] = net.describe()
             sidecar.update({
                 "schema": SIDECAR_SCHEMA, "path": str(final), "sha256": sha, "size": st.st_size,
                 "sif_stat": [st.st_size, st.st_mtime_ns, st.st_ino],
@@ -651,8 +704,7 @@ def _run_build(project: Project, inst: apptainer.Installation, recipe_text: str,
             os.unlink(tmp)
         with contextlib.suppress(OSError):
             build_recipe.unlink()
-        if own_tmpdir:
-            shutil.rmtree(own_tmpdir, ignore_errors=True)
+        shutil.rmtree(own_tmpdir, ignore_errors=True)
 
 
 SCRATCH_PREFIX = "hpcexp-build-"
@@ -698,7 +750,7 @@ def _host_arch() -> str:
 
 
 def _stream(argv: list[str], env: dict[str, str], cwd: Path, logf: Any, tail: list[str],
-            progress: Progress | None, label: str) -> int:
+            progress: Progress | None, label: str, secrets: list[str] | None = None) -> int:
     """Run apptainer in its own process group, copying its output to the log and
     reporting build steps.
 
@@ -716,7 +768,7 @@ def _stream(argv: list[str], env: dict[str, str], cwd: Path, logf: Any, tail: li
     watchdog = process.Watchdog.start(proc.pid)
     try:
         with proc:
-            return _pump(proc, logf, tail, progress, label)
+            return _pump(proc, logf, tail, progress, label, secrets or [])
     finally:
         if watchdog is not None:
             watchdog.release()
@@ -728,11 +780,12 @@ def _signal_group(proc: "subprocess.Popen[bytes]", sig: int) -> None:
 
 
 def _pump(proc: "subprocess.Popen[bytes]", logf: Any, tail: list[str], progress: Progress | None,
-          label: str) -> int:
+          label: str, secrets: list[str] | None = None) -> int:
     assert proc.stdout is not None
     try:
         for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
+            # A proxy URL's password never reaches the log, the tail or the terminal.
+            line = hostnet.redact(raw.decode("utf-8", "replace").rstrip("\n"), secrets or [])
             try:
                 logf.write(line + "\n")
                 logf.flush()

@@ -56,6 +56,10 @@ class LiveLine:
             self._clear()
             click.echo(f"hpcexp: {text}", err=True)
             return
+        if kind == "note":
+            self._clear()
+            click.echo(f"hpcexp: note: {text}", err=True)
+            return
         if kind == "start":
             self.label = text
             self.t0 = time.monotonic()
@@ -120,10 +124,13 @@ class LiveLine:
 @click.option("--force", is_flag=True, help="Rebuild even when a current image exists.")
 @click.option("--no-wait", is_flag=True, help="Exit 75 instead of waiting when someone else builds the same image.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings.")
+@click.option("--no-host-network", is_flag=True,
+              help="Do not pass the host's CA bundle and proxy variables into build steps "
+                   "(also `build: {host_network: false}` in hpcexp.yaml).")
 @json_option
 @pass_ctx
 def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, force: bool, no_wait: bool,
-              quiet: bool, as_json: bool) -> None:
+              quiet: bool, no_host_network: bool, as_json: bool) -> None:
     """Convert (when stale) and build images rootless, cached by content.
 
     Same inputs, same image: when nothing the image is made of changed, no apptainer
@@ -135,6 +142,9 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
     from hpcexp.errors import HpcexpError
 
     project = ctx.project()
+    if no_host_network:
+        import dataclasses
+        project = dataclasses.replace(project, host_network=False)
     exps = project.select(list(names), all_)
     arch = arch or host_arch()
     live = LiveLine(tty=sys.stderr.isatty() and not quiet and not as_json)

@@ -83,6 +83,7 @@ class BaseResolution:
     source: str          # the From: value (a path for localimage, a reference otherwise)
     headers: tuple[tuple[str, str], ...] = ()  # extra header lines (debootstrap: OSVersion, MirrorURL, Include)
     environment: tuple[tuple[str, str], ...] = ()  # the base image's environment, when hpcexp can read it
+    notes: tuple[tuple[str, str], ...] = ()    # (action, reason) for the report, e.g. a stand-in's differences
 
 
 @dataclass(frozen=True)
@@ -701,7 +702,10 @@ class _Converter:
         if res.source:
             lines.append(f"From: {res.source}")
         lines.extend(f"{k}: {v}" for k, v in res.headers)
-        if ins is not None:
+        if ins is not None and res.notes:
+            for action, reason in res.notes:
+                self.note(ins, f"FROM {ref}", action, reason)
+        elif ins is not None:
             self.note(ins, f"FROM {ref}", "translated",
                       f"base image taken from the project's base map: Bootstrap: {res.bootstrap}"
                       + (f", From: {res.source}" if res.source else ""))

@@ -79,6 +79,7 @@ class BaseSpec:
     mirror: str | None = None
     include: tuple[str, ...] = ()
     components: tuple[str, ...] = ("main",)
+    contract: str | None = None      # "python": a stand-in keeping the python:* image's contract
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ class Project:
     env: Mapping[str, str] = field(default_factory=dict)
     build_args: Mapping[str, str] = field(default_factory=dict)
     debian_mirror: str | None = None
+    stand_ins: bool = True      # build: unmapped python:*/debian:* FROM -> a stand-in built here
+    host_network: bool = True   # build: the host's CA bundle and proxy settings reach RUN steps
 
     def experiment(self, name: str) -> Experiment:
         """The experiment called ``name``, or NotFound with a did-you-mean; UsageError when its
@@ -279,7 +282,7 @@ def load_project(root: Path | str | None = None, *, explicit: str | os.PathLike[
 # --------------------------------------------------------------------------------------
 
 TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir", "bases", "slurm",
-            "env", "build_args", "debian_mirror", "experiments")
+            "env", "build_args", "debian_mirror", "build", "experiments")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
             "env", "params", "params_as", "build_args", "bases", "slurm")
@@ -287,6 +290,7 @@ SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
 COMPONENT_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+BUILD_KEYS = ("stand_ins", "host_network")
 BASE_KEYS = ("sif", "image", "debootstrap", "mirror", "include", "components")
 BIND_KEYS = ("src", "dst", "mode")
 
@@ -650,6 +654,10 @@ class _Validator:
         }
         mirror = self.string("debian_mirror", top.get("debian_mirror"),
                              pattern=re.compile(r"^(https?|file)://\S+$"), rule="an http(s) URL")
+        build = self.mapping("build", top.get("build")) or {}
+        self.keys("build", build, BUILD_KEYS)
+        stand_ins = self.boolean("build.stand_ins", build.get("stand_ins"), True)
+        host_network = self.boolean("build.host_network", build.get("host_network"), True)
 
         # Discovered experiments first, then what hpcexp.yaml declares.
         experiments: dict[str, Experiment] = {}
@@ -707,7 +715,8 @@ class _Validator:
             root=self.root, config_file=cfg_path, experiments_dir=experiments_dir, recipes_dir=recipes_dir,
             images_dir=images_dir, runs_dir=runs_dir, slurm_dir=slurm_dir, cache_dir=cache_dir,
             experiments=experiments, bases=defaults["bases"], slurm=defaults["slurm"], env=defaults["env"],
-            build_args=defaults["build_args"], debian_mirror=mirror,
+            build_args=defaults["build_args"], debian_mirror=mirror, stand_ins=stand_ins,
+            host_network=host_network,
         )
 
 
