@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpcexp.build import bases, hostnet, standins
-from hpcexp.convert.recipe import base_resolver, convert
+from hpcexp.build.bases import base_resolver
+from hpcexp.convert.recipe import convert
 from hpcexp.core.config import load_project
 
 
