@@ -135,6 +135,9 @@ class Exporter:
         self.uri = settings.uri
         self.mlflow = _client_module()
         self.client = self.mlflow.tracking.MlflowClient(tracking_uri=self.uri)
+        # artifacts proxied by the server (mlflow-artifacts:/...) are resolved against the
+        # process-wide tracking URI, not the client's
+        self.mlflow.set_tracking_uri(self.uri)
         self._experiment_id: str | None = None
         self._lock = threading.Lock()
 

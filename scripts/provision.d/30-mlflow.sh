@@ -11,7 +11,8 @@
 # Idempotent: a venv whose stamp matches the wanted list is left alone.
 
 MLFLOW_VENV=/opt/hpcexp-test/mlflow
-MLFLOW_REQS="mlflow>=2.9,<3 psycopg2-binary>=2.9"
+# SQLAlchemy 2.1 dropped a pool class MLflow 2.x imports: keep 2.0
+MLFLOW_REQS="mlflow>=2.9,<3 sqlalchemy>=2.0,<2.1 psycopg2-binary>=2.9"
 
 need_pkgs postgresql python3-venv
 
