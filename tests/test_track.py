@@ -345,3 +345,66 @@ def test_postgresql_backend(tmp_path: Path, mlflow_postgres_server: Any) -> None
     assert len(found) == 3
     again = cli(root, "export", "mlflow", "sw-pg")
     assert again.returncode == 0 and len(mlflow_runs(mlflow_postgres_server.uri)) == 3
+
+
+def test_config_levels_and_bad_values(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "p", "http://127.0.0.1:5000/")
+    (root / "experiments" / "other").mkdir()
+    (root / "experiments" / "other" / "Dockerfile").write_text("FROM busybox\n")
+    (root / "hpcexp.yaml").write_text(
+        "tracking: {mlflow: {uri: 'http://127.0.0.1:5000/', experiment: lab}}\n"
+        "experiments:\n  train: {tracking: {mlflow: {experiment: ablation, reachable_from_nodes: false}}}\n"
+        "  other: {tracking: false}\n")
+    project = load_project(root)
+    assert project.tracking is not None and project.tracking.uri == "http://127.0.0.1:5000"
+    train = project.experiments["train"].tracking
+    assert train is not None and (train.experiment, train.reachable_from_nodes, train.uri) == (
+        "ablation", "false", "http://127.0.0.1:5000")
+    assert project.experiments["other"].tracking is None
+    (root / "hpcexp.yaml").write_text(
+        "tracking: {mlflow: {uri: 'ftp://x', experimnt: a, reachable_from_nodes: maybe, max_artifact_mb: -1}}\n")
+    proc = cli(root, "list")
+    assert_clean_error(proc, 2, "tracking.mlflow.uri: must be an http:// or https:// URL",
+                       "unknown key 'experimnt' (did you mean 'experiment'?)",
+                       "reachable_from_nodes: must be true, false or auto", "max_artifact_mb: must be a number")
+
+
+def test_job_script_drops_tracking_env_when_the_server_does_not_answer_from_the_node(tmp_path: Path) -> None:
+    import subprocess
+
+    from hpcexp.execute.slurm.sbatch import _reach_check
+
+    def run(port: int) -> list[str]:
+        lines = ["set -euo pipefail",
+                 "HPCEXP_CMD=(env APPTAINERENV_A=1 APPTAINERENV_MLFLOW_RUN_ID=r APPTAINERENV_MLFLOW_TRACKING_URI=u "
+                 "apptainer exec img APPTAINERENV_MLFLOW_RUN_ID=keep-me)"]
+        lines += _reach_check(("127.0.0.1", port, ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI")), "APPTAINERENV_")
+        lines += ['printf "%s\\n" "${HPCEXP_CMD[@]}"']
+        proc = subprocess.run(["bash", "-c", "\n".join(lines)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    closed = free_port()
+    assert run(closed) == ["env", "APPTAINERENV_A=1", "apptainer", "exec", "img", "APPTAINERENV_MLFLOW_RUN_ID=keep-me"]
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        assert run(port) == ["env", "APPTAINERENV_A=1", "APPTAINERENV_MLFLOW_RUN_ID=r",
+                             "APPTAINERENV_MLFLOW_TRACKING_URI=u", "apptainer", "exec", "img",
+                             "APPTAINERENV_MLFLOW_RUN_ID=keep-me"]
+
+
+def test_export_without_the_client_says_how_to_install_it(tmp_path: Path, mlflow_server: Any) -> None:
+    root = make_project(tmp_path / "p", mlflow_server.uri)
+    paths, rec = add_run(root)
+    shim = tmp_path / "shim"
+    (shim / "mlflow").mkdir(parents=True)
+    (shim / "mlflow" / "__init__.py").write_text("raise ImportError('no mlflow here')\n")
+    proc = run_cli("export", "mlflow", rec.run_id, cwd=root,
+                   env={**ENV, "PYTHONPATH": f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert_clean_error(proc, 3, "exporting to MLflow needs the MLflow client, which is not installed",
+                       "pip install 'hpcexp[mlflow]'")
+    assert not paths.tracking_state("mlflow").exists()
