@@ -1229,7 +1229,23 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
     first = len(record.get("submissions") or [])
     return _submit_tasks(layout, exp_name, image, tasks, res, sweep_id=sweep_id, array=True, hold=hold,
                          dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp_name}`",
-                         first_chunk=first, sweep_record=record)
+                         first_chunk=first, sweep_record=record,
+                         env_probe=_tracking_probe([t.spec.container_env for t in tasks]))
+
+
+def _tracking_probe(envs: Sequence[Mapping[str, str]]) -> tuple[str, int, tuple[str, ...]] | None:
+    """A resubmitted task keeps the MLflow variables of its first submission: its job checks
+    again, at its start, that the server answers from the node (see sbatch.env_if_reachable)."""
+    from urllib.parse import urlsplit
+
+    for env in envs:
+        uri = env.get("MLFLOW_TRACKING_URI")
+        if uri:
+            parts = urlsplit(uri)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            names = tuple(sorted(k for k in env if k.startswith("MLFLOW_")))
+            return (parts.hostname or "", port, names) if parts.hostname else None
+    return None
 
 
 # --------------------------------------------------------------------------------------
