@@ -408,3 +408,26 @@ def test_export_without_the_client_says_how_to_install_it(tmp_path: Path, mlflow
     assert_clean_error(proc, 3, "exporting to MLflow needs the MLflow client, which is not installed",
                        "pip install 'hpcexp[mlflow]'")
     assert not paths.tracking_state("mlflow").exists()
+
+
+def test_two_exporters_at_once_send_everything_once(tmp_path: Path, mlflow_server: Any) -> None:
+    import subprocess
+    import sys
+
+    root = make_project(tmp_path / "p", mlflow_server.uri)
+    made = [add_run(root, sweep="sw-3", index=i, metrics="".join(
+        json.dumps({"name": "loss", "value": s, "step": s}) + "\n" for s in range(4))) for i in range(8)]
+    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-m", "hpcexp", "export", "mlflow", "sw-3", "--threads", "2"],
+                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    found = mlflow_runs(mlflow_server.uri)
+    assert len([r for r in found if r.data.tags.get("hpcexp.kind") == "sweep"]) == 1
+    kids = by_hpcexp_id(found)
+    assert sorted(kids) == sorted(rec.run_id for _, rec in made) and len(found) == 9
+    c = MlflowClient(tracking_uri=mlflow_server.uri)
+    for run in kids.values():
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3]
+        assert run.info.status == "FINISHED"

@@ -304,7 +304,16 @@ class Exporter:
 
     # -- a sweep's parent -----------------------------------------------------------------
     def parent(self, sweep_id: str, tasks: Sequence[RunRecord], *, create: bool = True) -> str | None:
+        """The sweep's parent run, found or created under the sweep's lock (two exporters
+        starting at once must not make two parents)."""
+        from hpcexp.infra.lock import Lock
+
         sf = self.layout.sweep_tracking_state(sweep_id, TRACKER)
+        sf.parent.mkdir(parents=True, exist_ok=True)
+        with Lock(sf.with_name(f".tracking.{TRACKER}.lock"), purpose=f"export of sweep {sweep_id}").hold():
+            return self._parent(sf, sweep_id, tasks, create)
+
+    def _parent(self, sf: Path, sweep_id: str, tasks: Sequence[RunRecord], create: bool) -> str | None:
         state = ex.read_state(sf)
         if ex.same_target(state, self.settings, self.name) and state.get("run_id"):
             return str(state["run_id"])
@@ -319,7 +328,6 @@ class Exporter:
                     "mlflow.source.type": "JOB"}
             starts = [t for t in (_ms(r.created_at) for r in tasks) if t is not None]
             found = self.create({k: v for k, v in tags.items() if v}, min(starts) if starts else None)
-        sf.parent.mkdir(parents=True, exist_ok=True)
         ex.write_state(sf, {"uri": ex.redact(self.uri), "experiment": self.name, "run_id": found,
                             "experiment_id": self.experiment_id(), "created_at": utcnow()})
         return found
