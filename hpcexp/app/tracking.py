@@ -9,7 +9,6 @@ in the run folder (``tracking.mlflow.json``) until ``hpcexp export mlflow`` send
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from hpcexp.core.config import Experiment, Project
@@ -201,8 +200,3 @@ def doctor_check(project: Project | None) -> list[Any]:
             checks.append(Check("tracking client", OK, "MLflow client installed"))
     return checks
 
-
-def state_path(paths: RunPaths) -> Path:
-    from hpcexp.track import export as ex
-
-    return ex.state_file(paths)
