@@ -431,3 +431,27 @@ def test_two_exporters_at_once_send_everything_once(tmp_path: Path, mlflow_serve
     for run in kids.values():
         assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == [0, 1, 2, 3]
         assert run.info.status == "FINISHED"
+
+
+def test_a_resubmitted_task_updates_its_mlflow_run_in_place(tmp_path: Path, mlflow_server: Any) -> None:
+    root = make_project(tmp_path / "p", mlflow_server.uri)
+    paths, rec = add_run(root, "failed", sweep="sw-4", index=0, metrics='{"name": "m", "value": 1, "step": 0}\n')
+    assert cli(root, "export", "mlflow", "sw-4").returncode == 0
+    first = mlflow_runs(mlflow_server.uri)
+    assert {r.info.status for r in first} == {"FAILED"}
+    # attempt 2 succeeds and appends a point (as `hpcexp resubmit SWEEP --failed` would)
+    rec = runs.read_record(paths)
+    rec.state, rec.attempt, rec.exit_code = "succeeded", 2, 0
+    runs.write_record(paths, rec)
+    with open(paths.results / "metrics.jsonl", "a") as fh:
+        fh.write('{"name": "m", "value": 2, "step": 1}\n')
+    proc = cli(root, "export", "mlflow", "sw-4")
+    assert proc.returncode == 0 and "1 exported" in proc.stderr, proc.stderr
+    again = mlflow_runs(mlflow_server.uri)
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in first)
+    child = by_hpcexp_id(again)[rec.run_id]
+    assert child.info.status == "FINISHED" and child.data.tags["hpcexp.attempts"] == "2"
+    hist = MlflowClient(tracking_uri=mlflow_server.uri).get_metric_history(child.info.run_id, "m")
+    assert sorted((m.step, m.value) for m in hist) == [(0, 1.0), (1, 2.0)]
+    parent = [r for r in again if r.data.tags.get("hpcexp.kind") == "sweep"][0]
+    assert parent.info.status == "FINISHED"
