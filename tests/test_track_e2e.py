@@ -10,7 +10,6 @@ MLFLOW_RUN_ID). Its metric must land in the same MLflow run as the exported ones
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -180,33 +179,44 @@ def test_server_down_during_sweep_then_exported_once(tmp_path: Path, busybox_sif
     assert all(not r["tracking"]["exported"] and "run_id" not in r["tracking"] for r in recs)
     for r in recs:
         assert "logged myself" not in (Path(r["dir"]) / "stdout.log").read_text()
-    # a task cancelled through Slurm (scancel) while the server is down, too
-    one = cli(p, "submit", "train", "-p", "sleep=120", "--json")
-    assert one.returncode == 0, one.stderr
-    cancelled_id = json.loads(one.stdout)["runs"][0]["run_id"] if "runs" in json.loads(one.stdout) else None
-    cancelled_id = cancelled_id or json.loads(cli(p, "status", "@last", "--json").stdout)[0]["run_id"]
-    deadline = time.monotonic() + 60
-    while json.loads(cli(p, "status", cancelled_id, "--json").stdout)[0]["state"] != "running":
+    # a sweep task cancelled through Slurm (scancel of one array task) while the server is down, too
+    two = cli(p, "submit", "train", "--sweep", "sleep=0,120", "--json")
+    assert two.returncode == 0, two.stderr
+    second = json.loads(two.stdout)
+    sweep2, (quick, slow) = second["sweep_id"], [r["run_id"] for r in second["runs"]]
+    deadline = time.monotonic() + 90
+    while json.loads(cli(p, "status", slow, "--json").stdout)[0]["state"] != "running":
         assert time.monotonic() < deadline
         time.sleep(1)
-    assert cli(p, "stop", cancelled_id).returncode == 0
-    assert wait_terminal(p, cancelled_id)[0]["state"] == "cancelled"
+    assert cli(p, "stop", slow).returncode == 0
+    states = {r["run_id"]: r["state"] for r in wait_terminal(p, sweep2)}
+    assert states == {quick: "succeeded", slow: "cancelled"}
+    cancelled_id = slow
     server.start()
     try:
-        exp = cli(p, "export", "mlflow", sweep_id, cancelled_id)
+        exp = cli(p, "export", "mlflow", sweep_id, sweep2)
         assert exp.returncode == 0, exp.stderr
-        assert "7 exported" in exp.stderr
+        # a background export that `status` started may be sending some runs at the same
+        # time (they show as "being exported by another process"): wait for both to finish
+        deadline = time.monotonic() + 60
+        while not all(r["tracking"]["exported"] for ref in (sweep_id, sweep2)
+                      for r in json.loads(cli(p, "status", ref, "--json").stdout)):
+            assert time.monotonic() < deadline, exp.stderr
+            time.sleep(1)
         found = found_runs(server.uri, p["experiment"])
         kids = by_id(found)
-        assert len(found) == 8                          # parent + 6 + the cancelled run
+        assert len(found) == 10                         # 2 parents, 6 + 2 tasks
         assert kids[cancelled_id].info.status == "KILLED"
+        assert kids[quick].info.status == "FINISHED"
+        parents = {r.data.tags["hpcexp.sweep_id"]: r for r in found if r.data.tags.get("hpcexp.kind") == "sweep"}
+        assert parents[sweep2].info.status == "KILLED" and parents[sweep_id].info.status == "FINISHED"
         c = client(server.uri)
         for r in recs:
             check_run(c, kids[r["run_id"]], {"a": r["params"]["a"], "b": r["params"]["b"]}, self_logged=False)
         ids = sorted(x.info.run_id for x in found)
         again = cli(p, "export", "mlflow", sweep_id)
         assert again.returncode == 0 and "6 already exported" in again.stderr
+        assert cli(p, "export", "mlflow").returncode == 0       # nothing pending: changes nothing
         assert sorted(x.info.run_id for x in found_runs(server.uri, p["experiment"])) == ids
     finally:
         server.stop()
-    assert os.path.exists(p["root"])
