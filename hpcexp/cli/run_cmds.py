@@ -266,7 +266,10 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     if tracked:  # finished runs not exported yet go to the tracking server in the background
         from hpcexp.app import tracking
 
-        tracking.kick(project, items)
+        waiting = tracking.kick(project, items)
+        if waiting and not as_json:
+            info(f"tracking: {waiting} finished run(s) not exported yet; sending them in the background "
+                 "(or: hpcexp export mlflow)")
     if as_json:
         emit_json([{**rec.to_dict(), "dir": str(paths.dir),
                     **({"tracking": tracking.describe(project, paths, rec)} if tracked else {})}
