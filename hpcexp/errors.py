@@ -127,6 +127,12 @@ class SchedulerError(HpcexpError):
     exit_code = 6
 
 
+class TrackingError(HpcexpError):
+    """The tracking server (MLflow) refused a request, or could not be reached."""
+
+    exit_code = 6
+
+
 class StorageError(HpcexpError):
     """Writing failed: disk full, quota, read-only file system (EX_IOERR)."""
 
@@ -158,7 +164,7 @@ EXIT_CODES: dict[int, str] = {
     3: "the machine lacks something required (see `hpcexp doctor`)",
     4: "an image build failed (the message names the build log)",
     5: "the experiment ran and failed (its own exit code is in the run record)",
-    6: "the scheduler refused or could not be reached",
+    6: "the scheduler or the tracking server refused or could not be reached",
     74: "an I/O error such as a full disk; nothing half-written was left",
     75: "a lock is held by another process",
     77: "permission denied on a path hpcexp must use",

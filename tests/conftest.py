@@ -125,3 +125,7 @@ def chdir_tmp(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(old)
+
+
+# The real MLflow server (and its PostgreSQL) for the tracking tests.
+from tests.mlflowserver import mlflow_postgres_server, mlflow_server  # noqa: E402, F401

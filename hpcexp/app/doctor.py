@@ -294,4 +294,8 @@ def run_checks(project: Project | None = None,
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())
+    if project is not None:
+        from hpcexp.app.tracking import doctor_check
+
+        checks.extend(doctor_check(project))
     return checks

@@ -217,10 +217,21 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
         if not detach:
             info(f"run {rec.run_id} ({paths.dir})", quiet)
 
+    payload_env = None
+    if exp.tracking is not None:
+        from hpcexp.app.tracking import local_payload_env
+
+        payload_env = local_payload_env(project, exp, parsed)
     paths, rec = local.start_run(project, exp, image, params=parsed, args=list(args) if args else None,
                                  arch=arch, gpu=gpu, writable=writable, allow_binds=allow_bind, detach=detach,
                                  grace=grace, tee=True, interactive=True, cmdline=["hpcexp", *sys.argv[1:]],
-                                 on_created=created)
+                                 on_created=created, payload_env=payload_env)
+    if exp.tracking is not None and not detach:
+        from hpcexp.app.tracking import after_local_run
+
+        note = after_local_run(project, paths, rec)
+        if note:
+            info(note, quiet)
     if detach:
         click.echo(rec.run_id)
         if rec.state == "running":
@@ -260,22 +271,45 @@ def status_cmd(ctx: "Ctx", ref: str | None, as_json: bool) -> None:
     from hpcexp.core.layout import Layout
     from hpcexp.core.runs import iter_runs, resolve
 
-    layout = Layout(ctx.project())
+    project = ctx.project()
+    layout = Layout(project)
     if ref is None:
         items = _reconciled(layout, list(iter_runs(layout)))
     else:
         items = _reconciled(layout, resolve(layout, ref), by_time=False)  # a sweep stays in task order
+    tracked = _tracking_configured(project)
+    if tracked:  # finished runs not exported yet go to the tracking server in the background
+        from hpcexp.app import tracking
+
+        waiting = tracking.kick(project, items)
+        if waiting and not as_json:
+            info(f"tracking: {waiting} finished run(s) not exported yet; sending them in the background "
+                 "(or: hpcexp export mlflow)")
     if as_json:
-        emit_json(json_rows(items))
+        rows = json_rows(items)
+        if tracked:
+            for row, (paths, rec) in zip(rows, items):
+                row["tracking"] = tracking.describe(project, paths, rec)
+        emit_json(rows)
         return
     if ref is not None and len(items) == 1 and not items[0][1].sweep_id:
-        click.echo("\n".join(_details(*items[0])))
+        lines = _details(*items[0])
+        if tracked:
+            described = tracking.describe(project, *items[0])
+            if described is not None:
+                lines.append(tracking.describe_line(described))
+        click.echo("\n".join(lines))
         return
     if ref is not None and items and items[0][1].sweep_id and all(r.sweep_id == items[0][1].sweep_id
                                                                   for _, r in items):
         click.echo(f"sweep {items[0][1].sweep_id}: {summarize([r for _, r in items])}")
     echo_runs(items)
     warn_damaged(items)
+
+
+def _tracking_configured(project: Any) -> bool:
+    """An attribute check: with no `tracking:` in hpcexp.yaml, status imports and sends nothing."""
+    return project.tracking is not None or any(e.tracking is not None for e in project.experiments.values())
 
 
 @click.command("runs")

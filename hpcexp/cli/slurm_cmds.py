@@ -151,9 +151,14 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
         from hpcexp.build import image
 
         image_ref = image.ensure_image(project, exp, arch, quiet=as_json)
+    payload_env, env_probe = (None, None)
+    if exp.tracking is not None and not dry_run:
+        from hpcexp.app.tracking import slurm_payload_env
+
+        payload_env, env_probe = slurm_payload_env(project, exp, param_sets)
     sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
                             sweep=is_sweep, arch=arch, hold=hold, dry_run=dry_run, allow_binds=allow_bind,
-                            cmdline=["hpcexp", *sys.argv[1:]])
+                            cmdline=["hpcexp", *sys.argv[1:]], payload_env=payload_env, env_probe=env_probe)
     if not (wait_ and not dry_run):
         _report(sub, as_json)
         return

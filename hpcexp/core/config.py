@@ -109,6 +109,24 @@ class SlurmResources:
 
 
 @dataclass(frozen=True)
+class MlflowTracking:
+    """Where runs are exported: ``tracking: {mlflow: {...}}`` (see docs/tracking.md).
+
+    ``uri`` never holds credentials (MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN
+    environment variables do). ``experiment`` defaults to the hpcexp experiment's name.
+    ``reachable_from_nodes``: ``auto`` lets each Slurm job check at its start whether the
+    server answers before giving the payload MLFLOW_TRACKING_URI/MLFLOW_RUN_ID; ``false``
+    never gives them to Slurm jobs (offline compute nodes); ``true`` skips the check.
+    """
+
+    uri: str
+    experiment: str | None = None
+    reachable_from_nodes: str = "auto"
+    artifacts: bool = True
+    max_artifact_mb: float = 100.0
+
+
+@dataclass(frozen=True)
 class Bind:
     """An extra bind: host path (absolute, as configured), container path, ro or rw."""
 
@@ -142,6 +160,7 @@ class Experiment:
     build_args: Mapping[str, str] = field(default_factory=dict)
     bases: Mapping[str, BaseSpec] = field(default_factory=dict)
     slurm: SlurmResources = field(default_factory=SlurmResources)
+    tracking: MlflowTracking | None = None
     root: Path | None = None            # the project root its files must resolve inside
     allow_outside: bool = False         # allow_outside_project: true in hpcexp.yaml
 
@@ -211,6 +230,7 @@ class Project:
     debian_mirror: str | None = None
     stand_ins: bool = True      # build: unmapped python:*/debian:* FROM -> a stand-in built here
     host_network: bool = True   # build: the host's CA bundle and proxy settings reach RUN steps
+    tracking: MlflowTracking | None = None
 
     def experiment(self, name: str) -> Experiment:
         """The experiment called ``name``, or NotFound with a did-you-mean; UsageError when its
@@ -282,10 +302,10 @@ def load_project(root: Path | str | None = None, *, explicit: str | os.PathLike[
 # --------------------------------------------------------------------------------------
 
 TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir", "bases", "slurm",
-            "env", "build_args", "debian_mirror", "build", "experiments")
+            "env", "build_args", "debian_mirror", "build", "experiments", "tracking")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
-            "env", "params", "params_as", "build_args", "bases", "slurm")
+            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
@@ -293,6 +313,8 @@ COMPONENT_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 BUILD_KEYS = ("stand_ins", "host_network")
 BASE_KEYS = ("sif", "image", "debootstrap", "mirror", "include", "components")
 BIND_KEYS = ("src", "dst", "mode")
+TRACKING_KEYS = ("mlflow",)
+MLFLOW_KEYS = ("uri", "experiment", "reachable_from_nodes", "artifacts", "max_artifact_mb")
 
 
 class _Validator:
@@ -523,6 +545,67 @@ class _Validator:
                                           include=tuple(include), components=tuple(components))
         return out
 
+    def tracking(self, path: str, value: Any, base: MlflowTracking | None) -> MlflowTracking | None:
+        """``tracking: {mlflow: {...}}``; at experiment level each key overrides the project's,
+        and ``tracking: false`` turns tracking off for that experiment."""
+        if value is False:
+            return None
+        m = self.mapping(path, value)
+        if not m:
+            return base
+        self.keys(path, m, TRACKING_KEYS)
+        if "mlflow" not in m:
+            return base
+        if m["mlflow"] is False:
+            return None
+        mm = self.mapping(f"{path}.mlflow", m["mlflow"])
+        if mm is None:
+            return base
+        mp = f"{path}.mlflow"
+        self.keys(mp, mm, MLFLOW_KEYS)
+        uri: str | None = base.uri if base else None
+        if "uri" in mm:
+            raw = self.string(f"{mp}.uri", mm["uri"])
+            if raw is not None:
+                expanded = os.path.expandvars(raw)
+                parts = re.match(r"^(https?)://([^/?#]*)(.*)$", expanded)
+                if "@" in raw.split("://", 1)[-1].split("/", 1)[0]:
+                    self.err(f"{mp}.uri", "must not hold credentials: set MLFLOW_TRACKING_USERNAME and "
+                                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+                elif parts is None or not parts.group(2) or re.search(r"\s", expanded):
+                    self.err(f"{mp}.uri", f"must be an http:// or https:// URL of an MLflow tracking server, "
+                                          f"got {_show(raw)}")
+                else:
+                    uri = expanded.rstrip("/")
+        experiment = base.experiment if base else None
+        if "experiment" in mm:
+            experiment = self.string(f"{mp}.experiment", mm["experiment"])
+            if experiment is not None and not experiment.strip():
+                self.err(f"{mp}.experiment", "must not be empty")
+        reach = base.reachable_from_nodes if base else "auto"
+        if "reachable_from_nodes" in mm:
+            rv = mm["reachable_from_nodes"]
+            if rv is True or rv is False:
+                reach = "true" if rv else "false"
+            elif rv == "auto":
+                reach = "auto"
+            else:
+                self.err(f"{mp}.reachable_from_nodes", f"must be true, false or auto, got {_show(rv)}")
+        artifacts = self.boolean(f"{mp}.artifacts", mm.get("artifacts"), base.artifacts if base else True)
+        cap = base.max_artifact_mb if base else 100.0
+        if "max_artifact_mb" in mm:
+            cv = mm["max_artifact_mb"]
+            if isinstance(cv, bool) or not isinstance(cv, (int, float)) or not 0 <= cv <= 1_000_000:
+                self.err(f"{mp}.max_artifact_mb", f"must be a number of megabytes from 0 to 1000000, got {_show(cv)}")
+            else:
+                cap = float(cv)
+        if uri is None:
+            if "uri" not in mm:
+                self.err(mp, "needs uri (the tracking server, e.g. http://mlflow.lab.example:5000)")
+            return None
+        return MlflowTracking(uri=uri, experiment=experiment, reachable_from_nodes=reach, artifacts=artifacts,
+                              max_artifact_mb=cap)
+
     def binds(self, path: str, value: Any) -> tuple[Bind, ...]:
         if value is None:
             return ()
@@ -623,6 +706,8 @@ class _Validator:
             env=env, params=params, params_as=params_as, build_args=build_args, bases=bases, slurm=slurm,
             root=self.root,
             allow_outside=self.boolean(f"{path}.allow_outside_project", m.get("allow_outside_project"), False),
+            tracking=self.tracking(f"{path}.tracking", m["tracking"], project_defaults["tracking"])
+            if "tracking" in m else project_defaults["tracking"],
         )
 
     def project(self, data: Any, cfg_path: Path | None) -> Project | None:
@@ -651,6 +736,7 @@ class _Validator:
                                        key_rule="a build argument name", allow_control=False),
             "bases": self.bases("bases", top.get("bases")),
             "slurm": self.slurm("slurm", top.get("slurm")),
+            "tracking": self.tracking("tracking", top.get("tracking"), None),
         }
         mirror = self.string("debian_mirror", top.get("debian_mirror"),
                              pattern=re.compile(r"^(https?|file)://\S+$"), rule="an http(s) URL")
@@ -669,7 +755,7 @@ class _Validator:
                         experiments[child.name] = Experiment(
                             name=child.name, path=child, dockerfiles=dfs, env=dict(defaults["env"]),
                             build_args=dict(defaults["build_args"]), bases=dict(defaults["bases"]),
-                            slurm=defaults["slurm"], root=self.root)
+                            slurm=defaults["slurm"], root=self.root, tracking=defaults["tracking"])
 
         declared = top.get("experiments")
         entries: list[tuple[str, str, Any]] = []
@@ -717,6 +803,7 @@ class _Validator:
             experiments=experiments, bases=defaults["bases"], slurm=defaults["slurm"], env=defaults["env"],
             build_args=defaults["build_args"], debian_mirror=mirror, stand_ins=stand_ins,
             host_network=host_network,
+            tracking=defaults["tracking"],
         )
 
 

@@ -17,7 +17,9 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     runs/NAME/RUN_ID/results/          the run's own artifacts folder
     runs/NAME/RUN_ID/stop.json         stop request (local runs: who, when, grace)
     runs/.sweeps/SWEEP_ID.json         sweep record (Slurm job arrays)
+    runs/NAME/RUN_ID/tracking.mlflow.json  what was exported to MLflow (hpcexp.track)
     runs/.sweeps/SWEEP_ID/             array job scripts, Slurm's slurm-%A_%a.out files
+    runs/.tracking/                    background exporter's lock and log
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ class RunPaths:
     def stop_request(self) -> Path:
         """Written by ``hpcexp stop`` (who, when, grace) before it signals the run's supervisor."""
         return self.dir / "stop.json"
+
+    def tracking_state(self, tracker: str) -> Path:
+        """What was exported to a tracking server (``tracking.mlflow.json``); see hpcexp.track."""
+        return self.dir / f"tracking.{tracker}.json"
+
+    def tracking_lock(self, tracker: str) -> Path:
+        return self.dir / f".tracking.{tracker}.lock"
 
     def attempt_stdout(self, attempt: int) -> Path:
         """stdout of Slurm attempt N (N >= 2 after a requeue); attempt 1 is stdout.log."""
@@ -120,6 +129,14 @@ class Layout:
     def sweep_dir(self, sweep_id: str) -> Path:
         """runs/.sweeps/SWEEP_ID/: the array job scripts and Slurm's own per-task output files."""
         return self.sweeps_dir() / sweep_id
+
+    def sweep_tracking_state(self, sweep_id: str, tracker: str) -> Path:
+        """The sweep's parent run at a tracking server (``runs/.sweeps/SWEEP_ID/tracking.mlflow.json``)."""
+        return self.sweep_dir(sweep_id) / f"tracking.{tracker}.json"
+
+    def tracking_dir(self) -> Path:
+        """runs/.tracking/: the background exporter's lock and log."""
+        return self.project.runs_dir / ".tracking"
 
     def slurm_template(self, name: str | None) -> Path:
         """slurm/NAME.sbatch if it exists, else slurm/default.sbatch."""

@@ -129,7 +129,8 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
          params: Mapping[str, str] | None = None, args: Sequence[str] | None = None,
          image_workdir: str | None = None, image_cmd: Sequence[str] | None = None,
          image_entrypoint: Sequence[str] | None = None, gpu: bool | None = None, writable: bool | None = None,
-         allow_binds: bool = False, program: str = "apptainer") -> LaunchPlan:
+         allow_binds: bool = False, program: str = "apptainer",
+         extra_env: Mapping[str, str] | None = None) -> LaunchPlan:
     """Plan the container launch for one run. Pure, apart from resolving bind paths.
 
     Parameters as arguments follow Docker's rules (they are run arguments: appended to an
@@ -137,6 +138,9 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
     CMD and no ENTRYPOINT (``CMD ["python", "train.py"]``), run with parameters and no
     other arguments, runs that CMD with ``--KEY=VALUE`` appended, rather than trying to
     execute ``--lr=0.1`` as the program.
+
+    ``extra_env`` is environment a layer above the executors adds (tracking: the MLflow
+    run the payload may log to); hpcexp's own ``HPCEXP_*`` variables always win.
     """
     merged = dict(exp.params)
     merged.update(params or {})
@@ -161,6 +165,7 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
                                       readonly=b.mode != "rw"))
 
     env: dict[str, str] = dict(exp.env)
+    env.update(extra_env or {})  # e.g. MLFLOW_TRACKING_URI/MLFLOW_RUN_ID from hpcexp.track
     env.update({
         "HPCEXP_RUN_ID": run_id,
         "HPCEXP_EXPERIMENT": exp.name,

@@ -91,8 +91,13 @@ def _image_fields(image: Any) -> dict[str, Any]:
 def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
                 args: Sequence[str] | None = None, arch: str | None = None, gpu: bool | None = None,
                 writable: bool | None = None, allow_binds: bool = False, grace: float = DEFAULT_GRACE,
-                cmdline: Sequence[str] | None = None) -> tuple[RunPaths, runs.RunRecord]:
-    """Allocate the run folder and write its ``created`` record (before anything starts)."""
+                cmdline: Sequence[str] | None = None,
+                payload_env: Callable[[RunPaths], Mapping[str, str]] | None = None,
+                ) -> tuple[RunPaths, runs.RunRecord]:
+    """Allocate the run folder and write its ``created`` record (before anything starts).
+
+    ``payload_env(run_paths)`` may add environment for the container once the run id is
+    known (tracking creates the payload's MLflow run there)."""
     from hpcexp.core.config import host_arch
     from hpcexp.runtime import launch
 
@@ -105,10 +110,11 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
     run_id = run_paths.dir.name
     try:
         run_paths.results.mkdir()
+        extra = dict(payload_env(run_paths)) if payload_env is not None else None
         the_plan = launch.plan(project, exp, Path(info["path"]), run_paths, run_id=run_id, params=params,
                                args=args, image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
                                image_entrypoint=info.get("entrypoint"), gpu=gpu, writable=writable,
-                               allow_binds=allow_binds, program=program)
+                               allow_binds=allow_binds, program=program, extra_env=extra)
     except BaseException:
         # nothing was started: leave no half-made run behind
         import shutil
@@ -225,6 +231,7 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
               grace: float = DEFAULT_GRACE, tee: bool = True, interactive: bool = True,
               cmdline: Sequence[str] | None = None,
               on_created: Callable[[RunPaths, runs.RunRecord], None] | None = None,
+              payload_env: Callable[[RunPaths], Mapping[str, str]] | None = None,
               ) -> tuple[RunPaths, runs.RunRecord]:
     """Run ``exp`` from ``image`` (an ImageInfo-like object with ``.path``, ``.sha256``...).
 
@@ -234,7 +241,8 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
     already finished.
     """
     run_paths, rec = prepare_run(project, exp, image, params=params, args=args, arch=arch, gpu=gpu,
-                                 writable=writable, allow_binds=allow_binds, grace=grace, cmdline=cmdline)
+                                 writable=writable, allow_binds=allow_binds, grace=grace, cmdline=cmdline,
+                                 payload_env=payload_env)
     try:
         if on_created is not None:
             on_created(run_paths, rec)

@@ -25,7 +25,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from hpcexp.core import runs
 from hpcexp.core.config import MEM_RE, TIME_RE, SlurmResources
@@ -1009,7 +1009,8 @@ def _link_script(script: Path, target: Path) -> None:
 def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task], res: SlurmResources, *,
                   sweep_id: str | None, array: bool, hold: bool, dry_run: bool, label_hint: str,
                   first_chunk: int = 0, sweep_record: dict[str, Any] | None = None,
-                  fresh: bool = False) -> Submission:
+                  fresh: bool = False,
+                  env_probe: tuple[str, int, tuple[str, ...]] | None = None) -> Submission:
     """Render, keep and submit the job script(s) for ``tasks`` (records already written).
 
     ``fresh``: the runs were created for this submission; when sbatch refuses the first
@@ -1047,7 +1048,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
         opts["job-name"] = job_name
         spec = sbatch.JobSpec(experiment=exp_name, project_root=proj.root, image=image,
                               tasks=tuple(t.spec for t in part), options=opts, extra_args=tuple(res.sbatch_args),
-                              sweep_id=sweep_id, array=array, launch_error_hint=label_hint, template_label=label)
+                              sweep_id=sweep_id, array=array, launch_error_hint=label_hint, template_label=label,
+                              env_if_reachable=env_probe)
         rendered = sbatch.render(text, spec)
         if len(rendered.encode()) > min(sbatch.MAX_SCRIPT_BYTES, int(f.get("max_script_size") or 4 << 20) - 65536) \
                 and len(part) > 1:
@@ -1144,8 +1146,14 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
 def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping[str, str]],
                 resources: SlurmResources, *, args: Sequence[str] | None = None, sweep: bool | None = None,
                 arch: str | None = None, hold: bool = False, dry_run: bool = False, allow_binds: bool = False,
-                cmdline: Sequence[str] | None = None) -> Submission:
+                cmdline: Sequence[str] | None = None,
+                payload_env: Callable[[Sequence[RunPaths], str | None], Mapping[str, Mapping[str, str]]] | None = None,
+                env_probe: tuple[str, int] | None = None) -> Submission:
     """Submit one run per parameter set: one job for a single run, ONE job array for a sweep.
+
+    ``payload_env(run_paths, sweep_id)`` may add container environment per run id once
+    the run folders exist (tracking); with ``env_probe`` (host, port) each job gives its
+    payload those variables only if that server answers from the compute node.
 
     Every value is checked before anything is created; every run record exists (state
     ``submitting``) before ``sbatch`` runs, then holds its job id (state ``pending``).
@@ -1205,12 +1213,14 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                         pass
             if len(allocated) != len(param_sets):
                 futures[[f.exception() is not None for f in futures].index(True)].result()
+        extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
         for index, ps in enumerate(param_sets):
             paths = allocated[index]
             run_id = paths.dir.name
             plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
                                image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
-                               image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program)
+                               image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program,
+                               extra_env=extra_envs.get(run_id))
             merged = dict(exp.params)
             merged.update(ps)
             rec = runs.RunRecord(
@@ -1244,9 +1254,13 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
         sweep_record = {"sweep_id": sweep_id, "experiment": exp.name, "created_at": runs.utcnow(),
                         "size": len(tasks), "params": sorted({k for ps in param_sets for k in ps}),
                         "resources": res_dict, "image": str(image_path), "submissions": []}
+    probe = None
+    if env_probe is not None and extra_envs:
+        names = sorted({k for env in extra_envs.values() for k in env})
+        probe = (env_probe[0], int(env_probe[1]), tuple(names))
     return _submit_tasks(layout, exp.name, image_path, tasks, resources, sweep_id=sweep_id, array=is_array,
                          hold=hold, dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp.name}`",
-                         sweep_record=sweep_record, fresh=True)
+                         sweep_record=sweep_record, fresh=True, env_probe=probe)
 
 
 def _discard_unsubmitted(layout: Layout, tasks: Sequence[_Task], sweep_id: str | None) -> None:
@@ -1319,7 +1333,23 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
     first = len(record.get("submissions") or [])
     return _submit_tasks(layout, exp_name, image, tasks, res, sweep_id=sweep_id, array=True, hold=hold,
                          dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp_name}`",
-                         first_chunk=first, sweep_record=record)
+                         first_chunk=first, sweep_record=record,
+                         env_probe=_tracking_probe([t.spec.container_env for t in tasks]))
+
+
+def _tracking_probe(envs: Sequence[Mapping[str, str]]) -> tuple[str, int, tuple[str, ...]] | None:
+    """A resubmitted task keeps the MLflow variables of its first submission: its job checks
+    again, at its start, that the server answers from the node (see sbatch.env_if_reachable)."""
+    from urllib.parse import urlsplit
+
+    for env in envs:
+        uri = env.get("MLFLOW_TRACKING_URI")
+        if uri:
+            parts = urlsplit(uri)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            names = tuple(sorted(k for k in env if k.startswith("MLFLOW_")))
+            return (parts.hostname or "", port, names) if parts.hostname else None
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ class JobSpec:
     launch_error_hint: str = ""
     template_label: str = "default.sbatch"
     meta: Mapping[str, str] = field(default_factory=dict)
+    # (host, port, names): the container gets these variables only if host:port answers
+    # from the compute node when the job starts (a tracking server, see hpcexp.track)
+    env_if_reachable: tuple[str, int, tuple[str, ...]] | None = None
 
 
 def header_lines(options: Mapping[str, str | None], extra_args: Sequence[str] = ()) -> list[str]:
@@ -161,6 +164,34 @@ def _task_block(task: TaskSpec, indent: str) -> list[str]:
     ]
 
 
+def _reach_check(reach: tuple[str, int, tuple[str, ...]], prefix: str) -> list[str]:
+    """Drop the listed container variables from HPCEXP_CMD unless host:port accepts a TCP
+    connection from this node within 5 s (bash's /dev/tcp: no curl or python needed)."""
+    host, port, names = reach
+    check_value("tracking host", host)
+    if not re.match(r"^[A-Za-z0-9._:\[\]-]+$", host) or not 0 < int(port) < 65536:
+        raise UsageError(f"invalid tracking server address {host!r}:{port!r}")
+    for name in names:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise UsageError(f"invalid environment variable name {name!r}")
+    pattern = "|".join(f"{prefix}{n}=*" for n in names)
+    note = (f"hpcexp: tracking server {host}:{port} does not answer from this node: the payload gets no "
+            f"{', '.join(names)}; hpcexp exports the run later")
+    return [
+        "# --- hpcexp: the payload may log to the tracking server only if it answers from this node",
+        f"if ! timeout 5 bash -c 'exec 3<>\"/dev/tcp/$1/$2\"' _ {_q(host)} {int(port)} 2>/dev/null; then",
+        "  hpcexp_keep=(); hpcexp_in_env=true",
+        '  for hpcexp_a in "${HPCEXP_CMD[@]:1}"; do',
+        '    if $hpcexp_in_env && [[ "$hpcexp_a" != *=* ]]; then hpcexp_in_env=false; fi',
+        f'    if $hpcexp_in_env; then case "$hpcexp_a" in {pattern}) continue ;; esac; fi',
+        '    hpcexp_keep+=("$hpcexp_a")',
+        "  done",
+        '  HPCEXP_CMD=("${HPCEXP_CMD[0]}" "${hpcexp_keep[@]}")',
+        f"  echo {_q(note)} >&2",
+        "fi",
+    ]
+
+
 def _record_start(spec: JobSpec) -> str:
     lines = ["# --- hpcexp: select this task's run, record that it started (plain shell, no hpcexp needed)"]
     if spec.array:
@@ -176,6 +207,8 @@ def _record_start(spec: JobSpec) -> str:
         if len(spec.tasks) != 1:
             raise ValueError("a job that is not an array holds exactly one task")
         lines += _task_block(spec.tasks[0], "")
+    if spec.env_if_reachable is not None:
+        lines += _reach_check(spec.env_if_reachable, spec.tasks[0].env_prefix if spec.tasks else "APPTAINERENV_")
     image_error = json.dumps(f"image {spec.image} is gone (deleted, or not visible from this node); "
                              f"nothing was run{spec.launch_error_hint}")
     lines += [
