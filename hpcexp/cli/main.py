@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "resubmit": "hpcexp.cli.slurm_cmds:resubmit_cmd",
     "archive": "hpcexp.cli.archive_cmds:archive_cmd",
     "extract": "hpcexp.cli.archive_cmds:extract_cmd",
+    "serve": "hpcexp.cli.serve_cmd:serve_cmd",
 }
 
 
