@@ -76,6 +76,8 @@ def serve_cmd(ctx, host: str, port: int, socket_path: str | None, read_only: boo
     try:
         runner.serve(app, sock, certfile=certfile, keyfile=keyfile, on_ready=ready,
                      log_level="info" if ctx.debug else "warning")
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: stopping is the normal end
+        pass
     finally:
         sock.close()
         if socket_path is not None:
