@@ -359,6 +359,11 @@ def test_twenty_followers_at_once(server: Server, project: Path) -> None:
     run_id = "20260101-000003.000-dddddd"
     d = write_run(project, "hello", run_id, state="running", executor="test-noop")
     (d / "stdout.log").write_text("")
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+
+    before = threads()
     conns = []
     for _ in range(20):
         conn = server.connection()
@@ -368,6 +373,7 @@ def test_twenty_followers_at_once(server: Server, project: Path) -> None:
         assert resp.status == 200
         conns.append((conn, resp))
     time.sleep(0.5)
+    assert threads() >= before + 20  # one follower thread per client
     t0 = time.monotonic()
     with open(d / "stdout.log", "a") as fh:
         fh.write("to everyone\n")
@@ -379,7 +385,11 @@ def test_twenty_followers_at_once(server: Server, project: Path) -> None:
             raise AssertionError("a follower did not get the line")
         conn.close()
     assert time.monotonic() - t0 < 5
-    # the server still answers after the clients went away
+    # none of the followers' threads is left once they went away; the server still answers
+    deadline = time.monotonic() + 15
+    while threads() > before + 2:
+        assert time.monotonic() < deadline, (before, threads())
+        time.sleep(0.1)
     assert server.request("GET", "/api/runs")[0] == 200
 
 

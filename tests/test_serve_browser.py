@@ -57,6 +57,7 @@ def project(busybox_sif: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     root = tmp_path_factory.mktemp("dashproj")
     (root / "hpcexp.yaml").write_text(
         f'bases:\n  "busybox:latest": {{sif: {json.dumps(str(busybox_sif))}}}\n'
+        "slurm: {time: '5', mem: 200M}\n"
         "experiments:\n"
         "  hello:\n    ref: https://example.org/paper\n    code: https://example.org/code\n"
         "    command: [/bin/sh, /app/run.sh]\n")
@@ -252,6 +253,49 @@ def test_stop_from_the_page(server: Server, browser: Any, project: Path, artifac
     d.get(server.base + "/images")
     assert "hello" in d.find_element(By.ID, "images").text
     shot(d, artifacts, "images")
+
+
+@pytest.mark.slurm
+def test_submit_a_sweep_from_the_page(server: Server, browser: Any, artifacts: Path) -> None:
+    """Submit with a sweep: one job array through the real Slurm; the sweep's page shows its summary."""
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(server.base + "/experiments")
+    row = d.find_element(By.CSS_SELECTOR, 'tr[data-experiment="hello"]')
+    row.find_element(By.TAG_NAME, "summary").click()
+    form = row.find_element(By.CSS_SELECTOR, "form.submit-form")
+    form.find_element(By.NAME, "params").send_keys("s=0")
+    form.find_element(By.NAME, "sweeps").send_keys("n=1,2\ncode=0,4")
+    form.find_element(By.CSS_SELECTOR, "button.submit").click()
+    wait(lambda: "/jobs/" in d.current_url, 30, "the job page")
+    wait(lambda: d.find_element(By.ID, "job-state").text != "running", 120, "the submission")
+    assert d.find_element(By.ID, "job-state").text == "succeeded", d.find_element(By.ID, "job-error").text
+    run_ids = [a.text for a in d.find_elements(By.CSS_SELECTOR, "#job-runs a")]
+    assert len(run_ids) == 4
+    sweep = server.json(f"/api/runs/{run_ids[0]}")[0]["sweep_id"]
+    assert sweep and all(r["sweep_id"] == sweep for r in server.json(f"/api/runs/{sweep}"))
+
+    def settled() -> bool:
+        return all(r["state"] in ("succeeded", "failed") for r in server.json(f"/api/runs/{sweep}"))
+
+    wait(settled, 240, "the sweep's tasks to end")
+    d.get(server.base + f"/runs/{sweep}")  # a sweep id opens the sweep's page
+    assert "sweep=" in d.current_url
+    assert d.find_element(By.ID, "sweep-summary").text.startswith(f"sweep {sweep}: 2 succeeded, 2 failed")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#runs tbody tr")) == 4
+    shot(d, artifacts, "sweep")
+    status, _, body = server.request("GET", f"/runs/{sweep}/archive.zip")
+    assert status == 200
+    import tempfile
+
+    from hpcexp import archive
+
+    with tempfile.NamedTemporaryFile(suffix=".zip") as fh:
+        fh.write(body)
+        fh.flush()
+        report = archive.verify_archive(fh.name)
+    assert report.ok and len(report.runs) == 4
 
 
 def test_screenshots_kept(artifacts: Path) -> None:

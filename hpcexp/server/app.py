@@ -201,8 +201,8 @@ def experiments_page(request: Request) -> Response:
     return render(request, "experiments.html", rows=rows, page="experiments")
 
 
-def _filtered_runs(request: Request) -> tuple[list[backend.Item], dict[str, str]]:
-    project = project_of(request)
+def _filtered_runs(request: Request, project: Any = None) -> tuple[list[backend.Item], dict[str, str]]:
+    project = project if project is not None else project_of(request)
     q = request.query_params
     filters = {k: q.get(k, "") for k in ("experiment", "state", "sweep")}
     items = backend.runs(project, filters["experiment"] or None)
@@ -215,8 +215,8 @@ def _filtered_runs(request: Request) -> tuple[list[backend.Item], dict[str, str]
 
 
 def runs_page(request: Request) -> Response:
-    items, filters = _filtered_runs(request)
     project = project_of(request)
+    items, filters = _filtered_runs(request, project)
     summary = backend.summarize([rec for _, rec in items]) if filters["sweep"] else None
     return render(request, "runs.html", runs=[run_row(it) for it in items], filters=filters,
                   experiments=sorted(project.experiments), states=backend.state_order(), summary=summary,
@@ -327,7 +327,6 @@ async def log_events(request: Request) -> Response:
     Each event id is ``ATTEMPT:OFFSET`` (bytes of that attempt's text sent so far): a
     reconnecting EventSource sends it back as Last-Event-ID and gets only what it lacks.
     """
-    settings: Settings = request.app.state.settings
     project = await run_in_threadpool(project_of, request)
     paths, rec = await run_in_threadpool(one_run, project, request.path_params["ref"])
     which = request.path_params["stream"]
@@ -368,7 +367,6 @@ async def log_events(request: Request) -> Response:
             gone.set()
             br.cancel()
 
-    del settings
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"cache-control": "no-store", "x-accel-buffering": "no"})
 
