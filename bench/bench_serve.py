@@ -121,6 +121,13 @@ def cli(root: Path, *args: str, stdout=subprocess.DEVNULL) -> float:  # noqa: AN
     return time.perf_counter() - t0
 
 
+def children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def bench_runs_page(root: Path, srv: Server, repeat: int) -> None:
     cli_t, page_t, api_t = [], [], []
     srv.get("/runs")
@@ -239,14 +246,17 @@ def bench_big(root: Path, log_mib: int, results_mib: int) -> None:
             rss_arch = srv.rss_peak_kib()
         finally:
             srv.stop()
-        t_cli = cli(root, "archive", run_id, "-o", str(out / "cli.tar.gz"))
+        c0 = children_cpu()
+        t_cli = cli(root, "archive", run_id, "-o", str(out / "cli.tar.gz"), stdout=subprocess.DEVNULL)
+        c_cli = children_cpu() - c0
         same = (out / "cli.tar.gz").read_bytes() == (out / "served.tar.gz").read_bytes() \
             if results_mib <= 4096 else None
         ok = subprocess.run([sys.executable, "-m", "hpcexp", "archive", "--verify", str(out / "served.tar.gz")],
                             cwd=root, env=ENV, capture_output=True, text=True)
         print(f"log download {log_mib} MiB: {t_log:.1f} s ({log_mib / t_log:.0f} MiB/s)")
         print(f"results download {results_mib} MiB + log as tar.gz: served {t_srv:.1f} s (server CPU {c_srv:.1f} s), "
-              f"hpcexp archive {t_cli:.1f} s -> {t_srv / t_cli:.2f}x; identical bytes: {same}; "
+              f"hpcexp archive {t_cli:.1f} s (CPU {c_cli:.1f} s) -> {t_srv / t_cli:.2f}x wall, "
+              f"{c_srv / c_cli:.2f}x CPU; identical bytes: {same}; "
               f"verify: {ok.stdout.strip() or ok.stderr.strip()}")
         print(f"server peak RSS: {base_rss / 1024:.0f} MiB idle, {rss_log / 1024:.0f} MiB after the log, "
               f"{rss_arch / 1024:.0f} MiB after the archive")
@@ -262,17 +272,19 @@ def main() -> None:
     ap.add_argument("--log-mib", type=int, default=1024)
     ap.add_argument("--results-mib", type=int, default=2048)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--only-big", action="store_true")
     a = ap.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="hpcexp-bench-serve-") as tmp:
         root = Path(tmp)
-        make_project(root, a.runs)
-        srv = Server(root)
-        try:
-            bench_runs_page(root, srv, a.repeat)
-            bench_latency(srv, root, a.lines)
-        finally:
-            srv.stop()
+        make_project(root, 10 if a.only_big else a.runs)
+        if not a.only_big:
+            srv = Server(root)
+            try:
+                bench_runs_page(root, srv, a.repeat)
+                bench_latency(srv, root, a.lines)
+            finally:
+                srv.stop()
         if not a.skip_big:
             bench_big(root, a.log_mib, a.results_mib)
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -470,3 +470,30 @@ def test_serve_help_is_listed() -> None:
     proc = run_cli("serve", "--help")
     assert proc.returncode == 0 and "--socket" in proc.stdout and "--read-only" in proc.stdout
     assert isinstance(http.client.HTTPConnection, type)
+
+
+def test_tls_on_loopback_and_a_secure_cookie(project: Path, tmp_path: Path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with Server(project, "--certfile", str(cert), "--keyfile", str(key)) as srv:
+        assert srv.url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.port, context=ctx, timeout=30)
+        conn.request("GET", f"/?token={srv.token}", headers={"Host": "localhost"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 303 and "; Secure" in resp.getheader("set-cookie")
+        conn.close()
+        plain = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)  # no clear-text fallback
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/", headers={"Host": "localhost"})
+            plain.getresponse().read()
+        plain.close()

@@ -68,7 +68,7 @@ def serve_cmd(ctx, host: str, port: int, socket_path: str | None, read_only: boo
                    + "; Ctrl-C stops it", err=True)
         click.echo(url)
         sys.stdout.flush()
-        if open_browser:
+        if open_browser and socket_path is None:  # a socket's URL is for the far end of `ssh -L`
             import webbrowser
 
             webbrowser.open(url)
