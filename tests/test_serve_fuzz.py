@@ -122,7 +122,7 @@ def _quote(s: str) -> str:
     return s if s.startswith("%") else quote(s, safe="/@.")
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(template=st.sampled_from(TEMPLATES), parts=st.lists(segment, min_size=3, max_size=3),
        query=st.dictionaries(st.sampled_from(["experiment", "state", "sweep", "tail", "attempt", "view", "x"]),
                              st.text(max_size=12), max_size=3))
@@ -146,7 +146,7 @@ bodies = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(["/api/build", "/api/run", "/api/submit", "/api/stop"]), body=bodies)
 def test_post_never_500(client, route: str, body: object) -> None:
     resp = client.post(route, content=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -154,7 +154,7 @@ def test_post_never_500(client, route: str, body: object) -> None:
     assert resp.status_code in (200, 202, 400, 403, 404, 409, 422), resp.status_code
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(["/api/run", "/actions/run", "/api/stop"]), raw=st.binary(max_size=200),
        ctype=st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain", ""]))
 def test_raw_bodies_never_500(client, route: str, raw: bytes, ctype: str) -> None:

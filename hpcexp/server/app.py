@@ -111,6 +111,15 @@ def error_response(request: Request, exc: HpcexpError) -> Response:
     return render(request, "error.html", status=status, message=exc.message, hint=exc.hint)
 
 
+def os_error_response(request: Request, exc: OSError) -> Response:
+    """A file-system error while answering (a name too long, a file gone): never a 500."""
+    import errno
+
+    status = {errno.ENAMETOOLONG: 400, errno.ENOENT: 404, errno.ENOTDIR: 404, errno.EACCES: 403,
+              errno.EPERM: 403, errno.ELOOP: 403}.get(exc.errno or 0, 503)
+    return refused_response(request, files.Refused(exc.strerror or "cannot read the file", status))
+
+
 def refused_response(request: Request, exc: files.Refused) -> Response:
     if _wants_json(request):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
@@ -569,6 +578,8 @@ def _wrap(fn: Any) -> Any:
                 return error_response(request, exc)
             except files.Refused as exc:
                 return refused_response(request, exc)
+            except OSError as exc:
+                return os_error_response(request, exc)
         aendpoint.__name__ = fn.__name__
         return aendpoint
 
@@ -580,7 +591,7 @@ def _wrap(fn: Any) -> Any:
         except files.Refused as exc:
             return refused_response(request, exc)
         except OSError as exc:
-            return error_response(request, UsageError(f"cannot read {exc.filename or 'a file'}: {exc.strerror}"))
+            return os_error_response(request, exc)
     endpoint.__name__ = fn.__name__
     return endpoint
 
