@@ -133,6 +133,18 @@ def no_alert(driver: Any) -> None:
     raise AssertionError(f"a script ran from user text: alert({text!r})")
 
 
+def final_page(d: Any) -> bool:
+    """The run page of an ended run, both logs complete (the page reloads itself when its run ends)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return d.find_element(By.ID, "run-meta").get_attribute("data-terminal") == "1" and all(
+            d.find_element(By.ID, f"log-{w}").get_attribute("data-ended") == "1" for w in ("stdout", "stderr"))
+    except (NoSuchElementException, StaleElementReferenceException):
+        return False
+
+
 def test_open_run_watch_download(server: Server, browser: Any, project: Path, artifacts: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -175,8 +187,10 @@ def test_open_run_watch_download(server: Server, browser: Any, project: Path, ar
     shot(d, artifacts, "run-live")
     assert f"note={XSS}" in d.find_element(By.CSS_SELECTOR, "#record").text  # shown as text
     no_alert(d)
-    wait(lambda: pre.get_attribute("data-ended") == "1", 60, "the end of the log")
-    wait(lambda: "succeeded" in d.find_element(By.ID, "state").text, 20, "state succeeded on the page")
+    wait(lambda: final_page(d), 60, "the end of the run on the page")
+    assert "succeeded" in d.find_element(By.ID, "state").text
+    assert not d.find_elements(By.CSS_SELECTOR, "button.stop")
+    pre = d.find_element(By.ID, "log-stdout")
     assert pre.text.splitlines() == ["hello", *[f"tick {i}" for i in range(12)]]
     assert f"note: {XSS}" in d.find_element(By.ID, "log-stderr").text
     no_alert(d)
@@ -227,7 +241,7 @@ def test_stop_from_the_page(server: Server, browser: Any, project: Path, artifac
     wait(lambda: json.loads((project / "runs" / "hello" / run_id / "run.json").read_text())["state"] == "cancelled",
          60, "the run cancelled")
     d.get(server.base + f"/runs/{run_id}")
-    wait(lambda: d.find_element(By.ID, "log-stdout").get_attribute("data-ended") == "1", 30, "log end")
+    wait(lambda: final_page(d), 30, "log end")
     assert "cancelled" in d.find_element(By.ID, "state").text
 
     # one that fails, then the runs table shows each state in its colour
@@ -238,7 +252,8 @@ def test_stop_from_the_page(server: Server, browser: Any, project: Path, artifac
     form.find_element(By.NAME, "params").send_keys("n=1\ns=0\ncode=3")
     form.find_element(By.CSS_SELECTOR, "button.run").click()
     wait(lambda: "/runs/" in d.current_url, 120, "the run page")
-    wait(lambda: "failed" in d.find_element(By.ID, "state").text, 30, "the run failed")
+    wait(lambda: final_page(d), 60, "the run's end")
+    assert "failed" in d.find_element(By.ID, "state").text
     d.get(server.base + "/runs")
     table = d.find_element(By.ID, "runs")
     states = [e.text for e in table.find_elements(By.CSS_SELECTOR, ".state")]

@@ -28,9 +28,15 @@ function followLog(pre) {
   };
   es.addEventListener("end", () => {
     es.close();
+    const meta = document.getElementById("run-meta");
+    if (meta && meta.dataset.terminal === "0" && !meta.dataset.reloading) {
+      // the run ended while we watched: show its final record (exit code, duration, no Stop)
+      meta.dataset.reloading = "1";
+      window.location.reload();
+      return;
+    }
     if (badge) { badge.textContent = "ended"; badge.className = "live"; }
     pre.dataset.ended = "1";
-    refreshState();
   });
   es.onerror = () => { if (badge && es.readyState === EventSource.CLOSED) { badge.textContent = "disconnected"; } };
 }
