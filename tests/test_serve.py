@@ -333,6 +333,14 @@ def test_log_follows_live_across_attempts_and_ends_with_the_run(server: Server, 
     write_record(paths, rec)
     wait_for(lambda: "attempt two\n" in text(), "the next attempt's file")
     assert [d for e, d, _ in got if e == "attempt"] == ["1", "2"]
+    rec = read_record(paths)
+    rec.attempts = [{"attempt": 1, "job_id": "77", "note": "requeued", "exit_code": None}]
+    write_record(paths, rec)
+    _, _, page = server.request("GET", f"/runs/{RUN_LIVE}")
+    assert b'id="attempts"' in page and b"requeued" in page and b"2 (current)" in page
+    assert b"/log/stdout?attempt=1" in page
+    assert server.request("GET", f"/runs/{RUN_LIVE}/log/stdout?attempt=1")[2] == f"line one\n{XSS} ä€\n".encode()
+    assert server.request("GET", f"/runs/{RUN_LIVE}/log/stdout")[2] == b"attempt two\n"
     rec.state = "succeeded"
     rec.exit_code = 0
     write_record(paths, rec)
