@@ -505,3 +505,16 @@ def test_tls_on_loopback_and_a_secure_cookie(project: Path, tmp_path: Path) -> N
             plain.request("GET", "/", headers={"Host": "localhost"})
             plain.getresponse().read()
         plain.close()
+
+
+def test_without_the_web_extra_it_says_how_to_get_it(project: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None; "
+            "from hpcexp.cli.main import main; main(['serve'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert_clean_error(proc, 3, "needs Starlette and uvicorn", "pip install 'hpcexp[web]'")
