@@ -29,6 +29,7 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "hpcexp", "serve", *args], cwd=project, env=full_env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.socket_path = args[args.index("--socket") + 1] if "--socket" in args else None
+        self.stderr_text = ""
         deadline = time.monotonic() + timeout
         line = ""
         while time.monotonic() < deadline:
@@ -96,6 +97,7 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError("hpcexp serve did not stop on SIGINT within 15 s") from None
+        self.stderr_text = self.proc.stderr.read() if self.proc.stderr is not None else ""
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

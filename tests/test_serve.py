@@ -518,3 +518,28 @@ def test_without_the_web_extra_it_says_how_to_get_it(project: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert_clean_error(proc, 3, "needs Starlette and uvicorn", "pip install 'hpcexp[web]'")
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_a_file_changing_mid_download_breaks_the_transfer(project: Path, fmt: str) -> None:
+    """Never a short archive that looks complete: the connection ends without the last chunk."""
+    run_id = f"20260101-000004.000-{'ee' if fmt == 'zip' else 'ff'}eeee"
+    d = write_run(project, "hello", run_id, state="succeeded", exit_code=0)
+    victim = d / "results" / "big.bin"
+    victim.write_bytes(os.urandom(3 << 20))
+    env = {"HPCEXP_TEST_FAULT": "archive.write:sleep", "HPCEXP_TEST_FAULT_SECONDS": "2"}
+    with Server(project, env=env) as srv:
+        timer = threading.Timer(0.7, lambda: victim.write_bytes(os.urandom(1 << 20)))
+        timer.start()
+        conn = srv.connection()
+        conn.request("GET", f"/runs/{run_id}/archive.{fmt}",
+                     headers={"Host": "localhost", "Authorization": f"Bearer {srv.token}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+        timer.join()
+        conn.close()
+        assert srv.request("GET", "/api/runs")[0] == 200  # still serving
+    assert f"archive of {run_id} aborted" in srv.stderr_text and "changed" in srv.stderr_text
+    assert "Traceback" not in srv.stderr_text, srv.stderr_text

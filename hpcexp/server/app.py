@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mimetypes
 import threading
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from hpcexp.server import backend, bridge, files
 from hpcexp.server.jobs import Jobs
 from hpcexp.server.security import Security, check_csrf
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 MAX_FORM = 256 * 1024
 LOG_TAIL_LINES = 1000
@@ -370,7 +372,7 @@ async def log_events(request: Request) -> Response:
     async def body():  # noqa: ANN202 - an async generator
         try:
             yield b"retry: 1000\n\n"
-            async for chunk in br.chunks():
+            async for chunk in br.chunks(heartbeat=15.0, ping=b": ping\n\n"):
                 yield chunk
         finally:
             gone.set()
@@ -443,11 +445,32 @@ async def archive_download(request: Request) -> Response:
             stream.close()
 
     br = bridge.start(loop, work, depth=16, name="hpcexp-serve-archive")
-    return StreamingResponse(br.chunks(), media_type="application/zip" if fmt == "zip" else "application/gzip",
-                             headers={"content-disposition":
-                                      f"attachment; filename*=UTF-8''{quote(stream.name, safe='')}",
-                                      "x-hpcexp-runs": str(len(stream.runs)),
-                                      "x-hpcexp-warnings": str(len(warnings))})
+    return AbortableStream(br.chunks(), what=f"archive of {ref}",
+                           media_type="application/zip" if fmt == "zip" else "application/gzip",
+                           headers={"content-disposition":
+                                    f"attachment; filename*=UTF-8''{quote(stream.name, safe='')}",
+                                    "x-hpcexp-runs": str(len(stream.runs)),
+                                    "x-hpcexp-warnings": str(len(warnings))})
+
+
+class AbortableStream(StreamingResponse):
+    """A streamed body that, when its producer fails halfway (a file changed while being
+    archived), ends the connection without the final chunk: the client sees a broken
+    transfer, never a short file that looks complete. The server logs one line."""
+
+    def __init__(self, content: Any, *, what: str, **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self.what = what
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except HpcexpError as exc:
+            log.error("%s aborted: %s", self.what, exc.message)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 # --------------------------------------------------------------------------------------

@@ -41,10 +41,19 @@ class Bridge:
             pass
 
     # -- consumer side (the event loop) -----------------------------------------------
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self, heartbeat: float | None = None, ping: bytes = b"") -> AsyncIterator[bytes]:
+        """The producer's chunks; with ``heartbeat``, ``ping`` after that many idle seconds
+        (so a stream that stays quiet still finds out when its client has gone)."""
         try:
             while True:
-                item = await self.queue.get()
+                if heartbeat is None:
+                    item = await self.queue.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), heartbeat)
+                    except asyncio.TimeoutError:
+                        yield ping
+                        continue
                 if item is None:
                     return
                 if isinstance(item, BaseException):
