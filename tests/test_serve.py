@@ -543,3 +543,14 @@ def test_a_file_changing_mid_download_breaks_the_transfer(project: Path, fmt: st
         assert srv.request("GET", "/api/runs")[0] == 200  # still serving
     assert f"archive of {run_id} aborted" in srv.stderr_text and "changed" in srv.stderr_text
     assert "Traceback" not in srv.stderr_text, srv.stderr_text
+
+
+def test_port_in_use_exits_2(project: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "--port", str(port), cwd=project, timeout=30)
+    assert_clean_error(proc, 2, f"port {port} on 127.0.0.1 is already in use")
