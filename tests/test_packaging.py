@@ -23,7 +23,8 @@ def test_wheel_has_templates_and_entry_point(tmp_path: Path) -> None:
     for needed in ("hpcexp/py.typed", "hpcexp/templates/project/hpcexp.yaml",
                    "hpcexp/templates/project/experiments/hello/hello.py",
                    "hpcexp/templates/project/experiments/hello/dockerignore",
-                   "hpcexp/templates/project/gitignore", "hpcexp/cli/main.py"):
+                   "hpcexp/templates/project/gitignore", "hpcexp/cli/main.py",
+                   "hpcexp/server/templates/run.html", "hpcexp/server/static/app.js"):
         assert needed in names, needed
     if (REPO / "hpcexp" / "templates" / "default.sbatch").exists():
         assert "hpcexp/templates/default.sbatch" in names

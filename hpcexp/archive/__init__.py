@@ -942,6 +942,26 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], records: list[RunRecord], *,
             strict: bool, skip_unreadable: bool, layout: Layout, warn: Warn) -> ArchiveResult:
+    scanner, runs, manifest_spool, manifest_size = _scan(layout, items, strict=strict,
+                                                          skip_unreadable=skip_unreadable, warn=warn)
+    try:
+        mtime = _fixed_mtime(records)
+        try:
+            archive_bytes = _write(out_path, fmt, mtime, scanner, manifest_spool, manifest_size)
+        except _Changed as exc:
+            raise UsageError(f"{exc}; no archive was written",
+                             hint="archive again when the run has stopped writing") from None
+    finally:
+        scanner.spool.close()
+        manifest_spool.close()
+    return ArchiveResult(path=out_path, format=fmt, runs=[r.prefix for r in runs], files=scanner.files,
+                         links=scanner.links, bytes=scanner.bytes, archive_bytes=archive_bytes,
+                         warnings=list(scanner.warnings), skipped=list(scanner.skipped))
+
+
+def _scan(layout: Layout, items: list[tuple[RunPaths, RunRecord]], *, strict: bool, skip_unreadable: bool,
+          warn: Warn) -> tuple[_Scanner, list[_Run], IO[bytes], int]:
+    """Pass 1: walk and hash every member, write MANIFEST.json to a spool (closed on error)."""
     scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
     manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
     try:
@@ -960,18 +980,58 @@ def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], r
             raise UsageError(f"--strict: {scanner.warnings[0]}" + (f" (and {more} more)" if more else ""),
                              hint="fix the run folder, or drop --strict to archive with warnings")
         manifest_size = _manifest_bytes(runs, scanner, manifest_spool)
-        mtime = _fixed_mtime(records)
-        try:
-            archive_bytes = _write(out_path, fmt, mtime, scanner, manifest_spool, manifest_size)
-        except _Changed as exc:
-            raise UsageError(f"{exc}; no archive was written",
-                             hint="archive again when the run has stopped writing") from None
-    finally:
+    except BaseException:
         scanner.spool.close()
         manifest_spool.close()
-    return ArchiveResult(path=out_path, format=fmt, runs=[r.prefix for r in runs], files=scanner.files,
-                         links=scanner.links, bytes=scanner.bytes, archive_bytes=archive_bytes,
-                         warnings=list(scanner.warnings), skipped=list(scanner.skipped))
+        raise
+    return scanner, runs, manifest_spool, manifest_size
+
+
+@dataclass
+class ArchiveStream:
+    """An archive whose first pass is done, ready to be written to any byte sink.
+
+    ``write_to(raw)`` runs pass 2 into a raw, possibly unseekable, file object (an HTTP
+    response body): a zip then carries data descriptors. Same members, MANIFEST.json and
+    checks as :func:`create_archive`; nothing is spooled but the manifest. Always
+    ``close()`` it (also when ``write_to`` was never called).
+    """
+
+    name: str
+    format: str
+    runs: list[str]
+    files: int
+    bytes: int
+    warnings: list[str]
+    _scanner: _Scanner
+    _manifest: IO[bytes]
+    _manifest_size: int
+    _mtime: int
+
+    def write_to(self, raw: IO[bytes]) -> None:
+        try:
+            _write_stream(raw, self.format, self._mtime, self._scanner, self._manifest, self._manifest_size)
+        except _Changed as exc:
+            raise UsageError(f"{exc}; the archive is incomplete",
+                             hint="archive again when the run has stopped writing") from None
+
+    def close(self) -> None:
+        self._scanner.spool.close()
+        self._manifest.close()
+
+
+def open_stream(layout: Layout, specs: list[str], *, fmt: str = "tar.gz", strict: bool = False,
+                skip_unreadable: bool = False, warn: Warn | None = None) -> ArchiveStream:
+    """Pass 1 of an archive of ``specs`` (as :func:`create_archive`), for streaming it."""
+    warn = warn or (lambda msg: log.warning("%s", msg))
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown archive format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    items = _collect_runs(layout, specs, False)
+    records = [rec for _, rec in items]
+    scanner, runs, manifest, size = _scan(layout, items, strict=strict, skip_unreadable=skip_unreadable, warn=warn)
+    return ArchiveStream(name=default_name(records, fmt), format=fmt, runs=[r.prefix for r in runs],
+                         files=scanner.files, bytes=scanner.bytes, warnings=list(scanner.warnings),
+                         _scanner=scanner, _manifest=manifest, _manifest_size=size, _mtime=_fixed_mtime(records))
 
 
 def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
@@ -991,41 +1051,47 @@ def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
 
 def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO[bytes],
            manifest_size: int) -> int:
-    buf = bytearray(CHUNK)
     with atomic.atomic_open(out_path, "wb") as raw:
-        sink = _Sink(raw)
-        writer: _TarGzWriter | _ZipWriter = _TarGzWriter(sink, mtime) if fmt == "tar.gz" else _ZipWriter(sink, mtime)
-        try:
-            manifest.seek(0)
-            writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
-            _fault("archive.write")
-            for entry in scanner.entries_iter():
-                kind, arcname = entry[0], entry[1]
-                if kind == "dir":
-                    writer.add_dir(arcname)
-                elif kind == "symlink":
-                    writer.add_symlink(arcname, entry[2])
-                else:
-                    _, _, src, size, digest, perm, ino, _mt = entry
-                    source = _Source(src, arcname, size, digest, ino)
-                    try:
-                        writer.add_file(source, perm, buf)
-                    except BaseException:
-                        os.close(source.fd)
-                        raise
-                    source.finish()
-            _fault("archive.close")
-            writer.close()
-            _fault("archive.publish")
-        except BaseException:
-            # Streams before their file: cut the sink, close the streams into it, and only
-            # then let atomic_open close and remove the temporary file.
-            _fault("archive.abort")
-            sink.cut()
-            writer.abort()
-            raise
+        _write_stream(raw, fmt, mtime, scanner, manifest, manifest_size)
+        _fault("archive.publish")
         size = raw.tell()
     return size
+
+
+def _write_stream(raw: IO[bytes], fmt: str, mtime: int, scanner: _Scanner, manifest: IO[bytes],
+                  manifest_size: int) -> None:
+    """Pass 2 into ``raw`` (a file, or an unseekable sink such as an HTTP response)."""
+    buf = bytearray(CHUNK)
+    sink = _Sink(raw)
+    writer: _TarGzWriter | _ZipWriter = _TarGzWriter(sink, mtime) if fmt == "tar.gz" else _ZipWriter(sink, mtime)
+    try:
+        manifest.seek(0)
+        writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
+        _fault("archive.write")
+        for entry in scanner.entries_iter():
+            kind, arcname = entry[0], entry[1]
+            if kind == "dir":
+                writer.add_dir(arcname)
+            elif kind == "symlink":
+                writer.add_symlink(arcname, entry[2])
+            else:
+                _, _, src, size, digest, perm, ino, _mt = entry
+                source = _Source(src, arcname, size, digest, ino)
+                try:
+                    writer.add_file(source, perm, buf)
+                except BaseException:
+                    os.close(source.fd)
+                    raise
+                source.finish()
+        _fault("archive.close")
+        writer.close()
+    except BaseException:
+        # Streams before their file: cut the sink, close the streams into it, and only
+        # then let the caller close (and, for a file, remove) what it wrote into.
+        _fault("archive.abort")
+        sink.cut()
+        writer.abort()
+        raise
 
 
 # --------------------------------------------------------------------------------------

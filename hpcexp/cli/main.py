@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "archive": "hpcexp.cli.archive_cmds:archive_cmd",
     "extract": "hpcexp.cli.archive_cmds:extract_cmd",
     "export": "hpcexp.cli.track_cmds:export_group",
+    "serve": "hpcexp.cli.serve_cmd:serve_cmd",
 }
 
 
