@@ -42,8 +42,9 @@ def mlflow_cmd(ctx: "Ctx", refs: tuple[str, ...], pending: bool, threads: int, b
     """
     from hpcexp.app import tracking
     from hpcexp.core.layout import Layout
-    from hpcexp.core.runs import iter_runs, reconcile, resolve
+    from hpcexp.core.runs import iter_runs, resolve
     from hpcexp.errors import TrackingError, UsageError
+    from hpcexp.execute.base import reconcile
     from hpcexp.track import export as ex
 
     project = ctx.project()

@@ -99,9 +99,10 @@ def read_record(paths: RunPaths) -> RunRecord:
 
 
 def run_json(item: Item) -> dict[str, Any]:
-    """One element of ``hpcexp status --json``."""
-    paths, rec = item
-    return {**rec.to_dict(), "dir": str(paths.dir)}
+    """One element of ``hpcexp status --json`` (the same shape: the CLI's own row builder)."""
+    from hpcexp.cli.run_cmds import json_rows
+
+    return json_rows([item])[0]
 
 
 def summarize(records: Sequence[RunRecord]) -> str:
@@ -268,8 +269,8 @@ def follow_log(project: Project, paths: RunPaths, which: str, out: IO[bytes], *,
     its start. Returns when the run has ended and everything was sent, or when ``gone``
     is set (the client left).
     """
-    from hpcexp.core.runs import reconcile
     from hpcexp.execute import logs
+    from hpcexp.execute.base import poll_interval, reconcile
 
     layout = Layout(project)
     rec = read_record(paths)
@@ -290,7 +291,7 @@ def follow_log(project: Project, paths: RunPaths, which: str, out: IO[bytes], *,
                 state["ended"] = True
                 return True
             if now >= state["next"]:
-                state["next"] = now + (2.0 if current.executor == "local" else 10.0)
+                state["next"] = now + poll_interval([current])
                 current = reconcile(layout, [(paths, current)])[0][1]
                 state["ended"] = current.terminal
                 return current.terminal
