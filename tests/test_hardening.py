@@ -562,7 +562,7 @@ def shared_project() -> Iterator[tuple[Path, str]]:
 def test_stop_of_another_users_run_is_refused_at_once(shared_project: tuple[Path, str]) -> None:
     import time
 
-    from hpcexp.execute.local import proc_start_ticks
+    from hpcexp.infra.host import pid_start_ticks as proc_start_ticks
 
     root, other = shared_project
     pid = int(_as_second("sleep 300 </dev/null >/dev/null 2>&1 & echo $!").strip())

@@ -59,3 +59,27 @@ def test_an_upward_import_breaks_the_contract(tmp_path: Path) -> None:
                           env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "hpcexp.core.runs -> hpcexp.cli.common" in proc.stdout
+
+
+def test_every_import_of_hpcexp_names_resolves() -> None:
+    """In-function imports (kept lazy for start-up time) are only checked when they run: a
+    name moved by a re-layout must not wait for its one rare code path to fail."""
+    import ast
+    import importlib
+
+    bad = []
+    files = [*REPO.glob("hpcexp/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("bench/*.py")]
+    for f in sorted(files):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and node.module.split(".")[0] == "hpcexp"):
+                continue
+            mod = importlib.import_module(node.module)
+            for alias in node.names:
+                if alias.name == "*" or hasattr(mod, alias.name):
+                    continue
+                try:
+                    importlib.import_module(f"{node.module}.{alias.name}")
+                except ImportError:
+                    bad.append(f"{f.relative_to(REPO)}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not bad, "\n".join(bad)
