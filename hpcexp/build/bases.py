@@ -235,9 +235,17 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
         return BaseResolution("localimage", str(sif))
     if spec.kind == "image":
         assert spec.image is not None
-        scheme, _, rest = spec.image.partition("://")
+        scheme, _, rest = pinned_image(project, spec.image).partition("://")
         return BaseResolution(scheme, rest)
     return BaseResolution("localimage", recipe_ref(spec))
+
+
+def pinned_image(project: "Project", uri: str) -> str:
+    """A registry base by the digest hpcexp.lock pins for its tag (``...@sha256:``), else as given."""
+    from hpcexp.build import registry
+
+    digest = registry.base_pin(project, uri)
+    return registry.pinned_base_uri(uri, digest) if digest else uri
 
 
 def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callable[[Path], str]) -> str:
@@ -257,7 +265,8 @@ def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callab
             raise NotFound(f"base image {spec.sif} (mapped from FROM {ref!r} in hpcexp.yaml bases) does not exist",
                            hint="fix the path under `bases:` or build/copy that SIF there") from None
     if spec.kind == "image":
-        return f"image:{spec.image}"
+        assert spec.image is not None
+        return f"image:{pinned_image(project, spec.image)}"
     return f"debootstrap:{spec_hash(spec)}"
 
 

@@ -96,6 +96,7 @@ class ImageInfo:
     build_seconds: float | None = None
     cmd: tuple[str, ...] | None = None        # the Dockerfile's CMD / ENTRYPOINT (argv), for the run's
     entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.runtime.launch.plan)
+    source_ref: str | None = None             # oras://...@sha256: when pulled from a registry (hpcexp.lock)
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,8 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         workdir=prep.conversion.workdir, built=built, sidecar=prep.image.with_suffix(".json"),
         apptainer_version=sidecar.get("apptainer_version"),
         build_seconds=sidecar.get("build_seconds") if built else None,
-        cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint)
+        cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint,
+        source_ref=sidecar.get("pulled_from") or sidecar.get("pushed_as"))
 
 
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:
@@ -337,18 +339,31 @@ def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | N
 # --------------------------------------------------------------------------------------
 
 def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = False, quiet: bool = False,
-                 progress: Progress | None = None, wait: bool = True) -> ImageInfo:
+                 progress: Progress | None = None, wait: bool = True, pull: bool = False) -> ImageInfo:
     """The image of ``exp`` for ``arch``: cached when its inputs are unchanged, else built.
 
     ``wait=False`` raises LockBusy (exit 75) instead of waiting for another builder.
+    ``pull`` (run, submit): an image not built here that hpcexp.lock pins for these inputs
+    is pulled by digest instead of built, and a pulled image is checked against ``verify:``
+    before it is used (:mod:`hpcexp.build.registry`).
     """
+    from hpcexp.build import registry
+
     if quiet:
         progress = _only_warnings(progress)
     prep = prepare(project, exp, arch)
     sidecar = read_sidecar(prep.image)
     if not force and sidecar is not None and sidecar.get("input_hash") == prep.input_hash \
             and valid_sif(prep.image, sidecar):
-        return _info(prep, sidecar, built=False)
+        if not (pull and sidecar.get("kind") == "pulled") or \
+                registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}", progress):
+            return _info(prep, sidecar, built=False)
+    if pull and not force:
+        pulled = registry.pull_for_run(project, exp, arch, prep.input_hash, progress=progress, wait=wait)
+        if pulled is not None:
+            return _info(prep, pulled, built=False)
+    if registry.pin_bases(project, exp, progress):  # registry bases by tag: pin their digests first
+        return ensure_image(project, exp, arch, force=force, progress=progress, wait=wait, pull=pull)
     # Debootstrap bases are built first (cached in the user's cache dir like any image).
     base_digests: list[tuple[str, str]] = []
     for ref, spec in prep.base_specs:

@@ -1,0 +1,214 @@
+"""Images that travel, end to end: a real OCI registry (Debian's docker-registry, TLS from
+the provisioned test CA) on 127.0.0.1, the real Apptainer, the ordinary user, the CLI.
+
+Every project here is a tiny busybox experiment; the registry is started per module with
+temporary storage and stopped after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import registry_server
+from conftest import REQUIRED, assert_clean_error, run_cli
+
+pytestmark = pytest.mark.e2e
+
+RUN_SH = 'echo "hello from $HPCEXP_EXPERIMENT"; echo ok > "$HPCEXP_RESULTS/out.txt"\n'
+DOCKERFILE = 'FROM busybox:latest\nCOPY run.sh /opt/run.sh\nENTRYPOINT ["sh", "/opt/run.sh"]\n'
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registry_server.Registry]:
+    why = registry_server.missing()
+    if why:
+        pytest.fail(why, pytrace=False) if REQUIRED else pytest.skip(why)
+    with registry_server.running(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_project(root: Path, busybox_sif: Path, registry: registry_server.Registry, *, extra_yaml: str = "",
+                 namespace: str = "lab") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "hpcexp.yaml").write_text(
+        f"registry: {registry.url(namespace)}\n"
+        "bases:\n"
+        f"  \"busybox:latest\": {{sif: {json.dumps(str(busybox_sif))}}}\n" + extra_yaml)
+    d = root / "experiments" / "hello"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "Dockerfile").write_text(DOCKERFILE)
+    (d / "run.sh").write_text(RUN_SH)
+    return root
+
+
+def clone(src: Path, dst: Path) -> Path:
+    """What a colleague's checkout has: the committed files (hpcexp.lock included), no images, no runs."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("images", "runs"))
+    return dst
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+def lock(root: Path) -> dict:
+    return json.loads((root / "hpcexp.lock").read_text())
+
+
+def the_pin(root: Path) -> dict:
+    pins = lock(root)["images"]
+    assert list(pins) == ["hello/amd64"] or list(pins) == ["hello/arm64"], pins
+    return next(iter(pins.values()))
+
+
+def images(root: Path) -> list[Path]:
+    return sorted((root / "images").glob("hello-*.sif")) if (root / "images").is_dir() else []
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "runs" / "hello").glob("*/run.json"))]
+
+
+def manifest_digest(registry: registry_server.Registry, repo: str, reference: str) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    req = urllib.request.Request(f"https://{registry.host}/v2/{repo}/manifests/{reference}", method="HEAD",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with opener.open(req, timeout=10) as resp:
+        return resp.headers["Docker-Content-Digest"]
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory, busybox_sif: Path,
+           registry: registry_server.Registry) -> Path:
+    """Project A: built here and pushed; its hpcexp.lock pins the image."""
+    root = make_project(tmp_path_factory.mktemp("proj") / "a", busybox_sif, registry)
+    ok(run_cli("build", "hello", cwd=root))
+    push = ok(run_cli("push", "hello", cwd=root))
+    assert "@sha256:" in push.stdout
+    return root
+
+
+def test_round_trip_build_push_delete_run_pulls_by_digest(pushed: Path, registry: registry_server.Registry) -> None:
+    root = pushed
+    pin = the_pin(root)
+    (built,) = images(root)
+    assert pin["sha256"] == sha256(built)
+    assert pin["ref"].startswith(f"oras://{registry.host}/lab/hello@sha256:")
+    assert pin["tag"] == f"{pin['arch']}-{pin['input_hash'][:16]}"
+    # the pin names the manifest the registry serves for the pushed tag, and it is by digest
+    assert pin["ref"].rpartition("@")[2] == manifest_digest(registry, "lab/hello", pin["tag"])
+    # the lock is deterministic text: no host, user or time in it
+    text = (root / "hpcexp.lock").read_text()
+    assert os.uname().nodename not in text and "pushed_at" not in text
+
+    for p in (root / "images").glob("hello-*"):
+        p.unlink()
+    shutil.rmtree(root / "images" / ".logs", ignore_errors=True)
+    run = ok(run_cli("run", "hello", cwd=root))
+    assert "pulling" in run.stderr and "building" not in run.stderr, run.stderr
+    assert not list((root / "images" / ".logs").glob("*")) if (root / "images" / ".logs").exists() else True
+    (pulled,) = images(root)
+    assert sha256(pulled) == pin["sha256"]
+    side = json.loads(pulled.with_suffix(".json").read_text())
+    assert side["kind"] == "pulled" and side["pulled_from"] == pin["ref"]
+    rec = records(root)[-1]
+    assert rec["state"] == "succeeded"
+    assert rec["image_ref"] == pin["ref"]
+    assert rec["image_sha256"] == pin["sha256"]
+    assert rec["input_hash"] == pin["input_hash"]
+
+    # a second run uses the pulled image: no pull again
+    again = ok(run_cli("run", "hello", cwd=root))
+    assert "pulling" not in again.stderr
+
+
+def test_second_project_runs_the_pin_without_building_and_refuses_a_stale_pin(
+        pushed: Path, tmp_path: Path) -> None:
+    b = clone(pushed, tmp_path / "colleague")
+    pin = the_pin(b)
+    run = ok(run_cli("run", "hello", cwd=b))
+    assert "pulling" in run.stderr and "building" not in run.stderr, run.stderr
+    assert not (b / "images" / ".logs").exists() or not list((b / "images" / ".logs").iterdir())
+    (img,) = images(b)
+    assert sha256(img) == pin["sha256"]
+    assert records(b)[-1]["image_ref"] == pin["ref"]
+
+    # The Dockerfile changes: the pin is for other inputs. Refused, nothing built, nothing run.
+    c = clone(pushed, tmp_path / "changed")
+    df = c / "experiments" / "hello" / "Dockerfile"
+    df.write_text(df.read_text() + "ENV CHANGED=1\n")
+    stale = run_cli("run", "hello", cwd=c)
+    assert_clean_error(stale, 2, "hpcexp.lock pins hello", pin["input_hash"][:16], "hpcexp build hello",
+                       "hpcexp push hello")
+    assert not images(c) and not (c / "runs" / "hello").exists()
+    pull = run_cli("pull", "hello", cwd=c)
+    assert_clean_error(pull, 2, pin["input_hash"][:16], "hpcexp build hello")
+
+
+def test_a_moved_tag_does_not_change_what_hpcexp_pulls(pushed: Path, tmp_path: Path, busybox_sif: Path,
+                                                       registry: registry_server.Registry) -> None:
+    pin = the_pin(pushed)
+    # Someone pushes another image under the same tag.
+    moved = subprocess.run(["apptainer", "push", str(busybox_sif),
+                            f"oras://{registry.host}/lab/hello:{pin['tag']}"], capture_output=True, text=True)
+    assert moved.returncode == 0, moved.stderr
+    assert manifest_digest(registry, "lab/hello", pin["tag"]) != pin["ref"].rpartition("@")[2]
+    b = clone(pushed, tmp_path / "after-move")
+    got = ok(run_cli("pull", "hello", cwd=b))
+    assert "pulled" in got.stdout
+    (img,) = images(b)
+    assert sha256(img) == pin["sha256"] != sha256(busybox_sif)
+    ok(run_cli("run", "hello", cwd=b))
+    # put the tag back for the other tests' benefit (they pull by digest anyway)
+    (built,) = images(pushed) or [None]
+    if built is not None:
+        subprocess.run(["apptainer", "push", str(built), f"oras://{registry.host}/lab/hello:{pin['tag']}"],
+                       capture_output=True)
+
+
+def test_ten_concurrent_runs_pull_once_and_never_show_a_partial_sif(pushed: Path, tmp_path: Path) -> None:
+    b = clone(pushed, tmp_path / "ten")
+    pin = the_pin(b)
+    final = b / "images" / f"hello-{pin['arch']}-{pin['input_hash'][:16]}.sif"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-m", "hpcexp", "run", "hello"], cwd=b, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(10)]
+    seen_sizes = set()
+    while any(p.poll() is None for p in procs):
+        try:
+            seen_sizes.add(os.stat(final).st_size)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    outs = [p.communicate() for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, (out, err)
+    pullers = [err for _, err in outs if "pulling" in err]
+    assert len(pullers) == 1, [e for _, e in outs]
+    assert seen_sizes <= {pin["size"]}, seen_sizes
+    assert sha256(final) == pin["sha256"]
+    recs = records(b)
+    assert len(recs) == 10 and all(r["state"] == "succeeded" and r["image_ref"] == pin["ref"] for r in recs)
+    leftovers = [p.name for p in (b / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    assert not leftovers, leftovers
