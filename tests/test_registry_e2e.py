@@ -212,3 +212,125 @@ def test_ten_concurrent_runs_pull_once_and_never_show_a_partial_sif(pushed: Path
     assert len(recs) == 10 and all(r["state"] == "succeeded" and r["image_ref"] == pin["ref"] for r in recs)
     leftovers = [p.name for p in (b / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
     assert not leftovers, leftovers
+
+
+# --------------------------------------------------------------------------------------
+# Signatures and verify:
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two PEM key pairs made non-interactively: 'good' (allowed by verify:) and 'other'."""
+    d = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("good", "other"):
+        priv, pub = d / f"{name}.pem", d / f"{name}.pub"
+        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048",
+                        "-out", str(priv)], check=True, capture_output=True)
+        subprocess.run(["openssl", "pkey", "-in", str(priv), "-pubout", "-out", str(pub)], check=True,
+                       capture_output=True)
+        out[name], out[f"{name}_pub"] = priv, pub
+    return out
+
+
+def der_fingerprint(pub: Path) -> str:
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-in", str(pub), "-outform", "DER"], check=True,
+                         capture_output=True).stdout
+    return "pem-sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def require_yaml(keys: dict[str, Path]) -> str:
+    return f"verify: {{mode: require, key_files: [{json.dumps(str(keys['good_pub']))}]}}\n"
+
+
+def _flip_byte_in_filesystem(sif: Path) -> None:
+    """Alter one byte inside the image's squashfs partition (the data the signature covers)."""
+    listing = subprocess.run(["apptainer", "sif", "list", str(sif)], capture_output=True, text=True, check=True)
+    line = next(ln for ln in listing.stdout.splitlines() if "|FS" in ln)
+    start, end = (int(x) for x in line.split("|")[3].strip().split("-"))
+    with open(sif, "r+b") as f:
+        f.seek((start + end) // 2)
+        b = f.read(1)
+        f.seek((start + end) // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _republish_local(root: Path) -> None:
+    """Make the local sidecar describe the (altered) SIF again, as if it had been built so."""
+    (img,) = images(root)
+    side_path = img.with_suffix(".json")
+    side = json.loads(side_path.read_text())
+    st = img.stat()
+    side.update(sha256=sha256(img), size=st.st_size, sif_stat=[st.st_size, st.st_mtime_ns, st.st_ino])
+    side_path.write_text(json.dumps(side))
+
+
+def test_signed_push_passes_verify_require_and_is_verified_once(
+        tmp_path: Path, busybox_sif: Path, registry: registry_server.Registry, keys: dict[str, Path]) -> None:
+    a = make_project(tmp_path / "signer", busybox_sif, registry, extra_yaml=require_yaml(keys), namespace="signed")
+    ok(run_cli("build", "hello", cwd=a))
+    push = ok(run_cli("push", "hello", "--key", str(keys["good"]), cwd=a))
+    assert "(signed)" in push.stdout
+    pin = the_pin(a)
+    assert pin["signed_by"] == der_fingerprint(keys["good_pub"])
+    (local,) = images(a)
+    assert sha256(local) == pin["sha256"]   # the local image is the signed bytes that were pushed
+    assert subprocess.run(["apptainer", "verify", "--key", str(keys["good_pub"]), str(local)],
+                          capture_output=True).returncode == 0
+
+    b = clone(a, tmp_path / "runner")
+    ok(run_cli("run", "hello", cwd=b))
+    (img,) = images(b)
+    side = json.loads(img.with_suffix(".json").read_text())
+    assert side["verified"]["ok"] is True and side["verified"]["sha256"] == pin["sha256"]
+    assert side["verified"]["signer"] == pin["signed_by"]
+    assert records(b)[-1]["state"] == "succeeded"
+    ok(run_cli("run", "hello", cwd=b))
+    assert len(records(b)) == 2
+
+
+@pytest.mark.parametrize("case", ["unsigned", "other-key", "altered"])
+def test_verify_require_refuses_and_does_not_run(case: str, tmp_path: Path, busybox_sif: Path,
+                                                 registry: registry_server.Registry, keys: dict[str, Path]) -> None:
+    a = make_project(tmp_path / "pusher", busybox_sif, registry, namespace=case.replace("-", ""))
+    ok(run_cli("build", "hello", cwd=a))
+    if case == "unsigned":
+        ok(run_cli("push", "hello", cwd=a))
+        reason = "it is not signed"
+    elif case == "other-key":
+        ok(run_cli("push", "hello", "--key", str(keys["other"]), cwd=a))
+        reason = "signed by a key that `verify:` does not allow"
+    else:
+        ok(run_cli("push", "hello", "--key", str(keys["good"]), cwd=a))   # signed with the allowed key...
+        (img,) = images(a)
+        _flip_byte_in_filesystem(img)                                        # ...then its bytes change
+        _republish_local(a)
+        ok(run_cli("push", "hello", cwd=a))
+        reason = "altered after signing"
+    b = clone(a, tmp_path / "runner")
+    (b / "hpcexp.yaml").write_text((b / "hpcexp.yaml").read_text() + require_yaml(keys))
+    res = run_cli("run", "hello", cwd=b)
+    assert_clean_error(res, 1, "image hello", "refused", reason)
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("hpcexp: error:")]) == 1
+    assert not images(b), "a refused image must not be published"
+    assert not (b / "runs" / "hello").exists() or not records(b), "a refused image must not run"
+    leftovers = [p.name for p in (b / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+    assert not leftovers
+
+
+def test_verify_applies_before_every_run_of_a_pulled_image(
+        pushed: Path, tmp_path: Path, keys: dict[str, Path]) -> None:
+    """An unsigned image pulled under `verify: off` runs; once the policy is `warn` it runs with a
+    warning, and under `require` the same bytes are refused before the run (no new pull)."""
+    b = clone(pushed, tmp_path / "policy")
+    ok(run_cli("run", "hello", cwd=b))
+    base_yaml = (b / "hpcexp.yaml").read_text()
+    good = json.dumps(str(keys["good_pub"]))
+    (b / "hpcexp.yaml").write_text(base_yaml + f"verify: {{mode: warn, key_files: [{good}]}}\n")
+    warned = ok(run_cli("run", "hello", cwd=b))
+    assert "not signed" in warned.stderr and "pulling" not in warned.stderr
+    (b / "hpcexp.yaml").write_text(base_yaml + require_yaml(keys))
+    refused = run_cli("run", "hello", cwd=b)
+    assert_clean_error(refused, 1, "refused", "not signed")
+    assert "pulling" not in refused.stderr
+    assert len(records(b)) == 2
