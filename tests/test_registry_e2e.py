@@ -334,3 +334,55 @@ def test_verify_applies_before_every_run_of_a_pulled_image(
     assert_clean_error(refused, 1, "refused", "not signed")
     assert "pulling" not in refused.stderr
     assert len(records(b)) == 2
+
+
+# --------------------------------------------------------------------------------------
+# FROM bases from a site registry
+# --------------------------------------------------------------------------------------
+
+def _push_oci_base(busybox_rootfs: Path, work: Path, ref: str, version: str) -> None:
+    """An OCI image made from the busybox root file system with umoci, copied into the registry with skopeo."""
+    layout = work / f"oci-{version}"
+    bundle = work / f"bundle-{version}"
+    for argv in (["umoci", "init", "--layout", str(layout)],
+                 ["umoci", "new", "--image", f"{layout}:base"],
+                 ["umoci", "unpack", "--rootless", "--image", f"{layout}:base", str(bundle)]):
+        subprocess.run(argv, check=True, capture_output=True)
+    shutil.copytree(busybox_rootfs, bundle / "rootfs", symlinks=True, dirs_exist_ok=True)
+    (bundle / "rootfs" / "etc" / "base-version").write_text(version + "\n")
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:base", str(bundle)], check=True, capture_output=True)
+    res = subprocess.run(["skopeo", "copy", "--quiet", f"oci:{layout}:base", ref], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_from_mapped_to_the_site_registry_builds_and_the_recipe_names_its_digest(
+        tmp_path: Path, busybox_rootfs: Path, registry: registry_server.Registry) -> None:
+    for tool in ("umoci", "skopeo"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing (scripts/provision-test-env)") if REQUIRED else pytest.skip(tool)
+    tagged = f"docker://{registry.host}/mirror/busybox:1.36"
+    _push_oci_base(busybox_rootfs, tmp_path, tagged, "1")
+    digest_v1 = manifest_digest(registry, "mirror/busybox", "1.36")
+    root = tmp_path / "proj"
+    d = root / "experiments" / "hello"
+    d.mkdir(parents=True)
+    (root / "hpcexp.yaml").write_text(f"bases:\n  \"busybox:latest\": {{image: \"{tagged}\"}}\n")
+    (d / "Dockerfile").write_text('FROM busybox:latest\nENTRYPOINT ["cat", "/etc/base-version"]\n')
+    ok(run_cli("build", "hello", cwd=root))
+    recipe = next((root / "recipes").glob("hello.*.def")).read_text()
+    assert f"From: {registry.host}/mirror/busybox@{digest_v1}" in recipe, recipe
+    assert lock(root)["bases"] == {tagged: digest_v1}
+    (img,) = images(root)
+    side = json.loads(img.with_suffix(".json").read_text())
+    assert side["bases"] == [{"ref": "busybox:latest", "digest": f"docker://{registry.host}/mirror/busybox@{digest_v1}"}]
+    assert ok(run_cli("run", "hello", cwd=root)).stdout.strip().endswith("1")
+
+    # The tag moves to another base: a rebuild (here and in a fresh checkout) still uses the pinned digest.
+    _push_oci_base(busybox_rootfs, tmp_path, tagged, "2")
+    assert manifest_digest(registry, "mirror/busybox", "1.36") != digest_v1
+    fresh = clone(root, tmp_path / "fresh")
+    ok(run_cli("build", "hello", "--force", cwd=fresh))
+    assert f"@{digest_v1}" in next((fresh / "recipes").glob("hello.*.def")).read_text()
+    assert ok(run_cli("run", "hello", cwd=fresh)).stdout.strip().endswith("1")
+    # `hpcexp convert --check` agrees: the committed recipe is current with the pin
+    ok(run_cli("convert", "--all", "--check", cwd=fresh))

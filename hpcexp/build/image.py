@@ -374,7 +374,7 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         elif spec is not None and spec.kind == "sif":
             base_digests.append((ref, dict(prep.base_identities)[ref].replace("sif:", "sha256:")))
         elif spec is not None and spec.kind == "image":
-            base_digests.append((ref, str(spec.image)))
+            base_digests.append((ref, bases.pinned_image(project, str(spec.image))))  # by digest once pinned
         else:
             base_digests.append((ref, "unmapped"))
     conv = prep.conversion
