@@ -120,8 +120,13 @@ def test_round_trip_build_push_delete_run_pulls_by_digest(pushed: Path, registry
     text = (root / "hpcexp.lock").read_text()
     assert os.uname().nodename not in text and "pushed_at" not in text
 
+    listed = json.loads(ok(run_cli("images", "--json", cwd=root)).stdout)
+    assert [e["registry"] for e in listed] == ["pinned"]
+
     for p in (root / "images").glob("hello-*"):
         p.unlink()
+    gone = json.loads(ok(run_cli("images", "--json", cwd=root)).stdout)
+    assert [(e["state"], e["registry"], e["ref"]) for e in gone] == [("not here", "pinned", pin["ref"])]
     shutil.rmtree(root / "images" / ".logs", ignore_errors=True)
     run = ok(run_cli("run", "hello", cwd=root))
     assert "pulling" in run.stderr and "building" not in run.stderr, run.stderr
@@ -136,6 +141,8 @@ def test_round_trip_build_push_delete_run_pulls_by_digest(pushed: Path, registry
     assert rec["image_sha256"] == pin["sha256"]
     assert rec["input_hash"] == pin["input_hash"]
 
+    listed = json.loads(ok(run_cli("images", "--json", cwd=root)).stdout)
+    assert [(e["state"], e["registry"]) for e in listed] == [("current", "pulled,pinned")]
     # a second run uses the pulled image: no pull again
     again = ok(run_cli("run", "hello", cwd=root))
     assert "pulling" not in again.stderr
@@ -386,3 +393,22 @@ def test_from_mapped_to_the_site_registry_builds_and_the_recipe_names_its_digest
     assert ok(run_cli("run", "hello", cwd=fresh)).stdout.strip().endswith("1")
     # `hpcexp convert --check` agrees: the committed recipe is current with the pin
     ok(run_cli("convert", "--all", "--check", cwd=fresh))
+
+
+def test_doctor_checks_the_registry_answers(pushed: Path, tmp_path: Path) -> None:
+    good = ok(run_cli("doctor", cwd=pushed))
+    line = next(ln for ln in good.stdout.splitlines() if "registry" in ln)
+    assert "answers" in line and "anonymously" in line, good.stdout
+    # a registry nobody runs: doctor says so on its registry line (with a hint), and does not crash
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / "hpcexp.yaml").write_text(f"registry: oras://127.0.0.1:{port}/lab\n")
+    bad = run_cli("doctor", cwd=dead)
+    assert "Traceback" not in bad.stderr + bad.stdout
+    line = next(ln for ln in bad.stdout.splitlines() if "registry" in ln)
+    assert "does not answer" in line, bad.stdout

@@ -960,3 +960,39 @@ def pin_bases(project: Project, exp: Experiment, progress: Progress | None = Non
             progress("step", f"base {redact(uri)}: pinned {manifest.digest}")
     update_lock(project, lambda lk: lk.bases.update(resolved))
     return True
+
+
+# --------------------------------------------------------------------------------------
+# What `hpcexp images` shows
+# --------------------------------------------------------------------------------------
+
+def image_state(project: Project, path: Path, experiment: str, arch: str, input_hash: str | None) -> str:
+    """pushed / pinned / signed / pulled state of one local image, for ``hpcexp images``."""
+    from hpcexp.build import image as image_mod
+
+    side = image_mod.read_sidecar(path) or {}
+    try:
+        pin = read_lock(project).pin(experiment, arch)
+    except HpcexpError:
+        pin = None
+    words = []
+    if side.get("kind") == "pulled":
+        words.append("pulled")
+    if pin is not None and pin.input_hash == input_hash:
+        words.append("pinned" if pin.sha256 == side.get("sha256") else "differs-from-pin")
+        if pin.signed_by and pin.sha256 == side.get("sha256"):
+            words.append("signed")
+    elif side.get("pushed_as"):
+        words.append("pushed")
+    if side.get("signed_by") and "signed" not in words:
+        words.append("signed")
+    return ",".join(words) or "-"
+
+
+def pins_not_here(project: Project, present: set[tuple[str, str, str | None]]) -> list[Pin]:
+    """Pins of hpcexp.lock with no local image (they would be pulled on demand)."""
+    try:
+        pins = read_lock(project).images.values()
+    except HpcexpError:
+        return []
+    return [p for p in sorted(pins, key=lambda p: p.key) if (p.experiment, p.arch, p.input_hash) not in present]
