@@ -412,3 +412,15 @@ def test_doctor_checks_the_registry_answers(pushed: Path, tmp_path: Path) -> Non
     assert "Traceback" not in bad.stderr + bad.stdout
     line = next(ln for ln in bad.stdout.splitlines() if "registry" in ln)
     assert "does not answer" in line, bad.stdout
+
+
+@pytest.mark.slurm
+def test_submit_pulls_the_pinned_image_on_the_login_node_and_the_job_runs_it(pushed: Path, tmp_path: Path) -> None:
+    b = clone(pushed, tmp_path / "cluster")
+    pin = the_pin(b)
+    res = ok(run_cli("submit", "hello", "--sweep", "n=1,2", "--wait", cwd=b, timeout=600))
+    assert "pulling" in res.stderr, res.stderr
+    (img,) = images(b)
+    assert sha256(img) == pin["sha256"]
+    recs = records(b)
+    assert len(recs) == 2 and all(r["state"] == "succeeded" and r["image_ref"] == pin["ref"] for r in recs), recs

@@ -149,7 +149,14 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     else:
         from hpcexp.build import image
 
-        image_ref = image.ensure_image(project, exp, arch, quiet=as_json, pull=True)  # pulls a pinned image here
+        def progress(kind: str, text: str) -> None:
+            if kind == "warn":
+                click.echo(f"hpcexp: warning: {text}", err=True)
+            elif kind in ("start", "wait") and not as_json:
+                click.echo(text, err=True)
+
+        # A pinned image not built here is pulled now, on the login node, before any job starts.
+        image_ref = image.ensure_image(project, exp, arch, quiet=as_json, progress=progress, pull=True)
     sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
                             sweep=is_sweep, arch=arch, hold=hold, dry_run=dry_run, allow_binds=allow_bind,
                             cmdline=["hpcexp", *sys.argv[1:]])
