@@ -714,6 +714,7 @@ def push(project: Project, exp: Experiment, arch: str, *, to: str | None = None,
     """Push the current image of ``exp``/``arch`` and pin it by digest in hpcexp.lock."""
     from hpcexp.build import image as image_mod
 
+    target_ref(project, exp, arch, "0" * 64, to)   # a bad or missing registry fails before any work
     info = image_mod.current_image(project, exp, arch)
     if info is None:
         raise NotFound(f"no current image of {exp.name} {arch} to push (its inputs changed or it was never built)",
