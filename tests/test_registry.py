@@ -20,7 +20,7 @@ D = "sha256:" + "c" * 64
 
 def pin(**over: object) -> registry.Pin:
     data = dict(experiment="hello", arch="amd64", input_hash=H, sha256=S,
-                ref=f"oras://registry.example.org/lab/hello@{D}", size=123, tag="amd64-" + H[:16])
+                ref=f"oras://registry.your.site/lab/hello@{D}", size=123, tag="amd64-" + H[:16])
     data.update(over)
     return registry.Pin(**data)  # type: ignore[arg-type]
 
@@ -29,8 +29,8 @@ def pin(**over: object) -> registry.Pin:
 
 @pytest.mark.parametrize("text, host, repo, tag, digest", [
     ("oras://127.0.0.1:5000/lab/hello:amd64-1", "127.0.0.1:5000", "lab/hello", "amd64-1", None),
-    (f"oras://registry.example.org/lab/hello@{D}", "registry.example.org", "lab/hello", None, D),
-    ("docker://registry.example.org/mirror/python:3.11-slim", "registry.example.org", "mirror/python",
+    (f"oras://registry.your.site/lab/hello@{D}", "registry.your.site", "lab/hello", None, D),
+    ("docker://registry.your.site/mirror/python:3.11-slim", "registry.your.site", "mirror/python",
      "3.11-slim", None),
     ("docker://localhost/a/b/c", "localhost", "a/b/c", None, None),
 ])
@@ -41,13 +41,13 @@ def test_parse_ref(text: str, host: str, repo: str, tag: str | None, digest: str
 
 
 @pytest.mark.parametrize("text", [
-    "registry.example.org/lab/hello",              # no scheme
-    "https://registry.example.org/lab/hello",      # not oras/docker
-    "oras://registry.example.org",                 # no repository
-    "oras://registry.example.org/Lab/Hello",       # upper case
-    "oras://registry.example.org/lab/hello@sha256:abc",   # short digest
-    "oras://user:secret@registry.example.org/lab/hello",  # credentials in the URL
-    "oras://registry.example.org/lab/hello:bad tag",
+    "registry.your.site/lab/hello",              # no scheme
+    "https://registry.your.site/lab/hello",      # not oras/docker
+    "oras://registry.your.site",                 # no repository
+    "oras://registry.your.site/Lab/Hello",       # upper case
+    "oras://registry.your.site/lab/hello@sha256:abc",   # short digest
+    "oras://user:secret@registry.your.site/lab/hello",  # credentials in the URL
+    "oras://registry.your.site/lab/hello:bad tag",
 ])
 def test_parse_ref_rejects(text: str) -> None:
     with pytest.raises(UsageError) as err:
@@ -56,7 +56,7 @@ def test_parse_ref_rejects(text: str) -> None:
 
 
 def test_redact_hides_userinfo() -> None:
-    assert registry.redact("oras://bob:hunter2@registry.example.org/lab") == "oras://***@registry.example.org/lab"
+    assert registry.redact("oras://bob:hunter2@registry.your.site/lab") == "oras://***@registry.your.site/lab"
     assert registry.redact("see https://t@h/x and oras://h/y") == "see https://***@h/x and oras://h/y"
 
 
@@ -66,26 +66,26 @@ def test_repo_name_and_tag() -> None:
 
 
 def test_names_registry_host() -> None:
-    assert registry.names_registry_host("docker://registry.example.org/mirror/python:3.11")
+    assert registry.names_registry_host("docker://registry.your.site/mirror/python:3.11")
     assert registry.names_registry_host("docker://127.0.0.1:5000/x:1")
     assert not registry.names_registry_host("docker://python:3.11")
     assert not registry.names_registry_host("docker://library/python:3.11")
 
 
 def test_pinned_base_uri() -> None:
-    assert registry.pinned_base_uri("docker://registry.example.org:5000/mirror/python:3.11-slim", D) == \
-        f"docker://registry.example.org:5000/mirror/python@{D}"
-    assert registry.pinned_base_uri("docker://registry.example.org/mirror/python", D) == \
-        f"docker://registry.example.org/mirror/python@{D}"
+    assert registry.pinned_base_uri("docker://registry.your.site:5000/mirror/python:3.11-slim", D) == \
+        f"docker://registry.your.site:5000/mirror/python@{D}"
+    assert registry.pinned_base_uri("docker://registry.your.site/mirror/python", D) == \
+        f"docker://registry.your.site/mirror/python@{D}"
 
 
 # -- the lock file ---------------------------------------------------------------------
 
 def test_lock_text_is_deterministic_and_round_trips() -> None:
     a = registry.LockFile(images={"z/amd64": pin(experiment="z"), "hello/amd64": pin()},
-                          bases={"docker://registry.example.org/m/p:1": D})
+                          bases={"docker://registry.your.site/m/p:1": D})
     b = registry.LockFile(images={"hello/amd64": pin(), "z/amd64": pin(experiment="z")},
-                          bases={"docker://registry.example.org/m/p:1": D})
+                          bases={"docker://registry.your.site/m/p:1": D})
     assert a.to_text() == b.to_text()
     text = a.to_text()
     assert text.index('"hello/amd64"') < text.index('"z/amd64"')
@@ -96,7 +96,7 @@ def test_lock_text_is_deterministic_and_round_trips() -> None:
 
 @pytest.mark.parametrize("mutate, needle", [
     (lambda d: d.update(format=99), "format"),
-    (lambda d: d["images"]["hello/amd64"].update(ref="oras://registry.example.org/lab/hello:latest"), "by digest"),
+    (lambda d: d["images"]["hello/amd64"].update(ref="oras://registry.your.site/lab/hello:latest"), "by digest"),
     (lambda d: d["images"]["hello/amd64"].update(sha256="nothex"), "sha256"),
     (lambda d: d["images"]["hello/amd64"].pop("input_hash"), "input_hash"),
     (lambda d: d["images"].update({"other/amd64": d["images"]["hello/amd64"]}), "does not match"),
@@ -119,7 +119,7 @@ def test_update_lock_is_atomic_and_rereads(tmp_path: Path) -> None:
     (tmp_path / "hpcexp.yaml").write_text("{}\n")
     project = load_project(tmp_path)
     registry.update_lock(project, lambda lk: lk.images.__setitem__("hello/amd64", pin()))
-    registry.update_lock(project, lambda lk: lk.bases.__setitem__("docker://registry.example.org/m/p:1", D))
+    registry.update_lock(project, lambda lk: lk.bases.__setitem__("docker://registry.your.site/m/p:1", D))
     lock = registry.read_lock(project)
     assert set(lock.images) == {"hello/amd64"} and lock.bases
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hpcexp-tmp-")]
@@ -135,12 +135,12 @@ def test_stale_pin_message_names_both_hashes_and_the_fix() -> None:
 
 def test_credentials_from_env_then_apptainer_login(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "APPTAINER_DOCKER_USERNAME": "u", "APPTAINER_DOCKER_PASSWORD": "p"}
-    assert registry.credentials("registry.example.org", env) == ("u", "p")
+    assert registry.credentials("registry.your.site", env) == ("u", "p")
     cfg = tmp_path / ".apptainer" / "docker-config.json"
     cfg.parent.mkdir()
-    cfg.write_text(json.dumps({"auths": {"registry.example.org": {"auth": base64.b64encode(b"bob:pw").decode()}}}))
-    assert registry.credentials("registry.example.org", {"HOME": str(tmp_path)}) == ("bob", "pw")
-    assert registry.credentials("other.example.org", {"HOME": str(tmp_path)}) is None
+    cfg.write_text(json.dumps({"auths": {"registry.your.site": {"auth": base64.b64encode(b"bob:pw").decode()}}}))
+    assert registry.credentials("registry.your.site", {"HOME": str(tmp_path)}) == ("bob", "pw")
+    assert registry.credentials("other.your.site", {"HOME": str(tmp_path)}) is None
 
 
 def test_pem_fingerprint_is_of_the_der_bytes() -> None:
@@ -160,18 +160,18 @@ def _load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]
 
 
 def test_registry_config_forms(tmp_path: Path) -> None:
-    p = _load(tmp_path, "registry: oras://registry.example.org/lab/team\n")
+    p = _load(tmp_path, "registry: oras://registry.your.site/lab/team\n")
     assert p.registry is not None and (p.registry.host, p.registry.namespace, p.registry.insecure) == \
-        ("registry.example.org", "lab/team", False)
+        ("registry.your.site", "lab/team", False)
     p = _load(tmp_path, "registry: {url: 'oras://127.0.0.1:5000/lab', insecure: true}\n")
     assert p.registry is not None and p.registry.insecure and p.registry.host == "127.0.0.1:5000"
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("registry: https://registry.example.org/lab\n", "registry.url"),
-    ("registry: oras://registry.example.org\n", "registry.url"),
-    ("registry: oras://bob:pw@registry.example.org/lab\n", "credentials"),
-    ("registry: {url: 'oras://registry.example.org/lab', insecure: true}\n", "plain HTTP"),
+    ("registry: https://registry.your.site/lab\n", "registry.url"),
+    ("registry: oras://registry.your.site\n", "registry.url"),
+    ("registry: oras://bob:pw@registry.your.site/lab\n", "credentials"),
+    ("registry: {url: 'oras://registry.your.site/lab', insecure: true}\n", "plain HTTP"),
     ("registry: {url: 'oras://127.0.0.1/lab', tls: false}\n", "unknown key"),
     ("verify: {mode: sometimes}\n", "verify.mode"),
     ("verify: {mode: require}\n", "require needs"),
@@ -206,7 +206,7 @@ def proj(tmp_path: Path) -> Path:
 
 def test_push_without_a_registry_or_a_built_image(proj: Path) -> None:
     assert_clean_error(run_cli("push", "hello", cwd=proj), 2, "no registry to push to", "registry:")
-    res = run_cli("push", "hello", "--to", "oras://registry.example.org/lab", cwd=proj)
+    res = run_cli("push", "hello", "--to", "oras://registry.your.site/lab", cwd=proj)
     assert_clean_error(res, 2, "no current image of hello", "hpcexp build hello")
 
 
@@ -221,6 +221,6 @@ def test_broken_lock_file_is_reported_by_run(proj: Path) -> None:
 
 
 def test_push_to_a_bad_url(proj: Path) -> None:
-    res = run_cli("push", "hello", "--to", "oras://bob:pw@registry.example.org/lab", cwd=proj)
-    assert_clean_error(res, 2, "--to", "oras://***@registry.example.org/lab", "no credentials")
+    res = run_cli("push", "hello", "--to", "oras://bob:pw@registry.your.site/lab", cwd=proj)
+    assert_clean_error(res, 2, "--to", "oras://***@registry.your.site/lab", "no credentials")
     assert "pw" not in res.stderr

@@ -546,11 +546,18 @@ def _apptainer_env() -> dict[str, str]:
     return env
 
 
-def _run_apptainer(argv: list[str], *, what: str, timeout: float = TRANSFER_TIMEOUT) -> process.Result:
-    from hpcexp.runtime import apptainer
+def _program() -> str:
+    """apptainer (or singularity) on PATH. No version probe: push, pull, sign and verify need
+    no rootless build support, and a pull should not wait for ``apptainer --version``."""
+    path = process.which("apptainer") or process.which("singularity")
+    if path is None:
+        raise EnvironmentProblem("apptainer not found on PATH (nor singularity)",
+                                 hint=process.INSTALL_HINTS["apptainer"])
+    return path
 
-    inst = apptainer.require()
-    res = process.run([inst.path, *argv], env=_apptainer_env(), timeout=timeout)
+
+def _run_apptainer(argv: list[str], *, what: str, timeout: float = TRANSFER_TIMEOUT) -> process.Result:
+    res = process.run([_program(), *argv], env=_apptainer_env(), timeout=timeout)
     if not res.ok:
         reason = redact(_fatal_line(res))
         if any(s in reason.lower() for s in ("unauthorized", "denied", "authentication required", "401", "403")):
@@ -669,10 +676,7 @@ def check_signature(sif: Path, policy: VerifyPolicy) -> Verdict:
 
 
 def _verify(argv: list[str]) -> process.Result:
-    from hpcexp.runtime import apptainer
-
-    inst = apptainer.require()
-    return process.run([inst.path, *argv], env=_apptainer_env(), timeout=600)
+    return process.run([_program(), *argv], env=_apptainer_env(), timeout=600)
 
 
 def _fingerprints(stdout: str) -> set[str]:

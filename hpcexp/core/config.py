@@ -533,7 +533,7 @@ class _Validator:
         match = REGISTRY_URL_RE.match(url)
         if not match:
             self.err(f"{path}.url", f"invalid value {_show(url)}: oras://HOST[:PORT]/NAMESPACE with a "
-                                    "lower-case namespace such as oras://registry.example.org/lab")
+                                    "lower-case namespace such as oras://registry.your.site/lab")
             return None
         host = match.group("host")
         insecure = self.boolean(f"{path}.insecure", m.get("insecure"), False)
