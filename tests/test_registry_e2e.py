@@ -424,3 +424,30 @@ def test_submit_pulls_the_pinned_image_on_the_login_node_and_the_job_runs_it(pus
     assert sha256(img) == pin["sha256"]
     recs = records(b)
     assert len(recs) == 2 and all(r["state"] == "succeeded" and r["image_ref"] == pin["ref"] for r in recs), recs
+
+
+def test_a_pulled_sif_that_does_not_match_the_locks_sha256_is_not_kept(pushed: Path, tmp_path: Path) -> None:
+    b = clone(pushed, tmp_path / "forged")
+    doc = lock(b)
+    entry = next(iter(doc["images"].values()))
+    entry["sha256"] = "0" * 64
+    (b / "hpcexp.lock").write_text(json.dumps(doc))
+    res = run_cli("run", "hello", cwd=b)
+    assert_clean_error(res, 1, "sha256 is", "0" * 64, "nothing was kept")
+    assert not images(b) and not (b / "runs" / "hello").exists()
+    assert not [p for p in (b / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
+
+
+def test_registry_down_is_one_clear_line(pushed: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = clone(pushed, tmp_path / "offline")
+    text = (b / "hpcexp.lock").read_text()
+    host = the_pin(b)["ref"].split("/")[2]
+    (b / "hpcexp.lock").write_text(text.replace(host, f"127.0.0.1:{port}"))
+    res = run_cli("run", "hello", cwd=b)
+    assert_clean_error(res, 3, "pull of oras://127.0.0.1:", "failed")
+    assert not images(b)

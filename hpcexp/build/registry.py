@@ -567,6 +567,11 @@ def _run_apptainer(argv: list[str], *, what: str, timeout: float = TRANSFER_TIME
         if any(s in reason.lower() for s in ("connection refused", "no such host", "certificate", "timeout",
                                               "i/o timeout", "tls")):
             raise RegistryError(f"{what} failed: {reason}")
+        if "no space left" in reason.lower() or "quota exceeded" in reason.lower():
+            from hpcexp.errors import StorageError
+
+            raise StorageError(f"{what} failed: {reason}; nothing was kept",
+                               hint="free space, or point `images:` in hpcexp.yaml at a larger file system")
         raise Failure(f"{what} failed: {reason}")
     return res
 
@@ -809,8 +814,7 @@ def stale_pin_error(pin: Pin, current_hash: str) -> StalePin:
     name = pin.experiment
     return StalePin(
         f"{LOCK_NAME} pins {name} {pin.arch} at input hash {pin.input_hash[:16]} but its inputs now hash to "
-        f"{current_hash[:16]} (the Dockerfile or its files changed since the push); refusing to run the stale "
-        f"pinned image",
+        f"{current_hash[:16]} (the Dockerfile or its files changed since the push); refusing the stale pin",
         hint=f"build it here with `hpcexp build {name}` (or `hpcexp run --rebuild`), then `hpcexp push {name}` "
              f"to update the pin")
 
