@@ -451,3 +451,30 @@ def test_registry_down_is_one_clear_line(pushed: Path, tmp_path: Path) -> None:
     res = run_cli("run", "hello", cwd=b)
     assert_clean_error(res, 3, "pull of oras://127.0.0.1:", "failed")
     assert not images(b)
+
+
+def test_pgp_signed_push_and_fingerprint_policy(tmp_path: Path, busybox_sif: Path,
+                                                registry: registry_server.Registry) -> None:
+    """The keyring path: `push --sign` with Apptainer's PGP keyring, `verify: keys: [FINGERPRINT]`."""
+    keysdir = tmp_path / "keyring"
+    keysdir.mkdir()
+    env = {"APPTAINER_KEYSDIR": str(keysdir)}
+    made = subprocess.run(["apptainer", "key", "newpair", "--name", "lab signer", "--email", "signer@example.invalid",
+                           "--comment", "test", "--password", "", "--push=false"], capture_output=True, text=True,
+                          env=dict(os.environ, **env), stdin=subprocess.DEVNULL, timeout=120)
+    assert made.returncode == 0, made.stderr
+    listing = subprocess.run(["apptainer", "key", "list"], capture_output=True, text=True, env=dict(os.environ, **env))
+    import re
+
+    fp = re.search(r"Fingerprint:\s*([0-9A-Fa-f]{40})", listing.stdout).group(1).upper()
+    a = make_project(tmp_path / "pgp", busybox_sif, registry, namespace="pgp",
+                     extra_yaml=f"verify: {{mode: require, keys: [{fp}]}}\n")
+    ok(run_cli("build", "hello", cwd=a))
+    ok(run_cli("push", "hello", "--sign", cwd=a, env=env))
+    assert the_pin(a)["signed_by"] == f"pgp:{fp}"
+    b = clone(a, tmp_path / "pgp-runner")
+    ok(run_cli("run", "hello", cwd=b, env=env))
+    c = clone(a, tmp_path / "pgp-other")
+    (c / "hpcexp.yaml").write_text((c / "hpcexp.yaml").read_text().replace(fp, "F" * 40))
+    assert_clean_error(run_cli("run", "hello", cwd=c, env=env), 1, "refused", "does not allow")
+    assert not images(c)

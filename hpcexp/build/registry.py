@@ -58,8 +58,10 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json",
                   "application/vnd.docker.distribution.manifest.list.v2+json")
 SIF_LAYER = "application/vnd.sylabs.sif.layer.v1.sif"
+# Kept in Apptainer's otherwise scrubbed environment: registry credentials, and the PGP
+# keyring folder that sign/verify use.
 CRED_ENV = ("APPTAINER_DOCKER_USERNAME", "APPTAINER_DOCKER_PASSWORD",
-            "SINGULARITY_DOCKER_USERNAME", "SINGULARITY_DOCKER_PASSWORD")
+            "SINGULARITY_DOCKER_USERNAME", "SINGULARITY_DOCKER_PASSWORD", "APPTAINER_KEYSDIR", "SINGULARITY_KEYSDIR")
 HTTP_TIMEOUT = 30.0
 TRANSFER_TIMEOUT = 3600.0
 
