@@ -46,15 +46,16 @@ def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def make_big_sif(work: Path, mb: int) -> Path:
-    root = work / "rootfs"
+def make_sif(work: Path, name: str, mb: int) -> Path:
+    """A busybox SIF with ``mb`` MB of incompressible payload (so the SIF really is that big)."""
+    root = work / f"rootfs-{name}"
     (root / "bin").mkdir(parents=True)
     shutil.copy2(shutil.which("busybox") or "/bin/busybox", root / "bin" / "busybox")
     (root / "bin" / "sh").symlink_to("busybox")
-    with open(root / "payload.bin", "wb") as f:   # incompressible, so the SIF really is ~mb MB
+    with open(root / "payload.bin", "wb") as f:
         for _ in range(mb):
             f.write(os.urandom(1 << 20))
-    sif = work / "big.sif"
+    sif = work / f"{name}.sif"
     subprocess.run(["apptainer", "build", "-F", str(sif), str(root)], check=True, capture_output=True)
     shutil.rmtree(root)
     return sif
@@ -71,14 +72,15 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp, registry_server.running(Path(tmp)) as reg:
         work = Path(tmp)
-        big = make_big_sif(work, args.mb)
+        big = make_sif(work, "big", args.mb)
+        base = make_sif(work, "base", 0)
         size = big.stat().st_size
-        # A project whose experiment the lock pins to the big image.
+        # A project (FROM a tiny local base) whose experiment the lock pins to the big image.
         proj = work / "proj"
         (proj / "experiments" / "big").mkdir(parents=True)
         (proj / "experiments" / "big" / "Dockerfile").write_text("FROM busybox:latest\n")
         (proj / "hpcexp.yaml").write_text(f"registry: {reg.url()}\nbases:\n  \"busybox:latest\": "
-                                          f"{{sif: {json.dumps(str(big))}}}\n")
+                                          f"{{sif: {json.dumps(str(base))}}}\n")
         from hpcexp.build import image, registry
         from hpcexp.core.config import host_arch, load_project
 

@@ -224,3 +224,45 @@ def test_push_to_a_bad_url(proj: Path) -> None:
     res = run_cli("push", "hello", "--to", "oras://bob:pw@registry.your.site/lab", cwd=proj)
     assert_clean_error(res, 2, "--to", "oras://***@registry.your.site/lab", "no credentials")
     assert "pw" not in res.stderr
+
+
+# -- the download pipeline -------------------------------------------------------------
+
+def test_pipe_copies_and_hashes_in_order() -> None:
+    import hashlib
+    import io
+    import os
+
+    data = os.urandom(5 * (1 << 20) + 123)
+    out = io.BytesIO()
+    sha, n = registry._pipe(io.BytesIO(data), out, chunk=64 * 1024)
+    assert n == len(data) and out.getvalue() == data and sha == hashlib.sha256(data).hexdigest()
+
+
+def test_pipe_reports_a_failed_write_as_a_write_error() -> None:
+    import errno
+    import io
+
+    class Full(io.RawIOBase):
+        def write(self, b):  # type: ignore[no-untyped-def]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(registry._WriteError):
+        registry._pipe(io.BytesIO(b"x" * (3 << 20)), Full(), chunk=1 << 16)
+
+
+def test_pipe_passes_on_a_failed_read() -> None:
+    import io
+
+    class Broken(io.RawIOBase):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+            self.calls += 1
+            if self.calls > 3:
+                raise ConnectionResetError("reset by peer")
+            return b"y" * n
+
+    with pytest.raises(ConnectionResetError):
+        registry._pipe(Broken(), io.BytesIO(), chunk=1 << 16)

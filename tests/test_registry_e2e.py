@@ -433,7 +433,7 @@ def test_a_pulled_sif_that_does_not_match_the_locks_sha256_is_not_kept(pushed: P
     entry["sha256"] = "0" * 64
     (b / "hpcexp.lock").write_text(json.dumps(doc))
     res = run_cli("run", "hello", cwd=b)
-    assert_clean_error(res, 1, "sha256 is", "0" * 64, "nothing was kept")
+    assert_clean_error(res, 1, "0" * 64, "hpcexp.lock pins", "nothing was kept")
     assert not images(b) and not (b / "runs" / "hello").exists()
     assert not [p for p in (b / "images").iterdir() if p.name.startswith(".hpcexp-tmp-")]
 

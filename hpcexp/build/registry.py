@@ -411,6 +411,89 @@ class Manifest:
         return None
 
 
+class _WriteError(Exception):
+    """Writing the download failed (a full disk): not the registry's fault."""
+
+
+def _pipe(src: Any, dst: Any, chunk: int = 1 << 20) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` and hash it, in three overlapping stages (receive, hash, write).
+
+    TLS decryption, sha256 and file writes all release the GIL, so on a machine with a free
+    core a pull costs about the time of the transfer alone, as in Apptainer's own (Go) pull.
+    """
+    import queue
+    import threading
+
+    to_hash: "queue.Queue[bytes | BaseException | None]" = queue.Queue(maxsize=16)
+    to_write: "queue.Queue[bytes | BaseException | None]" = queue.Queue(maxsize=16)
+    h = hashlib.sha256()
+    failure: list[BaseException] = []
+
+    def receive() -> None:
+        try:
+            while not failure:
+                data = src.read(chunk)
+                if not data:
+                    break
+                to_hash.put(data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+        finally:
+            to_hash.put(None)
+
+    def digest() -> None:
+        while True:
+            data = to_hash.get()
+            if data is None:
+                to_write.put(None)
+                return
+            if not failure:
+                h.update(data)
+            to_write.put(data)
+
+    threads = [threading.Thread(target=receive, daemon=True), threading.Thread(target=digest, daemon=True)]
+    for t in threads:
+        t.start()
+    n = 0
+    try:
+        while True:
+            data = to_write.get()
+            if data is None:
+                break
+            if failure:
+                continue
+            view = memoryview(data)   # type: ignore[arg-type]
+            try:
+                while view:
+                    written = dst.write(view)
+                    view = view[written:]
+            except OSError as exc:
+                raise _WriteError(exc) from exc
+            n += len(data)  # type: ignore[arg-type]
+    except BaseException as exc:
+        failure.append(exc)
+        while to_write.get() is not None:   # let the stages finish
+            pass
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if failure:
+        raise failure[0]
+    return h.hexdigest(), n
+
+
+class _RedirectWithoutAuth(urllib.request.HTTPRedirectHandler):
+    """Registries send blob downloads to storage elsewhere (a presigned URL): our token is for
+    the registry only and must not travel to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
 class Client:
     """A minimal distribution-API client: GET/HEAD with anonymous, Basic or Bearer auth."""
 
@@ -425,14 +508,17 @@ class Client:
             handlers.append(urllib.request.ProxyHandler({}))   # never send loopback traffic to a proxy
         if not insecure:
             handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+        handlers.append(_RedirectWithoutAuth())
         self._opener = urllib.request.build_opener(*handlers)
 
     @property
     def base(self) -> str:
         return f"{'http' if self.insecure else 'https'}://{self.host}"
 
-    def request(self, method: str, path: str, *, accept: tuple[str, ...] = (),
-                timeout: float = HTTP_TIMEOUT) -> tuple[int, Mapping[str, str], bytes]:
+    def request(self, method: str, path: str, *, accept: tuple[str, ...] = (), timeout: float = HTTP_TIMEOUT,
+                sink: Callable[[Any], None] | None = None) -> tuple[int, Mapping[str, str], bytes]:
+        """One API call (authenticating once on 401). With ``sink``, a 200 response is handed
+        to it to stream instead of being read into memory."""
         url = self.base + path
         for attempt in range(2):
             headers = {"User-Agent": "hpcexp"}
@@ -443,6 +529,9 @@ class Client:
             req = urllib.request.Request(url, method=method, headers=headers)
             try:
                 with self._opener.open(req, timeout=timeout) as resp:
+                    if sink is not None:
+                        sink(resp)
+                        return resp.status, dict(resp.headers.items()), b""
                     return resp.status, dict(resp.headers.items()), resp.read()
             except urllib.error.HTTPError as exc:
                 body = exc.read() if exc.fp is not None else b""
@@ -507,6 +596,31 @@ class Client:
             doc = {}
         return Manifest(digest=digest, media_type=lower.get("content-type", ""), body=doc if isinstance(doc, dict)
                         else {})
+
+    def fetch_blob(self, repo: str, digest: str, out: Path, *, size: int | None = None) -> tuple[str, int]:
+        """Stream blob ``digest`` of ``repo`` into ``out`` (created, never replaced), hashing as it
+        arrives; returns (sha256 hex, bytes). One pass over the data: no second read to hash it."""
+        state: dict[str, Any] = {}
+
+        def sink(resp: Any) -> None:
+            with open(out, "xb", buffering=0) as fh:
+                state["sha"], state["n"] = _pipe(resp, fh)
+
+        try:
+            status, _, _ = self.request("GET", f"/v2/{repo}/blobs/{digest}", timeout=TRANSFER_TIMEOUT, sink=sink)
+        except _WriteError as exc:
+            raise atomic.storage_error(exc.args[0], out) from exc
+        except OSError as exc:
+            raise atomic.storage_error(exc, out) from exc
+        if status in (401, 403):
+            raise RegistryError(f"registry {self.host} refused access to {repo} (HTTP {status})",
+                                hint="log in with `apptainer registry login oras://HOST` or set "
+                                     "APPTAINER_DOCKER_USERNAME and APPTAINER_DOCKER_PASSWORD")
+        if status == 404:
+            raise NotFound(f"blob {digest} of {self.host}/{repo} is not in the registry")
+        if status != 200 or "sha" not in state:
+            raise RegistryError(f"registry {self.host} answered HTTP {status} for blob {digest} of {repo}")
+        return state["sha"], state["n"]
 
     def ping(self) -> tuple[bool, str]:
         """(ok, what) for doctor: the registry answers /v2/ and our credentials (if any) work."""
@@ -864,8 +978,7 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             progress("start", f"{label}: pulling {redact(pin.ref)}")
         t0 = time.monotonic()
         try:
-            _run_apptainer(pull_argv(tmp, ref, insecure=insecure), what=f"pull of {redact(pin.ref)}")
-            sha = hashing.sha256_file(tmp)
+            sha = _fetch(project, ref, pin, tmp, insecure=insecure)
             if sha != pin.sha256:
                 raise PinMismatch(f"pulled {redact(pin.ref)} but its sha256 is {sha}, not {pin.sha256} as "
                                   f"{LOCK_NAME} pins; nothing was kept")
@@ -893,6 +1006,30 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             progress("done", f"{label}: pulled in {time.monotonic() - t0:.1f} s")
         sidecar["_pulled"] = True
         return sidecar
+
+
+def _fetch(project: Project, ref: Ref, pin: Pin, tmp: Path, *, insecure: bool) -> str:
+    """Download the pinned SIF to ``tmp``; its sha256.
+
+    An ORAS SIF artifact is a manifest (fetched by the pinned digest, its bytes checked
+    against it) whose one layer is the SIF itself, content-addressed by the SIF's sha256.
+    That chain is checked link by link and the blob streamed straight into ``tmp``, hashed
+    on the way in. Anything else at the pinned digest goes through ``apptainer pull``.
+    """
+    client = Client(ref.host, insecure=insecure)
+    try:
+        manifest = client.manifest(ref)
+    except RegistryError:
+        manifest = None   # let apptainer try: it may know a way in that we do not (and say why not)
+    layer = manifest.sif_layer() if manifest is not None else None
+    if manifest is not None and layer is not None:
+        if layer.get("digest") != f"sha256:{pin.sha256}":
+            raise PinMismatch(f"{redact(pin.ref)} holds SIF layer {layer.get('digest')}, not sha256:{pin.sha256} "
+                              f"as {LOCK_NAME} pins; nothing was kept")
+        sha, _ = client.fetch_blob(ref.repo, str(layer["digest"]), tmp)
+        return sha
+    _run_apptainer(pull_argv(tmp, ref, insecure=insecure), what=f"pull of {redact(pin.ref)}")
+    return hashing.sha256_file(tmp)
 
 
 def check_before_run(project: Project, image: Path, sidecar: dict[str, Any], label: str,
