@@ -266,3 +266,105 @@ def test_pipe_passes_on_a_failed_read() -> None:
 
     with pytest.raises(ConnectionResetError):
         registry._pipe(Broken(), io.BytesIO(), chunk=1 << 16)
+
+
+# -- auth against a small fake registry API on 127.0.0.1 (plain HTTP, loopback only) ----------
+
+class _FakeRegistry:
+    """Serves /v2/ and one manifest behind Basic or Bearer auth; records what it was sent."""
+
+    def __init__(self, scheme: str, user: str = "bob", password: str = "s3cret") -> None:
+        import http.server
+        import threading
+
+        self.seen: list[str] = []
+        outer = self
+        good_basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.body = json.dumps({"schemaVersion": 2, "layers": []}).encode()
+        import hashlib
+
+        self.digest = "sha256:" + hashlib.sha256(self.body).hexdigest()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                auth = self.headers.get("Authorization", "")
+                outer.seen.append(auth)
+                if self.path.startswith("/token"):
+                    if auth != good_basic:
+                        self.send_response(401)
+                        self.end_headers()
+                        return
+                    self._send(200, json.dumps({"token": "tok123"}).encode())
+                    return
+                ok = auth == (good_basic if scheme == "basic" else "Bearer tok123")
+                if not ok:
+                    self.send_response(401)
+                    if scheme == "basic":
+                        self.send_header("WWW-Authenticate", 'Basic realm="r"')
+                    else:
+                        port = self.server.server_address[1]
+                        self.send_header("WWW-Authenticate", f'Bearer realm="http://127.0.0.1:{port}/token",'
+                                                             'service="reg",scope="repository:lab/hello:pull"')
+                    self.end_headers()
+                    return
+                if self.path == "/v2/":
+                    self._send(200, b"{}")
+                else:
+                    self._send(200, outer.body, digest=outer.digest)
+
+            def _send(self, code: int, body: bytes, digest: str | None = None) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                if digest:
+                    self.send_header("Docker-Content-Digest", digest)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.mark.parametrize("scheme", ["basic", "bearer"])
+def test_client_authenticates_with_env_credentials(scheme: str, tmp_path: Path) -> None:
+    fake = _FakeRegistry(scheme)
+    try:
+        env = {"HOME": str(tmp_path), "APPTAINER_DOCKER_USERNAME": "bob", "APPTAINER_DOCKER_PASSWORD": "s3cret"}
+        client = registry.Client(fake.host, insecure=True, env=env)
+        ok, detail = client.ping()
+        assert ok and "with your credentials" in detail and "s3cret" not in detail
+        m = client.manifest(registry.parse_ref(f"oras://{fake.host}/lab/hello:amd64-1"))
+        assert m.digest == fake.digest
+        # wrong password: doctor's ping says the credentials are refused
+        bad = registry.Client(fake.host, insecure=True, env=dict(env, APPTAINER_DOCKER_PASSWORD="nope"))
+        ok, detail = bad.ping()
+        assert not ok and "refused the credentials" in detail
+        # none at all: it answers and asks for them
+        anon = registry.Client(fake.host, insecure=True, env={"HOME": str(tmp_path)})
+        ok, detail = anon.ping()
+        assert ok and "asks for credentials" in detail
+        with pytest.raises(registry.RegistryError, match="refused access"):
+            anon.manifest(registry.parse_ref(f"oras://{fake.host}/lab/hello:amd64-1"))
+    finally:
+        fake.close()
+
+
+def test_manifest_with_a_lying_digest_is_refused(tmp_path: Path) -> None:
+    fake = _FakeRegistry("basic")
+    fake.digest = "sha256:" + "e" * 64   # the server claims another digest than its bytes have
+    try:
+        env = {"HOME": str(tmp_path), "APPTAINER_DOCKER_USERNAME": "bob", "APPTAINER_DOCKER_PASSWORD": "s3cret"}
+        client = registry.Client(fake.host, insecure=True, env=env)
+        with pytest.raises(registry.PinMismatch, match="do not hash"):
+            client.manifest(registry.parse_ref(f"oras://{fake.host}/lab/hello:amd64-1"))
+    finally:
+        fake.close()
