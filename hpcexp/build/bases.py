@@ -4,7 +4,8 @@ A Dockerfile's ``FROM`` reference can be mapped in hpcexp.yaml (``bases:``) to
 
 * ``sif``: a local SIF (``Bootstrap: localimage``); its identity is its sha256;
 * ``image``: a URI Apptainer can bootstrap from on a registry the site runs
-  (``docker://`` or ``oras://``); its identity is the URI;
+  (``docker://`` or ``oras://``); its identity is the URI, by digest once hpcexp.lock
+  pins the tag (:mod:`hpcexp.build.registry`);
 * ``debootstrap``: a Debian/Ubuntu base hpcexp builds itself with ``Bootstrap:
   debootstrap`` from a package mirror. The mirror is the spec's own, else
   ``debian_mirror`` from hpcexp.yaml, else the machine's Debian mirror read from its apt

@@ -1067,10 +1067,7 @@ def pull_for_run(project: Project, exp: Experiment, arch: str, input_hash: str, 
                  progress: Progress | None = None, wait: bool = True) -> dict[str, Any] | None:
     """The on-demand hook of run/submit: the image is not built here. Pull the pinned one
     for these inputs, refuse a stale pin, or return None (no pin: build as usual)."""
-    try:
-        pin = read_lock(project).pin(exp.name, arch)
-    except ConfigError:
-        raise
+    pin = read_lock(project).pin(exp.name, arch)
     if pin is None:
         return None
     if pin.input_hash != input_hash:
