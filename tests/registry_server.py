@@ -58,18 +58,21 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(base: Path | None = None) -> Iterator[Registry]:
+def running(base: Path | None = None, *, tls: bool = True) -> Iterator[Registry]:
+    """A registry on 127.0.0.1 (with TLS from the test CA unless ``tls`` is False: plain HTTP)."""
     work = Path(tempfile.mkdtemp(prefix="hpcexp-registry-", dir=base))
     storage = work / "storage"
     storage.mkdir()
     port = _free_port()
     config = work / "config.yml"
+    listen = f"addr: \"127.0.0.1:{port}\""
+    if tls:
+        listen += f", tls: {{certificate: {TLS_DIR / 'server.crt'}, key: {TLS_DIR / 'server.key'}}}"
     config.write_text(
         "version: 0.1\n"
         "log: {level: warn}\n"
         f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: \"127.0.0.1:{port}\", tls: {{certificate: {TLS_DIR / 'server.crt'}, "
-        f"key: {TLS_DIR / 'server.key'}}}}}\n")
+        f"http: {{{listen}}}\n")
     log = open(work / "registry.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -79,7 +82,7 @@ def running(base: Path | None = None) -> Iterator[Registry]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with opener.open(f"https://127.0.0.1:{port}/v2/", timeout=2) as resp:
+                with opener.open(f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/", timeout=2) as resp:
                     if resp.status == 200:
                         break
             except OSError:

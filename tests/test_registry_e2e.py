@@ -478,3 +478,17 @@ def test_pgp_signed_push_and_fingerprint_policy(tmp_path: Path, busybox_sif: Pat
     (c / "hpcexp.yaml").write_text((c / "hpcexp.yaml").read_text().replace(fp, "F" * 40))
     assert_clean_error(run_cli("run", "hello", cwd=c, env=env), 1, "refused", "does not allow")
     assert not images(c)
+
+
+def test_plain_http_registry_on_loopback_with_insecure_true(tmp_path: Path, busybox_sif: Path) -> None:
+    """`registry: {url: ..., insecure: true}` (Apptainer's --no-https), accepted for 127.0.0.1 only."""
+    with registry_server.running(tmp_path, tls=False) as plain:
+        a = tmp_path / "plain"
+        make_project(a, busybox_sif, plain)
+        (a / "hpcexp.yaml").write_text((a / "hpcexp.yaml").read_text().replace(
+            f"registry: {plain.url()}", f"registry: {{url: '{plain.url()}', insecure: true}}"))
+        ok(run_cli("build", "hello", cwd=a))
+        ok(run_cli("push", "hello", cwd=a))
+        b = clone(a, tmp_path / "plain-runner")
+        ok(run_cli("run", "hello", cwd=b))
+        assert sha256(images(b)[0]) == the_pin(b)["sha256"]
