@@ -167,8 +167,10 @@ def test_second_project_runs_the_pin_without_building_and_refuses_a_stale_pin(
     assert_clean_error(stale, 2, "hpcexp.lock pins hello", pin["input_hash"][:16], "hpcexp build hello",
                        "hpcexp push hello")
     assert not images(c) and not (c / "runs" / "hello").exists()
-    pull = run_cli("pull", "hello", cwd=c)
+    pull = run_cli("pull", "hello", cwd=c)   # the download starts while the inputs are hashed: abandoned
     assert_clean_error(pull, 2, pin["input_hash"][:16], "hpcexp build hello")
+    assert not images(c)
+    assert not [p for p in (c / "images").rglob("*") if p.name.startswith(".hpcexp-tmp-") or p.suffix == ".lock"]
 
 
 def test_a_moved_tag_does_not_change_what_hpcexp_pulls(pushed: Path, tmp_path: Path, busybox_sif: Path,

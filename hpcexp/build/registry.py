@@ -415,7 +415,11 @@ class _WriteError(Exception):
     """Writing the download failed (a full disk): not the registry's fault."""
 
 
-def _pipe(src: Any, dst: Any, chunk: int = 1 << 20) -> tuple[str, int]:
+class _Cancelled(Exception):
+    """The download was abandoned (the inputs turned out not to match the pin)."""
+
+
+def _pipe(src: Any, dst: Any, chunk: int = 1 << 20, cancel: Any = None) -> tuple[str, int]:
     """Copy ``src`` to ``dst`` and hash it, in three overlapping stages (receive, hash, write).
 
     TLS decryption, sha256 and file writes all release the GIL, so on a machine with a free
@@ -432,6 +436,9 @@ def _pipe(src: Any, dst: Any, chunk: int = 1 << 20) -> tuple[str, int]:
     def receive() -> None:
         try:
             while not failure:
+                if cancel is not None and cancel.is_set():
+                    failure.append(_Cancelled())
+                    break
                 data = src.read(chunk)
                 if not data:
                     break
@@ -597,14 +604,14 @@ class Client:
         return Manifest(digest=digest, media_type=lower.get("content-type", ""), body=doc if isinstance(doc, dict)
                         else {})
 
-    def fetch_blob(self, repo: str, digest: str, out: Path, *, size: int | None = None) -> tuple[str, int]:
+    def fetch_blob(self, repo: str, digest: str, out: Path, *, cancel: Any = None) -> tuple[str, int]:
         """Stream blob ``digest`` of ``repo`` into ``out`` (created, never replaced), hashing as it
         arrives; returns (sha256 hex, bytes). One pass over the data: no second read to hash it."""
         state: dict[str, Any] = {}
 
         def sink(resp: Any) -> None:
             with open(out, "xb", buffering=0) as fh:
-                state["sha"], state["n"] = _pipe(resp, fh)
+                state["sha"], state["n"] = _pipe(resp, fh, cancel=cancel)
 
         try:
             status, _, _ = self.request("GET", f"/v2/{repo}/blobs/{digest}", timeout=TRANSFER_TIMEOUT, sink=sink)
@@ -936,21 +943,33 @@ def stale_pin_error(pin: Pin, current_hash: str) -> StalePin:
 
 
 def pull(project: Project, exp: Experiment, arch: str, *, input_hash: str | None = None,
-         progress: Progress | None = None, wait: bool = True) -> dict[str, Any]:
+         current_hash: Callable[[], str] | None = None, progress: Progress | None = None,
+         wait: bool = True) -> dict[str, Any]:
     """Pull the image hpcexp.lock pins for ``exp``/``arch`` (once, under the image's lock);
-    returns its sidecar. ``input_hash``: refuse when the pin is for other inputs."""
+    returns its sidecar. A pin for other inputs than ``input_hash`` (or what
+    ``current_hash()`` computes, while the download already runs) is refused."""
     pin = read_lock(project).pin(exp.name, arch)
     if pin is None:
         raise NotFound(f"{LOCK_NAME} pins no image of {exp.name} {arch}",
                        hint=f"push one with `hpcexp push {exp.name}` where it is built")
     if input_hash is not None and pin.input_hash != input_hash:
         raise stale_pin_error(pin, input_hash)
-    return pull_pin(project, pin, progress=progress, wait=wait)
+
+    def check() -> None:
+        if current_hash is not None:
+            now = current_hash()
+            if now != pin.input_hash:
+                raise stale_pin_error(pin, now)
+
+    return pull_pin(project, pin, progress=progress, wait=wait, check=check)
 
 
 def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wait: bool = True,
-             reuse: bool = True) -> dict[str, Any]:
-    from hpcexp.build import image as image_mod
+             reuse: bool = True, check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Pull ``pin`` into the images folder (see the module docstring). ``check`` runs while
+    the download does (computing the current input hash takes as long as a small pull);
+    if it raises, the download is abandoned and nothing is kept."""
+    import threading
 
     ref = parse_ref(pin.ref)
     insecure = insecure_for(project, ref.host)
@@ -969,16 +988,45 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             progress("wait", f"{label}: waiting for {owner.describe()} who is fetching it (lock {lock.path})")
 
     with lock.hold(wait=wait, on_wait=on_wait, what=f"image {final.name}"):
-        side = image_mod.read_sidecar(final)
-        if reuse and side is not None and side.get("sha256") == pin.sha256 and image_mod.valid_sif(final, side):
-            side["_pulled"] = False
-            return side
+        if final.exists():   # only then is there something to reuse (checking it needs the image module)
+            from hpcexp.build import image as image_mod
+
+            side = image_mod.read_sidecar(final)
+            if reuse and side is not None and side.get("sha256") == pin.sha256 and image_mod.valid_sif(final, side):
+                if check is not None:
+                    check()
+                side["_pulled"] = False
+                return side
         tmp = atomic.tmp_name_for(final)
         if progress is not None:
             progress("start", f"{label}: pulling {redact(pin.ref)}")
         t0 = time.monotonic()
+        cancel = threading.Event()
+        box: dict[str, Any] = {}
+
+        def download() -> None:
+            try:
+                box["sha"] = _fetch(project, ref, pin, tmp, insecure=insecure, cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                box["error"] = exc
+
+        worker = threading.Thread(target=download, name="hpcexp-pull", daemon=True)
         try:
-            sha = _fetch(project, ref, pin, tmp, insecure=insecure)
+            worker.start()
+            try:
+                if check is not None:
+                    check()
+                while worker.is_alive():
+                    worker.join(0.2)
+            except BaseException:
+                cancel.set()
+                worker.join()
+                raise
+            if "error" in box:
+                raise box["error"]
+            sha = box["sha"]
+            from hpcexp.build import image as image_mod
+
             if sha != pin.sha256:
                 raise PinMismatch(f"pulled {redact(pin.ref)} but its sha256 is {sha}, not {pin.sha256} as "
                                   f"{LOCK_NAME} pins; nothing was kept")
@@ -1008,7 +1056,7 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
         return sidecar
 
 
-def _fetch(project: Project, ref: Ref, pin: Pin, tmp: Path, *, insecure: bool) -> str:
+def _fetch(project: Project, ref: Ref, pin: Pin, tmp: Path, *, insecure: bool, cancel: Any = None) -> str:
     """Download the pinned SIF to ``tmp``; its sha256.
 
     An ORAS SIF artifact is a manifest (fetched by the pinned digest, its bytes checked
@@ -1026,7 +1074,7 @@ def _fetch(project: Project, ref: Ref, pin: Pin, tmp: Path, *, insecure: bool) -
         if layer.get("digest") != f"sha256:{pin.sha256}":
             raise PinMismatch(f"{redact(pin.ref)} holds SIF layer {layer.get('digest')}, not sha256:{pin.sha256} "
                               f"as {LOCK_NAME} pins; nothing was kept")
-        sha, _ = client.fetch_blob(ref.repo, str(layer["digest"]), tmp)
+        sha, _ = client.fetch_blob(ref.repo, str(layer["digest"]), tmp, cancel=cancel)
         return sha
     _run_apptainer(pull_argv(tmp, ref, insecure=insecure), what=f"pull of {redact(pin.ref)}")
     return hashing.sha256_file(tmp)

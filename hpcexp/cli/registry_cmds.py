@@ -75,7 +75,7 @@ def pull_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, qui
     before it appears under its final name. A pin made for other inputs than the current
     ones is refused (exit 2). `run` and `submit` pull on demand the same way.
     """
-    from hpcexp.build import image, registry
+    from hpcexp.build import registry
     from hpcexp.core.config import host_arch
 
     project = ctx.project()
@@ -84,8 +84,13 @@ def pull_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, qui
     for exp in project.select(list(names), all_):
         if all_ and registry.read_lock(project).pin(exp.name, arch) is None:
             continue
-        current = image.prepare(project, exp, arch, write=False).input_hash
-        side = registry.pull(project, exp, arch, input_hash=current, progress=_progress(quiet))
+
+        def current(exp=exp):  # type: ignore[no-untyped-def]  # computed while the download runs
+            from hpcexp.build import image
+
+            return image.prepare(project, exp, arch, write=False).input_hash
+
+        side = registry.pull(project, exp, arch, current_hash=current, progress=_progress(quiet))
         fresh = bool(side.pop("_pulled", False))
         out.append({"experiment": exp.name, "arch": arch, "path": side.get("path"), "sha256": side.get("sha256"),
                     "ref": side.get("pulled_from"), "pulled": fresh})
