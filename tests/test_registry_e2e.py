@@ -494,3 +494,13 @@ def test_plain_http_registry_on_loopback_with_insecure_true(tmp_path: Path, busy
         b = clone(a, tmp_path / "plain-runner")
         ok(run_cli("run", "hello", cwd=b))
         assert sha256(images(b)[0]) == the_pin(b)["sha256"]
+
+
+def test_bench_registry_script_runs(registry: registry_server.Registry) -> None:
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_registry.py"
+    proc = subprocess.run([sys.executable, str(bench), "--rounds", "1", "--mb", "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "median of wall-time ratios" in proc.stdout and "median of CPU-time ratios" in proc.stdout
