@@ -347,23 +347,30 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
     is pulled by digest instead of built, and a pulled image is checked against ``verify:``
     before it is used (:mod:`hpcexp.build.registry`).
     """
-    from hpcexp.build import registry
-
     if quiet:
         progress = _only_warnings(progress)
     prep = prepare(project, exp, arch)
     sidecar = read_sidecar(prep.image)
     if not force and sidecar is not None and sidecar.get("input_hash") == prep.input_hash \
             and valid_sif(prep.image, sidecar):
-        if not (pull and sidecar.get("kind") == "pulled") or \
-                registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}", progress):
+        if not (pull and sidecar.get("kind") == "pulled"):
             return _info(prep, sidecar, built=False)
-    if pull and not force:
+        from hpcexp.build import registry  # only when needed: it loads the HTTP and TLS modules
+
+        if registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}", progress):
+            return _info(prep, sidecar, built=False)
+    if pull and not force and Layout(project).lock_file().exists():
+        from hpcexp.build import registry
+
         pulled = registry.pull_for_run(project, exp, arch, prep.input_hash, progress=progress, wait=wait)
         if pulled is not None:
             return _info(prep, pulled, built=False)
-    if registry.pin_bases(project, exp, progress):  # registry bases by tag: pin their digests first
-        return ensure_image(project, exp, arch, force=force, progress=progress, wait=wait, pull=pull)
+    if any(spec is not None and spec.kind == "image" for _, spec in prep.base_specs):
+        from hpcexp.build import registry
+
+        # Registry bases given by tag: pin their digests first (the recipe then names them).
+        if registry.pin_bases(project, [spec for _, spec in prep.base_specs], progress):
+            return ensure_image(project, exp, arch, force=force, progress=progress, wait=wait, pull=pull)
     # Debootstrap bases are built first (cached in the user's cache dir like any image).
     base_digests: list[tuple[str, str]] = []
     for ref, spec in prep.base_specs:

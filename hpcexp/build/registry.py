@@ -1127,15 +1127,15 @@ def pull_for_run(project: Project, exp: Experiment, arch: str, input_hash: str, 
 # Bases from a registry
 # --------------------------------------------------------------------------------------
 
-def pin_bases(project: Project, exp: Experiment, progress: Progress | None = None) -> bool:
-    """Resolve every registry base of ``exp`` given by tag and not yet pinned to its digest,
-    and record it in hpcexp.lock. True when a pin was added (the recipe changes)."""
-    mapping = dict(project.bases)
-    mapping.update(exp.bases)
+def pin_bases(project: Project, specs: Any, progress: Progress | None = None) -> bool:
+    """Resolve every registry base among ``specs`` (the bases an image is built FROM) given by
+    tag and not yet pinned to its digest, and record it in hpcexp.lock. True when a pin was
+    added (the recipe changes)."""
     todo = []
     lock = read_lock(project)
-    for spec in mapping.values():
-        if spec.kind != "image" or not spec.image or "@" in spec.image or not names_registry_host(spec.image):
+    for spec in specs:
+        if spec is None or spec.kind != "image" or not spec.image or "@" in spec.image \
+                or not names_registry_host(spec.image):
             continue
         if spec.image in lock.bases:
             continue
