@@ -270,6 +270,27 @@ def check_arch() -> Check:
     return Check("architecture", OK, f"{platform.machine()} -> Dockerfiles for {host_arch()}")
 
 
+def check_registry(project: Project) -> Check:
+    """The registry of ``registry:`` answers its API, and the credentials found (if any) work."""
+    from hpcexp.build import registry
+    from hpcexp.errors import HpcexpError
+
+    spec = project.registry
+    assert spec is not None
+    where = registry.redact(spec.url)
+    try:
+        ok, detail = registry.Client(spec.host, insecure=spec.insecure).ping()
+    except HpcexpError as exc:
+        return Check("registry", FAIL, f"{where}: {exc.message}",
+                     exc.hint or "check `registry:` in hpcexp.yaml and that the registry runs")
+    if not ok:
+        return Check("registry", FAIL, f"{where}: {detail}",
+                     "log in with `apptainer registry login oras://HOST`, or set APPTAINER_DOCKER_USERNAME "
+                     "and APPTAINER_DOCKER_PASSWORD")
+    plain = " over plain HTTP (insecure: true)" if spec.insecure else ""
+    return Check("registry", OK, f"{where}{plain}: {detail}")
+
+
 def run_checks(project: Project | None = None,
                extra: Sequence[Callable[[], Check]] = ()) -> list[Check]:
     """Run every check; a check that raises becomes a warning, never a crash."""
@@ -291,6 +312,8 @@ def run_checks(project: Project | None = None,
         checks.extend(check_package_indexes(project))
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
         checks.append(Check("build network", WARN, f"check failed: {exc}"))
+    if project.registry is not None:
+        checks.append(check_registry(project))
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())

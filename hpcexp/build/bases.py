@@ -4,7 +4,8 @@ A Dockerfile's ``FROM`` reference can be mapped in hpcexp.yaml (``bases:``) to
 
 * ``sif``: a local SIF (``Bootstrap: localimage``); its identity is its sha256;
 * ``image``: a URI Apptainer can bootstrap from on a registry the site runs
-  (``docker://`` or ``oras://``); its identity is the URI;
+  (``docker://`` or ``oras://``); its identity is the URI, by digest once hpcexp.lock
+  pins the tag (:mod:`hpcexp.build.registry`);
 * ``debootstrap``: a Debian/Ubuntu base hpcexp builds itself with ``Bootstrap:
   debootstrap`` from a package mirror. The mirror is the spec's own, else
   ``debian_mirror`` from hpcexp.yaml, else the machine's Debian mirror read from its apt
@@ -273,7 +274,7 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
         return BaseResolution("localimage", str(sif))
     if spec.kind == "image":
         assert spec.image is not None
-        scheme, _, rest = spec.image.partition("://")
+        scheme, _, rest = pinned_image(project, spec.image).partition("://")
         return BaseResolution(scheme, rest)
     found = standins.stand_in(spec.ref)
     if found is not None and found.spec == spec:
@@ -282,6 +283,14 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
                  + tuple(("approximated", f"stand-in differs: {d}") for d in found.differences))
         return BaseResolution("localimage", recipe_ref(spec), notes=notes)
     return BaseResolution("localimage", recipe_ref(spec))
+
+
+def pinned_image(project: "Project", uri: str) -> str:
+    """A registry base by the digest hpcexp.lock pins for its tag (``...@sha256:``), else as given."""
+    from hpcexp.build import registry
+
+    digest = registry.base_pin(project, uri)
+    return registry.pinned_base_uri(uri, digest) if digest else uri
 
 
 def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callable[[Path], str]) -> str:
@@ -301,7 +310,8 @@ def identity(project: "Project", spec: BaseSpec | None, ref: str, digest: Callab
             raise NotFound(f"base image {spec.sif} (mapped from FROM {ref!r} in hpcexp.yaml bases) does not exist",
                            hint="fix the path under `bases:` or build/copy that SIF there") from None
     if spec.kind == "image":
-        return f"image:{spec.image}"
+        assert spec.image is not None
+        return f"image:{pinned_image(project, spec.image)}"
     return f"debootstrap:{spec_hash(spec)}"
 
 

@@ -96,6 +96,7 @@ class ImageInfo:
     cmd: tuple[str, ...] | None = None        # the Dockerfile's CMD / ENTRYPOINT (argv), for the run's
     entrypoint: tuple[str, ...] | None = None  # parameters (see hpcexp.runtime.launch.plan)
     stopsignal: str | None = None              # the Dockerfile's STOPSIGNAL: what `hpcexp stop` sends first
+    source_ref: str | None = None             # oras://...@sha256: when pulled from a registry (hpcexp.lock)
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,8 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         apptainer_version=sidecar.get("apptainer_version"),
         build_seconds=sidecar.get("build_seconds") if built else None,
         cmd=prep.conversion.cmd, entrypoint=prep.conversion.entrypoint,
-        stopsignal=getattr(prep.conversion, "stopsignal", None))
+        stopsignal=getattr(prep.conversion, "stopsignal", None),
+        source_ref=sidecar.get("pulled_from") or sidecar.get("pushed_as"))
 
 
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:
@@ -337,10 +339,13 @@ def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | N
 # --------------------------------------------------------------------------------------
 
 def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = False, quiet: bool = False,
-                 progress: Progress | None = None, wait: bool = True) -> ImageInfo:
+                 progress: Progress | None = None, wait: bool = True, pull: bool = False) -> ImageInfo:
     """The image of ``exp`` for ``arch``: cached when its inputs are unchanged, else built.
 
     ``wait=False`` raises LockBusy (exit 75) instead of waiting for another builder.
+    ``pull`` (run, submit): an image not built here that hpcexp.lock pins for these inputs
+    is pulled by digest instead of built, and a pulled image is checked against ``verify:``
+    before it is used (:mod:`hpcexp.build.registry`).
     """
     if quiet:
         progress = _only_warnings(progress)
@@ -348,7 +353,24 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
     sidecar = read_sidecar(prep.image)
     if not force and sidecar is not None and sidecar.get("input_hash") == prep.input_hash \
             and valid_sif(prep.image, sidecar):
-        return _info(prep, sidecar, built=False)
+        if not (pull and sidecar.get("kind") == "pulled"):
+            return _info(prep, sidecar, built=False)
+        from hpcexp.build import registry  # only when needed: it loads the HTTP and TLS modules
+
+        if registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}", progress):
+            return _info(prep, sidecar, built=False)
+    if pull and not force and Layout(project).lock_file().exists():
+        from hpcexp.build import registry
+
+        pulled = registry.pull_for_run(project, exp, arch, prep.input_hash, progress=progress, wait=wait)
+        if pulled is not None:
+            return _info(prep, pulled, built=False)
+    if any(spec is not None and spec.kind == "image" for _, spec in prep.base_specs):
+        from hpcexp.build import registry
+
+        # Registry bases given by tag: pin their digests first (the recipe then names them).
+        if registry.pin_bases(project, [spec for _, spec in prep.base_specs], progress):
+            return ensure_image(project, exp, arch, force=force, progress=progress, wait=wait, pull=pull)
     if progress is not None:
         _announce_bases(project, exp, arch, prep, progress)
     # Debootstrap bases are built first (cached in the user's cache dir like any image).
@@ -361,7 +383,7 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
         elif spec is not None and spec.kind == "sif":
             base_digests.append((ref, dict(prep.base_identities)[ref].replace("sif:", "sha256:")))
         elif spec is not None and spec.kind == "image":
-            base_digests.append((ref, str(spec.image)))
+            base_digests.append((ref, bases.pinned_image(project, str(spec.image))))  # by digest once pinned
         else:
             base_digests.append((ref, "unmapped"))
     conv = prep.conversion

@@ -188,16 +188,29 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
 @json_option
 @pass_ctx
 def images_cmd(ctx: Ctx, as_json: bool) -> None:
-    """List built images: experiment, architecture, size, age, current or stale."""
+    """List images: experiment, architecture, size, age, current or stale, and registry state
+    (pushed, pinned in hpcexp.lock, signed, pulled; pins not pulled here yet are listed too)."""
+    from hpcexp.build import registry
     from hpcexp.build.image import list_images
 
-    entries = list_images(ctx.project())
+    project = ctx.project()
+    entries = list_images(project)
+    states = [registry.image_state(project, e.path, e.experiment, e.arch, e.input_hash) for e in entries]
+    missing = registry.pins_not_here(project, {(e.experiment, e.arch, e.input_hash) for e in entries})
     if as_json:
-        emit_json(entries)
+        from hpcexp.cli.common import to_jsonable
+
+        emit_json([dict(to_jsonable(e), registry=s) for e, s in zip(entries, states)]
+                  + [{"experiment": p.experiment, "arch": p.arch, "state": "not here", "input_hash": p.input_hash,
+                      "size": p.size, "registry": "pinned" + (",signed" if p.signed_by else ""), "ref": p.ref}
+                     for p in missing])
         return
-    echo_table(((e.experiment, e.arch, human_size(e.size), human_age(e.age_seconds), e.state,
-                 ",".join(e.used_by[-1:]) + ("+" if len(e.used_by) > 1 else ""), _rel(e.path)) for e in entries),
-               ("EXPERIMENT", "ARCH", "SIZE", "AGE", "STATE", "USED BY", "PATH"))
+    rows = [(e.experiment, e.arch, human_size(e.size), human_age(e.age_seconds), e.state, s,
+             ",".join(e.used_by[-1:]) + ("+" if len(e.used_by) > 1 else ""), _rel(e.path))
+            for e, s in zip(entries, states)]
+    rows += [(p.experiment, p.arch, human_size(p.size), "-", "not here", "pinned" + (",signed" if p.signed_by else ""),
+              "", registry.redact(p.ref)) for p in missing]
+    echo_table(rows, ("EXPERIMENT", "ARCH", "SIZE", "AGE", "STATE", "REGISTRY", "USED BY", "PATH"))
 
 
 @click.command("clean")

@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "build": "hpcexp.cli.build_cmds:build_cmd",
     "images": "hpcexp.cli.build_cmds:images_cmd",
     "clean": "hpcexp.cli.build_cmds:clean_cmd",
+    "push": "hpcexp.cli.registry_cmds:push_cmd",
+    "pull": "hpcexp.cli.registry_cmds:pull_cmd",
     "run": "hpcexp.cli.run_cmds:run_cmd",
     "status": "hpcexp.cli.run_cmds:status_cmd",
     "runs": "hpcexp.cli.run_cmds:runs_cmd",

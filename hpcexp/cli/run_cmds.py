@@ -211,7 +211,7 @@ def run_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, ...
         elif not quiet:
             info(text)
 
-    image = ensure_image(project, exp, arch, force=rebuild, quiet=quiet, progress=progress)
+    image = ensure_image(project, exp, arch, force=rebuild, quiet=quiet, progress=progress, pull=True)
 
     def created(paths: "RunPaths", rec: "RunRecord") -> None:
         if not detach:

@@ -150,7 +150,14 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     else:
         from hpcexp.build import image
 
-        image_ref = image.ensure_image(project, exp, arch, quiet=as_json)
+        def progress(kind: str, text: str) -> None:
+            if kind == "warn":
+                click.echo(f"hpcexp: warning: {text}", err=True)
+            elif kind in ("start", "wait") and not as_json:
+                click.echo(text, err=True)
+
+        # A pinned image not built here is pulled now, on the login node, before any job starts.
+        image_ref = image.ensure_image(project, exp, arch, quiet=as_json, progress=progress, pull=True)
     payload_env, env_probe = (None, None)
     if exp.tracking is not None and not dry_run:
         from hpcexp.app.tracking import slurm_payload_env

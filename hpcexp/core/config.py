@@ -127,6 +127,35 @@ class MlflowTracking:
 
 
 @dataclass(frozen=True)
+class RegistrySpec:
+    """Where ``hpcexp push`` puts images (``registry:``): an ``oras://HOST[:PORT]/NAMESPACE`` URL.
+
+    ``insecure`` means plain HTTP (Apptainer's ``--no-https``); it is accepted for loopback
+    hosts only. Credentials are never part of it (Apptainer's registry login or the
+    environment provide them).
+    """
+
+    url: str
+    host: str
+    namespace: str
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """``verify:``: what a pulled image's signature must show before it is published or run.
+
+    mode: ``off`` (no check), ``warn`` (check, warn on failure), ``require`` (refuse).
+    keys: allowed PGP fingerprints (40 hex, from Apptainer's keyring); key_files: PEM
+    public keys (``apptainer verify --key``). ``require`` needs at least one of them.
+    """
+
+    mode: str = "off"
+    keys: tuple[str, ...] = ()
+    key_files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Bind:
     """An extra bind: host path (absolute, as configured), container path, ro or rw."""
 
@@ -231,6 +260,8 @@ class Project:
     stand_ins: bool = True      # build: unmapped python:*/debian:* FROM -> a stand-in built here
     host_network: bool = True   # build: the host's CA bundle and proxy settings reach RUN steps
     tracking: MlflowTracking | None = None
+    registry: RegistrySpec | None = None
+    verify: VerifyPolicy = field(default_factory=VerifyPolicy)
 
     def experiment(self, name: str) -> Experiment:
         """The experiment called ``name``, or NotFound with a did-you-mean; UsageError when its
@@ -302,7 +333,8 @@ def load_project(root: Path | str | None = None, *, explicit: str | os.PathLike[
 # --------------------------------------------------------------------------------------
 
 TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir", "bases", "slurm",
-            "env", "build_args", "debian_mirror", "build", "experiments", "tracking")
+            "env", "build_args", "debian_mirror", "build", "experiments", "tracking",
+            "registry", "verify")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
             "env", "params", "params_as", "build_args", "bases", "slurm", "tracking")
@@ -315,6 +347,11 @@ BASE_KEYS = ("sif", "image", "debootstrap", "mirror", "include", "components")
 BIND_KEYS = ("src", "dst", "mode")
 TRACKING_KEYS = ("mlflow",)
 MLFLOW_KEYS = ("uri", "experiment", "reachable_from_nodes", "artifacts", "max_artifact_mb")
+REGISTRY_KEYS = ("url", "insecure")
+VERIFY_KEYS = ("mode", "keys", "key_files")
+REGISTRY_URL_RE = re.compile(r"^oras://(?P<host>[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:]+\](:\d{1,5})?)"
+                             r"/(?P<ns>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)/?$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class _Validator:
@@ -605,6 +642,68 @@ class _Validator:
             return None
         return MlflowTracking(uri=uri, experiment=experiment, reachable_from_nodes=reach, artifacts=artifacts,
                               max_artifact_mb=cap)
+    def registry(self, path: str, value: Any) -> RegistrySpec | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = {"url": value}
+        m = self.mapping(path, value)
+        if not m:
+            return None
+        self.keys(path, m, REGISTRY_KEYS)
+        url = self.string(f"{path}.url", m.get("url"))
+        if url is None:
+            self.err(path, "needs url (oras://HOST[:PORT]/NAMESPACE)")
+            return None
+        if "@" in url.partition("://")[2].split("/")[0]:
+            self.err(f"{path}.url", "must not hold credentials (use `apptainer registry login` or the "
+                                    "environment)")
+            return None
+        match = REGISTRY_URL_RE.match(url)
+        if not match:
+            self.err(f"{path}.url", f"invalid value {_show(url)}: oras://HOST[:PORT]/NAMESPACE with a "
+                                    "lower-case namespace such as oras://registry.your.site/lab")
+            return None
+        host = match.group("host")
+        insecure = self.boolean(f"{path}.insecure", m.get("insecure"), False)
+        bare = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if insecure:
+            if bare not in LOOPBACK_HOSTS:
+                self.err(f"{path}.insecure", f"plain HTTP is allowed for a registry on this machine only "
+                                             f"(127.0.0.1, localhost), not {bare}: give the registry TLS")
+                return None
+        return RegistrySpec(url=url.rstrip("/"), host=host, namespace=match.group("ns"), insecure=insecure)
+
+    def verify(self, path: str, value: Any) -> VerifyPolicy:
+        if isinstance(value, str):
+            value = {"mode": value}
+        m = self.mapping(path, value)
+        if not m:
+            return VerifyPolicy()
+        self.keys(path, m, VERIFY_KEYS)
+        mode = self.string(f"{path}.mode", m.get("mode", "off"), pattern=re.compile(r"^(off|warn|require)$"),
+                           rule="off, warn or require") or "off"
+        keys = []
+        for i, k in enumerate(self.str_list(f"{path}.keys", m.get("keys")) or ()):
+            fp = k.replace(" ", "").upper()
+            if not re.match(r"^[0-9A-F]{40}$", fp):
+                self.err(f"{path}.keys[{i}]", f"invalid value {_show(k)}: a PGP fingerprint of 40 hex digits "
+                                              "(`apptainer key list`)")
+            else:
+                keys.append(fp)
+        files = []
+        raw_files = m.get("key_files")
+        if raw_files is not None and not isinstance(raw_files, list):
+            self.err(f"{path}.key_files", f"must be a list of paths, got {_typename(raw_files)}")
+            raw_files = []
+        for i, f in enumerate(raw_files or ()):
+            kp = self.path_in_project(f"{path}.key_files[{i}]", f, allow_absolute=True)
+            if kp is not None:
+                files.append(kp)
+        if mode == "require" and not keys and not files:
+            self.err(f"{path}.mode", "require needs the allowed signers: `keys:` (PGP fingerprints) or "
+                                     "`key_files:` (PEM public keys)")
+        return VerifyPolicy(mode=mode, keys=tuple(keys), key_files=tuple(files))
 
     def binds(self, path: str, value: Any) -> tuple[Bind, ...]:
         if value is None:
@@ -804,6 +903,7 @@ class _Validator:
             build_args=defaults["build_args"], debian_mirror=mirror, stand_ins=stand_ins,
             host_network=host_network,
             tracking=defaults["tracking"],
+            registry=self.registry("registry", top.get("registry")), verify=self.verify("verify", top.get("verify")),
         )
 
 

@@ -10,6 +10,7 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     images/NAME-ARCH-HASH.json         provenance sidecar
     images/.locks/NAME-ARCH-HASH.lock  build lock (owner recorded inside)
     images/.logs/NAME-ARCH-HASH.log    full build log of the last build attempt
+    hpcexp.lock                        images pinned by registry digest (hpcexp push), registry bases
     runs/NAME/RUN_ID/run.json          run record
     runs/NAME/RUN_ID/stdout.log        payload stdout   (Slurm: one pair per attempt, see RunPaths)
     runs/NAME/RUN_ID/stderr.log        payload stderr
@@ -109,6 +110,10 @@ class Layout:
 
     def build_log(self, image: Path) -> Path:
         return image.parent / ".logs" / (image.stem + ".log")
+
+    def lock_file(self) -> Path:
+        """hpcexp.lock: images (and registry bases) pinned by digest; committed like a package lock."""
+        return self.project.root / "hpcexp.lock"
 
     def stat_cache(self) -> Path:
         """Hash cache keyed by (path, size, mtime_ns, inode), as git's index."""

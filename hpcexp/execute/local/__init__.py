@@ -85,7 +85,7 @@ def _image_fields(image: Any) -> dict[str, Any]:
         return {"path": Path(image)}
     return {name: getattr(image, name, None)
             for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version",
-                         "cmd", "entrypoint", "stopsignal")}
+                         "cmd", "entrypoint", "stopsignal", "source_ref")}
 
 
 def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[str, str] | None = None,
@@ -138,6 +138,8 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
                  "pwd": the_plan.pwd, "runtime": os.path.basename(program),
                  "version_cache": str(_version_cache(project.cache_dir))}
+    if info.get("source_ref"):
+        rec.extra["image_ref"] = info["source_ref"]   # the registry digest the image was pulled/pushed as
     runs.write_record(run_paths, rec)
     return run_paths, rec
 

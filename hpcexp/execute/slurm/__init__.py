@@ -987,7 +987,7 @@ def _image_fields(image: Any) -> dict[str, Any]:
         return {"path": Path(image)}
     return {name: getattr(image, name, None)
             for name in ("path", "sha256", "input_hash", "recipe_sha256", "workdir", "apptainer_version",
-                         "cmd", "entrypoint")}
+                         "cmd", "entrypoint", "source_ref")}
 
 
 def _chunks(n: int, size: int) -> list[range]:
@@ -1233,6 +1233,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 executor_ids={"base_attempt": 1}, host=host, user=user,
             )
             rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
+            if info.get("source_ref"):
+                rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
             if hpcexp_argv is not None:
                 rec.extra["hpcexp_argv"] = hpcexp_argv
             # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
