@@ -20,10 +20,14 @@ from pathlib import Path
 import pytest
 
 from hpcexp import archive
+from hpcexp.archive import create as archive_create
+from hpcexp.archive import extract as archive_extract
+from hpcexp.archive import writers as archive_writers
 from hpcexp.core import runs
 from hpcexp.core.config import host_arch, load_project
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import Failure, Interrupted, NotFound, StorageError, UsageError
+from hpcexp.infra import atomic
 from tests.conftest import assert_clean_error, run_cli
 
 ARCH = host_arch()
@@ -179,12 +183,12 @@ def test_fast_tar_headers_are_what_tarfile_writes() -> None:
         ti.type, ti.size, ti.mode, ti.mtime, ti.linkname = kind, size, mode, 1763776000, link
         ti.uid = ti.gid = 0
         ti.uname = ti.gname = ""
-        assert archive._ustar_header(name, kind, size, mode, 1763776000, link) == \
+        assert archive_writers._ustar_header(name, kind, size, mode, 1763776000, link) == \
             ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), name
     # what needs pax records goes through tarfile
-    assert archive._ustar_header("é", tarfile.REGTYPE, 1, 0o644, 0, "") is None
-    assert archive._ustar_header("y" * 101, tarfile.REGTYPE, 1, 0o644, 0, "") is None
-    assert archive._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("é", tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("y" * 101, tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
 
 
 def test_runs_are_not_modified(project: Path, tmp_path: Path) -> None:
@@ -342,7 +346,7 @@ def test_file_changing_between_passes_aborts(project: Path, tmp_path: Path,
         if point == "archive.write":  # between the hashing pass and the copy
             (paths.results / "grow.txt").write_bytes(b"v2")  # same size, other content
 
-    monkeypatch.setattr(archive, "_fault", rewrite)
+    monkeypatch.setattr(archive_create, "_fault", rewrite)
     out = tmp_path / "a.zip"
     with pytest.raises(UsageError, match="grow.txt changed while archiving"):
         create(project, "hello", output=out)
@@ -731,14 +735,14 @@ def test_interrupt_after_publishing_keeps_the_complete_archive(project: Path, tm
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     make_run(project)
     out = tmp_path / "a.tar.gz"
-    real_fsync_dir = archive.atomic.fsync_dir
+    real_fsync_dir = atomic.fsync_dir
 
     def interrupted_after_rename(path: Path) -> None:
         real_fsync_dir(path)
         if out.exists():
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive.atomic, "fsync_dir", interrupted_after_rename)
+    monkeypatch.setattr(atomic, "fsync_dir", interrupted_after_rename)
     with pytest.raises(Interrupted, match="was complete; it is kept"):
         create(project, "hello", output=out)
     monkeypatch.undo()
@@ -756,7 +760,7 @@ def test_interrupt_with_force_leaves_the_old_archive(project: Path, tmp_path: Pa
         if point == "archive.close":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive, "_fault", interrupt)
+    monkeypatch.setattr(archive_create, "_fault", interrupt)
     with pytest.raises(Interrupted, match="no archive was written .the existing file is unchanged"):
         create(project, "hello", output=out, force=True)
     assert out.read_bytes() == b"old"
@@ -810,7 +814,7 @@ def test_disk_filling_up_mid_stream_leaves_no_stream_writing_later(project: Path
     import gc
 
     make_run(project, {"big.bin": os.urandom(archive.SMALL * 4)})
-    real_open = archive.atomic.atomic_open
+    real_open = atomic.atomic_open
 
     @contextlib.contextmanager
     def full_disk(final, mode="wb", **kw):
@@ -823,7 +827,7 @@ def test_disk_filling_up_mid_stream_leaves_no_stream_writing_later(project: Path
             if disk is not None:
                 disk.closed = True
 
-    monkeypatch.setattr(archive.atomic, "atomic_open", full_disk)
+    monkeypatch.setattr(atomic, "atomic_open", full_disk)
     gc.collect()
     unraisable: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
@@ -846,8 +850,8 @@ def test_interrupted_extract_leaves_nothing(project: Path, tmp_path: Path, monke
             raise KeyboardInterrupt
         return real(m, target)
 
-    real = archive._write_member
-    monkeypatch.setattr(archive, "_write_member", interrupt_second)
+    real = archive_extract._write_member
+    monkeypatch.setattr(archive_extract, "_write_member", interrupt_second)
     dest = tmp_path / "back"
     with pytest.raises(Interrupted, match=f"interrupted while extracting into {dest}; nothing was written"):
         archive.extract_archive(result.path, dest)
