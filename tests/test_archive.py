@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from hpcexp import archive
-from hpcexp.archive import create as archive_create
 from hpcexp.archive import extract as archive_extract
 from hpcexp.archive import writers as archive_writers
 from hpcexp.core import runs
@@ -191,6 +190,55 @@ def test_fast_tar_headers_are_what_tarfile_writes() -> None:
     assert archive_writers._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
 
 
+
+class _Pipe(io.RawIOBase):
+    """A write-only sink that cannot tell or seek, as a pipe or an HTTP response is."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_writers_stream_into_a_sink_that_cannot_seek(tmp_path: Path, fmt: str) -> None:
+    """A web server streams an archive into its response: no temporary file, no seek back."""
+    small, big = tmp_path / "small.txt", tmp_path / "big.bin"
+    small.write_bytes(b"alpha\n")
+    big.write_bytes(os.urandom(archive_writers.SMALL * 2))  # larger than SMALL: copied in chunks
+
+    def entry(path: Path, name: str) -> list:
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return ["file", name, str(path), st.st_size, digest, 0o644, st.st_ino, st.st_mtime_ns]
+
+    entries = [["dir", "r"], entry(small, "r/small.txt"), entry(big, "r/big.bin"), ["symlink", "r/link", "small.txt"]]
+    manifest = b'{"format": "hpcexp-archive"}\n'
+    seekable, pipe = io.BytesIO(), _Pipe()
+    for sink in (seekable, pipe):
+        archive_writers.write_archive(sink, fmt, 1763776000, io.BytesIO(manifest), len(manifest), entries)
+    streamed = bytes(pipe.data)
+    if fmt == "tar.gz":
+        assert streamed == seekable.getvalue()  # the same bytes whatever the sink
+        with tarfile.open(fileobj=io.BytesIO(streamed), mode="r:gz") as tf:
+            names = tf.getnames()
+            got = tf.extractfile("r/big.bin").read()
+            link = tf.getmember("r/link").linkname
+    else:
+        with zipfile.ZipFile(io.BytesIO(streamed)) as zf:
+            assert zf.testzip() is None
+            assert all(zi.flag_bits & 0x08 for zi in zf.infolist()), "a stream cannot seek back: data descriptors"
+            names = [n.rstrip("/") for n in zf.namelist()]
+            got = zf.read("r/big.bin")
+            link = zf.read("r/link").decode()
+    assert names == ["MANIFEST.json", "r", "r/small.txt", "r/big.bin", "r/link"]
+    assert got == big.read_bytes() and link == "small.txt"
+
 def test_runs_are_not_modified(project: Path, tmp_path: Path) -> None:
     paths = make_run(project, {"x.txt": b"x"})
 
@@ -346,7 +394,7 @@ def test_file_changing_between_passes_aborts(project: Path, tmp_path: Path,
         if point == "archive.write":  # between the hashing pass and the copy
             (paths.results / "grow.txt").write_bytes(b"v2")  # same size, other content
 
-    monkeypatch.setattr(archive_create, "_fault", rewrite)
+    monkeypatch.setattr(archive_writers, "_fault", rewrite)
     out = tmp_path / "a.zip"
     with pytest.raises(UsageError, match="grow.txt changed while archiving"):
         create(project, "hello", output=out)
@@ -760,7 +808,7 @@ def test_interrupt_with_force_leaves_the_old_archive(project: Path, tmp_path: Pa
         if point == "archive.close":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive_create, "_fault", interrupt)
+    monkeypatch.setattr(archive_writers, "_fault", interrupt)
     with pytest.raises(Interrupted, match="no archive was written .the existing file is unchanged"):
         create(project, "hello", output=out, force=True)
     assert out.read_bytes() == b"old"

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from hpcexp.archive.base import CHUNK, FORMATS, ZIP_MIN_TIME, Warn, _fault, _human, _is_inside
-from hpcexp.archive.manifest import MANIFEST_NAME, _manifest_bytes
+from hpcexp.archive.base import FORMATS, ZIP_MIN_TIME, Warn, _fault, _human, _is_inside
+from hpcexp.archive.manifest import _manifest_bytes
 from hpcexp.archive.scan import _collect_runs, _prepare_run, _Run, _Scanner
-from hpcexp.archive.writers import _Changed, _Sink, _Source, _TarGzWriter, _ZipWriter
+from hpcexp.archive.writers import _Changed, write_archive
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord, parse_time
 from hpcexp.errors import Interrupted, NotFound, UsageError
@@ -196,39 +196,8 @@ def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
 
 def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO[bytes],
            manifest_size: int) -> int:
-    buf = bytearray(CHUNK)
     with atomic.atomic_open(out_path, "wb") as raw:
-        sink = _Sink(raw)
-        writer: _TarGzWriter | _ZipWriter = _TarGzWriter(sink, mtime) if fmt == "tar.gz" else _ZipWriter(sink, mtime)
-        try:
-            manifest.seek(0)
-            writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
-            _fault("archive.write")
-            for entry in scanner.entries_iter():
-                kind, arcname = entry[0], entry[1]
-                if kind == "dir":
-                    writer.add_dir(arcname)
-                elif kind == "symlink":
-                    writer.add_symlink(arcname, entry[2])
-                else:
-                    _, _, src, size, digest, perm, ino, _mt = entry
-                    source = _Source(src, arcname, size, digest, ino)
-                    try:
-                        writer.add_file(source, perm, buf)
-                    except BaseException:
-                        os.close(source.fd)
-                        raise
-                    source.finish()
-            _fault("archive.close")
-            writer.close()
-            _fault("archive.publish")
-        except BaseException:
-            # Streams before their file: cut the sink, close the streams into it, and only
-            # then let atomic_open close and remove the temporary file.
-            _fault("archive.abort")
-            sink.cut()
-            writer.abort()
-            raise
+        write_archive(raw, fmt, mtime, manifest, manifest_size, scanner.entries_iter())
         size = raw.tell()
     return size
 

@@ -19,9 +19,10 @@ import tarfile
 import threading
 import time
 import zipfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from hpcexp.archive.base import CHUNK, GZIP_LEVEL, SMALL, TAR_RECORD, ZIP_MIN_TIME, _fault, _show
+from hpcexp.archive.manifest import MANIFEST_NAME
 
 
 class _Changed(Exception):
@@ -325,3 +326,46 @@ class _ZipWriter:
         that neither it nor a member left open writes anything when finalised."""
         with contextlib.suppress(Exception):
             self.zf.close()
+
+
+def write_archive(raw: IO[bytes], fmt: str, mtime: int, manifest: IO[bytes], manifest_size: int,
+                  entries: Iterable[list[Any]]) -> None:
+    """Write a whole archive into ``raw``: MANIFEST.json first, then every member pass 1 spooled.
+
+    ``raw`` is any binary sink: the temporary file ``create`` renames into place, or a pipe
+    or an HTTP response, which streams an archive without a temporary file (zip then writes
+    data descriptors instead of seeking back). On any failure the sink is cut before the
+    streams are closed, so nothing more reaches ``raw``; the caller owns and closes it.
+    """
+    buf = bytearray(CHUNK)
+    sink = _Sink(raw)
+    writer: _TarGzWriter | _ZipWriter = _TarGzWriter(sink, mtime) if fmt == "tar.gz" else _ZipWriter(sink, mtime)
+    try:
+        manifest.seek(0)
+        writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
+        _fault("archive.write")
+        for entry in entries:
+            kind, arcname = entry[0], entry[1]
+            if kind == "dir":
+                writer.add_dir(arcname)
+            elif kind == "symlink":
+                writer.add_symlink(arcname, entry[2])
+            else:
+                _, _, src, size, digest, perm, ino, _mt = entry
+                source = _Source(src, arcname, size, digest, ino)
+                try:
+                    writer.add_file(source, perm, buf)
+                except BaseException:
+                    os.close(source.fd)
+                    raise
+                source.finish()
+        _fault("archive.close")
+        writer.close()
+        _fault("archive.publish")
+    except BaseException:
+        # Streams before their file: cut the sink, close the streams into it, and only
+        # then let the caller (atomic_open) close and remove the temporary file.
+        _fault("archive.abort")
+        sink.cut()
+        writer.abort()
+        raise
