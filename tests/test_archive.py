@@ -394,7 +394,7 @@ def test_file_changing_between_passes_aborts(project: Path, tmp_path: Path,
         if point == "archive.write":  # between the hashing pass and the copy
             (paths.results / "grow.txt").write_bytes(b"v2")  # same size, other content
 
-    monkeypatch.setattr(archive_writers, "_fault", rewrite)
+    monkeypatch.setattr(archive_writers, "fault", rewrite)
     out = tmp_path / "a.zip"
     with pytest.raises(UsageError, match="grow.txt changed while archiving"):
         create(project, "hello", output=out)
@@ -808,7 +808,7 @@ def test_interrupt_with_force_leaves_the_old_archive(project: Path, tmp_path: Pa
         if point == "archive.close":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive_writers, "_fault", interrupt)
+    monkeypatch.setattr(archive_writers, "fault", interrupt)
     with pytest.raises(Interrupted, match="no archive was written .the existing file is unchanged"):
         create(project, "hello", output=out, force=True)
     assert out.read_bytes() == b"old"

@@ -35,7 +35,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 
-def _show(name: str) -> str:
+def show(name: str) -> str:
     """A member name safe to print on one line (control characters escaped)."""
     if _CONTROL.search(name) or any(0xD800 <= ord(c) <= 0xDFFF for c in name):
         return repr(name.encode("utf-8", "surrogateescape"))[2:-1]
@@ -44,7 +44,7 @@ def _show(name: str) -> str:
 
 
 
-def _fault(point: str) -> None:
+def fault(point: str) -> None:
     """Test hook: ``HPCEXP_TEST_FAULT=archive.write:sleep`` (or ``:enospc``, ``:sigterm``) at ``point``.
 
     Points, in order: ``archive.scan`` (first pass, nothing written yet), ``archive.write``
@@ -70,13 +70,13 @@ def _fault(point: str) -> None:
 
 
 
-def _is_inside(path: str, root: str) -> bool:
+def is_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":

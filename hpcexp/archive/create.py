@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from hpcexp.archive.base import FORMATS, ZIP_MIN_TIME, Warn, _fault, _human, _is_inside
-from hpcexp.archive.manifest import _manifest_bytes
-from hpcexp.archive.scan import _collect_runs, _prepare_run, _Run, _Scanner
-from hpcexp.archive.writers import _Changed, write_archive
+from hpcexp.archive.base import FORMATS, ZIP_MIN_TIME, Warn, fault, human, is_inside
+from hpcexp.archive.manifest import write_manifest
+from hpcexp.archive.scan import ScannedRun, Scanner, collect_runs, prepare_run
+from hpcexp.archive.writers import Changed, write_archive
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord, parse_time
 from hpcexp.errors import Interrupted, NotFound, UsageError
@@ -105,7 +105,7 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
     warn = warn or (lambda msg: log.warning("%s", msg))
     out_path = Path(output) if output is not None else None
     fmt = format_for(out_path if out_path is not None and not out_path.is_dir() else None, fmt)
-    items = _collect_runs(layout, specs, all_runs)
+    items = collect_runs(layout, specs, all_runs)
     records = [rec for _, rec in items]
     if out_path is None:
         out_path = Path.cwd() / default_name(records, fmt)
@@ -118,7 +118,7 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
         raise NotFound(f"output folder {out_path.parent} does not exist")
     real_parent = os.path.realpath(out_path.parent)
     for paths, _ in items:
-        if _is_inside(real_parent, os.path.realpath(paths.dir)):
+        if is_inside(real_parent, os.path.realpath(paths.dir)):
             raise UsageError(f"the output {out_path} is inside the run folder {paths.dir} being archived",
                              hint="write the archive somewhere else with -o (runs are never modified)")
 
@@ -147,13 +147,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], records: list[RunRecord], *,
             strict: bool, skip_unreadable: bool, layout: Layout, warn: Warn) -> ArchiveResult:
-    scanner = _Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
+    scanner = Scanner(warn=warn, skip_unreadable=skip_unreadable, project_root=str(layout.project.root))
     manifest_spool: IO[bytes] = tempfile.TemporaryFile(prefix="hpcexp-manifest-")  # noqa: SIM115
     try:
-        runs = [_prepare_run(layout, paths, rec, scanner) for paths, rec in items]
+        runs = [prepare_run(layout, paths, rec, scanner) for paths, rec in items]
         for run in runs:
             root = os.path.realpath(run.paths.dir)
-            _fault("archive.scan")
+            fault("archive.scan")
             scanner.walk_dir(str(run.paths.dir), run.prefix, root, top=True, extra=run.extras)
         _fill_recipe_hashes(runs, scanner)
         if scanner.errors:
@@ -164,11 +164,11 @@ def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], r
             more = len(scanner.warnings) - 1
             raise UsageError(f"--strict: {scanner.warnings[0]}" + (f" (and {more} more)" if more else ""),
                              hint="fix the run folder, or drop --strict to archive with warnings")
-        manifest_size = _manifest_bytes(runs, scanner, manifest_spool)
+        manifest_size = write_manifest(runs, scanner, manifest_spool)
         mtime = _fixed_mtime(records)
         try:
             archive_bytes = _write(out_path, fmt, mtime, scanner, manifest_spool, manifest_size)
-        except _Changed as exc:
+        except Changed as exc:
             raise UsageError(f"{exc}; no archive was written",
                              hint="archive again when the run has stopped writing") from None
     finally:
@@ -179,7 +179,7 @@ def _create(out_path: Path, fmt: str, items: list[tuple[RunPaths, RunRecord]], r
                          warnings=list(scanner.warnings), skipped=list(scanner.skipped))
 
 
-def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
+def _fill_recipe_hashes(runs: list[ScannedRun], scanner: Scanner) -> None:
     """Record the archived recipe's sha256 and whether it is the one the run used."""
     for run in runs:
         info = run.info.get("recipe")
@@ -194,7 +194,7 @@ def _fill_recipe_hashes(runs: list[_Run], scanner: _Scanner) -> None:
                          "recipe_sha256); archived as it is now", skipped=False)
 
 
-def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO[bytes],
+def _write(out_path: Path, fmt: str, mtime: int, scanner: Scanner, manifest: IO[bytes],
            manifest_size: int) -> int:
     with atomic.atomic_open(out_path, "wb") as raw:
         write_archive(raw, fmt, mtime, manifest, manifest_size, scanner.entries_iter())
@@ -206,6 +206,6 @@ def _write(out_path: Path, fmt: str, mtime: int, scanner: _Scanner, manifest: IO
 
 def human_summary(result: ArchiveResult) -> str:
     """One line for people: where, what, how big."""
-    from_size = _human(result.bytes)
+    from_size = human(result.bytes)
     return (f"{result.path} ({result.format}, {len(result.runs)} run{'s' if len(result.runs) != 1 else ''}, "
-            f"{result.files} files, {from_size} archived into {_human(result.archive_bytes)})")
+            f"{result.files} files, {from_size} archived into {human(result.archive_bytes)})")

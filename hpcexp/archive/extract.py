@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from hpcexp.archive.base import CHUNK, Warn, _human, _show
-from hpcexp.archive.manifest import MANIFEST_NAME, _load_manifest
-from hpcexp.archive.reader import _READ_ERRORS, _Corrupt, _iter_members, _Member, detect_format
+from hpcexp.archive.base import CHUNK, Warn, human, show
+from hpcexp.archive.manifest import MANIFEST_NAME, load_manifest
+from hpcexp.archive.reader import READ_ERRORS, Corrupt, Member, detect_format, iter_members
 from hpcexp.errors import Failure, Interrupted, UsageError
 from hpcexp.infra import atomic
 
@@ -105,13 +105,13 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
     links: dict[str, str] = {}
 
     def refuse(name: str, why: str) -> UsageError:
-        return UsageError(f"refusing to extract {path}: member {_show(name)}: {why}; nothing was written",
+        return UsageError(f"refusing to extract {path}: member {show(name)}: {why}; nothing was written",
                           hint="the archive may be hostile or damaged; inspect it with `tar tvzf` / `unzip -l`")
 
     total = packed = 0
     zip_packed = True
     try:
-        for m in _iter_members(path, fmt):
+        for m in iter_members(path, fmt):
             raw_len = len(m.name.encode("utf-8", "surrogateescape"))
             if raw_len > MAX_MEMBER_NAME:
                 raise refuse(m.name[:200] + "...", f"path of {raw_len} bytes, more than the {MAX_MEMBER_NAME} allowed")
@@ -130,7 +130,7 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
                 else:
                     packed += m.packed
                 if max_size is not None and total > max_size:
-                    raise refuse(m.name, f"the archive unpacks to more than {_human(max_size)} "
+                    raise refuse(m.name, f"the archive unpacks to more than {human(max_size)} "
                                  "(use --max-size SIZE or --allow-large if that is expected)")
             if not name:
                 if m.kind == "dir":
@@ -144,25 +144,25 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
             for i in range(1, len(parts)):
                 parent = "/".join(parts[:i])
                 if parent in links:
-                    raise refuse(m.name, f"would be written through the symlink {_show(parent)}")
+                    raise refuse(m.name, f"would be written through the symlink {show(parent)}")
                 if parent in files:
-                    raise refuse(m.name, f"its parent {_show(parent)} is a file")
+                    raise refuse(m.name, f"its parent {show(parent)} is a file")
             if m.kind == "symlink":
                 if not m.target:
                     raise refuse(m.name, "symlink with an empty target")
                 if m.target.startswith("/") and not skip_outside_links:
-                    raise refuse(m.name, f"symlink to the absolute path {_show(m.target)}")
+                    raise refuse(m.name, f"symlink to the absolute path {show(m.target)}")
                 links[name] = m.target
             elif m.kind == "hardlink":
                 tname, why = _safe_name(m.target)
                 if why or tname not in files:
-                    raise refuse(m.name, f"hard link to {_show(m.target)}, which is not a file extracted before")
+                    raise refuse(m.name, f"hard link to {show(m.target)}, which is not a file extracted before")
                 files.add(name)
             elif m.kind == "file":
                 files.add(name)
             names.add(name)
-    except _Corrupt as exc:
-        raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+    except Corrupt as exc:
+        raise Failure(f"{path} is damaged at member {show(exc.member)}: {exc.detail}; nothing was written") from None
     if max_ratio is not None and total > RATIO_FLOOR:
         try:
             on_disk = packed if (fmt == "zip" and zip_packed) else os.stat(path).st_size
@@ -170,7 +170,7 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
             on_disk = 0
         ratio = total / max(on_disk, 1)
         if ratio > max_ratio:
-            raise UsageError(f"refusing to extract {path}: it unpacks to {_human(total)} from {_human(on_disk)} "
+            raise UsageError(f"refusing to extract {path}: it unpacks to {human(total)} from {human(on_disk)} "
                              f"(ratio {ratio:.0f}:1, more than {max_ratio:.0f}:1); nothing was written",
                              hint="a compression bomb, or very repetitive data: pass --allow-large if you trust it")
     skip: set[str] = set()
@@ -180,16 +180,16 @@ def _validate(path: Path, fmt: str, *, skip_outside_links: bool = False,
         if not bad:
             break
         if not skip_outside_links:
-            raise refuse(bad[0], f"symlink to {_show(links[bad[0]])} leads outside the destination")
+            raise refuse(bad[0], f"symlink to {show(links[bad[0]])} leads outside the destination")
         skip.update(bad)
     for name in skip:
         if warn is not None:
-            warn(f"{_show(name)}: symlink to {_show(links[name])} leads outside the destination; left out")
+            warn(f"{show(name)}: symlink to {show(links[name])} leads outside the destination; left out")
     for name in names:
         parts = name.split("/")
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in links:
-                raise refuse(name, f"would be written through the symlink {_show('/'.join(parts[:i]))}")
+                raise refuse(name, f"would be written through the symlink {show('/'.join(parts[:i]))}")
     return skip, links
 
 
@@ -310,10 +310,10 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
     files = total = 0
     dirfd_root = str(root)
     try:
-        for i, m in enumerate(_iter_members(path, fmt)):
+        for i, m in enumerate(iter_members(path, fmt)):
             name, why = _safe_name(m.name)
             if why or (not name and m.kind != "dir"):  # validated before; the archive changed since
-                raise UsageError(f"refusing to extract {path}: member {_show(m.name)}: {why or 'empty name'}")
+                raise UsageError(f"refusing to extract {path}: member {show(m.name)}: {why or 'empty name'}")
             if not name or name in skip:
                 continue
             target = os.path.join(dirfd_root, *name.split("/"))
@@ -324,7 +324,7 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
                     os.mkdir(target, 0o755)
             elif m.kind == "symlink":
                 if links.get(name) != m.target:  # the archive was swapped after validation
-                    raise UsageError(f"refusing to extract {path}: member {_show(m.name)} changed while extracting")
+                    raise UsageError(f"refusing to extract {path}: member {show(m.name)} changed while extracting")
                 os.symlink(m.target, target)
             elif m.kind == "hardlink":
                 tname, _ = _safe_name(m.target)
@@ -340,12 +340,12 @@ def _extract_into(path: Path, fmt: str, root: Path, skip: set[str],
                     if want is None or want[0] != "file" or want[1] != size or want[2] != bytes.fromhex(digest):
                         mismatches.append(m.name)
             else:  # validated away in the first pass; never reached
-                raise UsageError(f"member {_show(m.name)} cannot be extracted")
-    except _Corrupt as exc:
-        raise Failure(f"{path} is damaged at member {_show(exc.member)}: {exc.detail}; nothing was written") from None
+                raise UsageError(f"member {show(m.name)} cannot be extracted")
+    except Corrupt as exc:
+        raise Failure(f"{path} is damaged at member {show(exc.member)}: {exc.detail}; nothing was written") from None
     if mismatches:
         more = len(mismatches) - 1
-        raise Failure(f"{path}: {_show(mismatches[0])} does not match {MANIFEST_NAME}"
+        raise Failure(f"{path}: {show(mismatches[0])} does not match {MANIFEST_NAME}"
                       + (f" (and {more} more)" if more else "") + "; nothing was written",
                       hint=f"`hpcexp archive --verify {path}` lists every difference")
     return files, total, expected is not None
@@ -356,9 +356,9 @@ def _read_extracted_manifest(target: str, archive: Path) -> dict[str, Any] | Non
     def opener() -> IO[bytes]:
         return open(target, "rb")
 
-    member = _Member(MANIFEST_NAME, "file", open=opener)
+    member = Member(MANIFEST_NAME, "file", open=opener)
     try:
-        return _load_manifest(member, archive)[1]
+        return load_manifest(member, archive)[1]
     except Failure:
         return None
 
@@ -380,7 +380,7 @@ def _make_dirs(root: str, parent: str) -> None:
             raise UsageError(f"refusing to write below {cur}: not a folder (symlink or file)")
 
 
-def _write_member(m: _Member, target: str) -> tuple[int, str]:
+def _write_member(m: Member, target: str) -> tuple[int, str]:
     assert m.open is not None
     mode = (m.mode & 0o755) | 0o600
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -396,8 +396,8 @@ def _write_member(m: _Member, target: str) -> tuple[int, str]:
                 dst.write(data)
                 size += len(data)
         os.fchmod(fd, mode)
-    except _READ_ERRORS as exc:
-        raise _Corrupt(m.name, f"{type(exc).__name__}: {exc}") from None
+    except READ_ERRORS as exc:
+        raise Corrupt(m.name, f"{type(exc).__name__}: {exc}") from None
     finally:
         os.close(fd)
     return size, h.hexdigest()

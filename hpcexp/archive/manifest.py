@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from hpcexp import __version__
-from hpcexp.archive.reader import _Member
-from hpcexp.archive.scan import _Run, _Scanner
+from hpcexp.archive.reader import Member
+from hpcexp.archive.scan import ScannedRun, Scanner
 from hpcexp.errors import Failure
 
 MANIFEST_NAME = "MANIFEST.json"
@@ -26,7 +26,7 @@ MANIFEST_SCHEMA = 1
 
 
 
-def _manifest_bytes(runs: list[_Run], scanner: _Scanner, spool_out: IO[bytes]) -> int:
+def write_manifest(runs: list[ScannedRun], scanner: Scanner, spool_out: IO[bytes]) -> int:
     """Write MANIFEST.json (one member per line, so it is streamed, never held whole)."""
     images: dict[tuple[str | None, str], None] = {}
     for run in runs:
@@ -94,7 +94,7 @@ def _compact(item: Any) -> tuple[str, tuple[str, int | None, bytes | str | None]
 
 
 
-def _load_manifest(m: _Member, archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_manifest(m: Member, archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the manifest without its file list, {path: compact entry}).
 
     hpcexp writes one file entry per line, so the list is parsed line by line and never

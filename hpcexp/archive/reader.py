@@ -1,7 +1,7 @@
 """Reading archives: the format from the first bytes, and the members of a tar.gz or zip in order.
 
 ``verify`` and ``extract`` both read untrusted archives through this one iteration, which
-turns any damage into :class:`_Corrupt` naming the member being read.
+turns any damage into :class:`Corrupt` naming the member being read.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def detect_format(path: Path) -> str:
 
 
 @dataclass
-class _Member:
+class Member:
     name: str                      # as stored, without a trailing "/" for folders
     kind: str                      # file | dir | symlink | hardlink | special
     size: int = 0
@@ -56,7 +56,7 @@ class _Member:
     packed: int | None = None      # zip: the member's compressed size (for the ratio check)
 
 
-class _Corrupt(Exception):
+class Corrupt(Exception):
     def __init__(self, member: str, detail: str) -> None:
         super().__init__(detail)
         self.member, self.detail = member, detail
@@ -64,20 +64,20 @@ class _Corrupt(Exception):
 
 # What reading a damaged or odd archive raises (zipfile: RuntimeError for encrypted members,
 # NotImplementedError for unknown compression; tarfile/gzip: their own errors, zlib.error).
-_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError,
+READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError,
                                                  gzip.BadGzipFile, struct.error, ValueError,
                                                  NotImplementedError, RuntimeError)
 
 
-def _iter_members(path: Path, fmt: str) -> Iterator[_Member]:
-    """Members in archive order; raises _Corrupt naming the member being read."""
+def iter_members(path: Path, fmt: str) -> Iterator[Member]:
+    """Members in archive order; raises Corrupt naming the member being read."""
     if fmt == "zip":
         yield from _iter_zip(path)
     else:
         yield from _iter_tar(path)
 
 
-def _iter_tar(path: Path) -> Iterator[_Member]:
+def _iter_tar(path: Path) -> Iterator[Member]:
     last = "(start of archive)"
     try:
         with tarfile.open(path, "r|*") as tf:
@@ -89,20 +89,20 @@ def _iter_tar(path: Path) -> Iterator[_Member]:
                 last = ti.name
                 name = ti.name.rstrip("/") if ti.isdir() else ti.name
                 if ti.isreg():
-                    m = _Member(name, "file", ti.size, mode=ti.mode, open=functools.partial(_tar_open, tf, ti))
+                    m = Member(name, "file", ti.size, mode=ti.mode, open=functools.partial(_tar_open, tf, ti))
                 elif ti.isdir():
-                    m = _Member(name, "dir", mode=ti.mode)
+                    m = Member(name, "dir", mode=ti.mode)
                 elif ti.issym():
-                    m = _Member(name, "symlink", target=ti.linkname)
+                    m = Member(name, "symlink", target=ti.linkname)
                 elif ti.islnk():
-                    m = _Member(name, "hardlink", target=ti.linkname)
+                    m = Member(name, "hardlink", target=ti.linkname)
                 else:
                     what = ("FIFO" if ti.isfifo() else "character device" if ti.ischr()
                             else "block device" if ti.isblk() else "special member")
-                    m = _Member(name, "special", detail=what)
+                    m = Member(name, "special", detail=what)
                 yield m
-    except _READ_ERRORS as exc:
-        raise _Corrupt(last, f"{type(exc).__name__}: {exc}") from None
+    except READ_ERRORS as exc:
+        raise Corrupt(last, f"{type(exc).__name__}: {exc}") from None
 
 
 def _tar_open(tf: tarfile.TarFile, ti: tarfile.TarInfo) -> IO[bytes]:
@@ -112,7 +112,7 @@ def _tar_open(tf: tarfile.TarFile, ti: tarfile.TarInfo) -> IO[bytes]:
     return fh
 
 
-def _iter_zip(path: Path) -> Iterator[_Member]:
+def _iter_zip(path: Path) -> Iterator[Member]:
     last = "(central directory)"
     try:
         with zipfile.ZipFile(path) as zf:
@@ -122,26 +122,26 @@ def _iter_zip(path: Path) -> Iterator[_Member]:
                 ftype = stat.S_IFMT(mode)
                 name = zi.filename
                 if zi.is_dir() or ftype == stat.S_IFDIR:
-                    yield _Member(name.rstrip("/"), "dir", mode=mode & 0o7777 or 0o755)
+                    yield Member(name.rstrip("/"), "dir", mode=mode & 0o7777 or 0o755)
                 elif ftype == stat.S_IFLNK:
                     if zi.file_size > 65536:
-                        raise _Corrupt(name, "symlink target longer than 64 KiB")
+                        raise Corrupt(name, "symlink target longer than 64 KiB")
                     target = zf.read(zi).decode("utf-8", "surrogateescape")
-                    yield _Member(name, "symlink", target=target)
+                    yield Member(name, "symlink", target=target)
                 elif ftype in (0, stat.S_IFREG):
-                    yield _Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
+                    yield Member(name, "file", zi.file_size, mode=mode & 0o7777 or 0o644,
                                   open=functools.partial(zf.open, zi), packed=zi.compress_size)
                 else:
                     what = ("FIFO" if ftype == stat.S_IFIFO else "socket" if ftype == stat.S_IFSOCK
                             else "device" if ftype in (stat.S_IFCHR, stat.S_IFBLK) else "special member")
-                    yield _Member(name, "special", detail=what)
-    except _READ_ERRORS as exc:
-        raise _Corrupt(last, f"{type(exc).__name__}: {exc}") from None
+                    yield Member(name, "special", detail=what)
+    except READ_ERRORS as exc:
+        raise Corrupt(last, f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
-        raise _Corrupt(last, f"{exc.strerror or exc}") from None
+        raise Corrupt(last, f"{exc.strerror or exc}") from None
 
 
-def _hash_member(m: _Member) -> tuple[int, str]:
+def hash_member(m: Member) -> tuple[int, str]:
     assert m.open is not None
     h = hashlib.sha256()
     size = 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from hpcexp.archive.base import CHUNK, Warn, _is_inside, _show
+from hpcexp.archive.base import CHUNK, Warn, is_inside, show
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord, iter_runs, resolve
 from hpcexp.errors import HpcexpError, NotFound, UsageError
@@ -26,7 +26,7 @@ from hpcexp.infra import atomic
 
 
 @dataclass
-class _Run:
+class ScannedRun:
     paths: RunPaths
     record: RunRecord
     prefix: str                               # "<experiment>/<run_id>"
@@ -36,7 +36,7 @@ class _Run:
 
 
 
-class _Scanner:
+class Scanner:
     """Walks the runs without following links and spools one JSON line per member."""
 
     def __init__(self, *, warn: Warn, skip_unreadable: bool, project_root: str | None = None) -> None:
@@ -56,14 +56,14 @@ class _Scanner:
 
     # -- reporting
     def warn(self, arcname: str, message: str, *, skipped: bool = True) -> None:
-        text = f"{_show(arcname)}: {message}"
+        text = f"{show(arcname)}: {message}"
         self.warnings.append(text)
         if skipped:
             self.skipped.append({"path": arcname, "reason": message})
         self.warn_cb(text)
 
     def unreadable(self, arcname: str, exc: OSError) -> None:
-        message = f"cannot read {_show(arcname)}: {exc.strerror or exc}"
+        message = f"cannot read {show(arcname)}: {exc.strerror or exc}"
         if self.skip_unreadable:
             self.warn(arcname, f"unreadable ({exc.strerror or exc}); skipped")
         else:
@@ -180,13 +180,13 @@ class _Scanner:
         try:
             os.stat(src)  # follows the link without opening anything: only to judge it
             real = os.path.realpath(src)
-            if not _is_inside(real, run_root):
-                note = f"symlink to {_show(target)} outside the run; stored as a link, not followed"
+            if not is_inside(real, run_root):
+                note = f"symlink to {show(target)} outside the run; stored as a link, not followed"
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                note = f"symlink loop ({_show(target)}); stored as a link, not followed"
+                note = f"symlink loop ({show(target)}); stored as a link, not followed"
             else:
-                note = f"dangling symlink to {_show(target)}; stored as a link"
+                note = f"dangling symlink to {show(target)}; stored as a link"
         if note:
             self.warn(arcname, note, skipped=False)
         self.emit(["symlink", arcname, target])
@@ -199,8 +199,8 @@ class _Scanner:
         warning before it is opened, so no byte of it reaches the archive."""
         src = str(path)
         real = os.path.realpath(src)
-        if self.project_root is not None and not _is_inside(real, self.project_root):
-            self.warn(arcname, f"{_show(src)} leads outside the project (to {_show(real)}); not archived, "
+        if self.project_root is not None and not is_inside(real, self.project_root):
+            self.warn(arcname, f"{show(src)} leads outside the project (to {show(real)}); not archived, "
                       "never read")
             return
         try:
@@ -226,7 +226,7 @@ class _Scanner:
 
 
 
-def _collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tuple[RunPaths, RunRecord]]:
+def collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tuple[RunPaths, RunRecord]]:
     if not specs and not all_runs:
         raise UsageError("name runs, experiments or sweeps to archive, or pass --all",
                          hint="`hpcexp runs` lists them; @last is the newest run")
@@ -244,13 +244,13 @@ def _collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tupl
 
 
 
-def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scanner) -> _Run:
+def prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: Scanner) -> ScannedRun:
     from hpcexp.core.config import host_arch
 
     # The folder name is the truth on disk; a record naming another place is reported.
     exp_name, run_id = paths.dir.parent.name, paths.dir.name
     prefix = f"{exp_name}/{run_id}"
-    run = _Run(paths=paths, record=rec, prefix=prefix)
+    run = ScannedRun(paths=paths, record=rec, prefix=prefix)
     if rec.error:
         scanner.warn(prefix, f"run record is damaged ({rec.error}); archiving the folder as it is",
                      skipped=False)
@@ -282,7 +282,7 @@ def _prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: _Scan
             scanner.warn(prefix, f"no Dockerfile archived: {exc}", skipped=False)
         else:
             real = os.path.realpath(dockerfile)
-            if not _is_inside(real, os.path.realpath(layout.project.root)):
+            if not is_inside(real, os.path.realpath(layout.project.root)):
                 scanner.warn(prefix, f"Dockerfile {dockerfile} leads outside the project; not archived",
                              skipped=False)
             elif not os.path.isfile(real):

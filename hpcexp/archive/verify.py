@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcexp.archive.base import _show
-from hpcexp.archive.manifest import MANIFEST_NAME, _load_manifest
-from hpcexp.archive.reader import _READ_ERRORS, _Corrupt, _hash_member, _iter_members, detect_format
+from hpcexp.archive.base import show
+from hpcexp.archive.manifest import MANIFEST_NAME, load_manifest
+from hpcexp.archive.reader import READ_ERRORS, Corrupt, detect_format, hash_member, iter_members
 from hpcexp.errors import Failure
 
 
@@ -22,7 +22,7 @@ class Problem:
     detail: str
 
     def line(self) -> str:
-        return f"{_show(self.member)}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+        return f"{show(self.member)}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
 
@@ -53,16 +53,16 @@ def verify_archive(path: Path | str) -> VerifyReport:
     checked = 0
     have_manifest = False
     try:
-        for i, m in enumerate(_iter_members(path, fmt)):
+        for i, m in enumerate(iter_members(path, fmt)):
             if m.name == MANIFEST_NAME and not have_manifest:
                 if i != 0:
                     problems.append(Problem(m.name, "manifest", "not the first member"))
-                head, expected = _load_manifest(m, path)
+                head, expected = load_manifest(m, path)
                 have_manifest = True
                 runs = [str(r.get("path")) for r in head.get("runs", []) if isinstance(r, dict)]
                 continue
             if not have_manifest:
-                raise Failure(f"{path}: {MANIFEST_NAME} is not the first member (found {_show(m.name)})",
+                raise Failure(f"{path}: {MANIFEST_NAME} is not the first member (found {show(m.name)})",
                               hint="this is not an hpcexp archive, or it was re-packed")
             want = expected.get(m.name)
             if want is _SEEN:
@@ -79,8 +79,8 @@ def verify_archive(path: Path | str) -> VerifyReport:
             checked += 1
             if m.kind == "file":
                 try:
-                    size, digest = _hash_member(m)
-                except _READ_ERRORS as exc:
+                    size, digest = hash_member(m)
+                except READ_ERRORS as exc:
                     problems.append(Problem(m.name, "corrupt", f"{type(exc).__name__}: {exc}"))
                     if fmt != "zip":
                         break  # a broken compressed stream cannot be read past this point
@@ -90,9 +90,9 @@ def verify_archive(path: Path | str) -> VerifyReport:
                     problems.append(Problem(m.name, "differs", f"size {size}, sha256 {digest[:12]}...; "
                                             f"manifest: size {want_size}, sha256 {shown}..."))
             elif m.kind == "symlink" and m.target != want_value:
-                problems.append(Problem(m.name, "differs", f"link to {_show(m.target)}, manifest says "
-                                        f"{_show(str(want_value))}"))
-    except _Corrupt as exc:
+                problems.append(Problem(m.name, "differs", f"link to {show(m.target)}, manifest says "
+                                        f"{show(str(want_value))}"))
+    except Corrupt as exc:
         problems.append(Problem(exc.member, "corrupt", exc.detail))
     if not have_manifest and not problems:
         raise Failure(f"{path}: no {MANIFEST_NAME} in the archive", hint="this is not an hpcexp archive")

@@ -21,11 +21,11 @@ import time
 import zipfile
 from typing import IO, Any, Iterable, Iterator
 
-from hpcexp.archive.base import CHUNK, GZIP_LEVEL, SMALL, TAR_RECORD, ZIP_MIN_TIME, _fault, _show
+from hpcexp.archive.base import CHUNK, GZIP_LEVEL, SMALL, TAR_RECORD, ZIP_MIN_TIME, fault, show
 from hpcexp.archive.manifest import MANIFEST_NAME
 
 
-class _Changed(Exception):
+class Changed(Exception):
     """A file differs between the hashing pass and the writing pass."""
 
 
@@ -37,11 +37,11 @@ class _Source:
         try:
             self.fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
-            raise _Changed(f"{_show(arcname)} could not be reopened ({exc.strerror})") from None
+            raise Changed(f"{show(arcname)} could not be reopened ({exc.strerror})") from None
         st = os.fstat(self.fd)
         if not stat.S_ISREG(st.st_mode) or st.st_ino != ino or st.st_size != size:
             os.close(self.fd)
-            raise _Changed(f"{_show(arcname)} changed while archiving (size {size} -> {st.st_size})")
+            raise Changed(f"{show(arcname)} changed while archiving (size {size} -> {st.st_size})")
         self.hash = hashlib.sha256()
         self.left = size
 
@@ -50,12 +50,12 @@ class _Source:
         while self.left > 0:
             n = os.readv(self.fd, [view[:min(self.left, len(buf))]])
             if n == 0:
-                raise _Changed(f"{_show(self.arcname)} shrank while archiving")
+                raise Changed(f"{show(self.arcname)} shrank while archiving")
             chunk = view[:n]
             self.hash.update(chunk)
             self.left -= n
             yield chunk
-            _fault("archive.member")
+            fault("archive.member")
 
     def read_all(self) -> bytes:
         parts = []
@@ -68,7 +68,7 @@ class _Source:
             got += len(part)
         data = b"".join(parts)
         if len(data) != self.size:
-            raise _Changed(f"{_show(self.arcname)} changed size while archiving")
+            raise Changed(f"{show(self.arcname)} changed size while archiving")
         self.hash.update(data)
         self.left = 0
         return data
@@ -76,7 +76,7 @@ class _Source:
     def finish(self) -> None:
         os.close(self.fd)
         if self.hash.hexdigest() != self.digest:
-            raise _Changed(f"{_show(self.arcname)} changed while archiving (sha256 differs)")
+            raise Changed(f"{show(self.arcname)} changed while archiving (sha256 differs)")
 
 
 class _Sink:
@@ -242,7 +242,7 @@ class _TarGzWriter:
         while left:
             data = stream.read(min(CHUNK, left))
             if not data:
-                raise _Changed(f"{name} shrank while archiving")
+                raise Changed(f"{name} shrank while archiving")
             self._put(data)
             left -= len(data)
         self._pad(size)
@@ -343,7 +343,7 @@ def write_archive(raw: IO[bytes], fmt: str, mtime: int, manifest: IO[bytes], man
     try:
         manifest.seek(0)
         writer.add_bytes_stream(MANIFEST_NAME, manifest_size, manifest)
-        _fault("archive.write")
+        fault("archive.write")
         for entry in entries:
             kind, arcname = entry[0], entry[1]
             if kind == "dir":
@@ -359,13 +359,13 @@ def write_archive(raw: IO[bytes], fmt: str, mtime: int, manifest: IO[bytes], man
                     os.close(source.fd)
                     raise
                 source.finish()
-        _fault("archive.close")
+        fault("archive.close")
         writer.close()
-        _fault("archive.publish")
+        fault("archive.publish")
     except BaseException:
         # Streams before their file: cut the sink, close the streams into it, and only
         # then let the caller (atomic_open) close and remove the temporary file.
-        _fault("archive.abort")
+        fault("archive.abort")
         sink.cut()
         writer.abort()
         raise
