@@ -23,13 +23,24 @@ Why it is built the way it is
     folder (:mod:`hpcexp.infra.atomic`) and renamed only when complete; archived runs are only
     read, never modified.
   - Interruptible. On any failure, SIGTERM or Ctrl-C included, the gzip or zip stream is
-    cut off from the temporary file (:class:`_Sink`) and closed before that file is
+    cut off from the temporary file (:class:`writers._Sink`) and closed before that file is
     closed and removed: nothing the stdlib stream still wants to write (at once, or when
     the garbage collector finalises it, which Python 3.13 reports) reaches a closed file.
 
 ``extract`` restores an archive into a new (or empty) folder and refuses, before writing
 anything, absolute names, ``..``, links leading outside the folder (also through chains
 of links), writing through a link, and device or FIFO members, naming the member.
+
+Modules, by what they own (this file is only the package's face: its names are the
+public ones, importable as ``hpcexp.archive.NAME``):
+  - :mod:`~hpcexp.archive.scan`      pass 1: which runs, what of each, the safe walk and its spool
+  - :mod:`~hpcexp.archive.manifest`  MANIFEST.json, written streamed and read back line by line
+  - :mod:`~hpcexp.archive.writers`   pass 2: tar.gz and zip writers, the gzip thread, the sink
+  - :mod:`~hpcexp.archive.create`    ``create_archive``: the output file, interruption, results
+  - :mod:`~hpcexp.archive.reader`    format detection and member iteration (verify and extract)
+  - :mod:`~hpcexp.archive.verify`    ``verify_archive``
+  - :mod:`~hpcexp.archive.extract`   ``extract_archive`` and its safety rules
+  - :mod:`~hpcexp.archive.base`      sizes, the member-name printer, the fault hook
 """
 
 from hpcexp.archive.base import CHUNK, FORMATS, SMALL, Warn

@@ -2,7 +2,9 @@
 
 The archive is written under a temporary name in the destination folder and renamed
 only when complete; archived runs are only read. An interruption (SIGTERM, Ctrl-C)
-leaves no archive and says whether an existing one is unchanged.
+leaves no archive and says whether an existing one is unchanged. This is the only
+module that knows about the output file; it drives ``scan``, ``manifest`` and ``writers``,
+which know nothing of it.
 """
 
 from __future__ import annotations

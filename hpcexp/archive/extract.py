@@ -4,6 +4,8 @@ Every member is validated before anything is written: absolute names, ``..``, li
 leading outside the folder (also through chains of links), writing through a link,
 device or FIFO members, and bounds on depth, name length, total size and compression
 ratio. The tree is built in a temporary sibling folder and renamed when complete.
+Everything here is about the destination folder, which is why it is apart from
+``verify``; the second pass checks each file against MANIFEST.json as it is written.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
 """``verify_archive``: every member checked against MANIFEST.json, every mismatch reported.
+
+Files that differ, are missing, are not in the manifest or appear twice are all listed; a
+damaged archive is reported at the member being read. It reads only, through ``reader``
+and ``manifest``, which ``extract`` shares; neither of the two depends on the other.
 """
 
 from __future__ import annotations

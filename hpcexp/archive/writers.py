@@ -3,7 +3,9 @@
 The writers know nothing of runs or files on disk beyond a :class:`_Source` checked
 against what pass 1 hashed, and they write into a :class:`_Sink` wrapping any raw binary
 stream; the sink can be cut on failure so that nothing a stdlib stream still holds
-reaches a closed file.
+reaches a closed file. They are apart from ``create`` so that anything holding a scanned
+run can stream an archive with :func:`write_archive` (a web server into its response,
+no temporary file); ``create`` only adds the temporary file and its rename.
 """
 
 from __future__ import annotations
