@@ -28,11 +28,7 @@ FORMATS = ("tar.gz", "zip")
 Warn = Callable[[str], None]
 
 
-
-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 
 
 def show(name: str) -> str:
@@ -40,8 +36,6 @@ def show(name: str) -> str:
     if _CONTROL.search(name) or any(0xD800 <= ord(c) <= 0xDFFF for c in name):
         return repr(name.encode("utf-8", "surrogateescape"))[2:-1]
     return name
-
-
 
 
 def fault(point: str) -> None:
@@ -68,12 +62,8 @@ def fault(point: str) -> None:
             time.sleep(10)  # the handler interrupts this at once; without one the signal kills us
 
 
-
-
 def is_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
-
-
 
 
 def human(n: int) -> str:

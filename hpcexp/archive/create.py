@@ -45,8 +45,6 @@ class ArchiveResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-
-
 def format_for(output: Path | None, fmt: str | None) -> str:
     """The archive format from ``--format`` and/or the output file name (they must agree)."""
     by_name = None
@@ -62,8 +60,6 @@ def format_for(output: Path | None, fmt: str | None) -> str:
         raise UsageError(f"--format {fmt} does not match the output name {output}",
                          hint=f"name the file *.{fmt} or drop --format")
     return fmt or by_name or "tar.gz"
-
-
 
 
 def default_name(records: list[RunRecord], fmt: str, today: _dt.date | None = None) -> str:
@@ -83,15 +79,11 @@ def default_name(records: list[RunRecord], fmt: str, today: _dt.date | None = No
     return f"{stem}.{fmt}"
 
 
-
-
 def _fixed_mtime(records: list[RunRecord]) -> int:
     """The one timestamp every member carries: the newest run's creation time (deterministic)."""
     times = [parse_time(r.created_at) for r in records]
     best = max((int(t) for t in times if t is not None), default=ZIP_MIN_TIME)
     return max(best, ZIP_MIN_TIME)
-
-
 
 
 def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
@@ -202,8 +194,6 @@ def _write(out_path: Path, fmt: str, mtime: int, scanner: Scanner, manifest: IO[
         write_archive(raw, fmt, mtime, manifest, manifest_size, scanner.entries_iter())
         size = raw.tell()
     return size
-
-
 
 
 def human_summary(result: ArchiveResult) -> str:

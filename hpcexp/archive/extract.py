@@ -36,8 +36,6 @@ class ExtractResult:
     verified: bool                # every file matched MANIFEST.json
 
 
-
-
 MAX_LINK_HOPS = 40
 MAX_MEMBER_DEPTH = 128           # folders in one member path; results trees are far shallower
 MAX_MEMBER_NAME = 2048           # bytes of one member path (PATH_MAX is 4096 with the destination)

@@ -24,8 +24,6 @@ MANIFEST_FORMAT = "hpcexp-archive"
 MANIFEST_SCHEMA = 1
 
 
-
-
 def write_manifest(runs: list[ScannedRun], scanner: Scanner, spool_out: IO[bytes]) -> int:
     """Write MANIFEST.json (one member per line, so it is streamed, never held whole)."""
     images: dict[tuple[str | None, str], None] = {}
@@ -73,8 +71,6 @@ def write_manifest(runs: list[ScannedRun], scanner: Scanner, spool_out: IO[bytes
     return out.tell()
 
 
-
-
 def _compact(item: Any) -> tuple[str, tuple[str, int | None, bytes | str | None]] | None:
     """(path, compact entry) of one manifest entry: 100,000 entries must fit in a few MiB."""
     if not isinstance(item, dict) or not isinstance(item.get("path"), str):
@@ -90,8 +86,6 @@ def _compact(item: Any) -> tuple[str, tuple[str, int | None, bytes | str | None]
     if kind == "symlink":
         return item["path"], (kind, None, str(item.get("target")))
     return item["path"], (kind, None, None)
-
-
 
 
 def load_manifest(m: Member, archive: Path) -> tuple[dict[str, Any], dict[str, Any]]:

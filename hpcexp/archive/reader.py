@@ -42,8 +42,6 @@ def detect_format(path: Path) -> str:
     raise UsageError(f"{path} is not a zip or tar.gz archive")
 
 
-
-
 @dataclass
 class Member:
     name: str                      # as stored, without a trailing "/" for folders

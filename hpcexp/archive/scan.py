@@ -27,13 +27,13 @@ from hpcexp.infra import atomic
 
 @dataclass
 class ScannedRun:
+    """One run to archive: where it is, its record, the project files added and its manifest entry."""
+
     paths: RunPaths
     record: RunRecord
     prefix: str                               # "<experiment>/<run_id>"
     extras: list[tuple[str, Path]] = field(default_factory=list)   # (name in recipe/, source)
     info: dict[str, Any] = field(default_factory=dict)
-
-
 
 
 class Scanner:
@@ -224,8 +224,6 @@ class Scanner:
             yield json.loads(line.decode("utf-8", "surrogateescape"))
 
 
-
-
 def collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tuple[RunPaths, RunRecord]]:
     if not specs and not all_runs:
         raise UsageError("name runs, experiments or sweeps to archive, or pass --all",
@@ -240,8 +238,6 @@ def collect_runs(layout: Layout, specs: list[str], all_runs: bool) -> list[tuple
         for paths, rec in resolve(layout, spec):
             found[str(paths.dir)] = (paths, rec)
     return sorted(found.values(), key=lambda t: (t[1].experiment, t[1].run_id))
-
-
 
 
 def prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: Scanner) -> ScannedRun:

@@ -29,8 +29,6 @@ class Problem:
         return f"{show(self.member)}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
-
-
 @dataclass(frozen=True)
 class VerifyReport:
     path: Path
@@ -39,8 +37,6 @@ class VerifyReport:
     checked: int
     runs: list[str]
     problems: list[Problem]
-
-
 
 
 def verify_archive(path: Path | str) -> VerifyReport:
