@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 
 from hpcexp import archive
+from hpcexp.archive import extract as archive_extract
+from hpcexp.archive import writers as archive_writers
 from hpcexp.core import runs
 from hpcexp.core.config import host_arch, load_project
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import Failure, Interrupted, NotFound, StorageError, UsageError
+from hpcexp.infra import atomic
 from tests.conftest import assert_clean_error, run_cli
 
 ARCH = host_arch()
@@ -179,13 +182,62 @@ def test_fast_tar_headers_are_what_tarfile_writes() -> None:
         ti.type, ti.size, ti.mode, ti.mtime, ti.linkname = kind, size, mode, 1763776000, link
         ti.uid = ti.gid = 0
         ti.uname = ti.gname = ""
-        assert archive._ustar_header(name, kind, size, mode, 1763776000, link) == \
+        assert archive_writers._ustar_header(name, kind, size, mode, 1763776000, link) == \
             ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), name
     # what needs pax records goes through tarfile
-    assert archive._ustar_header("é", tarfile.REGTYPE, 1, 0o644, 0, "") is None
-    assert archive._ustar_header("y" * 101, tarfile.REGTYPE, 1, 0o644, 0, "") is None
-    assert archive._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("é", tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("y" * 101, tarfile.REGTYPE, 1, 0o644, 0, "") is None
+    assert archive_writers._ustar_header("big", tarfile.REGTYPE, 8 ** 11, 0o644, 0, "") is None
 
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only sink that cannot tell or seek, as a pipe or an HTTP response is."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.data += b
+        return len(b)
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "zip"])
+def test_writers_stream_into_a_sink_that_cannot_seek(tmp_path: Path, fmt: str) -> None:
+    """A web server streams an archive into its response: no temporary file, no seek back."""
+    small, big = tmp_path / "small.txt", tmp_path / "big.bin"
+    small.write_bytes(b"alpha\n")
+    big.write_bytes(os.urandom(archive_writers.SMALL * 2))  # larger than SMALL: copied in chunks
+
+    def entry(path: Path, name: str) -> list:
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return ["file", name, str(path), st.st_size, digest, 0o644, st.st_ino, st.st_mtime_ns]
+
+    entries = [["dir", "r"], entry(small, "r/small.txt"), entry(big, "r/big.bin"), ["symlink", "r/link", "small.txt"]]
+    manifest = b'{"format": "hpcexp-archive"}\n'
+    seekable, pipe = io.BytesIO(), _Pipe()
+    for sink in (seekable, pipe):
+        archive_writers.write_archive(sink, fmt, 1763776000, io.BytesIO(manifest), len(manifest), entries)
+    streamed = bytes(pipe.data)
+    if fmt == "tar.gz":
+        assert streamed == seekable.getvalue()  # the same bytes whatever the sink
+        with tarfile.open(fileobj=io.BytesIO(streamed), mode="r:gz") as tf:
+            names = tf.getnames()
+            got = tf.extractfile("r/big.bin").read()
+            link = tf.getmember("r/link").linkname
+    else:
+        with zipfile.ZipFile(io.BytesIO(streamed)) as zf:
+            assert zf.testzip() is None
+            assert all(zi.flag_bits & 0x08 for zi in zf.infolist()), "a stream cannot seek back: data descriptors"
+            names = [n.rstrip("/") for n in zf.namelist()]
+            got = zf.read("r/big.bin")
+            link = zf.read("r/link").decode()
+    assert names == ["MANIFEST.json", "r", "r/small.txt", "r/big.bin", "r/link"]
+    assert got == big.read_bytes() and link == "small.txt"
 
 def test_runs_are_not_modified(project: Path, tmp_path: Path) -> None:
     paths = make_run(project, {"x.txt": b"x"})
@@ -342,7 +394,7 @@ def test_file_changing_between_passes_aborts(project: Path, tmp_path: Path,
         if point == "archive.write":  # between the hashing pass and the copy
             (paths.results / "grow.txt").write_bytes(b"v2")  # same size, other content
 
-    monkeypatch.setattr(archive, "_fault", rewrite)
+    monkeypatch.setattr(archive_writers, "fault", rewrite)
     out = tmp_path / "a.zip"
     with pytest.raises(UsageError, match="grow.txt changed while archiving"):
         create(project, "hello", output=out)
@@ -731,14 +783,14 @@ def test_interrupt_after_publishing_keeps_the_complete_archive(project: Path, tm
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     make_run(project)
     out = tmp_path / "a.tar.gz"
-    real_fsync_dir = archive.atomic.fsync_dir
+    real_fsync_dir = atomic.fsync_dir
 
     def interrupted_after_rename(path: Path) -> None:
         real_fsync_dir(path)
         if out.exists():
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive.atomic, "fsync_dir", interrupted_after_rename)
+    monkeypatch.setattr(atomic, "fsync_dir", interrupted_after_rename)
     with pytest.raises(Interrupted, match="was complete; it is kept"):
         create(project, "hello", output=out)
     monkeypatch.undo()
@@ -756,7 +808,7 @@ def test_interrupt_with_force_leaves_the_old_archive(project: Path, tmp_path: Pa
         if point == "archive.close":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(archive, "_fault", interrupt)
+    monkeypatch.setattr(archive_writers, "fault", interrupt)
     with pytest.raises(Interrupted, match="no archive was written .the existing file is unchanged"):
         create(project, "hello", output=out, force=True)
     assert out.read_bytes() == b"old"
@@ -810,7 +862,7 @@ def test_disk_filling_up_mid_stream_leaves_no_stream_writing_later(project: Path
     import gc
 
     make_run(project, {"big.bin": os.urandom(archive.SMALL * 4)})
-    real_open = archive.atomic.atomic_open
+    real_open = atomic.atomic_open
 
     @contextlib.contextmanager
     def full_disk(final, mode="wb", **kw):
@@ -823,7 +875,7 @@ def test_disk_filling_up_mid_stream_leaves_no_stream_writing_later(project: Path
             if disk is not None:
                 disk.closed = True
 
-    monkeypatch.setattr(archive.atomic, "atomic_open", full_disk)
+    monkeypatch.setattr(atomic, "atomic_open", full_disk)
     gc.collect()
     unraisable: list[object] = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
@@ -846,8 +898,8 @@ def test_interrupted_extract_leaves_nothing(project: Path, tmp_path: Path, monke
             raise KeyboardInterrupt
         return real(m, target)
 
-    real = archive._write_member
-    monkeypatch.setattr(archive, "_write_member", interrupt_second)
+    real = archive_extract._write_member
+    monkeypatch.setattr(archive_extract, "_write_member", interrupt_second)
     dest = tmp_path / "back"
     with pytest.raises(Interrupted, match=f"interrupted while extracting into {dest}; nothing was written"):
         archive.extract_archive(result.path, dest)
