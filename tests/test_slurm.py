@@ -399,7 +399,7 @@ def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: Fake
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": 1 if i == 2 else 0, "time": "t"}))
     fake_slurm.set("squeue", "")
     fake_slurm.set("scontrol", "")
-    res = sweep.resubmit(project, sub.sweep_id)
+    res = slurm.resubmit_sweep(project, sub.sweep_id)
     assert res.job_ids == ["1001"] and [r.task_index for _, r in res.runs] == [2]
     rec = runs.read_record(sub.runs[2][0])
     assert rec.attempt == 2 and rec.state == "pending" and rec.attempts[0]["exit_code"] == 1
@@ -409,7 +409,7 @@ def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: Fake
     assert (sub.runs[2][0].dir / "job.attempt-1.sbatch").exists()
     with pytest.raises(UsageError, match="no task is"):
         (sub.runs[2][0].events / "attempt-2.exit").write_text('{"exit_code": 0, "time": "t"}')
-        sweep.resubmit(project, sub.sweep_id)
+        slurm.resubmit_sweep(project, sub.sweep_id)
 
 
 def test_facts_and_doctor_checks(fake_slurm: FakeSlurm) -> None:
@@ -565,3 +565,20 @@ def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
     assert [r.state for r in final] == ["failed", "succeeded", "unknown"]
     assert rounds == [3, 3, 3]
     assert seen == script
+
+
+def test_the_sweep_model_loads_nothing_of_the_slurm_executor() -> None:
+    """sweep.py is the pure sweep model: expanding a sweep imports neither the executor nor
+    the job-script renderer (resubmitting a sweep lives in the executor, which uses sweep)."""
+    import subprocess
+
+    code = ("import sys, hpcexp.execute.sweep as s; s.product({}, [('a', ['1', '2'])], []); "
+            "print(sorted(m for m in sys.modules if m.startswith('hpcexp.execute')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    loaded = json.loads(out.stdout.replace("'", '"'))
+    assert "hpcexp.execute.sweep" in loaded and "hpcexp.execute.values" in loaded
+    assert not [m for m in loaded if m.startswith("hpcexp.execute.slurm")], loaded
+    with pytest.raises(UsageError, match="control character"):
+        sweep.parse_sweep_option("a=1\n#SBATCH --mem=1T")
+    assert slurm.resubmit_sweep is slurm.submit.resubmit_sweep and not hasattr(sweep, "resubmit")

@@ -5,8 +5,9 @@ record exists (``submitting``) and the sweep record names every array part befor
 ``sbatch`` call, and each record holds its job id (``pending``) right after. A sweep
 larger than MaxArraySize, or whose script would exceed the controller's limit, becomes
 several arrays under one sweep id. Also resubmitting a sweep's failed tasks as a new
-attempt, and ``submit --wait``. The job script itself is rendered by :mod:`.sbatch`,
-imported where it is used (``hpcexp status`` loads this package but never renders).
+attempt, and ``submit --wait``. The job script itself is rendered by :mod:`.sbatch`;
+it and the sweep model are imported where they are used (``hpcexp status`` loads this
+package but never renders a script or expands a sweep).
 
 At about 500 lines this is the largest module of the package: the submission steps share
 one state (the tasks, their records and the sweep record) and read best in one place.
@@ -27,7 +28,6 @@ from hpcexp.core.config import SlurmResources
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import EnvironmentProblem, HpcexpError, NotFound, SchedulerError, UsageError
 from hpcexp.execute import base
-from hpcexp.execute import sweep as sweep_mod
 from hpcexp.execute.slurm.commands import JOB_PREFIX, array_spec, sbatch_argv
 from hpcexp.execute.slurm.decide import settled
 from hpcexp.execute.slurm.facts import cached_facts
@@ -171,6 +171,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
 
     ``fresh``: the runs were created for this submission; when sbatch refuses the first
     part, their folders (and the sweep's) are removed again instead of kept as ``failed``."""
+    from hpcexp.execute import sweep as sweep_mod  # in-function: `hpcexp status` needs no sweep model
     from hpcexp.execute.slurm import sbatch  # the renderer: not needed by `hpcexp status`
 
     proj = layout.project
@@ -308,6 +309,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     ``image`` is an ImageInfo (or a path) already built on this login node.
     """
     from hpcexp.core.config import host_arch
+    from hpcexp.execute import sweep as sweep_mod  # in-function: `hpcexp status` needs no sweep model
     from hpcexp.execute.slurm import sbatch  # the renderer: not needed by `hpcexp status`
     from hpcexp.runtime import launch
 
@@ -425,6 +427,7 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
                   ) -> Submission:
     """Submit these runs of a sweep again as one new array: same run records and folders, a
     new attempt each (the previous attempt is kept in ``attempts`` and its logs stay)."""
+    from hpcexp.execute import sweep as sweep_mod  # in-function: `hpcexp status` needs no sweep model
     from hpcexp.execute.slurm import sbatch  # the renderer: not needed by `hpcexp status`
 
     layout = Layout(project)
@@ -476,14 +479,17 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
                          first_chunk=first, sweep_record=record)
 
 
-def resubmit_sweep(project: Any, sweep_id: str, *, which: Sequence[str] = sweep_mod.FAILED_STATES,
+def resubmit_sweep(project: Any, sweep_id: str, *, which: Sequence[str] | None = None,
                    hold: bool = False, dry_run: bool = False, resources: SlurmResources | None = None
                    ) -> Submission:
     """Submit the sweep's tasks in the given states again, as one new array: each keeps its
     run record and folder and gets a new attempt (earlier attempts and logs are kept).
 
     The tasks' states are reconciled first (through :func:`hpcexp.execute.base.reconcile`),
-    so a task that failed since the last ``status`` is resubmitted too."""
+    so a task that failed since the last ``status`` is resubmitted too. ``which`` defaults to
+    :data:`hpcexp.execute.sweep.FAILED_STATES`."""
+    from hpcexp.execute import sweep as sweep_mod  # in-function: `hpcexp status` needs no sweep model
+    which = sweep_mod.FAILED_STATES if which is None else which
     layout = Layout(project)
     sweep_mod.read_sweep(layout, sweep_id)  # must exist
     items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
