@@ -503,7 +503,7 @@ def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_
 
 def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fake_slurm: FakeSlurm,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slurm.submit, "SBATCH_TIMEOUT", 0.5)  # looked up where sbatch runs
+    monkeypatch.setattr(slurm.commands, "SBATCH_TIMEOUT", 0.5)  # looked up where sbatch runs
     (fake_slurm.root / "sbatch.sleep").write_text("3")
     with pytest.raises(slurm.SubmitUncertain, match="may or may not have been queued") as err:
         _submit(project, [{"a": "1"}, {"a": "2"}], sweep=True)

@@ -15,7 +15,7 @@ Why it is built this way
 
 The package, by noun (each module says what it owns):
 
-  ``commands``   the argv of sbatch, squeue, sacct, scontrol, scancel, and the one way they run
+  ``commands``   the argv of sbatch, squeue, sacct, scontrol, scancel, and how they run
   ``parse``      readers of their output and of the markers' names (pure)
   ``decide``     a record + markers + the scheduler's evidence -> the new state (pure)
   ``reconcile``  gathering that evidence in one call of each, writing back, ``stop``
@@ -28,7 +28,7 @@ The package, by noun (each module says what it owns):
 This module is the package's face: it re-exports what other packages and tests use, so
 ``from hpcexp.execute import slurm; slurm.decide(...)`` keeps working. A test that
 monkeypatches a name must patch it in the module that looks it up (for example
-``hpcexp.execute.slurm.submit.SBATCH_TIMEOUT``), not here.
+``hpcexp.execute.slurm.commands.SBATCH_TIMEOUT``), not here.
 """
 
 from __future__ import annotations
@@ -36,14 +36,17 @@ from __future__ import annotations
 from hpcexp.execute.slurm.commands import (
     JOB_PREFIX,
     SACCT_FIELDS,
+    SBATCH_TIMEOUT,
     SQUEUE_FORMAT,
     TIMEOUT,
+    SubmitUncertain,
     array_spec,
     sacct_argv,
     sbatch_argv,
     scancel_argv,
     scontrol_jobs_argv,
     squeue_argv,
+    submit_script,
 )
 from hpcexp.execute.slurm.decide import (
     KILLED_STATES,
@@ -77,16 +80,7 @@ from hpcexp.execute.slurm.resources import (
     resource_options,
     resources_dict,
 )
-from hpcexp.execute.slurm.submit import (
-    SBATCH_TIMEOUT,
-    Submission,
-    SubmitUncertain,
-    resubmit_runs,
-    resubmit_sweep,
-    submit_runs,
-    submit_script,
-    wait,
-)
+from hpcexp.execute.slurm.submit import Submission, resubmit_runs, resubmit_sweep, submit_runs, wait
 
 __all__ = [
     "EXECUTOR", "FACTS_TTL", "JOB_PREFIX", "KILLED_STATES", "MARKER_RE", "PENDING_STATES", "QUEUE_REASONS",

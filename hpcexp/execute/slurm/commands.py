@@ -2,8 +2,10 @@
 
 Owns every ``sbatch``/``squeue``/``sacct``/``scontrol``/``scancel`` argv the executor
 builds (pure functions, so a test can compare them with what a shim recorded), the
-formats asked of ``squeue`` and ``sacct`` (which :mod:`.parse` reads back), and
-:func:`run`, the single call through :mod:`hpcexp.infra.process` with the query timeout.
+formats asked of ``squeue`` and ``sacct`` (which :mod:`.parse` reads back), and the two
+ways they run, both through :mod:`hpcexp.infra.process`: :func:`run` for queries and
+``scancel``, and :func:`submit_script` for ``sbatch``, with its own timeout, telling a
+refusal (with Slurm's reason) from no answer (:class:`SubmitUncertain`: the job may exist).
 Kept apart from the parsers so that "what we ask" and "how we read the answer" can be
 checked against each other in one glance at two short modules.
 """
@@ -13,9 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from hpcexp.errors import EnvironmentProblem, SchedulerError
+from hpcexp.execute.slurm.parse import parse_sbatch
 from hpcexp.infra import process
 
 TIMEOUT = 60.0
+SBATCH_TIMEOUT = 180.0       # sbatch may wait for a busy controller; a query may not
 JOB_PREFIX = "hpcexp-"
 SQUEUE_FORMAT = "%i|%A|%a|%T|%r|%j|%N|%M"
 SACCT_FIELDS = "JobID,JobName,State,ExitCode,DerivedExitCode,Elapsed,MaxRSS,Start,End,NodeList"
@@ -70,3 +75,29 @@ def scancel_name_argv(job_name: str) -> list[str]:
 def run(argv: Sequence[str]) -> process.Result:
     """Run one Slurm query or ``scancel`` (``sbatch`` has its own, longer timeout)."""
     return process.run(argv, timeout=TIMEOUT)
+
+
+class SubmitUncertain(SchedulerError):
+    """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
+
+
+def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None, after: str | None = None) -> str:
+    """``sbatch --parsable SCRIPT`` -> job id, or SchedulerError with Slurm's own reason."""
+    try:
+        res = process.run(sbatch_argv(script, hold=hold, after=after), cwd=cwd, timeout=SBATCH_TIMEOUT)
+    except EnvironmentProblem as exc:
+        if "did not answer" in exc.message:
+            # the controller may have queued the job anyway: that is not a refusal
+            raise SubmitUncertain(f"{exc.message}; the job may or may not have been queued",
+                                  hint="`hpcexp status` finds it by its job name and attaches it, or reports "
+                                       "the runs lost after a few minutes") from exc
+        raise SchedulerError(exc.message, hint=exc.hint) from exc
+    if not res.ok:
+        # sbatch often gives the cause on an earlier line ("Memory specification can not be
+        # satisfied") than the last one ("Requested node configuration is not available")
+        errs = [ln.strip().removeprefix("sbatch: error: ") for ln in res.stderr.splitlines()
+                if ln.strip().startswith("sbatch: error:")]
+        reason = "; ".join(dict.fromkeys(errs))[:500] if errs else res.last_line()
+        raise SchedulerError(f"sbatch refused {script}: {reason}",
+                             hint="see `hpcexp doctor`; resources come from hpcexp.yaml then the command line")
+    return parse_sbatch(res.stdout)

@@ -26,12 +26,11 @@ from typing import Any, Mapping, Sequence
 from hpcexp.core import runs
 from hpcexp.core.config import SlurmResources
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import EnvironmentProblem, HpcexpError, NotFound, SchedulerError, UsageError
+from hpcexp.errors import HpcexpError, NotFound, SchedulerError, UsageError
 from hpcexp.execute import base
-from hpcexp.execute.slurm.commands import JOB_PREFIX, array_spec, sbatch_argv
+from hpcexp.execute.slurm.commands import JOB_PREFIX, SubmitUncertain, array_spec, submit_script
 from hpcexp.execute.slurm.decide import settled
 from hpcexp.execute.slurm.facts import cached_facts
-from hpcexp.execute.slurm.parse import parse_sbatch
 from hpcexp.execute.slurm.reconcile import write_many
 from hpcexp.execute.slurm.resources import (
     check_against_cluster,
@@ -40,10 +39,8 @@ from hpcexp.execute.slurm.resources import (
     resource_options,
     resources_dict,
 )
-from hpcexp.infra import atomic, process
+from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
-
-SBATCH_TIMEOUT = 180.0
 
 
 def _fault(point: str) -> None:
@@ -55,33 +52,6 @@ def _fault(point: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
 
-
-
-
-class SubmitUncertain(SchedulerError):
-    """sbatch did not answer in time: the job may exist. Records stay ``submitting``."""
-
-
-def submit_script(script: Path, *, hold: bool = False, cwd: Path | None = None, after: str | None = None) -> str:
-    """``sbatch --parsable SCRIPT`` -> job id, or SchedulerError with Slurm's own reason."""
-    try:
-        res = process.run(sbatch_argv(script, hold=hold, after=after), cwd=cwd, timeout=SBATCH_TIMEOUT)
-    except EnvironmentProblem as exc:
-        if "did not answer" in exc.message:
-            # the controller may have queued the job anyway: that is not a refusal
-            raise SubmitUncertain(f"{exc.message}; the job may or may not have been queued",
-                                  hint="`hpcexp status` finds it by its job name and attaches it, or reports "
-                                       "the runs lost after a few minutes") from exc
-        raise SchedulerError(exc.message, hint=exc.hint) from exc
-    if not res.ok:
-        # sbatch often gives the cause on an earlier line ("Memory specification can not be
-        # satisfied") than the last one ("Requested node configuration is not available")
-        errs = [ln.strip().removeprefix("sbatch: error: ") for ln in res.stderr.splitlines()
-                if ln.strip().startswith("sbatch: error:")]
-        reason = "; ".join(dict.fromkeys(errs))[:500] if errs else res.last_line()
-        raise SchedulerError(f"sbatch refused {script}: {reason}",
-                             hint="see `hpcexp doctor`; resources come from hpcexp.yaml then the command line")
-    return parse_sbatch(res.stdout)
 
 
 
