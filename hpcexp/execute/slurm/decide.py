@@ -1,5 +1,6 @@
 """Deciding a Slurm run's state: a record + the job's markers + the scheduler's evidence
--> the record brought up to date. Pure: no command, no file, no clock unless given.
+-> the record brought up to date. Pure: no command and no file; the clock only for what
+the evidence cannot give (an end time nobody recorded, the age of a ``submitting`` record).
 
 This is the heart of the Slurm executor, kept apart so that it can be read and tested as
 a decision table (``tests/test_slurm.py``) without a cluster. The rules, in order of trust:
@@ -46,23 +47,30 @@ KILLED_STATES: dict[str, str] = {
     "PREEMPTED": "failed",
     "REVOKED": "cancelled",
 }
-
+# How each of those ends the reason a user reads.
+KILLED_WHY: dict[str, str] = {
+    "cancelled": "the job was cancelled", "timeout": "the job hit its time limit",
+    "out_of_memory": "the job was killed for using too much memory", "node_fail": "its node failed",
+    "failed": "the job was preempted",
+}
 
 
 @dataclass
 class Evidence:
-    """Everything one status query learned, shared by all runs it looks at."""
+    """Everything one status query learned, shared by all runs it looks at (made by
+    :func:`hpcexp.execute.slurm.reconcile.gather`; a test builds one by hand)."""
 
-    live: dict[str, JobInfo] = field(default_factory=dict)
-    squeue_ok: bool = True
+    live: dict[str, JobInfo] = field(default_factory=dict)    # squeue: jobs still in the queue
+    squeue_ok: bool = True                                    # False: the scheduler did not answer
     squeue_error: str | None = None
-    final: dict[str, JobInfo] = field(default_factory=dict)   # sacct first, else scontrol
+    final: dict[str, JobInfo] = field(default_factory=dict)   # jobs that left it: sacct first, else scontrol
     checked: list[str] = field(default_factory=list)          # human summary of sources consulted
     scontrol: dict[str, JobInfo] = field(default_factory=dict)
     min_job_age: str | None = None
 
 
 def _payload_failed(rec: runs.RunRecord, exit_info: Mapping[str, Any]) -> None:
+    """Copy the payload's exit code (and the signal a SIGTERM'd payload died of) from its marker."""
     code = exit_info.get("exit_code")
     rec.exit_code = int(code) if isinstance(code, int) else None
     if exit_info.get("launch_error"):
@@ -75,18 +83,44 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
            now: float | None = None) -> runs.RunRecord:
     """The record brought up to date with the markers and the scheduler's evidence. Pure.
 
+    ``markers`` is :func:`hpcexp.execute.slurm.reconcile.read_markers` of the run's folder
+    ({attempt: {"started": {...}, "exit": {...}}}); ``now`` (seconds since the epoch) is
+    the current time unless given. The given record is not changed; a copy is returned.
+
     Order of trust: the job's own exit marker for the payload's exit code; Slurm's
     terminal state for how the job was ended from outside (cancel, time limit, memory,
-    node); no marker and no scheduler record -> ``lost`` with what was checked.
+    node); no marker and no scheduler record -> ``lost`` with what was checked. The steps
+    (module docstring): the current attempt, a record without a job id, the queue, the end.
     """
     rec = rec.copy()
     ids = rec.executor_ids
     job_id = ids.get("job_id")
-    base = int(ids.get("base_attempt", rec.attempt) or 1)
     live = ev.live.get(job_id) if job_id else None
     final = ev.final.get(job_id) if job_id else None
 
-    # attempts: the newest marker, or Slurm's restart count, tells which attempt is current
+    _advance_attempt(rec, markers, final)
+    cur = markers.get(rec.attempt, {})
+    started, exited = cur.get("started"), cur.get("exit")
+    if started and not rec.started_at:
+        rec.started_at = started.get("time")
+        if started.get("host"):
+            ids["node"] = started["host"]
+
+    if job_id is None:
+        return _without_job_id(rec, ev, now)
+    if _queued(rec, live, exited, ev):
+        return rec
+    return _ended(rec, str(job_id), live, final, started, exited, ev)
+
+
+def _advance_attempt(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, Any]]],
+                     final: JobInfo | None) -> None:
+    """Step 1: the newest marker, or Slurm's restart count, tells which attempt is current.
+    A requeue closes each earlier attempt in ``attempts`` (with what its markers said) and
+    clears the fields that belonged to it."""
+    ids = rec.executor_ids
+    job_id = ids.get("job_id")
+    base = int(ids.get("base_attempt", rec.attempt) or 1)
     attempt = max([rec.attempt, *[a for a in markers if a >= base]])
     if final is not None and final.restarts is not None:
         attempt = max(attempt, base + final.restarts)
@@ -104,40 +138,53 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
         rec.started_at = rec.ended_at = None
         rec.exit_code = rec.signal = None
         rec.reason = None
-    cur = markers.get(rec.attempt, {})
-    started, exited = cur.get("started"), cur.get("exit")
-    if started and not rec.started_at:
-        rec.started_at = started.get("time")
-        if started.get("host"):
-            ids["node"] = started["host"]
 
-    if job_id is None:
-        if rec.state == "submitting":
-            age = (now or time.time()) - (runs.parse_time(rec.created_at) or 0)
-            if age > SUBMIT_GRACE:
-                rec.state = "lost"
-                rec.reason = ("sbatch never gave a job id and no job named "
-                              f"{ids.get('job_name', '?')} is known to Slurm (checked: {', '.join(ev.checked)})")
-                rec.ended_at = rec.ended_at or runs.utcnow()
-        return rec
 
+def _without_job_id(rec: runs.RunRecord, ev: Evidence, now: float | None) -> runs.RunRecord:
+    """Step 2: no job id (reconcile found no job by name or sweep record either): a
+    ``submitting`` record may still get one for :data:`SUBMIT_GRACE` seconds, then is ``lost``."""
+    if rec.state == "submitting":
+        age = (now or time.time()) - (runs.parse_time(rec.created_at) or 0)
+        if age > SUBMIT_GRACE:
+            rec.state = "lost"
+            name = rec.executor_ids.get("job_name", "?")
+            rec.reason = ("sbatch never gave a job id and no job named "
+                          f"{name} is known to Slurm (checked: {', '.join(ev.checked)})")
+            rec.ended_at = rec.ended_at or runs.utcnow()
+    return rec
+
+
+def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any] | None, ev: Evidence) -> bool:
+    """Step 3: the job is still in the queue (``pending``, or ``running`` until its exit
+    marker exists), or the scheduler did not answer (the last known state is kept, with
+    the reason). True when this decided the record."""
+    ids = rec.executor_ids
     if live is not None and live.state in PENDING_STATES:
         ids["slurm_state"] = live.state
         rec.state = "pending" if live.state != "SUSPENDED" else "running"
         rec.reason = f"Slurm: {live.state}" + (f" ({live.reason})" if live.reason and live.reason != "None" else "")
-        return rec
+        return True
     if live is not None and live.state in RUNNING_STATES and not exited:
         ids["slurm_state"] = live.state
         rec.state = "running"
         rec.reason = None
         if live.node:
             ids["node"] = live.node
-        return rec
+        return True
     if live is None and not ev.squeue_ok and not exited:
         # the scheduler did not answer: keep the last known state, say why
         rec.reason = f"scheduler unreachable ({ev.squeue_error}); last known state kept"
-        return rec
+        return True
+    return False
 
+
+def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInfo | None,
+           started: Mapping[str, Any] | None, exited: Mapping[str, Any] | None, ev: Evidence) -> runs.RunRecord:
+    """Steps 4 and 5: the job has ended (or left every source). Slurm's last word is noted in
+    ``executor_ids``; then, in this order: exit marker 0 -> ``succeeded``; killed from
+    outside -> that state; a non-zero marker -> ``failed``; Slurm FAILED -> ``failed``;
+    Slurm COMPLETED without a marker -> ``unknown``; nothing at all -> ``lost``."""
+    ids = rec.executor_ids
     info = live if (live is not None and live.state not in RUNNING_STATES) else final
     if info is not None:
         ids["slurm_state"] = info.state + (f" {info.detail}" if info.detail else "")
@@ -162,10 +209,7 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
         elif info.exit_code is not None:
             rec.exit_code = info.exit_code
             rec.signal = info.exit_signal or None
-        what = {"cancelled": "the job was cancelled", "timeout": "the job hit its time limit",
-                "out_of_memory": "the job was killed for using too much memory", "node_fail": "its node failed",
-                "failed": "the job was preempted"}[killed]
-        rec.reason = f"Slurm: {info.state}{' ' + info.detail if info.detail else ''} ({what})"
+        rec.reason = f"Slurm: {info.state}{' ' + info.detail if info.detail else ''} ({KILLED_WHY[killed]})"
         if info.reason and info.reason not in QUEUE_REASONS:
             rec.reason += f"; reason {info.reason}"
         return rec
@@ -194,7 +238,6 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
     rec.reason = (f"job {job_id} is no longer known to squeue; it {'started' + where if started else 'never started'} "
                   f"but wrote no exit marker; checked: {', '.join(ev.checked)}")
     return rec
-
 
 
 def settled(rec: runs.RunRecord) -> bool:
