@@ -582,3 +582,27 @@ def test_the_sweep_model_loads_nothing_of_the_slurm_executor() -> None:
     with pytest.raises(UsageError, match="control character"):
         sweep.parse_sweep_option("a=1\n#SBATCH --mem=1T")
     assert slurm.resubmit_sweep is slurm.submit.resubmit_sweep and not hasattr(sweep, "resubmit")
+
+
+def test_the_package_face_exports_what_it_lists_and_the_pure_modules_stay_pure() -> None:
+    """``from hpcexp.execute.slurm import X`` works for every listed name, and the modules
+    that decide and parse import nothing that runs a command or touches a file."""
+    import ast
+
+    missing = [name for name in slurm.__all__ if not hasattr(slurm, name)]
+    assert not missing and "decide" in slurm.__all__ and "resubmit_sweep" in slurm.__all__
+    assert slurm.EXECUTOR is executors.get("slurm") and isinstance(slurm.EXECUTOR, executors.Executor)
+    folder = Path(slurm.__file__).parent
+    for module, allowed in (("decide", {"hpcexp.core.runs", "hpcexp.execute.slurm.parse"}),
+                            ("parse", {"hpcexp.errors"}), ("sbatch", {"hpcexp.errors", "hpcexp.execute.values",
+                                                                      "hpcexp.runtime.apptainer"})):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpcexp"):
+                imported |= {node.module} if node.module != "hpcexp.core" else {f"hpcexp.core.{a.name}"
+                                                                                 for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("hpcexp")}
+        type_only = {"hpcexp.infra"} if module == "parse" else set()   # process.Result, for annotations
+        assert imported - type_only <= allowed, (module, imported - allowed)

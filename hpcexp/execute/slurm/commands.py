@@ -66,7 +66,6 @@ def id_key(job_id: str) -> tuple[int, int]:
     return (int(base) if base.isdigit() else 0, int(task) if task.isdigit() else -1)
 
 
-
 def scancel_name_argv(job_name: str) -> list[str]:
     """Cancel by job name: for a record whose job id was never learnt."""
     return ["scancel", "--name", job_name]

@@ -48,7 +48,6 @@ def write_cache(layout: Layout, data: Mapping[str, Any]) -> None:
         log.debug("could not write %s: %s", path, exc)
 
 
-
 def facts() -> dict[str, Any]:
     """Slurm facts that bite: one ``scontrol show config`` and one ``sinfo`` call."""
     out: dict[str, Any] = {"available": False}

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from hpcexp.errors import SchedulerError
-from hpcexp.infra import process
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.infra import process
 
 
 def parse_sbatch(stdout: str) -> str:
@@ -168,7 +171,6 @@ def parse_config(stdout: str) -> dict[str, str]:
         if sep and key.strip() and " " not in key.strip():
             out[key.strip()] = value.strip()
     return out
-
 
 
 MARKER_RE = re.compile(r"^attempt-(\d+)\.(started|exit)$")

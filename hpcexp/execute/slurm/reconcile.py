@@ -56,7 +56,6 @@ def _known_user(name: str) -> bool:
         return False
 
 
-
 def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[str, Mapping[int, Any]]
            ) -> Evidence:
     """One squeue call, then (only for runs that left the queue without a final answer)
@@ -114,7 +113,6 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
         except EnvironmentProblem as exc:
             ev.checked.append(f"scontrol (unavailable: {exc.message})")
     return ev
-
 
 
 def _attach_orphans(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]], ev: Evidence) -> None:
@@ -251,7 +249,6 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
         _check_scancel(run(scancel_name_argv(name)))
     time.sleep(0.3)  # let slurmctld settle the cancelled state
     return reconcile(layout, items)
-
 
 
 def read_markers(paths: RunPaths) -> dict[int, dict[str, dict[str, Any]]]:

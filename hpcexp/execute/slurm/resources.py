@@ -66,7 +66,6 @@ def resources_dict(res: SlurmResources) -> dict[str, Any]:
     return out
 
 
-
 # sbatch's own refusals -> the option they are about (Slurm says "Invalid partition name
 # specified" without the value; the user needs to know which of their settings it was).
 _REFUSALS: tuple[tuple[str, str], ...] = (

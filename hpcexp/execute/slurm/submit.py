@@ -53,8 +53,6 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-
-
 @dataclass
 class Submission:
     """What ``submit`` did (or, with dry_run, would do)."""
