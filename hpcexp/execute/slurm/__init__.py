@@ -29,6 +29,12 @@ This module is the package's face: it re-exports what other packages and tests u
 ``from hpcexp.execute import slurm; slurm.decide(...)`` keeps working. A test that
 monkeypatches a name must patch it in the module that looks it up (for example
 ``hpcexp.execute.slurm.commands.SBATCH_TIMEOUT``), not here.
+
+Three modules share their name with the function they are for: ``decide``, ``reconcile``
+and ``facts``. Here those names are the functions (as before the split), so
+``import hpcexp.execute.slurm.reconcile as m`` and a monkeypatch target written as the
+string ``"hpcexp.execute.slurm.reconcile.run"`` find the function, not the module; reach
+the module with ``importlib.import_module("hpcexp.execute.slurm.reconcile")``.
 """
 
 from __future__ import annotations
