@@ -399,7 +399,7 @@ def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: Fake
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": 1 if i == 2 else 0, "time": "t"}))
     fake_slurm.set("squeue", "")
     fake_slurm.set("scontrol", "")
-    res = sweep.resubmit(project, sub.sweep_id)
+    res = slurm.resubmit_sweep(project, sub.sweep_id)
     assert res.job_ids == ["1001"] and [r.task_index for _, r in res.runs] == [2]
     rec = runs.read_record(sub.runs[2][0])
     assert rec.attempt == 2 and rec.state == "pending" and rec.attempts[0]["exit_code"] == 1
@@ -409,7 +409,7 @@ def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: Fake
     assert (sub.runs[2][0].dir / "job.attempt-1.sbatch").exists()
     with pytest.raises(UsageError, match="no task is"):
         (sub.runs[2][0].events / "attempt-2.exit").write_text('{"exit_code": 0, "time": "t"}')
-        sweep.resubmit(project, sub.sweep_id)
+        slurm.resubmit_sweep(project, sub.sweep_id)
 
 
 def test_facts_and_doctor_checks(fake_slurm: FakeSlurm) -> None:
@@ -503,7 +503,7 @@ def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_
 
 def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fake_slurm: FakeSlurm,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT", 0.5)
+    monkeypatch.setattr(slurm.commands, "SBATCH_TIMEOUT", 0.5)  # looked up where sbatch runs
     (fake_slurm.root / "sbatch.sleep").write_text("3")
     with pytest.raises(slurm.SubmitUncertain, match="may or may not have been queued") as err:
         _submit(project, [{"a": "1"}, {"a": "2"}], sweep=True)
@@ -565,3 +565,50 @@ def test_wait_polls_until_every_run_settles(tmp_path, monkeypatch):
     assert [r.state for r in final] == ["failed", "succeeded", "unknown"]
     assert rounds == [3, 3, 3]
     assert seen == script
+
+
+def test_the_sweep_model_loads_nothing_of_the_slurm_executor() -> None:
+    """sweep.py is the pure sweep model: expanding a sweep imports neither the executor nor
+    the job-script renderer (resubmitting a sweep lives in the executor, which uses sweep)."""
+    import subprocess
+
+    code = ("import sys, hpcexp.execute.sweep as s; s.product({}, [('a', ['1', '2'])], []); "
+            "print(sorted(m for m in sys.modules if m.startswith('hpcexp.execute')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    loaded = json.loads(out.stdout.replace("'", '"'))
+    assert "hpcexp.execute.sweep" in loaded and "hpcexp.execute.values" in loaded
+    assert not [m for m in loaded if m.startswith("hpcexp.execute.slurm")], loaded
+    with pytest.raises(UsageError, match="control character"):
+        sweep.parse_sweep_option("a=1\n#SBATCH --mem=1T")
+    assert slurm.resubmit_sweep is slurm.submit.resubmit_sweep and not hasattr(sweep, "resubmit")
+
+
+def test_the_package_face_exports_what_it_lists_and_the_pure_modules_stay_pure() -> None:
+    """``from hpcexp.execute.slurm import X`` works for every listed name, and the modules
+    that decide and parse import nothing that runs a command or touches a file."""
+    import ast
+    import importlib
+    import types
+
+    missing = [name for name in slurm.__all__ if not hasattr(slurm, name)]
+    # the names shared by a module and its function are the functions, as before the split
+    for name in ("decide", "reconcile", "facts"):
+        assert callable(getattr(slurm, name)) and not isinstance(getattr(slurm, name), types.ModuleType)
+        assert getattr(importlib.import_module(f"hpcexp.execute.slurm.{name}"), name) is getattr(slurm, name)
+    assert not missing and "decide" in slurm.__all__ and "resubmit_sweep" in slurm.__all__
+    assert slurm.EXECUTOR is executors.get("slurm") and isinstance(slurm.EXECUTOR, executors.Executor)
+    folder = Path(slurm.__file__).parent
+    for module, allowed in (("decide", {"hpcexp.core.runs", "hpcexp.execute.slurm.parse"}),
+                            ("parse", {"hpcexp.errors"}), ("sbatch", {"hpcexp.errors", "hpcexp.execute.values",
+                                                                      "hpcexp.runtime.apptainer"})):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hpcexp"):
+                imported |= {node.module} if node.module != "hpcexp.core" else {f"hpcexp.core.{a.name}"
+                                                                                 for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names if a.name.startswith("hpcexp")}
+        type_only = {"hpcexp.infra"} if module == "parse" else set()   # process.Result, for annotations
+        assert imported - type_only <= allowed, (module, imported - allowed)

@@ -222,5 +222,5 @@ def resubmit_cmd(ctx: "Ctx", sweep_id: str, failed: bool, cancelled: bool, parti
     which = list(sweep.FAILED_STATES) + (["cancelled"] if cancelled else [])
     over = _resources(partition, time_, None, mem, None, None, None, None, ())
     slurm.check_resources(over)
-    sub = sweep.resubmit(project, sweep_id, which=which, hold=hold, dry_run=dry_run, resources=over)
+    sub = slurm.resubmit_sweep(project, sweep_id, which=which, hold=hold, dry_run=dry_run, resources=over)
     _report(sub, as_json)

@@ -1,4 +1,4 @@
-"""Parameter sweeps: expansion, sweep ids and records, summaries, resubmitting failed tasks.
+"""Parameter sweeps: expansion, sweep ids and records, summaries. The pure sweep model.
 
 A sweep is the cartesian product of ``--sweep KEY=V1,V2,...`` options (and/or the
 parameter sets listed in a sweep file), submitted as ONE Slurm job array with one run
@@ -8,6 +8,9 @@ sweep record (``runs/.sweeps/SWEEP_ID.json``) lists every array submitted for it
 
 Values are kept byte for byte; one holding a newline or another control character is
 refused here, before any run folder or ``sbatch`` call exists.
+
+This module imports nothing of the Slurm executor: submitting a sweep, and resubmitting
+its failed tasks (:func:`hpcexp.execute.slurm.resubmit_sweep`), live there and use this.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from hpcexp.core.config import PARAM_RE
 from hpcexp.core.layout import Layout
 from hpcexp.errors import NotFound, StorageError, UsageError, shown
-from hpcexp.execute.slurm.sbatch import check_value
+from hpcexp.execute.values import check_value
 from hpcexp.infra import atomic, safeio
 
 MAX_SWEEP = 1_000_000
@@ -195,22 +198,3 @@ def summary(states: Iterable[str]) -> str:
     parts += [f"{n} {s}" for s, n in sorted(counts.items()) if s not in order]
     return ", ".join(parts) or "no tasks"
 
-
-def resubmit(project: Any, sweep_id: str, *, which: Sequence[str] = FAILED_STATES, hold: bool = False,
-             dry_run: bool = False, resources: Any = None) -> Any:
-    """Submit the sweep's tasks in the given states again, as one new array: each keeps its
-    run record and folder and gets a new attempt (earlier attempts and logs are kept)."""
-    from hpcexp.core import runs
-    from hpcexp.execute import base, slurm
-
-    layout = Layout(project)
-    read_sweep(layout, sweep_id)  # must exist
-    items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
-    if not items:
-        raise NotFound(f"sweep {sweep_id} has no runs")
-    items = base.reconcile(layout, items)
-    chosen = sorted([(p, r) for p, r in items if r.state in which], key=lambda t: t[1].task_index or 0)
-    if not chosen:
-        raise UsageError(f"sweep {sweep_id}: no task is {' or '.join(which)} "
-                         f"({summary(r.state for _, r in items)})")
-    return slurm.resubmit_runs(project, sweep_id, chosen, hold=hold, dry_run=dry_run, resources=resources)

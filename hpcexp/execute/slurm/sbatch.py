@@ -17,7 +17,7 @@ before anything is rendered: a newline in a job name would otherwise add a direc
 What the job does on the compute node needs neither hpcexp nor Python: it writes its
 own state markers with plain shell into ``RUN_DIR/events/`` (``attempt-N.started``,
 ``attempt-N.exit``, JSON, written to a temp name then renamed), and ``hpcexp status``
-folds them into run.json (see :func:`hpcexp.execute.slurm.reconcile`). A requeued job starts
+folds them into run.json (see :mod:`hpcexp.execute.slurm.reconcile`). A requeued job starts
 again from the top; its attempt number is the submission's base attempt plus
 ``SLURM_RESTART_COUNT``, and each attempt writes its own log files so earlier ones are
 kept.
@@ -33,13 +33,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from hpcexp.errors import UsageError, shown
+from hpcexp.errors import UsageError
+from hpcexp.execute.values import check_value
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
 
 PLACEHOLDER_RE = re.compile(r"\{\{(.*?)\}\}")
 NAME_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 REQUIRED = ("sbatch_header", "record_start", "launch", "record_end")
 PLACEHOLDERS = ("sbatch_header", "record_start", "launch", "record_end", "experiment", "run_id", "run_dir",
                 "results", "sweep_id", "image", "project")
@@ -51,17 +51,6 @@ HEADER_BARE_RE = re.compile(r"^[A-Za-z0-9_.,:@+=/%-]+$")
 def default_template() -> str:
     """The packaged template that ``hpcexp init`` copies to slurm/default.sbatch."""
     return resources.files("hpcexp").joinpath("templates/default.sbatch").read_text(encoding="utf-8")
-
-
-def check_value(what: str, value: str) -> str:
-    """Refuse a value that holds a newline or another control character (it could add
-    a ``#SBATCH`` directive or a command); return it unchanged otherwise."""
-    m = CONTROL_RE.search(value)
-    if m:
-        raise UsageError(f"{what} {shown(value)} holds a control character ({m.group(0)!r}); "
-                         "newlines and control characters cannot be passed to a Slurm job",
-                         hint="remove it; values reach the payload byte for byte otherwise")
-    return value
 
 
 def header_quote(value: str) -> str:
