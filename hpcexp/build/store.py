@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from hpcexp.core.config import Project
 from hpcexp.core.layout import Layout
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SIDECAR_SCHEMA = 1
 
-Current = Mapping[tuple[str, str], "str | None"]
+Current = Mapping[tuple[str, str], Optional[str]]
 """(experiment, arch) -> the input hash of today's inputs (None when it cannot be computed)."""
 
 

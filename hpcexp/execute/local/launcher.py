@@ -92,8 +92,6 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
 def _runtime_path() -> str:
     """Where apptainer (or singularity) is. Its version is asked while the payload runs
     (see :func:`supervise`), so a run does not wait for ``apptainer --version`` first."""
-    from hpcexp.infra import process
-
     found = process.which("apptainer") or process.which("singularity")
     if found is None:
         apptainer.require()  # raises EnvironmentProblem with the fix

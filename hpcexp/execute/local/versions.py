@@ -22,6 +22,7 @@ from hpcexp.infra import atomic, process
 
 
 def version_cache(cache_dir: Path) -> Path:
+    """The file of remembered versions in the user's cache (its path goes into each run's record)."""
     return cache_dir / "runtime-versions.json"
 
 
