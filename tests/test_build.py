@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcexp.build import image
+from hpcexp.build import builder, identity, image, store
 from hpcexp.convert import recipe
 from hpcexp.core.config import load_project
 from hpcexp.core.layout import Layout
@@ -43,7 +43,7 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HPCEXP_SUBGID_FILE", str(subuid))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(recipe, "convert", convert_fake.convert)
-    monkeypatch.setattr(image, "_caches", {})
+    monkeypatch.setattr(identity, "_caches", {})
     return calls
 
 
@@ -145,7 +145,7 @@ def test_touch_does_not_rebuild_and_stat_cache_avoids_rereads(proj: Path, fake_e
     reads = []
     real = image.hashing.sha256_file
     monkeypatch.setattr(image.hashing, "sha256_file", lambda p: reads.append(str(p)) or real(p))
-    monkeypatch.setattr(image, "_caches", {})  # a new process: cache comes from disk
+    monkeypatch.setattr(identity, "_caches", {})  # a new process: cache comes from disk
     assert build(proj).input_hash == h0
     assert str(big) not in reads
     os.utime(big, None)  # touch: re-read once, same content, same image
@@ -272,8 +272,8 @@ def test_dead_owner_lock_and_orphan_temp_are_recovered(proj: Path, fake_env: Pat
     p.start()
     p.join()
     host = hostinfo.short_hostname()
-    dead_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{p.pid}-abc123"
-    live_scratch = Path(os.environ["TMPDIR"]) / f"{image.SCRATCH_PREFIX}{host}-{os.getpid()}-def456"
+    dead_scratch = Path(os.environ["TMPDIR"]) / f"{store.SCRATCH_PREFIX}{host}-{p.pid}-abc123"
+    live_scratch = Path(os.environ["TMPDIR"]) / f"{store.SCRATCH_PREFIX}{host}-{os.getpid()}-def456"
     for d in (dead_scratch, live_scratch):
         (d / "build-temp-1").mkdir(parents=True)
     assert Layout(project).build_lock(prep.image).exists()
@@ -310,7 +310,7 @@ def test_no_subuid_warns_once_and_without_fakeroot_skips_it(proj: Path, fake_env
     empty = tmp_path / "empty-subuid"
     empty.write_text("someoneelse:100000:65536\n")
     monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(empty))
-    monkeypatch.setattr(image, "_warned_fakeroot", False)
+    monkeypatch.setattr(builder, "_warned_fakeroot", False)
     events: list[tuple[str, str]] = []
     build(proj, progress=lambda k, t: events.append((k, t)))
     assert len([t for k, t in events if k == "warn" and "subuid" in t]) == 1
@@ -356,19 +356,19 @@ def test_subid_ranges_one_definition_of_enough(tmp_path: Path) -> None:
 def test_normalize_recipe_drops_header_and_base_paths() -> None:
     a = "# from Dockerfile sha256 aaa\nBootstrap: localimage\nFrom: /home/u/.cache/b.sif\n%post\n  true\n"
     b = "# from Dockerfile sha256 bbb\n\nBootstrap: localimage\nFrom: /other/b.sif\n%post\n  true\n"
-    assert image.normalize_recipe(a, ["/home/u/.cache/b.sif"]) == image.normalize_recipe(b, ["/other/b.sif"])
-    assert image.normalize_recipe(a, []) != image.normalize_recipe(b, [])
+    assert identity.normalize_recipe(a, ["/home/u/.cache/b.sif"]) == identity.normalize_recipe(b, ["/other/b.sif"])
+    assert identity.normalize_recipe(a, []) != identity.normalize_recipe(b, [])
 
 
 def test_build_steps_for_the_live_line() -> None:
-    assert image._step_of("INFO:    Running post scriptlet") == "Running post scriptlet"
-    assert image._step_of("+ pip install numpy") == "+ pip install numpy"
-    assert image._step_of("I: Retrieving Packages ") == "Retrieving Packages"
-    assert image._step_of("random output") is None
+    assert builder._step_of("INFO:    Running post scriptlet") == "Running post scriptlet"
+    assert builder._step_of("+ pip install numpy") == "+ pip install numpy"
+    assert builder._step_of("I: Retrieving Packages ") == "Retrieving Packages"
+    assert builder._step_of("random output") is None
 
 
 def test_labelled_recipe_is_one_line_per_label() -> None:
-    text = image.labelled_recipe("Bootstrap: localimage\nFrom: x\n", {"a.b": "two\nlines", "c": ""})
+    text = builder.labelled_recipe("Bootstrap: localimage\nFrom: x\n", {"a.b": "two\nlines", "c": ""})
     assert text.endswith("%labels\n    a.b two lines\n    c -\n")
 
 
@@ -381,7 +381,7 @@ def test_labelled_recipe_is_one_line_per_label() -> None:
     (["+ pip install nothing", "FATAL:   While performing build: exit status 1"], "ImageBuildFailed", "exit status 1"),
 ])
 def test_translate_failure(lines: list[str], kind: str, needle: str, tmp_path: Path) -> None:
-    err = image._translate_failure("x amd64", 255, lines, tmp_path / "x.log", "/tmp/s", tmp_path)
+    err = builder._translate_failure("x amd64", 255, lines, tmp_path / "x.log", "/tmp/s", tmp_path)
     assert type(err).__name__ == kind
     assert needle in err.message and str(tmp_path / "x.log") in err.message and "\n" not in err.message
 
@@ -414,7 +414,7 @@ def test_low_disk_space_is_warned_before_building(proj: Path, fake_env: Path, mo
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(image.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 10 << 20))
+    monkeypatch.setattr(builder.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 10 << 20))
     events: list[tuple[str, str]] = []
     build(proj, progress=lambda k, t: events.append((k, t)))
     assert any(k == "warn" and "only 10 MiB free" in t for k, t in events)

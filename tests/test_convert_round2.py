@@ -171,9 +171,9 @@ def test_stopsignal_invalid(tmp_path: Path) -> None:
 @pytest.mark.parametrize("recorded, sent", [("SIGINT", "SIGINT"), ("SIGUSR1", "SIGUSR1"), (None, "SIGTERM"),
                                             ("SIGKILL", "SIGTERM"), ("SIGNOPE", "SIGTERM"), (15, "SIGTERM")])
 def test_local_stop_sends_the_recorded_stopsignal(recorded, sent) -> None:
-    from hpcexp.execute import local
+    from hpcexp.execute.local.supervisor import _stop_signal
 
-    assert local._stop_signal(recorded).name == sent
+    assert _stop_signal(recorded).name == sent
 
 
 def test_env_pairs_referring_to_base_values(tmp_path: Path) -> None:

@@ -187,7 +187,7 @@ def test_fifo_stop_request_and_logs_do_not_block(project: Path) -> None:
     os.mkfifo(run_dir / "stop.json")
     proc = run_cli("logs", GOOD[0], cwd=project, timeout=30)
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
-    from hpcexp.execute.local import _read_stop_request
+    from hpcexp.execute.local.supervisor import _read_stop_request
 
     assert _read_stop_request(RunPaths(run_dir)) == {}
 
@@ -562,14 +562,12 @@ def shared_project() -> Iterator[tuple[Path, str]]:
 def test_stop_of_another_users_run_is_refused_at_once(shared_project: tuple[Path, str]) -> None:
     import time
 
-    from hpcexp.infra.host import pid_start_ticks as proc_start_ticks
-
     root, other = shared_project
     pid = int(_as_second("sleep 300 </dev/null >/dev/null 2>&1 & echo $!").strip())
     try:
         run_id = "20260101-000000.000-0f0f0f"
         rec = runs.RunRecord(experiment="hello", run_id=run_id, state="running", user=other,
-                             executor_ids={"supervisor_pid": pid, "supervisor_start": proc_start_ticks(pid),
+                             executor_ids={"supervisor_pid": pid, "supervisor_start": hostinfo.pid_start_ticks(pid),
                                            "host": hostinfo.hostname(), "boot_id": hostinfo.boot_id()})
         run_dir = root / "runs" / "hello" / run_id
         _as_second(f"umask 007; mkdir {run_dir} && cat > {run_dir}/run.json", input=rec.json_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcexp.app import doctor
-from hpcexp.build import bases, image
+from hpcexp.build import bases, identity, image
 from hpcexp.convert import recipe
 from hpcexp.core.config import load_project
 from hpcexp.errors import EnvironmentProblem
@@ -163,7 +163,7 @@ def deb_project(tmp_path: Path, user_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("HPCEXP_SUBUID_FILE", str(subuid))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(recipe, "convert", convert_fake.convert)
-    monkeypatch.setattr(image, "_caches", {})
+    monkeypatch.setattr(identity, "_caches", {})
     apptainer._detect_cached.cache_clear()
     root = tmp_path / "deb"
     (root / "experiments" / "py").mkdir(parents=True)

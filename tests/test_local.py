@@ -20,6 +20,7 @@ import pytest
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.execute import local
+from hpcexp.execute.local import supervisor, versions
 from hpcexp.infra import host as hostinfo
 
 
@@ -56,7 +57,7 @@ def _wait(pred, timeout=20.0):
     (-9, None, "failed", None, 9, None),
 ])
 def test_decode_exit(rc, fatal, state, exit_code, sig, launch) -> None:
-    out = local._decode_exit(rc, fatal, local._StopState(10))
+    out = supervisor._decode_exit(rc, fatal, supervisor._StopState(10))
     assert out["state"] == state
     assert out.get("exit_code") == exit_code
     assert out.get("signal") == sig
@@ -64,9 +65,9 @@ def test_decode_exit(rc, fatal, state, exit_code, sig, launch) -> None:
 
 
 def test_decode_exit_when_stopped_is_cancelled() -> None:
-    stop = local._StopState(10)
+    stop = supervisor._StopState(10)
     stop.requested, stop.signal_sent = True, signal.SIGKILL
-    out = local._decode_exit(137, None, stop)
+    out = supervisor._decode_exit(137, None, stop)
     assert out == {"state": "cancelled", "exit_code": 137, "signal": 9}
 
 
@@ -336,7 +337,7 @@ def test_runtime_version_is_remembered_per_binary(tmp_path: Path) -> None:
     prog.chmod(0o755)
     cache_dir = tmp_path / "cache"
     assert local.known_version(str(prog), cache_dir) is None
-    local._remember_version(str(prog), "1.2.3", local._version_cache(cache_dir))
+    versions.remember_version(str(prog), "1.2.3", versions.version_cache(cache_dir))
     assert local.known_version(str(prog), cache_dir) == "1.2.3"
     prog.write_text("#!/bin/sh\necho 'apptainer version 1.2.4 (a new install)'\n")
     assert local.known_version(str(prog), cache_dir) is None

@@ -17,6 +17,7 @@ from hpcexp.core.config import BaseSpec
 from hpcexp.core.layout import RunPaths
 from hpcexp.errors import ConfigError, SchedulerError
 from hpcexp.execute import local, slurm
+from hpcexp.execute.local import supervisor
 from hpcexp.infra import process
 
 # -- Debian components in the base recipe -------------------------------------------------
@@ -83,7 +84,7 @@ def test_a_supervisor_failure_is_logged_in_the_run_folder(tmp_path: Path, monkey
     def boom(*_a, **_k):
         raise RuntimeError("the supervisor broke")
 
-    monkeypatch.setattr(local, "supervise", boom)
+    monkeypatch.setattr(supervisor, "supervise", boom)  # where main() looks it up
     assert local.main([str(paths.dir)]) == 1
     log = paths.supervisor_log.read_text()
     assert "RuntimeError: the supervisor broke" in log and "Traceback" in log

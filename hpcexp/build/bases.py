@@ -323,28 +323,30 @@ def ensure_base(project: "Project", spec: BaseSpec, progress: Callable[[str, str
         return spec.sif
     if spec.kind != "debootstrap":
         raise ValueError(f"ensure_base: {spec.kind} bases are not built by hpcexp")
-    from hpcexp.build import image
+    # In-function for start-up time: `hpcexp convert` needs this module's resolver, not the
+    # builder (subprocess, locks, the container runtime).
+    from hpcexp.build import builder, store
     from hpcexp.infra import process
 
     final = base_sif_path(project, spec)
-    if image.valid_sif(final):
+    if store.valid_sif(final):
         return final
     # Not only on PATH: Debian installs debootstrap in /usr/sbin, which an ordinary user's
-    # PATH lacks; the build hands Apptainer a PATH with those folders (image._run_build).
+    # PATH lacks; the build hands Apptainer a PATH with those folders (builder._run_build).
     if process.find_host_tool("debootstrap") is None:
         raise EnvironmentProblem(f"base {spec.ref!r} is built with debootstrap, which is not installed "
                                  f"(looked on PATH and in {', '.join(process.HOST_TOOL_DIRS)})",
                                  hint="install Debian's `debootstrap` package (or ask your admins), or map "
                                       "the base to a SIF under `bases:` in hpcexp.yaml")
     mirror = mirror_for(project, spec)
-    text = debootstrap_recipe(spec, mirror)
-    image.build_sif(project, text, final, context=final.parent, label=f"base {spec.ref}",
-                    labels={"org.hpcexp.base.ref": spec.ref, "org.hpcexp.base.spec-hash": spec_hash(spec),
-                            "org.hpcexp.base.mirror": mirror},
-                    sidecar_extra={"kind": "debootstrap-base", "ref": spec.ref, "suite": spec.suite,
-                                   "include": list(spec.include), "mirror": mirror,
-                                   "spec_hash": spec_hash(spec)},
-                    progress=progress, wait=wait)
+    text = materialize(debootstrap_recipe(spec, mirror), project)
+    builder.build_sif(project, text, final, context=final.parent, label=f"base {spec.ref}",
+                      labels={"org.hpcexp.base.ref": spec.ref, "org.hpcexp.base.spec-hash": spec_hash(spec),
+                              "org.hpcexp.base.mirror": mirror},
+                      sidecar_extra={"kind": "debootstrap-base", "ref": spec.ref, "suite": spec.suite,
+                                     "include": list(spec.include), "mirror": mirror,
+                                     "spec_hash": spec_hash(spec)},
+                      progress=progress, wait=wait)
     return final
 
 
