@@ -320,5 +320,5 @@ def run_checks(project: Project | None = None,
     if project is not None:
         from hpcexp.app.tracking import doctor_check
 
-        checks.extend(doctor_check(project))
+        checks.extend(Check(name, status, detail, fix) for name, status, detail, fix in doctor_check(project))
     return checks

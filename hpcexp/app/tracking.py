@@ -165,10 +165,12 @@ def describe_line(info: Mapping[str, Any]) -> str:
     return f"mlflow: not exported yet to {where}{have}{why}"
 
 
-def doctor_check(project: Project | None) -> list[Any]:
-    """One doctor line per tracking server the project uses."""
-    from hpcexp.app.doctor import FAIL, OK, WARN, Check
+def doctor_check(project: Project | None) -> list[tuple[str, str, str, str | None]]:
+    """(name, ok|warn|fail, detail, fix) doctor rows: one per tracking server the project uses.
 
+    Rows, not doctor's Check objects, so that doctor imports this module and not the other
+    way round (as executors' doctor rows do)."""
+    OK, WARN, FAIL = "ok", "warn", "fail"  # noqa: N806 - the doctor's status words
     if project is None:
         return []
     from hpcexp.track import export as ex
@@ -179,7 +181,7 @@ def doctor_check(project: Project | None) -> list[Any]:
             targets.setdefault(exp.tracking.uri, ex.target_experiment(exp.tracking, exp.name))
     if project.tracking is not None:
         targets.setdefault(project.tracking.uri, project.tracking.experiment or "Default")
-    checks = []
+    checks: list[tuple[str, str, str, str | None]] = []
     for uri, name in targets.items():
         try:
             detail = ex.probe(uri, name)
@@ -187,16 +189,16 @@ def doctor_check(project: Project | None) -> list[Any]:
         except Exception as exc:  # noqa: BLE001
             detail, status = getattr(exc, "message", str(exc)), FAIL
             fix = getattr(exc, "hint", None) or "check tracking.mlflow.uri"
-        checks.append(Check("tracking", status, detail, fix))
+        checks.append(("tracking", status, detail, fix))
     if targets:
         import importlib.util
 
         if importlib.util.find_spec("mlflow") is None:
             from hpcexp.track.mlflow import INSTALL_HINT
 
-            checks.append(Check("tracking client", WARN, "the MLflow client is not installed: runs are kept "
-                                                         "for export but nothing is sent", INSTALL_HINT))
+            checks.append(("tracking client", WARN, "the MLflow client is not installed: runs are kept "
+                                                   "for export but nothing is sent", INSTALL_HINT))
         else:
-            checks.append(Check("tracking client", OK, "MLflow client installed"))
+            checks.append(("tracking client", OK, "MLflow client installed", None))
     return checks
 

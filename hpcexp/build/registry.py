@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime as _dt
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from hpcexp.build import store
 from hpcexp.core.config import LOOPBACK_HOSTS, Experiment, Project, RegistrySpec, VerifyPolicy
 from hpcexp.core.layout import Layout
 from hpcexp.errors import ConfigError, EnvironmentProblem, Failure, HpcexpError, NotFound, UsageError
@@ -841,13 +843,12 @@ def enforce(policy: VerifyPolicy, sif: Path, label: str, progress: Progress | No
 # Push
 # --------------------------------------------------------------------------------------
 
-def push(project: Project, exp: Experiment, arch: str, *, to: str | None = None, sign: bool = False,
+def push(project: Project, exp: Experiment, arch: str, info: Any, *, to: str | None = None, sign: bool = False,
          key_file: Path | None = None, progress: Progress | None = None) -> Pin:
-    """Push the current image of ``exp``/``arch`` and pin it by digest in hpcexp.lock."""
-    from hpcexp.build import image as image_mod
-
+    """Push ``info``, the current image of ``exp``/``arch`` (``image.current_image``, None when
+    there is none), and pin it by digest in hpcexp.lock. The caller looks the image up: the
+    image layer calls this one (to pull on demand), never the other way round."""
     target_ref(project, exp, arch, "0" * 64, to)   # a bad or missing registry fails before any work
-    info = image_mod.current_image(project, exp, arch)
     if info is None:
         raise NotFound(f"no current image of {exp.name} {arch} to push (its inputs changed or it was never built)",
                        hint=f"hpcexp build {exp.name}" + (f" --arch {arch}" if arch else ""))
@@ -857,10 +858,10 @@ def push(project: Project, exp: Experiment, arch: str, *, to: str | None = None,
     label = f"{exp.name} {arch}"
     final = info.path
     signed_by = None
-    side = image_mod.read_sidecar(final) or {}
+    side = store.read_sidecar(final) or {}
     if sign:
         final, signed_by = _sign_in_place(project, final, key_file, label, progress)
-        side = image_mod.read_sidecar(final) or {}
+        side = store.read_sidecar(final) or {}
     elif side.get("signed_by"):
         signed_by = side["signed_by"]
     sha = side.get("sha256") or hashing.sha256_file(final)
@@ -890,11 +891,10 @@ def push(project: Project, exp: Experiment, arch: str, *, to: str | None = None,
 def _sign_in_place(project: Project, sif: Path, key_file: Path | None, label: str,
                    progress: Progress | None) -> tuple[Path, str | None]:
     """Sign the local image (a signed copy replaces it under its lock; its sidecar follows)."""
-    from hpcexp.build import image as image_mod
 
     lock = Lock(Layout(project).build_lock(sif), purpose=f"sign {sif.name}")
     with lock.hold(what=f"image {sif.name}"):
-        side = image_mod.read_sidecar(sif) or {}
+        side = store.read_sidecar(sif) or {}
         tmpdir = Path(atomic.tmp_name_for(sif.parent / "sign"))
         try:
             tmpdir.mkdir()
@@ -989,10 +989,9 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
 
     with lock.hold(wait=wait, on_wait=on_wait, what=f"image {final.name}"):
         if final.exists():   # only then is there something to reuse (checking it needs the image module)
-            from hpcexp.build import image as image_mod
 
-            side = image_mod.read_sidecar(final)
-            if reuse and side is not None and side.get("sha256") == pin.sha256 and image_mod.valid_sif(final, side):
+            side = store.read_sidecar(final)
+            if reuse and side is not None and side.get("sha256") == pin.sha256 and store.valid_sif(final, side):
                 if check is not None:
                     check()
                 side["_pulled"] = False
@@ -1025,7 +1024,6 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             if "error" in box:
                 raise box["error"]
             sha = box["sha"]
-            from hpcexp.build import image as image_mod
 
             if sha != pin.sha256:
                 raise PinMismatch(f"pulled {redact(pin.ref)} but its sha256 is {sha}, not {pin.sha256} as "
@@ -1033,11 +1031,11 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             verdict = enforce(project.verify, tmp, f"{label} ({redact(pin.ref)})", progress)
             st = os.stat(tmp)
             sidecar: dict[str, Any] = {
-                "schema": image_mod.SIDECAR_SCHEMA, "kind": "pulled", "path": str(final),
+                "schema": store.SIDECAR_SCHEMA, "kind": "pulled", "path": str(final),
                 "experiment": pin.experiment, "arch": pin.arch, "input_hash": pin.input_hash,
                 "sha256": sha, "size": st.st_size, "sif_stat": [st.st_size, st.st_mtime_ns, st.st_ino],
                 "pulled_from": pin.ref, "signed_by": pin.signed_by,
-                "pulled_at": image_mod._now(), "pull_seconds": round(time.monotonic() - t0, 3),
+                "pulled_at": _now(), "pull_seconds": round(time.monotonic() - t0, 3),
             }
             if verdict is not None:
                 sidecar["verified"] = {"sha256": sha, "policy": policy_digest(project.verify), "ok": verdict.ok,
@@ -1161,9 +1159,8 @@ def pin_bases(project: Project, specs: Any, progress: Progress | None = None) ->
 
 def image_state(project: Project, path: Path, experiment: str, arch: str, input_hash: str | None) -> str:
     """pushed / pinned / signed / pulled state of one local image, for ``hpcexp images``."""
-    from hpcexp.build import image as image_mod
 
-    side = image_mod.read_sidecar(path) or {}
+    side = store.read_sidecar(path) or {}
     try:
         pin = read_lock(project).pin(experiment, arch)
     except HpcexpError:
@@ -1189,3 +1186,7 @@ def pins_not_here(project: Project, present: set[tuple[str, str, str | None]]) -
     except HpcexpError:
         return []
     return [p for p in sorted(pins, key=lambda p: p.key) if (p.experiment, p.arch, p.input_hash) not in present]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

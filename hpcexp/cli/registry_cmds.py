@@ -53,13 +53,14 @@ def push_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, to:
     for exp in project.select(list(names), all_):
         if all_ and arch not in exp.dockerfiles:
             continue
-        if all_:
-            from hpcexp.build import image
+        from hpcexp.build import image
 
-            if image.current_image(project, exp, arch) is None:
-                warn(f"{exp.name} {arch}: no current image, not pushed (hpcexp build {exp.name})")
-                continue
-        pin = registry.push(project, exp, arch, to=to, sign=sign, key_file=key_file, progress=_progress(quiet))
+        current = image.current_image(project, exp, arch)
+        if all_ and current is None:
+            warn(f"{exp.name} {arch}: no current image, not pushed (hpcexp build {exp.name})")
+            continue
+        pin = registry.push(project, exp, arch, current, to=to, sign=sign, key_file=key_file,
+                            progress=_progress(quiet))
         pins.append(pin)
         if not as_json:
             click.echo(f"{exp.name} {arch}: {registry.redact(pin.ref)}" + (" (signed)" if pin.signed_by else ""))
