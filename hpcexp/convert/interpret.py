@@ -9,8 +9,12 @@ in ``%post`` at their original position (P06); RUN keeps Docker's ``sh -c`` sema
 What an instruction means is decided here, and recorded as a fidelity :class:`Note`; how
 it is spelled (quoting, here-documents, section syntax) is the writer's business.
 
-COPY, ADD and RUN --mount (everything that stages files) are in
-:mod:`hpcexp.convert.staging`, a mixin of :class:`Interpreter`, to keep each module readable.
+This module has the driver, the scope of words and paths, FROM (stages and their bases),
+RUN, and the stage pruning; the other instructions are mixins of :class:`Interpreter`, one
+module per topic, to keep each readable: :mod:`~hpcexp.convert.variables` (ARG, ENV,
+LABEL), :mod:`~hpcexp.convert.staging` (COPY, ADD, RUN --mount: files staged through
+``%files``) and :mod:`~hpcexp.convert.imageconfig` (WORKDIR, USER, SHELL, CMD,
+ENTRYPOINT and the rest of the image config).
 """
 
 from __future__ import annotations
@@ -22,9 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from hpcexp.convert import dockerfile as dfmod
 from hpcexp.convert import model as m
-from hpcexp.convert.bridge import _spython, _spython_mod
 from hpcexp.convert.context import BuildContext
 from hpcexp.convert.dockerfile import (
     Dockerfile,
@@ -34,24 +36,20 @@ from hpcexp.convert.dockerfile import (
     has_refs,
     literal,
     render_shell,
-    split_key_values,
 )
+from hpcexp.convert.imageconfig import ImageConfig
 from hpcexp.convert.model import REF as _REF
 from hpcexp.convert.model import BaseResolution, BaseResolver, Stage
 from hpcexp.convert.report import Note
 from hpcexp.convert.staging import Copying
+from hpcexp.convert.variables import Variables
 from hpcexp.errors import ConvertError
 
 _STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f]")
-_ARG_COMMENT = re.compile(r"(^|\s)#")
-_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SPACES = re.compile(r"\s+")
-_LEGACY_SPLIT = re.compile(r"[\t\v\f\r ]+")
-_SIMPLE_PAIRS = re.compile(r"""\s*(?:[A-Za-z_][A-Za-z0-9_.-]*=(?:"[^"\\`]*"|'[^'\\`]*'|[^\s"'\\`]+)(?:\s+|$))+""")
 
 
-class Interpreter(Copying):
+class Interpreter(Variables, Copying, ImageConfig):
     """Reads a Dockerfile's instructions in order and fills the stages of the recipe model."""
 
     def __init__(self, df: "Dockerfile", context: Path, arch: str, build_args: Mapping[str, str],
@@ -277,144 +275,6 @@ class Interpreter(Copying):
                       + (f", From: {res.source}" if res.source else ""))
         return res
 
-    # -- ARG --------------------------------------------------------------------------
-    def do_arg(self, ins: "Instruction") -> None:
-        text = ins.args
-        comment = _ARG_COMMENT.search(text)
-        if comment:
-            self.note(ins, "ARG with # comment", "approximated",
-                      "text after '#' was ignored (Docker has no trailing comments; it would declare more ARGs)",
-                      "P12")
-            text = text[:comment.start()]
-        if not text.strip():
-            raise self.fail(ins, "needs a name")
-        global_scope = self.cur is None
-        for tok in _split_unquoted(text):
-            name, eq, default = tok.partition("=")
-            if not _VAR_NAME.match(name):
-                raise self.fail(ins, f"invalid ARG name {name[:40]!r}")
-            wp = self.processor(global_scope)
-            value: tuple | None
-            if name in self.cli_args:
-                value = (self.cli_args[name],)
-            elif eq:
-                try:
-                    value = wp.word(default)
-                except ValueError as exc:
-                    raise self.fail(ins, str(exc)) from None
-            elif not global_scope and name in self.global_args:
-                value = self.global_args[name]
-            else:
-                value = None
-            if global_scope:
-                if value is None:
-                    self.global_unset.add(name)
-                    self.global_args.pop(name, None)
-                else:
-                    self.global_args[name] = value
-                    self.global_unset.discard(name)
-            else:
-                st = self.cur
-                assert st is not None
-                self._wp = None
-                if value is None:
-                    st.arg_unset.add(name)
-                    st.args.pop(name, None)
-                else:
-                    st.args[name] = value
-                    st.arg_unset.discard(name)
-                    if name not in st.env:
-                        self.emit(m.Export(((name, render_shell(value)),)))
-            if value is not None:
-                self.used_args[name] = literal(value)
-
-    # -- ENV --------------------------------------------------------------------------
-    def env_pairs(self, ins: "Instruction", keyword: str) -> list[tuple[str, str]]:
-        """Raw (key, value-text) pairs; spython's parse_env first, our tokenizer when they disagree."""
-        text = ins.args
-        tokens = _split_unquoted(text)
-        first = tokens[0] if tokens else ""
-        if "=" not in first:
-            # Docker's legacy one-pair form (its parser's "old format"): the key is the text up to
-            # the first run of whitespace, the value is ALL the rest of the line, taken as one word
-            # (quotes removed, variables expanded, inner spaces kept): `LABEL version = "2.0"` is
-            # the label `version` with the value `= 2.0`.
-            parts = _LEGACY_SPLIT.split(text.strip(), maxsplit=1)
-            if len(parts) < 2 or not parts[1]:
-                raise self.fail(ins, f"{parts[0][:40]!r} needs a value (KEY=VALUE, or the legacy KEY VALUE)")
-            key, rest = parts
-            self.note(ins, f"{keyword} KEY value (legacy form)", "translated",
-                      "the whole rest of the line is the value, as in Docker", "P10")
-            return [(key, rest)]
-        if _SIMPLE_PAIRS.fullmatch(text):
-            # plain KEY=VALUE / KEY="quoted value" pairs: spython's parse_env splits these right
-            spy = _spython_mod()
-            theirs = _spython(self.label, ins.line, keyword, spy["parser"].parse_env, text)
-            return [tuple(item.split("=", 1)) for item in theirs]  # type: ignore[misc]
-        # escapes, quoted keys, quotes inside words: spython splits these wrongly or crashes (P10, P26)
-        try:
-            return split_key_values(text, self.df.escape)
-        except ValueError as exc:
-            raise self.fail(ins, str(exc)) from None
-
-    def do_env(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        pairs = self.env_pairs(ins, "ENV")
-        # Docker expands every value of one ENV line against the environment from BEFORE the
-        # line: `ENV A=2 B=$A` gives B the previous A, not 2
-        wp = self.processor()
-        values = []
-        for key, raw in pairs:
-            if not _VAR_NAME.match(key):
-                raise self.fail(ins, f"invalid variable name {key[:40]!r}")
-            try:
-                values.append((key, wp.word(raw)))
-            except ValueError as exc:
-                raise self.fail(ins, str(exc)) from None
-            self.global_only_note(ins, wp)
-        if len(pairs) > 1 and _refers_to_each_other(pairs):
-            self.note(ins, "ENV with several pairs", "translated", "each value refers to the variables as they "
-                      "were before this line, as in Docker", "P11")
-        together = False
-        if len(values) > 1:
-            keys = {k for k, _ in values}
-            together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
-        for key, value in values:
-            st.env[key] = value
-            self._wp = None
-            shown = render_shell(value)
-            if not together:
-                self.emit(m.Export(((key, shown),)))
-                st.environment.append((key, shown))
-        if together:  # one export: the shell expands all its words before assigning any (Docker's rule)
-            self.emit(m.Export(tuple((k, render_shell(v)) for k, v in values)))
-            # %environment is one export per line: a variable is set only after every value that
-            # refers to its previous value (`A=2 B=$A`: B first)
-            st.environment.extend((k, render_shell(v)) for k, v in _referrers_first(values))
-
-    # -- LABEL / MAINTAINER -----------------------------------------------------------
-    def do_label(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        for key, raw in self.env_pairs(ins, "LABEL"):
-            wp = self.processor()
-            try:
-                k = literal(wp.word(key))
-                v = literal(wp.word(raw))
-            except ValueError as exc:
-                raise self.fail(ins, str(exc)) from None
-            clean_k = _SPACES.sub("_", k)
-            if clean_k != k:
-                self.note(ins, "LABEL", "approximated", f"label name {k!r} written as {clean_k!r} "
-                          "(Apptainer label names end at the first space)", "P26")
-            st.labels.append((clean_k, " ".join(v.split())))
-
-    def do_maintainer(self, ins: "Instruction") -> None:
-        assert self.cur is not None
-        self.cur.labels.append(("maintainer", " ".join(ins.args.split())))
-        self.note(ins, "MAINTAINER", "translated", "written as the label 'maintainer'")
-
     # -- RUN --------------------------------------------------------------------------
     def shell_command(self, text: str) -> m.Shell:
         """``text`` run like Docker's ``SHELL + [text]``, as the stage's USER."""
@@ -469,115 +329,6 @@ class Interpreter(Copying):
             body = self.shell_command(ins.args)
         self.emit(m.Block(ins.line, "RUN", (*before, body, *after), self.chdir()))
 
-    # -- WORKDIR / USER / SHELL / VOLUME ... ------------------------------------------
-    def do_workdir(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        words = self.words(ins, ins.args)
-        if len(words) != 1:
-            raise self.fail(ins, "expects one path")
-        raw = self.path_value(ins, words[0], "path", shell=True)
-        if not raw:
-            raise self.fail(ins, "expands to an empty path")
-        st.workdir = self.abspath(raw)
-        st.workdir_set = True
-        if not raw.startswith(("/", _REF)) or (_REF not in raw and raw != ins.args.strip()):
-            self.note(ins, "WORKDIR", "translated", f"resolved to the absolute path {st.workdir}", "P14")
-        self.emit(m.Mkdir(st.workdir))
-
-    def do_user(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        words = self.words(ins, ins.args) if ins.args.strip() else []
-        if len(words) != 1:
-            raise self.fail(ins, "expects one user, e.g. USER app or USER 1000:1000")
-        user = self.path_value(ins, words[0], "user", shell=True)
-        shown = user.replace(_REF, "")
-        if user.split(":")[0] in ("root", "0"):
-            st.run_as = None
-            self.note(ins, f"USER {shown}", "translated", "later RUN steps run as root, as in Docker")
-            return
-        st.run_as = user
-        st.uses_as = True
-        self.note(ins, f"USER {shown}", "approximated",
-                  f"later RUN steps run as {shown} during the build, as in Docker, when the build can switch "
-                  "users (setpriv in the image and subordinate ids for the build; otherwise as root, with a "
-                  "warning in the build log); the container itself runs as whoever starts it", "P13")
-
-    def do_shell(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        if not ins.exec_form:
-            raise self.fail(ins, 'must be a JSON list, e.g. SHELL ["/bin/bash", "-c"]')
-        st.shell = tuple(ins.exec_form)
-        self.note(ins, "SHELL " + " ".join(ins.exec_form), "translated",
-                  "later RUN steps and shell-form CMD/ENTRYPOINT run through this shell", "P19")
-
-    def do_volume(self, ins: "Instruction") -> None:
-        paths = list(ins.exec_form) if ins.exec_form is not None else [literal(w) for w in self.words(ins, ins.args)]
-        for p in paths:
-            ap = self.abspath(p)
-            self.emit(m.Mkdir(ap))
-            self.note(ins, f"VOLUME {ap}", "approximated", "the folder is created, but the image is read-only: "
-                      "bind a host folder there (binds:) or run with --writable-tmpfs", "P27")
-
-    def do_expose(self, ins: "Instruction") -> None:
-        self.note(ins, f"EXPOSE {ins.args.strip()}", "dropped",
-                  "Apptainer shares the host network; ports need no exposing", "P27")
-
-    def do_stopsignal(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        raw = literal(self.processor().word(ins.args.strip())) if ins.args.strip() else ""
-        name = _signal_name(raw)
-        if name is None:
-            raise self.fail(ins, f"{raw[:40]!r} is not a signal (use a name like SIGINT, or a number)")
-        st.stopsignal = name
-        self.note(ins, f"STOPSIGNAL {raw}", "translated", "Apptainer has no stop signal setting; it is recorded in "
-                  f"the fidelity report and the image's sidecar, and `hpcexp stop` of a local run sends {name} "
-                  "first (then SIGKILL after the grace period), as `docker stop` does", "P27")
-
-    def do_healthcheck(self, ins: "Instruction") -> None:
-        if ins.args.strip().upper() == "NONE":
-            self.note(ins, "HEALTHCHECK NONE", "translated", "nothing to do")
-            return
-        self.note(ins, "HEALTHCHECK", "dropped", "Apptainer has no health checks and %test runs at build time, "
-                  "where a service probe would fail", "P24")
-
-    def do_onbuild(self, ins: "Instruction") -> None:
-        self.note(ins, "ONBUILD", "dropped", "Apptainer images have no build triggers", "P25")
-
-    # -- CMD / ENTRYPOINT -------------------------------------------------------------
-    def do_cmd(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        st.cmd = self.command_value(ins)
-        st.cmd_set = True
-        st.runscript_line = ins.line
-
-    def do_entrypoint(self, ins: "Instruction") -> None:
-        st = self.cur
-        assert st is not None
-        value = self.command_value(ins)
-        st.entrypoint = value or None
-        st.entrypoint_shell = ins.exec_form is None and bool(value)
-        if not st.cmd_set:
-            st.cmd = None
-        st.runscript_line = ins.line
-        if ins.exec_form is None and value:
-            self.note(ins, "ENTRYPOINT (shell form)", "translated",
-                      "runs through the shell; CMD and run arguments are ignored, as in Docker", "P17")
-
-    def command_value(self, ins: "Instruction") -> tuple[str, ...]:
-        st = self.cur
-        assert st is not None
-        if ins.exec_form is not None:
-            return tuple(ins.exec_form)
-        text = ins.args.strip()
-        if not text:
-            return ()
-        return (*st.shell, text)
-
     # -- rendering --------------------------------------------------------------------
     def prune(self) -> None:
         """Keep the stages the final image needs (as BuildKit does): Apptainer builds every stage
@@ -613,26 +364,6 @@ class Interpreter(Copying):
         """The model the writer renders (after :meth:`prune`)."""
         return m.Recipe(self.label, sha, self.arch, self.stages, list(self.ext.values()))
 
-    def finish_notes(self) -> None:
-        last = self.stages[-1]
-        line = last.runscript_line
-        if last.entrypoint or last.cmd:
-            if last.entrypoint and last.entrypoint_shell:
-                pass  # the P17 note at the ENTRYPOINT line says it all
-            elif last.entrypoint and last.cmd:
-                self.notes.append(Note(line, "ENTRYPOINT + CMD", "translated", "%runscript runs ENTRYPOINT with "
-                                       "CMD as default arguments; run arguments replace CMD (Docker's rule)", "P16"))
-            elif last.cmd:
-                self.notes.append(Note(line, "CMD", "translated", "%runscript runs CMD; run arguments replace it "
-                                       "(Docker's rule; a base image ENTRYPOINT is not applied)", "P15"))
-            else:
-                self.notes.append(Note(line, "ENTRYPOINT", "translated",
-                                       "%runscript runs ENTRYPOINT with the run arguments appended", "P16"))
-        else:
-            self.notes.append(Note(0, "no CMD/ENTRYPOINT", "translated",
-                                   "no %runscript is written, so the base image's own runscript applies", "P18"))
-
-
 
 class _Unset:
     """Names that expand to nothing in a stage: declared ARGs without value, and global ARGs."""
@@ -644,70 +375,3 @@ class _Unset:
 
     def __contains__(self, name: object) -> bool:
         return name in self.a or name in self.b
-
-
-def _split_unquoted(text: str) -> list[str]:
-    if "'" not in text and '"' not in text:
-        return text.split()
-    out, cur, quote = [], [], None
-    for c in text:
-        if quote:
-            cur.append(c)
-            if c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-            cur.append(c)
-        elif c in " \t":
-            if cur:
-                out.append("".join(cur))
-                cur = []
-        else:
-            cur.append(c)
-    if cur:
-        out.append("".join(cur))
-    return out
-
-
-_SIGNALS = {"HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "BUS": 7, "FPE": 8, "KILL": 9,
-            "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14, "TERM": 15, "STKFLT": 16, "CHLD": 17,
-            "CONT": 18, "STOP": 19, "TSTP": 20, "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25,
-            "VTALRM": 26, "PROF": 27, "WINCH": 28, "IO": 29, "PWR": 30, "SYS": 31}
-
-
-def _signal_name(text: str) -> str | None:
-    """``SIGINT``/``INT``/``2`` -> ``SIGINT`` (Linux numbering, as Docker's signal.ParseSignal); else None."""
-    t = text.strip().upper()
-    if t.isdigit():
-        n = int(t)
-        return next((f"SIG{k}" for k, v in _SIGNALS.items() if v == n), None)
-    t = t.removeprefix("SIG")
-    return f"SIG{t}" if t in _SIGNALS else None
-
-
-
-def _referrers_first(values: list[tuple[str, "Value"]]) -> list[tuple[str, "Value"]]:
-    """Order ``values`` so that each key comes after the values referring to it (cycles keep line order)."""
-    todo = list(values)
-    out: list[tuple[str, Value]] = []
-    while todo:
-        for i, (key, _) in enumerate(todo):
-            if not any(isinstance(seg, dfmod.Ref) and seg.name == key for k, v in todo if k != key for seg in v):
-                out.append(todo.pop(i))
-                break
-        else:
-            out.extend(todo)
-            break
-    return out
-
-
-def _refers_to_each_other(pairs: list[tuple[str, str]]) -> bool:
-    """Does a value of ``K1=V1 K2=V2`` name one of the line's own keys ($K or ${K})?"""
-    raws = [raw for _, raw in pairs if "$" in raw]
-    for key, _ in pairs:
-        for raw in raws:
-            if "$" + key in raw or "${" + key in raw:
-                if re.search(r"\$\{?" + key + r"(?![A-Za-z0-9_])", raw):
-                    return True
-    return False
-
