@@ -56,30 +56,34 @@ class StagedFile(NamedTuple):
 
 # --------------------------------------------------------------------------------------
 # %post steps
+#
+# Records, never changed once made (a stage FROM another stage shares its parent's). Not
+# frozen only because a frozen dataclass is three times slower to create, and conversion
+# speed is measured (bench/bench_convert.py).
 # --------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Export:
     """``export K="v" ...``: one line; several pairs are assigned together (Docker's ENV rule)."""
 
     pairs: tuple[tuple[str, str], ...]   # (KEY, value as text inside double quotes)
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Unset:
     """``unset NAME``: a parent stage's ARG that a child stage does not inherit."""
 
     name: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Mkdir:
     """``mkdir -p PATH`` (WORKDIR, VOLUME, an empty staged folder)."""
 
     path: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Remove:
     """``rm -rf PATH``: a .dockerignore'd or excluded part of a staged folder."""
 
@@ -88,7 +92,7 @@ class Remove:
 
 # -- actions: the lines of one instruction's Block ---------------------------------------
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Shell:
     """Run ``text`` as Docker's ``SHELL + [text]`` would (default ``sh -c``, no ``-e``), as ``user``."""
 
@@ -97,7 +101,7 @@ class Shell:
     user: str | None = None
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Exec:
     """Run an argument list without a shell (exec-form RUN), as ``user``."""
 
@@ -105,7 +109,7 @@ class Exec:
     user: str | None = None
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Script:
     """A ``#!`` here-document RUN: written to ``path``, made executable, run with its interpreter."""
 
@@ -116,7 +120,7 @@ class Script:
     user: str | None = None
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Hide:
     """RUN --mount: TARGET is an empty folder for one step. ``mark`` None: an id from the step's position."""
 
@@ -124,7 +128,7 @@ class Hide:
     mark: str | None = None
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Unhide:
     """After the step: TARGET is put back as it was (same ``mark`` as its :class:`Hide`)."""
 
@@ -132,7 +136,7 @@ class Unhide:
     mark: str | None = None
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class BindCopy:
     """RUN --mount=type=bind: the staged source is copied onto the (hidden) target for the step."""
 
@@ -140,7 +144,7 @@ class BindCopy:
     target: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class CopyIn:
     """COPY/ADD of one staged source into ``dest`` with Docker's rules (``into`` "dir" or "file")."""
 
@@ -149,7 +153,7 @@ class CopyIn:
     into: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class CopyGlob:
     """COPY --from with a wildcard: everything staged in ``staged_dir`` goes into folder ``dest``."""
 
@@ -157,7 +161,7 @@ class CopyGlob:
     dest: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Unpack:
     """ADD of a local archive: extracted into ``dest`` (``kind``: tar, gz, bz2, xz, zst)."""
 
@@ -166,7 +170,7 @@ class Unpack:
     kind: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Fetch:
     """ADD of a URL: downloaded to ``target`` during %post with curl or wget."""
 
@@ -174,7 +178,7 @@ class Fetch:
     target: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Clone:
     """ADD of a git repository: a shallow clone of ``ref`` (or the default branch) into ``dest``."""
 
@@ -183,7 +187,7 @@ class Clone:
     dest: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Prune:
     """COPY --from --exclude: what matches ``pattern`` is removed from the staged copy."""
 
@@ -191,7 +195,7 @@ class Prune:
     pattern: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Chmod:
     """COPY --chmod (recursive, on the staged copy) or a heredoc file's mode."""
 
@@ -200,7 +204,7 @@ class Chmod:
     recursive: bool = False
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Chown:
     """COPY --chown: owner set at build time; a build that cannot only warns."""
 
@@ -208,7 +212,7 @@ class Chown:
     path: str
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class WriteFile:
     """COPY <<heredoc: ``body`` written to ``target``."""
 
@@ -220,7 +224,7 @@ Action = Union[Shell, Exec, Script, Hide, Unhide, BindCopy, CopyIn, CopyGlob, Un
                Chown, WriteFile]
 
 
-@dataclass(frozen=True, **SLOTS)
+@dataclass(**SLOTS)
 class Block:
     """One instruction's %post lines: ``# Dockerfile line N: WHAT``, then its actions (after a ``cd``)."""
 
