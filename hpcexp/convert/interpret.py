@@ -15,6 +15,8 @@ module per topic, to keep each readable: :mod:`~hpcexp.convert.variables` (ARG, 
 LABEL), :mod:`~hpcexp.convert.staging` (COPY, ADD, RUN --mount: files staged through
 ``%files``) and :mod:`~hpcexp.convert.imageconfig` (WORKDIR, USER, SHELL, CMD,
 ENTRYPOINT and the rest of the image config).
+:class:`Interpreter` itself is about 300 lines: the scope helpers every handler shares
+(words, paths, notes) belong with the driver that owns the scope.
 """
 
 from __future__ import annotations

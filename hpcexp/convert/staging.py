@@ -5,6 +5,10 @@ expansion, notes and current stage): split out because staging files is the larg
 of Dockerfile interpretation (context matching, --from stages, --chmod/--chown/--exclude/
 --parents, archives, URLs, here-documents) and reads best on its own. It records
 :class:`hpcexp.convert.model.StagedFile` entries and %post actions; the writer spells them.
+
+:class:`Copying` is a little over 300 lines because COPY/ADD is one decision tree (flags,
+then per source: URL, another stage, a context folder, file or archive) that reads worse
+cut in two.
 """
 
 from __future__ import annotations
