@@ -227,7 +227,6 @@ class Interpreter(Variables, Copying, ImageConfig):
                 if k not in st.env:
                     st.post.append(m.Unset(k))
             st.args, st.arg_unset, st.cmd_set = {}, set(), False
-            st.merged_from = parent.name
             self.note(ins, f"FROM {ref}", "translated",
                       f"Apptainer cannot base a stage on another stage; the steps of stage {parent.name!r} "
                       "are repeated in this one", "P02")

@@ -282,7 +282,6 @@ class Stage:
     cmd_set: bool = False
     runscript_line: int = 0
     stage_no: int = 0              # staging counter
-    merged_from: str | None = None
 
 
 @dataclass
