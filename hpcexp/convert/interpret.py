@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from hpcexp.convert import dockerfile as dfmod
 from hpcexp.convert import model as m
 from hpcexp.convert.context import BuildContext
 from hpcexp.convert.dockerfile import (
@@ -49,6 +50,10 @@ from hpcexp.errors import ConvertError
 
 _STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BAD_REF = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# instruction -> handler method (the lexer admits only these keywords)
+_HANDLERS = {kw: "do_" + kw.lower() for kw in dfmod.INSTRUCTIONS}
 
 
 class Interpreter(Variables, Copying, ImageConfig):
@@ -169,7 +174,7 @@ class Interpreter(Variables, Copying, ImageConfig):
         if "escape" in self.df.directives and self.df.escape != "\\":
             self.note(None, "# escape=`", "translated", "continuation lines use ` as Docker does", "P28")
         for ins in self.df.instructions:
-            handler = getattr(self, "do_" + ins.keyword.lower())
+            handler = getattr(self, _HANDLERS[ins.keyword])
             if self.cur is None and ins.keyword not in ("FROM", "ARG"):
                 raise self.fail(ins, "comes before the first FROM", hint="every Dockerfile starts with FROM "
                                 "(only ARG may come before it)")
