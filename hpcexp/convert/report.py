@@ -24,7 +24,7 @@ class Note(NamedTuple):
     construct: str       # e.g. "USER", "RUN --mount=type=cache", "COPY --chown"
     action: str          # "translated" | "approximated" | "dropped"
     reason: str          # why, in one sentence a researcher understands
-    code: str | None = None  # defect code from the spython gap catalogue (P01..P31) when relevant
+    code: str | None = None  # the code of docs/conversion.md (P01..P33, see CODES) when relevant
 
 
 
