@@ -1,7 +1,7 @@
 """A tiny stand-in for hpcexp.convert.recipe.convert used by the build tests.
 
 It understands FROM, COPY SRC DST, RUN and WORKDIR, honours a .dockerignore of plain
-patterns, and returns a Conversion exactly as the contract in hpcexp/convert/recipe.py says.
+patterns, and returns a Conversion exactly as the contract in hpcexp/convert/report.py says.
 Build tests use it so that what they check (identity, caching, atomicity) does not depend
 on the converter's own choices.
 """
