@@ -164,7 +164,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
 
 def _wait_and_report(ctx: "Ctx", sub: Any, as_json: bool) -> None:
     """Wait for a submission's runs; print their final table (or JSON) and fail if any failed."""
-    from hpcexp.cli.run_cmds import echo_runs, summarize
+    from hpcexp.cli.tables import echo_runs, summarize
     from hpcexp.core.layout import Layout, RunPaths
     from hpcexp.errors import PayloadFailed
     from hpcexp.execute import slurm
