@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_error, run_cli
 
-from hpcexp.cli.run_cmds import format_params, summarize
+from hpcexp.cli.tables import format_params, summarize
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.infra import host as hostinfo
