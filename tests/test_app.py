@@ -157,6 +157,15 @@ def test_convert_refuses_bad_build_args_before_converting(project, bad: str) -> 
     assert not (project.root / "recipes").exists()
 
 
+def test_convert_build_args_are_checked_when_the_request_is_made() -> None:
+    """No project needed to refuse them (the CLI makes the request before loading one)."""
+    with pytest.raises(UsageError, match="--build-arg"):
+        app_convert.ConvertRequest(names=("hello",), build_args=("bad",))
+    with pytest.raises(UsageError, match="--build-arg"):
+        app_convert.ConvertFileRequest(dockerfile=Path("Dockerfile"), build_args={"A B": "1"})
+    assert app_convert.ConvertRequest(build_args=("A=1",)).build_args == {"A": "1"}
+
+
 def test_convert_build_args_from_a_mapping_and_option_rules(project) -> None:
     assert app_convert.parse_build_args({"A": "1", "B_2": "x y"}) == {"A": "1", "B_2": "x y"}
     with pytest.raises(UsageError, match="--dockerfile converts one file"):

@@ -37,6 +37,10 @@ class ConvertRequest:
     strict: bool = False         # anything approximated or dropped is a failure
     build_args: Sequence[str] | Mapping[str, str] = ()
 
+    def __post_init__(self) -> None:
+        # checked when the request is made, before a project is even looked for
+        object.__setattr__(self, "build_args", parse_build_args(self.build_args))
+
 
 @dataclass(frozen=True)
 class ConvertedRecipe:
@@ -72,7 +76,7 @@ def convert(project: Project, req: ConvertRequest,
     from hpcexp.core.layout import Layout
     from hpcexp.infra import atomic
 
-    cli_args = parse_build_args(req.build_args)
+    cli_args = dict(req.build_args)
     exps = project.select(list(req.names), req.all)
     arch = req.arch or host_arch()
     layout = Layout(project)
@@ -130,6 +134,9 @@ class ConvertFileRequest:
     output: str | None = None
     strict: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build_args", parse_build_args(self.build_args))
+
 
 @dataclass
 class ConvertFileResult:
@@ -147,7 +154,7 @@ def convert_file(req: ConvertFileRequest) -> ConvertFileResult:
     from hpcexp.core.config import host_arch
     from hpcexp.infra import atomic
 
-    cli_args = parse_build_args(req.build_args)
+    cli_args = dict(req.build_args)
     arch = req.arch or host_arch()
     df = Path(req.dockerfile)
     conv = converter.convert(df, context=req.context, arch=arch, build_args=cli_args, source_label=str(df))

@@ -56,12 +56,15 @@ def convert_cmd(ctx: Any, names: tuple[str, ...], all_: bool, arch: str | None, 
     # level: `hpcexp --help` imports this module and must stay as cheap as click.
     from hpcexp.app import convert as app
 
-    app.check_convert_options(names, all_, check, dockerfile, context, output)
+    # the request checks the build args when made, before the options and the project
     if dockerfile is not None:
-        _convert_file(app.ConvertFileRequest(dockerfile=dockerfile, context=context, arch=arch,
-                                             build_args=build_args, output=output, strict=strict),
-                      as_json, show_all)
+        file_req = app.ConvertFileRequest(dockerfile=dockerfile, context=context, arch=arch, build_args=build_args,
+                                          output=output, strict=strict)
+        app.check_convert_options(names, all_, check, dockerfile, context, output)
+        _convert_file(file_req, as_json, show_all)
         return
+    req = app.ConvertRequest(names=names, all=all_, arch=arch, check=check, strict=strict, build_args=build_args)
+    app.check_convert_options(names, all_, check, dockerfile, context, output)
 
     def shown(item: Any) -> None:
         if not as_json:
@@ -69,9 +72,7 @@ def convert_cmd(ctx: Any, names: tuple[str, ...], all_: bool, arch: str | None, 
             info(_summary(Path(item.recipe).name, item.conversion) + state)
             _print_notes(item.conversion, show_all)
 
-    result = app.convert(ctx.project(), app.ConvertRequest(names=names, all=all_, arch=arch, check=check,
-                                                           strict=strict, build_args=build_args),
-                         on_converted=shown)
+    result = app.convert(ctx.project(), req, on_converted=shown)
     if as_json:
         emit_json([item.to_json() for item in result.items])
     if result.failure is not None:
