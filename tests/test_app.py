@@ -313,8 +313,15 @@ def submit_req(**kw) -> app_submit.SubmitRequest:
     return app_submit.SubmitRequest(name="hello", **kw)
 
 
+def test_requests_that_cannot_be_met_are_refused_when_made() -> None:
+    with pytest.raises(UsageError, match="wait forever"):
+        submit_req(wait=True, hold=True)
+    for bad in ("../x", "", "a/b"):
+        with pytest.raises(UsageError):
+            app_submit.ResubmitRequest(sweep_id=bad)
+
+
 @pytest.mark.parametrize("kw, needle", [
-    ({"wait": True, "hold": True}, "wait forever"),
     ({"args": ("ok", "two\nlines")}, "control character"),
     ({"resources": SlurmResources(sbatch_args=("--comment=a\nb",))}, "control character"),
     ({"resources": SlurmResources(time="soon")}, "time"),
@@ -352,8 +359,6 @@ def test_wait_turns_final_states_into_an_outcome(project, monkeypatch: pytest.Mo
 
 
 def test_resubmit_refuses_bad_and_unknown_sweeps(project) -> None:
-    with pytest.raises(UsageError):
-        app_submit.resubmit(project, app_submit.ResubmitRequest(sweep_id="../x"))
     with pytest.raises(NotFound):
         app_submit.resubmit(project, app_submit.ResubmitRequest(sweep_id="nosuchsweep"))
     with pytest.raises(UsageError, match="mem"):

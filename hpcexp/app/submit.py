@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from hpcexp.app.progress import Progress
 from hpcexp.app.runs import parse_params, summarize
-from hpcexp.core.config import Project, SlurmResources
+from hpcexp.core.config import Project, SlurmResources, check_name
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord
 from hpcexp.errors import HpcexpError, PayloadFailed, UsageError
@@ -43,6 +43,11 @@ class SubmitRequest:
     quiet: bool = False
     cmdline: tuple[str, ...] | None = None
 
+    def __post_init__(self) -> None:
+        # refused when the request is made, before a project is even looked for
+        if self.wait and self.hold:
+            raise UsageError("--wait with --hold would wait forever: the job stays held until released")
+
 
 def check_submit(project: Project, req: SubmitRequest) -> tuple[Any, list[dict[str, str]], SlurmResources, bool]:
     """Everything a submission needs, checked: (experiment, parameter sets, merged resources, is a sweep)."""
@@ -50,8 +55,6 @@ def check_submit(project: Project, req: SubmitRequest) -> tuple[Any, list[dict[s
     from hpcexp.execute.slurm import sbatch
     from hpcexp.runtime import launch
 
-    if req.wait and req.hold:
-        raise UsageError("--wait with --hold would wait forever: the job stays held until released")
     exp = project.experiment(req.name)
     launch.check_binds(project, exp, allow_binds=req.allow_binds)
     fixed = parse_params(req.params)
@@ -148,13 +151,14 @@ class ResubmitRequest:
     hold: bool = False
     dry_run: bool = False
 
+    def __post_init__(self) -> None:
+        check_name(self.sweep_id, "sweep id")
+
 
 def resubmit(project: Project, req: ResubmitRequest) -> "Submission":
     """The sweep's failed (and optionally cancelled) tasks again, as one new job array."""
-    from hpcexp.core.config import check_name
     from hpcexp.execute import slurm, sweep
 
-    check_name(req.sweep_id, "sweep id")
     which = list(sweep.FAILED_STATES) + (["cancelled"] if req.cancelled else [])
     slurm.check_resources(req.resources)
     # The Slurm executor is taking this over from the sweep module; either place works.

@@ -164,6 +164,6 @@ def resubmit_cmd(ctx: "Ctx", sweep_id: str, failed: bool, cancelled: bool, parti
     from hpcexp.app import submit as app
 
     over = _resources(partition, time_, None, mem, None, None, None, None, ())
-    sub = app.resubmit(ctx.project(), app.ResubmitRequest(sweep_id=sweep_id, cancelled=cancelled, resources=over,
-                                                          hold=hold, dry_run=dry_run))
+    req = app.ResubmitRequest(sweep_id=sweep_id, cancelled=cancelled, resources=over, hold=hold, dry_run=dry_run)
+    sub = app.resubmit(ctx.project(), req)
     _report(sub, as_json)
