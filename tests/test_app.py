@@ -427,3 +427,31 @@ def test_the_application_layer_never_prints_exits_or_changes_directory() -> None
             assert not re.match(r"^\s*global\s", code), f"{path.name}:{n}: {line.strip()}"
     assert shutil.which("true")  # the scan above ran over real files
     assert len(list(APP.glob("*.py"))) >= 9
+
+
+def test_start_up_imports_only_the_application_module_it_needs(tmp_path: Path) -> None:
+    """`hpcexp --help` imports no use case at all; `hpcexp list --json` only app.project
+    (not the builder, the executors or the converter behind the other use cases)."""
+    import json
+    import subprocess
+    import sys
+
+    app_project.init(app_project.InitRequest(directory=tmp_path / "p"))
+    code = ("import sys, io, contextlib, json\nfrom hpcexp.cli.main import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        main(sys.argv[1:])\n    except SystemExit:\n        pass\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hpcexp'))))")
+    repo = str(APP.parents[1])
+
+    def loaded(*args: str) -> set[str]:
+        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path / "p", capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": repo}, timeout=120)
+        return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    help_mods = loaded("--help")
+    assert "hpcexp.cli.run_cmds" in help_mods and not {m for m in help_mods if m.startswith("hpcexp.app")}
+    assert "hpcexp.cli.tables" not in help_mods
+    list_mods = loaded("list", "--json")
+    assert {m for m in list_mods if m.startswith("hpcexp.app")} == {"hpcexp.app", "hpcexp.app.project"}
+    assert not {m for m in list_mods if m.startswith(("hpcexp.execute", "hpcexp.convert", "hpcexp.runtime"))}
+    assert "hpcexp.build.image" not in list_mods
