@@ -312,7 +312,7 @@ def run_checks(project: Project | None = None,
         checks.extend(check_package_indexes(project))
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
         checks.append(Check("build network", WARN, f"check failed: {exc}"))
-    if project.registry is not None:
+    if project is not None and project.registry is not None:
         checks.append(check_registry(project))
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
