@@ -291,6 +291,40 @@ def check_registry(project: Project) -> Check:
     return Check("registry", OK, f"{where}{plain}: {detail}")
 
 
+def check_tracking(project: Project | None) -> list[Check]:
+    """One doctor line per tracking server the project uses."""
+    if project is None:
+        return []
+    from hpcexp.track import export as ex
+
+    targets: dict[str, str] = {}
+    for exp in project.experiments.values():
+        if exp.tracking is not None:
+            targets.setdefault(exp.tracking.uri, ex.target_experiment(exp.tracking, exp.name))
+    if project.tracking is not None:
+        targets.setdefault(project.tracking.uri, project.tracking.experiment or "Default")
+    checks = []
+    for uri, name in targets.items():
+        try:
+            detail = ex.probe(uri, name)
+            status, fix = OK, None
+        except Exception as exc:  # noqa: BLE001
+            detail, status = getattr(exc, "message", str(exc)), FAIL
+            fix = getattr(exc, "hint", None) or "check tracking.mlflow.uri"
+        checks.append(Check("tracking", status, detail, fix))
+    if targets:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            from hpcexp.track.mlflow import INSTALL_HINT
+
+            checks.append(Check("tracking client", WARN, "the MLflow client is not installed: runs are kept "
+                                                         "for export but nothing is sent", INSTALL_HINT))
+        else:
+            checks.append(Check("tracking client", OK, "MLflow client installed"))
+    return checks
+
+
 def run_checks(project: Project | None = None,
                extra: Sequence[Callable[[], Check]] = ()) -> list[Check]:
     """Run every check; a check that raises becomes a warning, never a crash."""
@@ -317,8 +351,5 @@ def run_checks(project: Project | None = None,
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())
-    if project is not None:
-        from hpcexp.app.tracking import doctor_check
-
-        checks.extend(doctor_check(project))
+    checks.extend(check_tracking(project))
     return checks
