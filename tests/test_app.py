@@ -455,3 +455,149 @@ def test_start_up_imports_only_the_application_module_it_needs(tmp_path: Path) -
     assert {m for m in list_mods if m.startswith("hpcexp.app")} == {"hpcexp.app", "hpcexp.app.project"}
     assert not {m for m in list_mods if m.startswith(("hpcexp.execute", "hpcexp.convert", "hpcexp.runtime"))}
     assert "hpcexp.build.image" not in list_mods
+
+
+# --------------------------------------------------------------------------------------
+# features that live in the use cases: host network, pull on demand, registry state,
+# tracking in status, and the dashboard's backend on top of them
+# --------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a use case once the value under test was seen."""
+
+
+def _capture_ensure_image(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    seen: list[dict] = []
+
+    def fake(project, exp, arch, **kw):  # noqa: ANN001, ANN202
+        seen.append({"host_network": project.host_network, "experiment": exp.name, **kw})
+        raise _Stop
+
+    monkeypatch.setattr(image, "ensure_image", fake)
+    return seen
+
+
+@pytest.mark.parametrize("flag, expected", [(None, True), (False, False), (True, True)])
+def test_build_host_network_request_overrides_the_config(project, monkeypatch: pytest.MonkeyPatch, flag,
+                                                         expected: bool) -> None:
+    seen = _capture_ensure_image(monkeypatch)
+    with pytest.raises(_Stop):
+        app_build.build(project, app_build.BuildRequest(names=("hello",), arch="amd64", host_network=flag))
+    assert [s["host_network"] for s in seen] == [expected]
+    assert project.host_network is True          # the caller's project is not changed
+
+
+def test_build_host_network_false_in_the_config_stays_off(project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    seen = _capture_ensure_image(monkeypatch)
+    with pytest.raises(_Stop):
+        app_build.build(dataclasses.replace(project, host_network=False),
+                        app_build.BuildRequest(names=("hello",), arch="amd64"))
+    assert seen[0]["host_network"] is False
+
+
+def test_run_and_submit_pull_a_pinned_image_on_demand(project, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _capture_ensure_image(monkeypatch)
+    with pytest.raises(_Stop):
+        run(project)
+    with pytest.raises(_Stop):
+        app_submit.submit(project, app_submit.SubmitRequest(name="hello", arch="amd64"))
+    assert [s["pull"] for s in seen] == [True, True]
+    # build never pulls: it makes the image from its inputs
+    with pytest.raises(_Stop):
+        app_build.build(project, app_build.BuildRequest(names=("hello",), arch="amd64"))
+    assert seen[-1].get("pull", False) is False
+
+
+def test_images_shows_registry_state_and_pins_not_here(project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcexp.build import registry
+
+    app_build.build(project, app_build.BuildRequest(names=("hello",), arch="amd64"))
+    plain = app_build.images(project)
+    assert plain.registry == ["-"] and plain.missing == []
+    rows = plain.to_json()
+    assert [(r["experiment"], r["registry"]) for r in rows] == [("hello", "-")]
+    pin = registry.Pin(experiment="broken", arch="amd64", input_hash="h" * 64, sha256="s" * 64,
+                       ref="oras://user:secret@reg.example/ns/broken@sha256:" + "d" * 64, size=123,
+                       signed_by="pgp:ABC")
+    monkeypatch.setattr(registry, "pins_not_here", lambda project, present: [pin])
+    monkeypatch.setattr(registry, "image_state", lambda *a: "pushed")
+    result = app_build.images(project)
+    assert result.registry == ["pushed"] and result.missing == [pin]
+    rows = result.to_json()
+    assert rows[0]["registry"] == "pushed"
+    assert rows[1] == {"experiment": "broken", "arch": "amd64", "state": "not here", "input_hash": "h" * 64,
+                       "size": 123, "registry": "pinned,signed", "ref": pin.ref}
+    assert "secret" not in app_build.redact_ref(pin.ref)
+    assert app_build.pin_registry_cell(registry.Pin("e", "amd64", "h", "s", "r", 1)) == "pinned"
+
+
+def test_status_exports_in_the_background_and_says_where(project, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from hpcexp.app import tracking
+
+    done = run(project)
+    kicked: list[int] = []
+    monkeypatch.setattr(tracking, "kick", lambda project, items: kicked.append(len(items)) or 1)
+    monkeypatch.setattr(tracking, "describe", lambda project, paths, rec: {"tracker": "mlflow", "run": rec.run_id})
+    off = app_runs.status(project)                   # no tracking: configured nowhere, nothing sent
+    assert not off.tracked and off.tracking == [] and off.exporting == 0 and kicked == []
+    tracked = dataclasses.replace(project, tracking=object())   # the stand-ins above never read it
+    on = app_runs.status(tracked, app_runs.StatusRequest(ref=done.record.run_id))
+    assert on.tracked and on.exporting == 1 and kicked == [1]
+    assert on.tracking == [{"tracker": "mlflow", "run": done.record.run_id}]
+    quiet = app_runs.status(tracked, app_runs.StatusRequest(export=False, describe=False))
+    assert quiet.tracked and quiet.exporting == 0 and quiet.tracking == [] and kicked == [1]
+
+
+def test_push_and_pull_choose_experiments_and_refuse_a_missing_key(project, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcexp.app import registry as app_registry
+    from hpcexp.build import registry
+
+    with pytest.raises(UsageError, match="--key"):
+        app_registry.push(project, app_registry.PushRequest(names=("hello",), key_file=tmp_path / "nokey.pem"))
+    pushed: list[str] = []
+    monkeypatch.setattr(registry, "push", lambda project, exp, arch, **kw: pushed.append(exp.name) or
+                        registry.Pin(exp.name, arch, "h", "s", "oras://u:p@r.example/x@sha256:1", 1))
+    app_build.build(project, app_build.BuildRequest(names=("hello",), arch="amd64"))
+    seen, progress = events()
+    told: list[str] = []
+    result = app_registry.push(project, app_registry.PushRequest(all=True, arch="amd64"), progress=progress,
+                               on_outcome=lambda o: told.append(o.line))
+    assert pushed == ["hello"] and told == ["hello amd64: oras://***@r.example/x@sha256:1"]
+    assert ("warn", "broken amd64: no current image, not pushed (hpcexp build broken)") in seen
+    assert [row["experiment"] for row in result.to_json()] == ["hello"]
+
+    class Lock:
+        def pin(self, name, arch):  # noqa: ANN001, ANN201
+            return object() if name == "hello" else None
+
+    monkeypatch.setattr(registry, "read_lock", lambda project: Lock())
+    monkeypatch.setattr(registry, "pull", lambda project, exp, arch, **kw: {
+        "_pulled": True, "path": f"/images/{exp.name}.sif", "sha256": "s", "pulled_from": "oras://r/x"})
+    pulled = app_registry.pull(project, app_registry.PullRequest(all=True, arch="amd64"))
+    assert pulled.to_json() == [{"experiment": "hello", "arch": "amd64", "path": "/images/hello.sif",
+                                 "sha256": "s", "ref": "oras://r/x", "pulled": True}]
+    assert pulled.outcomes[0].line == "hello amd64: pulled (/images/hello.sif)"
+
+
+def test_dashboard_backend_calls_the_use_cases(project) -> None:
+    from hpcexp.app import views
+    from hpcexp.server import backend
+
+    done = run(project, params={"msg": "x y"})
+    items = backend.resolve(project, done.record.run_id)
+    assert [r.run_id for _, r in items] == [done.record.run_id]
+    row = backend.run_json(items[0])
+    assert row == views.json_rows(items)[0] and row["error"] is None and row["dir"] == str(done.paths.dir)
+    assert dict(backend.details(items[0]))["params"] == "msg='x y'"
+    assert backend.summarize([done.record]) == "1 succeeded" and backend.state_order()[0] == "succeeded"
+    assert backend.human_size(2048) == "2.0 KiB" and backend.human_age(61) == "1m01s"
+    # a damaged record refuses the dashboard's stop as it refuses the CLI's (the use case's rule)
+    done.paths.record.write_text("{not json")
+    with pytest.raises(UsageError, match="damaged"):
+        backend.stop(project, [done.record.run_id])
+    assert backend.runs(project, "hello")[0][1].error
