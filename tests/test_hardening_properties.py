@@ -86,10 +86,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> RunPaths:
 
 def _render(paths: RunPaths, rec: runs.RunRecord) -> None:
     """What status/runs/logs do with a record: none of it may raise."""
-    from hpcexp.cli.run_cmds import _details, json_rows, run_rows, summarize
+    from hpcexp.app.runs import summarize
+    from hpcexp.app.views import details, json_rows, run_rows
 
     run_rows([(paths, rec)])
-    _details(paths, rec)
+    details(paths, rec)
     json.dumps(json_rows([(paths, rec)]), default=str)
     summarize([rec])
     rec.duration()

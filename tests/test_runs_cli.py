@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean_error, run_cli
 
-from hpcexp.cli.run_cmds import format_params, summarize
+from hpcexp.app.runs import summarize
+from hpcexp.app.views import format_params
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.infra import host as hostinfo

@@ -291,6 +291,40 @@ def check_registry(project: Project) -> Check:
     return Check("registry", OK, f"{where}{plain}: {detail}")
 
 
+def check_tracking(project: Project | None) -> list[Check]:
+    """One doctor line per tracking server the project uses."""
+    if project is None:
+        return []
+    from hpcexp.track import export as ex
+
+    targets: dict[str, str] = {}
+    for exp in project.experiments.values():
+        if exp.tracking is not None:
+            targets.setdefault(exp.tracking.uri, ex.target_experiment(exp.tracking, exp.name))
+    if project.tracking is not None:
+        targets.setdefault(project.tracking.uri, project.tracking.experiment or "Default")
+    checks = []
+    for uri, name in targets.items():
+        try:
+            detail = ex.probe(uri, name)
+            status, fix = OK, None
+        except Exception as exc:  # noqa: BLE001
+            detail, status = getattr(exc, "message", str(exc)), FAIL
+            fix = getattr(exc, "hint", None) or "check tracking.mlflow.uri"
+        checks.append(Check("tracking", status, detail, fix))
+    if targets:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            from hpcexp.track.mlflow import INSTALL_HINT
+
+            checks.append(Check("tracking client", WARN, "the MLflow client is not installed: runs are kept "
+                                                         "for export but nothing is sent", INSTALL_HINT))
+        else:
+            checks.append(Check("tracking client", OK, "MLflow client installed"))
+    return checks
+
+
 def run_checks(project: Project | None = None,
                extra: Sequence[Callable[[], Check]] = ()) -> list[Check]:
     """Run every check; a check that raises becomes a warning, never a crash."""
@@ -312,13 +346,10 @@ def run_checks(project: Project | None = None,
         checks.extend(check_package_indexes(project))
     except Exception as exc:  # noqa: BLE001 - doctor reports, never crashes
         checks.append(Check("build network", WARN, f"check failed: {exc}"))
-    if project.registry is not None:
+    if project is not None and project.registry is not None:
         checks.append(check_registry(project))
     tmp = Path(os.environ.get("APPTAINER_TMPDIR") or os.environ.get("TMPDIR") or "/tmp")
     checks.append(check_space("tmp", tmp, fix_key="APPTAINER_TMPDIR"))
     checks.extend(check_slurm())
-    if project is not None:
-        from hpcexp.app.tracking import doctor_check
-
-        checks.extend(Check(name, status, detail, fix) for name, status, detail, fix in doctor_check(project))
+    checks.extend(check_tracking(project))
     return checks

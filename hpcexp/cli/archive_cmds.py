@@ -38,36 +38,34 @@ def archive_cmd(ctx, refs: tuple[str, ...], all_runs: bool, output: str | None, 
       hpcexp archive SWEEP_ID -o sweep.zip      every task of a sweep as zip
       hpcexp archive --verify sweep.zip         re-check every member (exit 1 naming any that differ)
     """
-    from hpcexp import archive
-    from hpcexp.errors import Failure, UsageError
+    # The application layer is imported inside each command, not at module level:
+    # `hpcexp --help` imports this module and must stay as cheap as click.
+    from hpcexp.app import archive as app
+
+    def progress(kind: str, text: str) -> None:
+        if kind == "warn":
+            warn(text)
 
     if verify_file is not None:
-        if refs or all_runs or output or fmt:
-            raise UsageError("--verify FILE checks an existing archive; give no runs, --all, -o or --format with it")
-        report = archive.verify_archive(verify_file)
+        app.check_verify_options(refs, all_runs, output, fmt)
+        verified = app.verify(app.VerifyRequest(path=verify_file))
+        report = verified.report
         if as_json:
-            emit_json({"path": report.path, "format": report.format, "ok": report.ok, "checked": report.checked,
-                       "runs": report.runs,
-                       "problems": [{"member": p.member, "kind": p.kind, "detail": p.detail}
-                                    for p in report.problems]})
-        if not report.ok:
+            emit_json(verified.to_json())
+        if verified.failure is not None:
             if not as_json:
                 for p in report.problems:
                     click.echo(f"hpcexp: {p.line()}", err=True)
-            first = report.problems[0]
-            more = len(report.problems) - 1
-            raise Failure(f"{verify_file} does not verify: {first.line()}" + (f" (and {more} more)" if more else ""))
+            raise verified.failure
         if not as_json:
             click.echo(f"{report.path}: OK ({report.checked} members match MANIFEST.json, "
                        f"{len(report.runs)} run{'s' if len(report.runs) != 1 else ''})")
         return
 
     _stop_on_sigterm()
-    from hpcexp.core.layout import Layout
-
-    layout = Layout(ctx.project())
-    result = archive.create_archive(layout, list(refs), all_runs=all_runs, output=output, fmt=fmt,
-                                    strict=strict, skip_unreadable=skip_unreadable, force=force, warn=warn)
+    result = app.archive(ctx.project(), app.ArchiveRequest(refs=refs, all_runs=all_runs, output=output, format=fmt,
+                                                           strict=strict, skip_unreadable=skip_unreadable,
+                                                           force=force), progress=progress)
     if as_json:
         emit_json(result)
         return
@@ -101,12 +99,15 @@ def extract_cmd(archive_file: str, dest: str, skip_outside_links: bool, max_size
     of a results folder holding a link to outside the run keeps that link as a link;
     --skip-outside-links restores everything else.
     """
-    from hpcexp import archive
+    from hpcexp.app import archive as app
+
+    def progress(kind: str, text: str) -> None:
+        if kind == "warn":
+            warn(text)
 
     _stop_on_sigterm()
-    limit = archive.parse_size(max_size) if max_size is not None else archive.DEFAULT_MAX_SIZE
-    result = archive.extract_archive(archive_file, dest, skip_outside_links=skip_outside_links, warn=warn,
-                                     max_size=limit, allow_large=allow_large)
+    result = app.extract(app.ExtractRequest(archive=archive_file, dest=dest, skip_outside_links=skip_outside_links,
+                                            max_size=max_size, allow_large=allow_large), progress=progress)
     if as_json:
         emit_json(result)
         return

@@ -137,51 +137,38 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
     command runs at all. Images land in the images folder as NAME-ARCH-HASH.sif, each with
     a provenance sidecar (.json) and labels (`apptainer inspect --labels`).
     """
-    from hpcexp.build.image import ensure_image
-    from hpcexp.core.config import host_arch
-    from hpcexp.errors import HpcexpError
+    # The application layer is imported here, not at module level: `hpcexp --help`
+    # imports this module and must stay as cheap as click.
+    from hpcexp.app import build as app
 
-    project = ctx.project()
-    if no_host_network:
-        import dataclasses
-        project = dataclasses.replace(project, host_network=False)
-    exps = project.select(list(names), all_)
-    arch = arch or host_arch()
     live = LiveLine(tty=sys.stderr.isatty() and not quiet and not as_json)
-    results = []
-    errors: list[HpcexpError] = []
-    for exp in exps:
-        if all_ and arch not in exp.dockerfiles:
-            continue
-        t0 = time.monotonic()
-        try:
-            img = ensure_image(project, exp, arch, force=force, quiet=quiet, progress=live, wait=not no_wait)
-        except HpcexpError as exc:
-            live.finish()
-            if len(exps) == 1:
-                raise  # the CLI edge prints the log tail and the error
-            for line in getattr(exc, "tail", None) or ():
+
+    def shown(outcome: Any) -> None:
+        live.finish()
+        if outcome.error is not None:
+            for line in getattr(outcome.error, "tail", None) or ():
                 click.echo(f"  | {line}", err=True)
-            click.echo(f"hpcexp: error: {exc.message}", err=True)
-            errors.append(exc)
-            continue
-        finally:
-            live.finish()
-        results.append(img)
+            click.echo(f"hpcexp: error: {outcome.error.message}", err=True)
+            return
         if as_json or quiet:
-            continue
+            return
+        img = outcome.image
         where = _rel(img.path)
         if img.built:
-            click.echo(f"{exp.name} {arch}: built in {time.monotonic() - t0:.1f} s ({where})")
+            click.echo(f"{outcome.experiment} {outcome.arch}: built in {outcome.seconds:.1f} s ({where})")
         else:
-            click.echo(f"{exp.name} {arch}: cached ({where})")
+            click.echo(f"{outcome.experiment} {outcome.arch}: cached ({where})")
+
+    req = app.BuildRequest(names=names, all=all_, arch=arch, force=force, wait=not no_wait, quiet=quiet,
+                           host_network=False if no_host_network else None)
+    try:
+        result = app.build(ctx.project(), req, progress=live, on_outcome=shown)
+    finally:
+        live.finish()
     if as_json:
-        emit_json(results)
-    if errors:
-        first = errors[0]
-        if len(errors) > 1:
-            first.message = f"{len(errors)} of {len(exps)} builds failed; first: {first.message}"
-        raise first
+        emit_json(result.images)
+    if result.failure is not None:
+        raise result.failure
 
 
 @click.command("images")
@@ -190,26 +177,17 @@ def build_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, fo
 def images_cmd(ctx: Ctx, as_json: bool) -> None:
     """List images: experiment, architecture, size, age, current or stale, and registry state
     (pushed, pinned in hpcexp.lock, signed, pulled; pins not pulled here yet are listed too)."""
-    from hpcexp.build import registry
-    from hpcexp.build.image import list_images
+    from hpcexp.app import build as app
 
-    project = ctx.project()
-    entries = list_images(project)
-    states = [registry.image_state(project, e.path, e.experiment, e.arch, e.input_hash) for e in entries]
-    missing = registry.pins_not_here(project, {(e.experiment, e.arch, e.input_hash) for e in entries})
+    result = app.images(ctx.project(), app.ImagesRequest())
     if as_json:
-        from hpcexp.cli.common import to_jsonable
-
-        emit_json([dict(to_jsonable(e), registry=s) for e, s in zip(entries, states)]
-                  + [{"experiment": p.experiment, "arch": p.arch, "state": "not here", "input_hash": p.input_hash,
-                      "size": p.size, "registry": "pinned" + (",signed" if p.signed_by else ""), "ref": p.ref}
-                     for p in missing])
+        emit_json(result.to_json())
         return
     rows = [(e.experiment, e.arch, human_size(e.size), human_age(e.age_seconds), e.state, s,
              ",".join(e.used_by[-1:]) + ("+" if len(e.used_by) > 1 else ""), _rel(e.path))
-            for e, s in zip(entries, states)]
-    rows += [(p.experiment, p.arch, human_size(p.size), "-", "not here", "pinned" + (",signed" if p.signed_by else ""),
-              "", registry.redact(p.ref)) for p in missing]
+            for e, s in zip(result.entries, result.registry)]
+    rows += [(p.experiment, p.arch, human_size(p.size), "-", "not here", app.pin_registry_cell(p), "",
+              app.redact_ref(p.ref)) for p in result.missing]
     echo_table(rows, ("EXPERIMENT", "ARCH", "SIZE", "AGE", "STATE", "REGISTRY", "USED BY", "PATH"))
 
 
@@ -224,11 +202,12 @@ def clean_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool) -> None:
     An image a run record points to is kept unless --force (the run could not be
     reproduced from it otherwise).
     """
-    from hpcexp.build.image import clean
+    from hpcexp.app import build as app
 
-    report = clean(ctx.project(), dry_run=dry_run, force=force)
+    result = app.clean(ctx.project(), app.CleanRequest(dry_run=dry_run, force=force))
+    report = result.report
     if as_json:
-        emit_json({"dry_run": dry_run, **_report_dict(report)})
+        emit_json(result.to_json())
         return
     verb = "would remove" if dry_run else "removed"
     for path, why in report.removed:
@@ -236,8 +215,3 @@ def clean_cmd(ctx: Ctx, dry_run: bool, force: bool, as_json: bool) -> None:
     for path, why in report.kept:
         info(f"kept {_rel(path)}: {why}")
     click.echo(f"{verb} {len(report.removed)} file(s), {human_size(report.freed_bytes)}")
-
-
-def _report_dict(report: Any) -> dict[str, Any]:
-    return {"removed": [{"path": p, "why": w} for p, w in report.removed],
-            "kept": [{"path": p, "why": w} for p, w in report.kept], "freed_bytes": report.freed_bytes}

@@ -6,11 +6,9 @@ Output is for people on a terminal by default (aligned tables) and for scripts w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import click
@@ -43,17 +41,16 @@ arch_option = click.option("--arch", type=click.Choice(["amd64", "arm64"]), defa
                            help="Architecture (default: this machine's).")
 
 
+# The presentation helpers live below both edges (the dashboard shows the same): JSON in
+# hpcexp.infra.jsonable, sizes and ages in hpcexp.app.views. They are imported when
+# called, not at module level: `hpcexp --help` imports this module and must import
+# neither, and `list --json` must not import the application's views.
+
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, paths and tuples into plain JSON types."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    """Dataclasses, paths and tuples into plain JSON types (:func:`hpcexp.infra.jsonable.to_jsonable`)."""
+    from hpcexp.infra.jsonable import to_jsonable as convert
+
+    return convert(obj)
 
 
 def emit_json(obj: Any) -> None:
@@ -92,27 +89,15 @@ def is_tty() -> bool:
 
 
 def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    from hpcexp.app.views import human_size as size
+
+    return size(n)
 
 
 def human_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(max(seconds, 0))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+    from hpcexp.app.views import human_age as age
+
+    return age(seconds)
 
 
 Printer = Callable[[Any], None]

@@ -4,6 +4,11 @@ This module is the CLI edge: it is the only place that turns hpcexp's errors int
 messages and exit codes (see ``hpcexp.errors.EXIT_CODES``). Subcommands live in small
 modules under ``hpcexp.cli`` and are imported only when invoked (or listed by
 ``--help``), which keeps ``hpcexp --help`` as fast as importing click itself.
+
+Each command only parses its options into a request of the application layer
+(:mod:`hpcexp.app`), calls the use case and prints the result. It imports its ``app``
+module inside the function, never at module level: ``--help`` imports every command
+module to list them, and must not import the stages behind them.
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ def init_cmd(directory: Path, as_json: bool) -> None:
     small program that takes parameters and writes a result file), slurm/default.sbatch and
     a .gitignore. Existing files are never overwritten.
     """
-    from hpcexp.app.scaffold import init_project
+    # app modules are imported inside each command: `hpcexp --help` imports this module
+    # and must cost no more than click itself.
+    from hpcexp.app import project as app
 
-    result = init_project(directory)
+    result = app.init(app.InitRequest(directory=directory))
     if as_json:
         emit_json(result)
         return
@@ -36,10 +38,9 @@ def init_cmd(directory: Path, as_json: bool) -> None:
 @pass_ctx
 def list_cmd(ctx: Ctx, as_json: bool) -> None:
     """List experiments: Dockerfiles per architecture, recipe and image state."""
-    from hpcexp.build.inventory import describe
+    from hpcexp.app import project as app
 
-    project = ctx.project()
-    infos = describe(project)
+    infos = app.list_experiments(ctx.project(), app.ListRequest()).experiments
     if as_json:
         emit_json(infos)
         return
@@ -59,21 +60,14 @@ def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
 
     Exits 3 when something required is missing; every failure names its fix.
     """
-    from hpcexp.app.doctor import run_checks
-    from hpcexp.errors import HpcexpError
+    from hpcexp.app import project as app
 
-    project = None
-    project_error = None
-    try:
-        project = ctx.project()
-    except HpcexpError as exc:  # doctor is useful outside a project too
-        project_error = exc
-    checks = run_checks(project)
-    failed = [c for c in checks if c.failed_required]
+    result = app.doctor(app.DoctorRequest(project_dir=ctx.project_arg))
+    checks, failed = result.checks, result.failed
     if as_json:
-        emit_json({"ok": not failed, "checks": checks,
-                   "project": str(project.root) if project else None,
-                   "project_error": str(project_error) if project_error and ctx.project_arg else None})
+        emit_json({"ok": result.ok, "checks": checks,
+                   "project": str(result.project) if result.project else None,
+                   "project_error": result.project_error})
     else:
         width = max(len(c.name) for c in checks)
         for c in checks:
@@ -81,8 +75,8 @@ def doctor_cmd(ctx: Ctx, as_json: bool) -> None:
             if c.fix and c.status != "ok":
                 line += f"  -> fix: {c.fix}"
             click.echo(line)
-        if project is None and ctx.project_arg:
-            click.echo(f"warn  project  {project_error}")
+        if result.project_error is not None:
+            click.echo(f"warn  project  {result.project_error}")
         if failed:
             click.echo(f"\n{len(failed)} required check(s) failed: "
                        + ", ".join(f"{c.name} ({c.fix})" for c in failed), err=True)

@@ -41,31 +41,13 @@ def push_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, to:
     every pull is by that digest. Credentials come from `apptainer registry login` or
     APPTAINER_DOCKER_USERNAME / APPTAINER_DOCKER_PASSWORD, never from hpcexp.yaml.
     """
-    from hpcexp.build import registry
-    from hpcexp.core.config import host_arch
-    from hpcexp.errors import UsageError
+    from hpcexp.app import registry as app
 
-    project = ctx.project()
-    arch = arch or host_arch()
-    if key_file is not None and not key_file.is_file():
-        raise UsageError(f"--key {key_file}: no such file")
-    pins = []
-    for exp in project.select(list(names), all_):
-        if all_ and arch not in exp.dockerfiles:
-            continue
-        from hpcexp.build import image
-
-        current = image.current_image(project, exp, arch)
-        if all_ and current is None:
-            warn(f"{exp.name} {arch}: no current image, not pushed (hpcexp build {exp.name})")
-            continue
-        pin = registry.push(project, exp, arch, current, to=to, sign=sign, key_file=key_file,
-                            progress=_progress(quiet))
-        pins.append(pin)
-        if not as_json:
-            click.echo(f"{exp.name} {arch}: {registry.redact(pin.ref)}" + (" (signed)" if pin.signed_by else ""))
+    req = app.PushRequest(names=names, all=all_, arch=arch, to=to, sign=sign, key_file=key_file)
+    result = app.push(ctx.project(), req, progress=_progress(quiet),
+                      on_outcome=None if as_json else lambda outcome: click.echo(outcome.line))
     if as_json:
-        emit_json([p.__dict__ for p in pins])
+        emit_json(result.to_json())
 
 
 @click.command("pull")
@@ -82,27 +64,10 @@ def pull_cmd(ctx: Ctx, names: tuple[str, ...], all_: bool, arch: str | None, qui
     before it appears under its final name. A pin made for other inputs than the current
     ones is refused (exit 2). `run` and `submit` pull on demand the same way.
     """
-    from hpcexp.build import registry
-    from hpcexp.core.config import host_arch
+    from hpcexp.app import registry as app
 
-    project = ctx.project()
-    arch = arch or host_arch()
-    out = []
-    for exp in project.select(list(names), all_):
-        if all_ and registry.read_lock(project).pin(exp.name, arch) is None:
-            continue
-
-        def current(exp=exp):  # type: ignore[no-untyped-def]  # computed while the download runs
-            from hpcexp.build import image
-
-            return image.prepare(project, exp, arch, write=False).input_hash
-
-        side = registry.pull(project, exp, arch, current_hash=current, progress=_progress(quiet))
-        fresh = bool(side.pop("_pulled", False))
-        out.append({"experiment": exp.name, "arch": arch, "path": side.get("path"), "sha256": side.get("sha256"),
-                    "ref": side.get("pulled_from"), "pulled": fresh})
-        if not as_json:
-            click.echo(f"{exp.name} {arch}: {'pulled' if fresh else 'present'} ({side.get('path')})")
+    result = app.pull(ctx.project(), app.PullRequest(names=names, all=all_, arch=arch), progress=_progress(quiet),
+                      on_outcome=None if as_json else lambda outcome: click.echo(outcome.line))
     if as_json:
-        emit_json(out)
+        emit_json(result.to_json())
     sys.stdout.flush()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hpcexp.cli.common import arch_option, emit_json, info, json_option, pass_ctx
+from hpcexp.cli.common import arch_option, emit_json, info, json_option, pass_ctx, warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpcexp.cli.common import Ctx
@@ -117,82 +117,36 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     import sys
     from pathlib import Path
 
-    from hpcexp.core.config import host_arch
-    from hpcexp.execute import slurm, sweep
-    from hpcexp.runtime import launch
+    # The application layer is imported inside each command, not at module level:
+    # `hpcexp --help` imports this module and must stay as cheap as click.
+    from hpcexp.app import submit as app
 
-    if wait_ and hold:
-        from hpcexp.errors import UsageError
-
-        raise UsageError("--wait with --hold would wait forever: the job stays held until released")
-    project = ctx.project()
-    exp = project.experiment(name)
-    launch.check_binds(project, exp, allow_binds=allow_bind)
-    fixed = launch.parse_params(params)
-    grid = [sweep.parse_sweep_option(s) for s in sweeps]
-    file_sets = sweep.load_sweep_file(Path(sweep_file), inside=ctx.project().root) if sweep_file else []
-    param_sets = sweep.product(fixed, grid, file_sets)
     over = _resources(partition, time_, cpus, mem, gpus, account, qos, max_parallel, sbatch_args, template)
-    slurm.check_resources(over)
-    resources = exp.slurm.merged(over)
-    from hpcexp.execute.slurm.sbatch import check_value
+    req = app.SubmitRequest(name=name, params=params, args=args or None, sweeps=sweeps,
+                            sweep_file=Path(sweep_file) if sweep_file else None, resources=over, hold=hold,
+                            dry_run=dry_run, allow_binds=allow_bind, wait=wait_, arch=arch, quiet=as_json,
+                            cmdline=("hpcexp", *sys.argv[1:]))
+    def progress(kind: str, text: str) -> None:
+        if kind == "warn":
+            warn(text)
+        elif kind in ("start", "wait") and not as_json:  # building, or pulling a pinned image
+            click.echo(text, err=True)
 
-    for a in args:
-        check_value("argument", a)
-    for a in resources.sbatch_args:
-        check_value("--sbatch-arg", a)
-    arch = arch or host_arch()
-    is_sweep = bool(grid or file_sets)
-    if dry_run:
-        from hpcexp.build import image
-
-        image_ref: Any = image.prepare(project, exp, arch, write=False).image
-    else:
-        from hpcexp.build import image
-
-        def progress(kind: str, text: str) -> None:
-            if kind == "warn":
-                click.echo(f"hpcexp: warning: {text}", err=True)
-            elif kind in ("start", "wait") and not as_json:
-                click.echo(text, err=True)
-
-        # A pinned image not built here is pulled now, on the login node, before any job starts.
-        image_ref = image.ensure_image(project, exp, arch, quiet=as_json, progress=progress, pull=True)
-    payload_env, env_probe = (None, None)
-    if exp.tracking is not None and not dry_run:
-        from hpcexp.app.tracking import slurm_payload_env
-
-        payload_env, env_probe = slurm_payload_env(project, exp, param_sets)
-    sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, args=list(args) if args else None,
-                            sweep=is_sweep, arch=arch, hold=hold, dry_run=dry_run, allow_binds=allow_bind,
-                            cmdline=["hpcexp", *sys.argv[1:]], payload_env=payload_env, env_probe=env_probe)
-    if not (wait_ and not dry_run):
-        _report(sub, as_json)
+    result = app.submit_and_wait(ctx.project(), req, progress=progress,
+                                 on_submitted=None if as_json else lambda sub: _report(sub, False),
+                                 on_change=None if as_json else info)
+    if result.waited is None:
+        _report(result.submission, as_json)
         return
-    if not as_json:
-        _report(sub, False)
-    _wait_and_report(ctx, sub, as_json)
-
-
-def _wait_and_report(ctx: "Ctx", sub: Any, as_json: bool) -> None:
-    """Wait for a submission's runs; print their final table (or JSON) and fail if any failed."""
-    from hpcexp.cli.run_cmds import echo_runs, summarize
-    from hpcexp.core.layout import Layout, RunPaths
-    from hpcexp.errors import PayloadFailed
-    from hpcexp.execute import slurm
-
-    what = f"sweep {sub.sweep_id}" if sub.sweep_id else f"run {sub.runs[0][1].run_id}"
-    dirs = [paths.dir for paths, _ in sub.runs]
-    final = slurm.wait(Layout(ctx.project()), dirs,
-                       on_change=None if as_json else lambda recs: info(f"{what}: {summarize(recs)}"))
+    waited = result.waited
     if as_json:
-        emit_json([rec.to_dict() for rec in final])
+        emit_json([rec.to_dict() for _, rec in waited.items])
     else:
-        echo_runs([(RunPaths(d), rec) for d, rec in zip(dirs, final)])
-    bad = [rec for rec in final if rec.state != "succeeded"]
-    if bad:
-        raise PayloadFailed(f"{what}: {summarize(final)}",
-                            hint=f"hpcexp status {sub.sweep_id or bad[0].run_id}; hpcexp logs --stderr {bad[0].run_id}")
+        from hpcexp.cli.tables import echo_runs
+
+        echo_runs(waited.items)
+    if waited.failure is not None:
+        raise waited.failure
 
 
 @click.command("resubmit")
@@ -214,13 +168,9 @@ def resubmit_cmd(ctx: "Ctx", sweep_id: str, failed: bool, cancelled: bool, parti
     Each task keeps its run record and folder and gets a new attempt; earlier attempts
     and their logs are kept.
     """
-    from hpcexp.core.config import check_name
-    from hpcexp.execute import slurm, sweep
+    from hpcexp.app import submit as app
 
-    check_name(sweep_id, "sweep id")
-    project = ctx.project()
-    which = list(sweep.FAILED_STATES) + (["cancelled"] if cancelled else [])
     over = _resources(partition, time_, None, mem, None, None, None, None, ())
-    slurm.check_resources(over)
-    sub = slurm.resubmit_sweep(project, sweep_id, which=which, hold=hold, dry_run=dry_run, resources=over)
+    req = app.ResubmitRequest(sweep_id=sweep_id, cancelled=cancelled, resources=over, hold=hold, dry_run=dry_run)
+    sub = app.resubmit(ctx.project(), req)
     _report(sub, as_json)

@@ -1,26 +1,37 @@
 """Every call the dashboard makes into the rest of hpcexp, in one module.
 
-The pages, the JSON API and the actions call only these functions, each of which calls
-the same library functions as the matching CLI command (named in its docstring), so the
-server has no second copy of their rules. When the application layer (``hpcexp.app``,
-one function per use case) grows the matching functions, this module is the one place to
-rewire.
+The pages, the JSON API and the actions call only these functions, and each calls the
+application layer's use case behind the matching CLI command (named in its docstring):
+the same request types, the same checks, the same results. How a run, a size or an age
+is shown comes from :mod:`hpcexp.app.views`, which the CLI prints from too, so the
+server has no second copy of any rule or format.
 """
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
 
+from hpcexp.app import runs as app_runs
+from hpcexp.app import views
+from hpcexp.app.progress import Progress
 from hpcexp.core.config import Project
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord
+from hpcexp.infra.jsonable import to_jsonable
 
-Item = tuple[RunPaths, RunRecord]
-Progress = Callable[[str, str], None]
+__all__ = ["Item", "Progress", "age_of", "build", "details", "exit_cell", "experiments", "follow_log",
+           "human_age", "human_size", "images", "last_runs", "load_project", "open_archive", "parse_params",
+           "read_record", "resolve", "run_detached", "run_json", "runs", "state_order", "stop", "submit",
+           "summarize", "to_jsonable"]
+
+Item = app_runs.Item
+exit_cell = views.exit_cell
+human_age = views.human_age
+human_size = views.human_size
+summarize = app_runs.summarize
 
 
 # --------------------------------------------------------------------------------------
@@ -32,12 +43,6 @@ def load_project(root: Path) -> Project:
     from hpcexp.core.config import load_project as _load
 
     return _load(root)
-
-
-def to_jsonable(obj: Any) -> Any:
-    from hpcexp.cli.common import to_jsonable as _tj
-
-    return _tj(obj)
 
 
 def experiments(project: Project) -> list[Any]:
@@ -56,40 +61,27 @@ def last_runs(project: Project) -> dict[str, Item]:
         cur = newest.get(rec.experiment)
         if cur is None or (rec.created_at, rec.run_id) > (cur[1].created_at, cur[1].run_id):
             newest[rec.experiment] = (paths, rec)
-    return {name: item for name, item in zip(newest, _reconciled(project, list(newest.values()), by_time=False))}
+    fresh = app_runs.reconciled(Layout(project), list(newest.values()), by_time=False)
+    return {name: item for name, item in zip(newest, fresh)}
 
 
 def images(project: Project) -> list[Any]:
-    """``hpcexp images --json``: build.image.list_images."""
-    from hpcexp.build.image import list_images
+    """``hpcexp images --json``: app.build.images (the local images)."""
+    from hpcexp.app import build as app_build
 
-    return list_images(project)
-
-
-def _reconciled(project: Project, items: Sequence[Item], by_time: bool = True) -> list[Item]:
-    from hpcexp.cli.run_cmds import _reconciled as reconciled
-
-    return reconciled(Layout(project), items, by_time=by_time)
+    return app_build.images(project).entries
 
 
 def runs(project: Project, experiment: str | None = None) -> list[Item]:
-    """``hpcexp status --json`` / ``hpcexp runs [NAME] --json``: iter_runs + reconcile, by time."""
-    from hpcexp.core.config import check_name
-    from hpcexp.core.runs import iter_runs
-
-    layout = Layout(project)
-    if experiment is not None:
-        check_name(experiment, "experiment name")
-        if experiment not in project.experiments and not layout.experiment_runs(experiment).is_dir():
-            project.experiment(experiment)  # NotFound with a did-you-mean
-    return _reconciled(project, list(iter_runs(layout, experiment)))
+    """``hpcexp runs [NAME] --json``: app.runs.list_runs (reconciled, by time)."""
+    return app_runs.list_runs(project, app_runs.RunsRequest(experiment=experiment)).items
 
 
 def resolve(project: Project, ref: str) -> list[Item]:
-    """``hpcexp status REF --json``: resolve (id, prefix, experiment, @last, sweep) + reconcile."""
-    from hpcexp.core.runs import resolve as _resolve
+    """``hpcexp status REF --json``: app.runs.status (id, prefix, experiment, @last, sweep; reconciled).
 
-    return _reconciled(project, _resolve(Layout(project), ref), by_time=False)
+    A page view starts no background export (the CLI's ``status`` does)."""
+    return app_runs.status(project, app_runs.StatusRequest(ref=ref, export=False, describe=False)).items
 
 
 def read_record(paths: RunPaths) -> RunRecord:
@@ -99,56 +91,22 @@ def read_record(paths: RunPaths) -> RunRecord:
 
 
 def run_json(item: Item) -> dict[str, Any]:
-    """One element of ``hpcexp status --json`` (the same shape: the CLI's own row builder)."""
-    from hpcexp.cli.run_cmds import json_rows
-
-    return json_rows([item])[0]
-
-
-def summarize(records: Sequence[RunRecord]) -> str:
-    """The one-line summary ``hpcexp status SWEEP`` prints."""
-    from hpcexp.cli.run_cmds import summarize as _summarize
-
-    return _summarize(records)
+    """One element of ``hpcexp status --json`` (the same shape: app.views.json_rows)."""
+    return views.json_rows([item])[0]
 
 
 def state_order() -> tuple[str, ...]:
-    from hpcexp.cli.run_cmds import STATE_ORDER
-
-    return STATE_ORDER
-
-
-def exit_cell(rec: RunRecord) -> str:
-    from hpcexp.cli.run_cmds import exit_cell as _exit_cell
-
-    return _exit_cell(rec)
-
-
-def human_age(seconds: float | None) -> str:
-    from hpcexp.cli.common import human_age as _h
-
-    return _h(seconds)
-
-
-def human_size(n: int | None) -> str:
-    from hpcexp.cli.common import human_size as _h
-
-    return _h(n)
+    return app_runs.STATE_ORDER
 
 
 def age_of(rec: RunRecord) -> float | None:
-    from hpcexp.core.runs import parse_time
-
-    created = parse_time(rec.created_at)
-    return None if created is None else time.time() - created
+    return views.age_of(rec)
 
 
 def details(item: Item) -> list[tuple[str, str]]:
-    """The key/value lines of ``hpcexp status RUN``."""
-    from hpcexp.cli.run_cmds import _details
-
+    """The key/value lines of ``hpcexp status RUN`` (app.views.details)."""
     out = []
-    for line in _details(*item):
+    for line in views.details(*item):
         key, _, value = line.partition(": ")
         out.append((key, value))
     return out
@@ -159,88 +117,49 @@ def details(item: Item) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------
 
 def parse_params(items: Sequence[str]) -> dict[str, str]:
-    """``-p KEY=VALUE`` items, with the CLI's rules."""
-    from hpcexp.runtime import launch
-
-    return launch.parse_params(items)
+    """``-p KEY=VALUE`` items, with the CLI's rules (app.runs.parse_params)."""
+    return app_runs.parse_params(items)
 
 
 def build(project: Project, name: str, *, arch: str | None = None, force: bool = False,
           progress: Progress | None = None) -> Any:
-    """``hpcexp build NAME``: build.image.ensure_image (waits for another builder of the same image)."""
-    from hpcexp.build.image import ensure_image
-    from hpcexp.core.config import host_arch
+    """``hpcexp build NAME``: app.build.build (waits for another builder of the same image)."""
+    from hpcexp.app import build as app_build
 
-    exp = project.experiment(name)
-    return ensure_image(project, exp, arch or host_arch(), force=force, progress=progress)
+    result = app_build.build(project, app_build.BuildRequest(names=(name,), arch=arch, force=force),
+                             progress=progress)
+    if result.failure is not None:
+        raise result.failure
+    return result.images[0]
 
 
 def run_detached(project: Project, name: str, params: Sequence[str], *, arch: str | None = None,
                  progress: Progress | None = None, cmdline: Sequence[str] | None = None) -> Item:
-    """``hpcexp run NAME -p ... --detach``: ensure_image, then execute.local.start_run(detach=True)."""
-    from hpcexp.build.image import ensure_image
-    from hpcexp.core.config import host_arch
-    from hpcexp.execute import local
-
-    exp = project.experiment(name)
-    parsed = parse_params(params)
-    arch = arch or host_arch()
-    image = ensure_image(project, exp, arch, progress=progress)
-    return local.start_run(project, exp, image, params=parsed, arch=arch, detach=True, tee=False,
-                           interactive=False, cmdline=list(cmdline or ["hpcexp", "serve"]))
+    """``hpcexp run NAME -p ... --detach``: app.runs.run with detach (no tee, no terminal)."""
+    req = app_runs.RunRequest(name=name, params=tuple(params), arch=arch, detach=True, tee=False,
+                              interactive=False, cmdline=tuple(cmdline or ("hpcexp", "serve")))
+    result = app_runs.run(project, req, progress=progress)
+    return result.paths, result.record
 
 
 def submit(project: Project, name: str, params: Sequence[str], sweeps: Sequence[str], *,
            arch: str | None = None, progress: Progress | None = None,
            cmdline: Sequence[str] | None = None) -> dict[str, Any]:
-    """``hpcexp submit NAME -p ... --sweep K=V1,V2 --json``: one job, or one job array for a sweep."""
-    from hpcexp.build import image
-    from hpcexp.core.config import SlurmResources, host_arch
-    from hpcexp.execute import slurm, sweep
+    """``hpcexp submit NAME -p ... --sweep K=V1,V2 --json``: app.submit.submit (one job, or one job array)."""
+    from hpcexp.app import submit as app_submit
 
-    exp = project.experiment(name)
-    fixed = parse_params(params)
-    grid = [sweep.parse_sweep_option(s) for s in sweeps]
-    param_sets = sweep.product(fixed, grid, [])
-    resources = exp.slurm.merged(slurm.check_resources(SlurmResources()))
-    arch = arch or host_arch()
-    image_ref = image.ensure_image(project, exp, arch, progress=progress)
-    sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources, sweep=bool(grid), arch=arch,
-                            cmdline=list(cmdline or ["hpcexp", "serve"]))
+    req = app_submit.SubmitRequest(name=name, params=tuple(params), sweeps=tuple(sweeps), arch=arch,
+                                   cmdline=tuple(cmdline or ("hpcexp", "serve")))
+    sub = app_submit.submit(project, req, progress=progress).submission
     return {"experiment": sub.experiment, "sweep_id": sub.sweep_id, "job_ids": sub.job_ids,
             "runs": [{"run_id": rec.run_id, "state": rec.state, "task_index": rec.task_index,
                       "params": rec.params, "attempt": rec.attempt, "image": rec.image,
                       "executor_ids": rec.executor_ids, "dir": str(paths.dir)} for paths, rec in sub.runs]}
 
 
-def stop(project: Project, refs: Sequence[str], *, grace: float = 10.0) -> list[Item]:
-    """``hpcexp stop REF... --json``: each executor's ``stop`` for its runs."""
-    from hpcexp.core.runs import resolve as _resolve
-    from hpcexp.errors import UsageError
-
-    layout = Layout(project)
-    items: list[Item] = []
-    seen = set()
-    for ref in refs:
-        for paths, rec in _resolve(layout, ref):
-            if paths.dir not in seen:
-                seen.add(paths.dir)
-                items.append((paths, rec))
-    by_exec: dict[str, list[Item]] = {}
-    for paths, rec in items:
-        by_exec.setdefault(rec.executor, []).append((paths, rec))
-    results: dict[Path, Item] = {}
-    for executor, group in by_exec.items():
-        try:
-            module = importlib.import_module(f"hpcexp.execute.{executor}")
-        except ImportError:
-            module = None
-        fn = getattr(module, "stop", None) if module is not None else None
-        if fn is None:
-            raise UsageError(f"cannot stop runs of executor {executor!r} from this version of hpcexp")
-        for paths, rec in fn(layout, group, grace=grace):
-            results[paths.dir] = (paths, rec)
-    return [results.get(p.dir, (p, r)) for p, r in items]
+def stop(project: Project, refs: Sequence[str], *, grace: float = app_runs.DEFAULT_GRACE) -> list[Item]:
+    """``hpcexp stop REF... --json``: app.runs.stop (each executor's stop; a damaged record refuses all)."""
+    return app_runs.stop(project, app_runs.StopRequest(refs=tuple(refs), grace=grace)).after
 
 
 # --------------------------------------------------------------------------------------
