@@ -24,7 +24,7 @@ from hpcexp.app import convert as app_convert
 from hpcexp.app import project as app_project
 from hpcexp.app import runs as app_runs
 from hpcexp.app import submit as app_submit
-from hpcexp.build import image
+from hpcexp.build import identity, image
 from hpcexp.convert import recipe
 from hpcexp.core.config import SlurmResources, load_project
 from hpcexp.errors import Failure, NotFound, PayloadFailed, UsageError
@@ -62,7 +62,7 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(recipe, "convert", convert_fake.convert)
-    monkeypatch.setattr(image, "_caches", {})
+    monkeypatch.setattr(identity, "_caches", {})
     return calls
 
 
@@ -560,7 +560,7 @@ def test_push_and_pull_choose_experiments_and_refuse_a_missing_key(project, tmp_
     with pytest.raises(UsageError, match="--key"):
         app_registry.push(project, app_registry.PushRequest(names=("hello",), key_file=tmp_path / "nokey.pem"))
     pushed: list[str] = []
-    monkeypatch.setattr(registry, "push", lambda project, exp, arch, **kw: pushed.append(exp.name) or
+    monkeypatch.setattr(registry, "push", lambda project, exp, arch, info, **kw: pushed.append(exp.name) or
                         registry.Pin(exp.name, arch, "h", "s", "oras://u:p@r.example/x@sha256:1", 1))
     app_build.build(project, app_build.BuildRequest(names=("hello",), arch="amd64"))
     seen, progress = events()
