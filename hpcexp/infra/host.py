@@ -15,7 +15,9 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+
+# defined beside the watchdog, which must start without this module's imports; found here
+from hpcexp.infra.watchdog import pids_with_marker as pids_with_marker
 
 #: A subordinate id range this large maps every id a Debian or RHEL base image uses
 #: (Apptainer's documentation and `useradd` both use 65536). Doctor and build share it.
@@ -142,36 +144,3 @@ def subid_ranges(name: str | None = None, uid: int | None = None, *, subuid: Pat
     subuid = subuid or Path(os.environ.get("HPCEXP_SUBUID_FILE") or SUBUID_FILE)
     subgid = subgid or Path(os.environ.get("HPCEXP_SUBGID_FILE") or SUBGID_FILE)
     return SubidRanges(name, _subid_range(name, uid, subuid), _subid_range(name, uid, subgid))
-
-
-def pids_with_marker(value: str, *, key_suffix: str = "HPCEXP_RUN_ID", exclude: Iterable[int] = ()) -> list[int]:
-    """This user's processes whose environment holds ``...HPCEXP_RUN_ID=value``.
-
-    Apptainer passes ``APPTAINERENV_HPCEXP_RUN_ID`` to its helpers and the payload sees
-    ``HPCEXP_RUN_ID``, so this finds every process of a run, including those that left
-    its process group. hpcexp's own supervisor and watchdog never carry the marker.
-    """
-    want = value.encode()
-    suffix = key_suffix.encode()
-    skip = {os.getpid(), *exclude}
-    uid = os.getuid()
-    found: list[int] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in entries:
-        if not name.isdigit() or int(name) in skip:
-            continue
-        try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            env = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        for item in env.split(b"\0"):
-            key, _, val = item.partition(b"=")
-            if val == want and key.endswith(suffix):
-                found.append(int(name))
-                break
-    return found

@@ -19,14 +19,12 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
-import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from hpcexp.errors import EnvironmentProblem
-from hpcexp.infra import host as hostinfo
+from hpcexp.infra.watchdog import kill_group as kill_group  # the seam's one way to end a process tree
 
 log = logging.getLogger(__name__)
 
@@ -166,52 +164,11 @@ def spawn(argv: Sequence[str], **popen: Any) -> "subprocess.Popen[Any]":
     return subprocess.Popen(argv, **popen)  # noqa: S603 - an argument list, no shell
 
 
-def kill_group(pgid: int | None, *, marker: str | None = None, grace: float = 2.0,
-               exclude: Iterable[int] = ()) -> int:
-    """SIGTERM process group ``pgid`` and the processes marked with ``marker``; SIGKILL what is
-    left after ``grace`` seconds. Returns how many processes had to be signalled.
-
-    The marker (a run id, see :func:`hpcexp.infra.host.pids_with_marker`) finds the
-    processes that left the group (daemonised helpers, a payload whose parent died).
-    """
-    exclude = set(exclude)
-
-    def marked() -> set[int]:
-        return set(hostinfo.pids_with_marker(marker, exclude=exclude)) if marker else set()
-
-    touched = 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        victims = marked()
-        group_alive = False
-        if pgid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-                group_alive = True
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        touched = max(touched, len(victims) + (1 if group_alive else 0))
-        if sig == signal.SIGKILL:
-            break
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            group_alive = False
-            if pgid:
-                try:
-                    os.killpg(pgid, 0)
-                    group_alive = True
-                except (ProcessLookupError, PermissionError):
-                    pass
-            if not group_alive and not marked():
-                return touched
-            time.sleep(0.05)
-    return touched
-
-
 # The watchdog's whole program. It runs with -I -S (no site, no user paths: fast and
-# immune to the user's environment) and imports only hpcexp.infra.
+# immune to the user's environment) and imports only hpcexp.infra.watchdog, which uses the
+# standard library's os, signal and time alone: every local run and build pays its start-up.
 _WATCHDOG = ("import sys; sys.path.insert(0, sys.argv[1]); "
-             "from hpcexp.infra.process import _watchdog_main; _watchdog_main(sys.argv[2:])")
+             "from hpcexp.infra.watchdog import main; main(sys.argv[2:])")
 
 
 class Watchdog:
@@ -262,17 +219,3 @@ class Watchdog:
                 self._proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=10)
-
-
-def _watchdog_main(args: Sequence[str]) -> None:  # pragma: no cover - runs in the watchdog process
-    pgid, marker, grace = int(args[0]), args[1] or None, float(args[2])
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    while True:
-        try:
-            data = os.read(0, 1)
-            break
-        except InterruptedError:
-            continue
-    if not data:
-        kill_group(pgid, marker=marker, grace=grace)
