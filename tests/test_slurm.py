@@ -182,6 +182,11 @@ def _info(state: str, **kw: Any) -> slurm.JobInfo:
     ({}, None, "lost"),                                  # gone everywhere, nothing written
     (_exit(143, term_received=True), _info("CANCELLED", detail="by 1001"), "cancelled"),
     (_exit(143, term_received=True), _info("TIMEOUT"), "timeout"),
+    # a payload that handles the time limit's SIGTERM and exits 0 did not finish: Slurm's word stands
+    (_exit(0, term_received=True), _info("TIMEOUT"), "timeout"),
+    (_exit(0, term_received=True), _info("CANCELLED", detail="by 1001"), "cancelled"),
+    (_exit(0), _info("TIMEOUT"), "succeeded"),           # it exited 0 on its own, just at the limit
+    (_exit(0, term_received=True), None, "succeeded"),   # no word from Slurm: the exit marker stands
     ({}, _info("OUT_OF_MEMORY", reason="OutOfMemory", exit_code=0, exit_signal=125), "out_of_memory"),
     (_exit(137), _info("OUT_OF_MEMORY"), "out_of_memory"),
     ({}, _info("NODE_FAIL"), "node_fail"),

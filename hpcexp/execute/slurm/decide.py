@@ -196,7 +196,11 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     killed = KILLED_STATES.get(info.state) if info is not None else None
     rec.ended_at = rec.ended_at or (exited or {}).get("time") or (info.end if info else None) or runs.utcnow()
 
-    if exited and exited.get("exit_code") == 0 and not exited.get("launch_error"):
+    # Exit 0 is success unless Slurm had already asked the job to stop: a payload that
+    # handles the SIGTERM of a time limit, a preemption or an scancel and exits 0 did not
+    # finish its work (Slurm itself says TIMEOUT), and must not read as done.
+    stopped_by_slurm = killed is not None and bool(exited and exited.get("term_received"))
+    if exited and exited.get("exit_code") == 0 and not exited.get("launch_error") and not stopped_by_slurm:
         rec.state = "succeeded"
         rec.exit_code = 0
         rec.reason = None if killed is None else f"the payload exited 0 before Slurm reported {info.state}"  # type: ignore[union-attr]
@@ -210,6 +214,8 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
             rec.exit_code = info.exit_code
             rec.signal = info.exit_signal or None
         rec.reason = f"Slurm: {info.state}{' ' + info.detail if info.detail else ''} ({KILLED_WHY[killed]})"
+        if stopped_by_slurm and exited and exited.get("exit_code") == 0:
+            rec.reason += "; the payload exited 0 after the job was told to stop"
         if info.reason and info.reason not in QUEUE_REASONS:
             rec.reason += f"; reason {info.reason}"
         return rec
