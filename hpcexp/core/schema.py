@@ -1,0 +1,639 @@
+"""Validation of hpcexp.yaml into the project model, one section at a time.
+
+Every problem (unknown key with a did-you-mean, wrong type, bad name, control character,
+path escaping the project) is collected with file, line and dotted key path, and
+:func:`hpcexp.core.config.load_project` raises them as one ConfigError (exit code 2), so
+a bad value fails at ``hpcexp list``, never halfway through a submission.
+
+Why one class over 300 lines: a section validator needs the collected problems, the line
+map and the project root of the whole file; the methods are one per section or value
+kind (``slurm``, ``bases``, ``binds``, ``tracking``, ``registry``, ``experiment``...), each
+short, and they are read by section, not as a whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpcexp.core.model import (
+    ARCHES,
+    CONTROL_RE,
+    ENV_RE,
+    MEM_RE,
+    NAME_RE,
+    PARAM_RE,
+    TIME_RE,
+    BaseSpec,
+    Bind,
+    Experiment,
+    MlflowTracking,
+    Project,
+    RegistrySpec,
+    SlurmResources,
+    VerifyPolicy,
+    _close_matches,
+    discover_dockerfiles,
+)
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir", "bases", "slurm",
+            "env", "build_args", "debian_mirror", "build", "experiments", "tracking",
+            "registry", "verify")
+EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
+            "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
+            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking")
+SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
+              "template")
+#: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
+COMPONENT_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+BUILD_KEYS = ("stand_ins", "host_network")
+BASE_KEYS = ("sif", "image", "debootstrap", "mirror", "include", "components")
+BIND_KEYS = ("src", "dst", "mode")
+TRACKING_KEYS = ("mlflow",)
+MLFLOW_KEYS = ("uri", "experiment", "reachable_from_nodes", "artifacts", "max_artifact_mb")
+REGISTRY_KEYS = ("url", "insecure")
+VERIFY_KEYS = ("mode", "keys", "key_files")
+REGISTRY_URL_RE = re.compile(r"^oras://(?P<host>[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:]+\](:\d{1,5})?)"
+                             r"/(?P<ns>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)/?$")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+class _Validator:
+    def __init__(self, label: str, lines: Mapping[str, int], root: Path) -> None:
+        self.label = label
+        self.lines = lines
+        self.root = root
+        self.problems: list[str] = []
+
+    # -- reporting --------------------------------------------------------------------
+    def err(self, path: str, msg: str) -> None:
+        line = self.lines.get(path)
+        where = f"{self.label}:{line}" if line else self.label
+        self.problems.append(f"{where}: {path or '(top level)'}: {msg}")
+
+    def keys(self, path: str, value: Mapping[Any, Any], allowed: Sequence[str]) -> None:
+        for key in value:
+            if not isinstance(key, str):
+                self.err(path, f"key {key!r} must be a string")
+            elif key not in allowed:
+                close = _close_matches(key, allowed, n=1, cutoff=0.6)
+                suggestion = f" (did you mean {close[0]!r}?)" if close else \
+                    f" (allowed: {', '.join(allowed)})"
+                self.err(f"{path}.{key}" if path else key, f"unknown key {key!r}{suggestion}")
+
+    # -- scalar types -----------------------------------------------------------------
+    def mapping(self, path: str, value: Any) -> dict[Any, Any] | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.err(path, f"must be a mapping, got {_typename(value)} {_show(value)}")
+            return None
+        return value
+
+    def string(self, path: str, value: Any, *, allow_control: bool = False,
+               pattern: re.Pattern[str] | None = None, rule: str = "") -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.err(path, f"must be a string, got {_typename(value)} {_show(value)}")
+            return None
+        text = str(value)
+        if not allow_control and CONTROL_RE.search(text):
+            self.err(path, f"control characters are not allowed: {_show(text)}")
+            return None
+        if "\x00" in text:
+            self.err(path, f"NUL bytes are not allowed: {_show(text)}")
+            return None
+        if pattern is not None and not pattern.match(text):
+            self.err(path, f"invalid value {_show(text)}{': ' + rule if rule else ''}")
+            return None
+        return text
+
+    def integer(self, path: str, value: Any, lo: int, hi: int) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.err(path, f"must be a whole number from {lo} to {hi}, got {_show(value)}")
+            return None
+        if not lo <= value <= hi:
+            self.err(path, f"must be from {lo} to {hi}, got {value}")
+            return None
+        return value
+
+    def boolean(self, path: str, value: Any, default: bool) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.err(path, f"must be true or false, got {_show(value)}")
+            return default
+        return value
+
+    def str_list(self, path: str, value: Any, *, split: bool = False,
+                 allow_control: bool = False) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) and split:
+            try:
+                return tuple(shlex.split(value))
+            except ValueError as exc:
+                self.err(path, f"cannot split {_show(value)} into words: {exc}")
+                return None
+        if not isinstance(value, list):
+            self.err(path, f"must be a list of strings, got {_typename(value)} {_show(value)}")
+            return None
+        out = []
+        for i, item in enumerate(value):
+            s = self.string(f"{path}[{i}]", item, allow_control=allow_control)
+            if s is not None:
+                out.append(s)
+        return tuple(out)
+
+    def str_map(self, path: str, value: Any, *, key_re: re.Pattern[str], key_rule: str,
+                allow_control: bool) -> dict[str, str]:
+        m = self.mapping(path, value)
+        out: dict[str, str] = {}
+        for k, v in (m or {}).items():
+            kp = f"{path}.{k}"
+            if not isinstance(k, str) or not key_re.match(k):
+                self.err(kp, f"invalid name {_show(k)}: {key_rule}")
+                continue
+            if isinstance(v, (dict, list)) or v is None:
+                self.err(kp, f"must be a string or number, got {_typename(v)}")
+                continue
+            s = self.string(kp, _scalar_text(v), allow_control=allow_control)
+            if s is not None:
+                out[k] = s
+        return out
+
+    def path_in_project(self, path: str, value: Any, *, allow_absolute: bool) -> Path | None:
+        s = self.string(path, value)
+        if s is None:
+            return None
+        expanded = os.path.expanduser(os.path.expandvars(s))
+        p = Path(expanded)
+        if p.is_absolute():
+            if not allow_absolute:
+                self.err(path, f"must be a path inside the project, got absolute {_show(s)}")
+                return None
+            return Path(os.path.normpath(p))
+        resolved = Path(os.path.normpath(self.root / p))
+        if resolved != self.root and self.root not in resolved.parents:
+            self.err(path, f"path {_show(s)} escapes the project folder")
+            return None
+        return resolved
+
+    def relpath_inside(self, path: str, value: Any) -> str | None:
+        """A relative path that must stay inside the folder it is relative to."""
+        s = self.string(path, value)
+        if s is None:
+            return None
+        norm = os.path.normpath(s)
+        if os.path.isabs(s) or norm == ".." or norm.startswith("../") or norm == ".":
+            self.err(path, f"must be a relative path inside the experiment, got {_show(s)}")
+            return None
+        return norm
+
+    def container_path(self, path: str, value: Any) -> str | None:
+        s = self.string(path, value)
+        if s is None:
+            return None
+        if not s.startswith("/") or "," in s or ":" in s:
+            self.err(path, f"must be an absolute container path without ',' or ':', got {_show(s)}")
+            return None
+        return os.path.normpath(s)
+
+    # -- sections ---------------------------------------------------------------------
+    def slurm(self, path: str, value: Any) -> SlurmResources:
+        m = self.mapping(path, value)
+        if not m:
+            return SlurmResources()
+        self.keys(path, m, SLURM_KEYS)
+        gpus = m.get("gpus")
+        if isinstance(gpus, int) and not isinstance(gpus, bool):
+            gpus_s: str | None = str(self.integer(f"{path}.gpus", gpus, 0, 1024))
+        else:
+            gpus_s = self.string(f"{path}.gpus", gpus, pattern=re.compile(r"^([A-Za-z0-9_.-]+:)?\d+$"),
+                                 rule="a count or TYPE:COUNT")
+        template = self.string(f"{path}.template", m.get("template"),
+                               pattern=re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+                               rule="a template name in slurm/ (without folder)")
+        word = re.compile(r"^[A-Za-z0-9_.,:@+=-]+$")
+        return SlurmResources(
+            partition=self.string(f"{path}.partition", m.get("partition"), pattern=word,
+                                  rule="letters, digits and . _ , : @ + = -"),
+            time=self.string(f"{path}.time", m.get("time"), pattern=TIME_RE,
+                             rule="Slurm time: MM, MM:SS, HH:MM:SS, D-HH or D-HH:MM:SS"),
+            cpus=self.integer(f"{path}.cpus", m.get("cpus"), 1, 4096),
+            mem=self.string(f"{path}.mem", _scalar_text(m.get("mem")), pattern=MEM_RE,
+                            rule="a size such as 4G or 500M"),
+            gpus=gpus_s if gpus is not None else None,
+            account=self.string(f"{path}.account", m.get("account"), pattern=word, rule="a Slurm account"),
+            qos=self.string(f"{path}.qos", m.get("qos"), pattern=word, rule="a Slurm QOS"),
+            max_parallel=self.integer(f"{path}.max_parallel", m.get("max_parallel"), 1, 100000),
+            sbatch_args=self.str_list(f"{path}.sbatch_args", m.get("sbatch_args")) or (),
+            template=template,
+        )
+
+    def bases(self, path: str, value: Any) -> dict[str, BaseSpec]:
+        m = self.mapping(path, value)
+        out: dict[str, BaseSpec] = {}
+        for ref, spec in (m or {}).items():
+            bp = f"{path}.{ref}"
+            ref_s = self.string(bp, ref)
+            if ref_s is None:
+                continue
+            if isinstance(spec, str):
+                spec = {"sif": spec} if spec.endswith(".sif") and "://" not in spec else {"image": spec}
+            sm = self.mapping(bp, spec)
+            if sm is None:
+                continue
+            self.keys(bp, sm, BASE_KEYS)
+            kinds = [k for k in ("sif", "image", "debootstrap") if k in sm]
+            if len(kinds) != 1:
+                self.err(bp, "give exactly one of sif, image or debootstrap"
+                         + (f" (got {', '.join(kinds)})" if kinds else ""))
+                continue
+            kind = kinds[0]
+            if kind == "sif":
+                sif = self.path_in_project(f"{bp}.sif", sm["sif"], allow_absolute=True)
+                if sif is not None:
+                    out[ref_s] = BaseSpec(ref=ref_s, kind="sif", sif=sif)
+            elif kind == "image":
+                img = self.string(f"{bp}.image", sm["image"],
+                                  pattern=re.compile(r"^(docker|oras|library|shub|docker-archive|"
+                                                     r"oci-archive)://\S+$"),
+                                  rule="a URI such as docker://mirror.example/library/python:3.11-slim "
+                                       "or oras://...")
+                if img is not None:
+                    out[ref_s] = BaseSpec(ref=ref_s, kind="image", image=img)
+            else:
+                suite = self.string(f"{bp}.debootstrap", sm["debootstrap"],
+                                    pattern=re.compile(r"^[a-z][a-z0-9-]{1,30}$"),
+                                    rule="a Debian or Ubuntu suite such as bookworm or jammy")
+                mirror = self.string(f"{bp}.mirror", sm.get("mirror"),
+                                     pattern=re.compile(r"^(https?|file)://\S+$"), rule="an http(s) URL")
+                include = self.str_list(f"{bp}.include", sm.get("include")) or ()
+                for i, pkg in enumerate(include):
+                    if not re.match(r"^[a-z0-9][a-z0-9+.-]+$", pkg):
+                        self.err(f"{bp}.include[{i}]", f"invalid package name {_show(pkg)}")
+                components = self.str_list(f"{bp}.components", sm.get("components")) or ("main",)
+                for i, comp in enumerate(components):
+                    if not COMPONENT_RE.fullmatch(comp):
+                        self.err(f"{bp}.components[{i}]", f"invalid archive component {_show(comp)}: "
+                                 "lower-case letters, digits and '-' (main, contrib, non-free-firmware)")
+                if suite is not None:
+                    out[ref_s] = BaseSpec(ref=ref_s, kind="debootstrap", suite=suite, mirror=mirror,
+                                          include=tuple(include), components=tuple(components))
+        return out
+
+    def tracking(self, path: str, value: Any, base: MlflowTracking | None) -> MlflowTracking | None:
+        """``tracking: {mlflow: {...}}``; at experiment level each key overrides the project's,
+        and ``tracking: false`` turns tracking off for that experiment."""
+        if value is False:
+            return None
+        m = self.mapping(path, value)
+        if not m:
+            return base
+        self.keys(path, m, TRACKING_KEYS)
+        if "mlflow" not in m:
+            return base
+        if m["mlflow"] is False:
+            return None
+        mm = self.mapping(f"{path}.mlflow", m["mlflow"])
+        if mm is None:
+            return base
+        mp = f"{path}.mlflow"
+        self.keys(mp, mm, MLFLOW_KEYS)
+        uri: str | None = base.uri if base else None
+        if "uri" in mm:
+            raw = self.string(f"{mp}.uri", mm["uri"])
+            if raw is not None:
+                expanded = os.path.expandvars(raw)
+                parts = re.match(r"^(https?)://([^/?#]*)(.*)$", expanded)
+                if "@" in raw.split("://", 1)[-1].split("/", 1)[0]:
+                    self.err(f"{mp}.uri", "must not hold credentials: set MLFLOW_TRACKING_USERNAME and "
+                                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment")
+                elif parts is None or not parts.group(2) or re.search(r"\s", expanded):
+                    self.err(f"{mp}.uri", f"must be an http:// or https:// URL of an MLflow tracking server, "
+                                          f"got {_show(raw)}")
+                else:
+                    uri = expanded.rstrip("/")
+        experiment = base.experiment if base else None
+        if "experiment" in mm:
+            experiment = self.string(f"{mp}.experiment", mm["experiment"])
+            if experiment is not None and not experiment.strip():
+                self.err(f"{mp}.experiment", "must not be empty")
+        reach = base.reachable_from_nodes if base else "auto"
+        if "reachable_from_nodes" in mm:
+            rv = mm["reachable_from_nodes"]
+            if rv is True or rv is False:
+                reach = "true" if rv else "false"
+            elif rv == "auto":
+                reach = "auto"
+            else:
+                self.err(f"{mp}.reachable_from_nodes", f"must be true, false or auto, got {_show(rv)}")
+        artifacts = self.boolean(f"{mp}.artifacts", mm.get("artifacts"), base.artifacts if base else True)
+        cap = base.max_artifact_mb if base else 100.0
+        if "max_artifact_mb" in mm:
+            cv = mm["max_artifact_mb"]
+            if isinstance(cv, bool) or not isinstance(cv, (int, float)) or not 0 <= cv <= 1_000_000:
+                self.err(f"{mp}.max_artifact_mb", f"must be a number of megabytes from 0 to 1000000, got {_show(cv)}")
+            else:
+                cap = float(cv)
+        if uri is None:
+            if "uri" not in mm:
+                self.err(mp, "needs uri (the tracking server, e.g. http://mlflow.lab.example:5000)")
+            return None
+        return MlflowTracking(uri=uri, experiment=experiment, reachable_from_nodes=reach, artifacts=artifacts,
+                              max_artifact_mb=cap)
+    def registry(self, path: str, value: Any) -> RegistrySpec | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = {"url": value}
+        m = self.mapping(path, value)
+        if not m:
+            return None
+        self.keys(path, m, REGISTRY_KEYS)
+        url = self.string(f"{path}.url", m.get("url"))
+        if url is None:
+            self.err(path, "needs url (oras://HOST[:PORT]/NAMESPACE)")
+            return None
+        if "@" in url.partition("://")[2].split("/")[0]:
+            self.err(f"{path}.url", "must not hold credentials (use `apptainer registry login` or the "
+                                    "environment)")
+            return None
+        match = REGISTRY_URL_RE.match(url)
+        if not match:
+            self.err(f"{path}.url", f"invalid value {_show(url)}: oras://HOST[:PORT]/NAMESPACE with a "
+                                    "lower-case namespace such as oras://registry.your.site/lab")
+            return None
+        host = match.group("host")
+        insecure = self.boolean(f"{path}.insecure", m.get("insecure"), False)
+        bare = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        if insecure:
+            if bare not in LOOPBACK_HOSTS:
+                self.err(f"{path}.insecure", f"plain HTTP is allowed for a registry on this machine only "
+                                             f"(127.0.0.1, localhost), not {bare}: give the registry TLS")
+                return None
+        return RegistrySpec(url=url.rstrip("/"), host=host, namespace=match.group("ns"), insecure=insecure)
+
+    def verify(self, path: str, value: Any) -> VerifyPolicy:
+        if isinstance(value, str):
+            value = {"mode": value}
+        m = self.mapping(path, value)
+        if not m:
+            return VerifyPolicy()
+        self.keys(path, m, VERIFY_KEYS)
+        mode = self.string(f"{path}.mode", m.get("mode", "off"), pattern=re.compile(r"^(off|warn|require)$"),
+                           rule="off, warn or require") or "off"
+        keys = []
+        for i, k in enumerate(self.str_list(f"{path}.keys", m.get("keys")) or ()):
+            fp = k.replace(" ", "").upper()
+            if not re.match(r"^[0-9A-F]{40}$", fp):
+                self.err(f"{path}.keys[{i}]", f"invalid value {_show(k)}: a PGP fingerprint of 40 hex digits "
+                                              "(`apptainer key list`)")
+            else:
+                keys.append(fp)
+        files = []
+        raw_files = m.get("key_files")
+        if raw_files is not None and not isinstance(raw_files, list):
+            self.err(f"{path}.key_files", f"must be a list of paths, got {_typename(raw_files)}")
+            raw_files = []
+        for i, f in enumerate(raw_files or ()):
+            kp = self.path_in_project(f"{path}.key_files[{i}]", f, allow_absolute=True)
+            if kp is not None:
+                files.append(kp)
+        if mode == "require" and not keys and not files:
+            self.err(f"{path}.mode", "require needs the allowed signers: `keys:` (PGP fingerprints) or "
+                                     "`key_files:` (PEM public keys)")
+        return VerifyPolicy(mode=mode, keys=tuple(keys), key_files=tuple(files))
+
+    def binds(self, path: str, value: Any) -> tuple[Bind, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.err(path, f"must be a list, got {_typename(value)}")
+            return ()
+        out = []
+        for i, item in enumerate(value):
+            ip = f"{path}[{i}]"
+            if isinstance(item, str):
+                if CONTROL_RE.search(item):
+                    self.err(ip, f"control characters are not allowed: {_show(item)}")
+                    continue
+                parts = item.split(":")
+                if len(parts) > 3:
+                    self.err(ip, f"use the mapping form {{src, dst, mode}} for paths containing ':' "
+                                 f"({_show(item)})")
+                    continue
+                item = {"src": parts[0], "dst": parts[1] if len(parts) > 1 else parts[0],
+                        "mode": parts[2] if len(parts) > 2 else "ro"}
+            m = self.mapping(ip, item)
+            if m is None:
+                continue
+            self.keys(ip, m, BIND_KEYS)
+            src = self.string(f"{ip}.src", m.get("src"))
+            if src is None:
+                self.err(ip, "needs src")
+                continue
+            src_exp = os.path.expanduser(os.path.expandvars(src))
+            if not os.path.isabs(src_exp):
+                src_exp = os.path.normpath(self.root / src_exp)
+            dst = self.container_path(f"{ip}.dst", m.get("dst", src_exp))
+            mode = self.string(f"{ip}.mode", m.get("mode", "ro"), pattern=re.compile(r"^(ro|rw)$"),
+                               rule="ro or rw")
+            if dst is not None and mode is not None:
+                out.append(Bind(src=src_exp, dst=dst, mode=mode))
+        return tuple(out)
+
+    def experiment(self, path: str, name: str, m: Mapping[str, Any], project_defaults: dict[str, Any],
+                   experiments_dir: Path) -> Experiment | None:
+        self.keys(path, m, EXP_KEYS)
+        for a, b in (("command", "entrypoint"), ("artifacts", "artifacts_path")):
+            if a in m and b in m:
+                self.err(f"{path}.{b}", f"give {a} or {b}, not both ({b} is the other spelling of {a})")
+        exp_path = experiments_dir / name
+        if "path" in m:
+            p = self.path_in_project(f"{path}.path", m["path"], allow_absolute=False)
+            if p is not None:
+                exp_path = p
+        dockerfiles = discover_dockerfiles(exp_path)
+        if "dockerfile" in m:
+            dm = m["dockerfile"]
+            if isinstance(dm, str):
+                dm = {"amd64": dm}
+            dmm = self.mapping(f"{path}.dockerfile", dm)
+            for arch, rel in (dmm or {}).items():
+                if arch not in ARCHES:
+                    self.err(f"{path}.dockerfile.{arch}", f"unknown architecture {_show(arch)} "
+                                                         f"(use {' or '.join(ARCHES)})")
+                    continue
+                r = self.relpath_inside(f"{path}.dockerfile.{arch}", rel)
+                if r is not None:
+                    dockerfiles[arch] = exp_path / r
+        command = self.str_list(f"{path}.command", m.get("command", m.get("entrypoint")), split=True)
+        args = self.str_list(f"{path}.args", m.get("args"), split=True) or ()
+        params_as_raw = m.get("params_as", ["args", "env"])
+        if isinstance(params_as_raw, str):
+            params_as_raw = [params_as_raw]
+        params_as = self.str_list(f"{path}.params_as", params_as_raw) or ()
+        for i, pa in enumerate(params_as):
+            if pa not in ("args", "env"):
+                self.err(f"{path}.params_as[{i}]", f"must be 'args' or 'env', got {_show(pa)}")
+        artifacts = self.relpath_inside(f"{path}.artifacts",
+                                        m.get("artifacts", m.get("artifacts_path", "results")))
+        mount = self.container_path(f"{path}.mount", m.get("mount", "/experiment"))
+        workdir = self.container_path(f"{path}.workdir", m.get("workdir"))
+        env = dict(project_defaults["env"])
+        env.update(self.str_map(f"{path}.env", m.get("env"), key_re=ENV_RE,
+                                key_rule="an environment variable name", allow_control=True))
+        params = self.str_map(f"{path}.params", m.get("params"), key_re=PARAM_RE,
+                              key_rule="letters, digits and _, not starting with a digit", allow_control=True)
+        build_args = dict(project_defaults["build_args"])
+        build_args.update(self.str_map(f"{path}.build_args", m.get("build_args"), key_re=ENV_RE,
+                                       key_rule="a build argument name", allow_control=False))
+        bases = dict(project_defaults["bases"])
+        bases.update(self.bases(f"{path}.bases", m.get("bases")))
+        slurm = project_defaults["slurm"].merged(self.slurm(f"{path}.slurm", m.get("slurm")))
+        return Experiment(
+            name=name, path=exp_path, dockerfiles=dockerfiles, declared=True,
+            ref=self.string(f"{path}.ref", m.get("ref")),
+            code=self.string(f"{path}.code", m.get("code")),
+            description=self.string(f"{path}.description", m.get("description")),
+            command=command, args=args,
+            artifacts=artifacts or "results", mount=mount or "/experiment", workdir=workdir,
+            writable=self.boolean(f"{path}.writable", m.get("writable"), False),
+            gpu=self.boolean(f"{path}.gpu", m.get("gpu"), False),
+            binds=self.binds(f"{path}.binds", m.get("binds")),
+            env=env, params=params, params_as=params_as, build_args=build_args, bases=bases, slurm=slurm,
+            root=self.root,
+            allow_outside=self.boolean(f"{path}.allow_outside_project", m.get("allow_outside_project"), False),
+            tracking=self.tracking(f"{path}.tracking", m["tracking"], project_defaults["tracking"])
+            if "tracking" in m else project_defaults["tracking"],
+        )
+
+    def project(self, data: Any, cfg_path: Path | None) -> Project | None:
+        top = self.mapping("", data)
+        if top is None:
+            return None
+        self.keys("", top, TOP_KEYS)
+
+        def folder(key: str, default: str, allow_abs: bool = True) -> Path:
+            if key not in top:
+                return self.root / default
+            p = self.path_in_project(key, top[key], allow_absolute=allow_abs)
+            return p if p is not None else self.root / default
+
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        experiments_dir = folder("experiments_dir", "experiments", allow_abs=False)
+        recipes_dir = folder("recipes", "recipes", allow_abs=False)
+        images_dir = folder("images", "images")
+        runs_dir = folder("runs", "runs")
+        slurm_dir = folder("slurm_dir", "slurm", allow_abs=False)
+        cache_dir = folder("cache", "") if "cache" in top else Path(xdg) / "hpcexp"
+        defaults: dict[str, Any] = {
+            "env": self.str_map("env", top.get("env"), key_re=ENV_RE,
+                                key_rule="an environment variable name", allow_control=True),
+            "build_args": self.str_map("build_args", top.get("build_args"), key_re=ENV_RE,
+                                       key_rule="a build argument name", allow_control=False),
+            "bases": self.bases("bases", top.get("bases")),
+            "slurm": self.slurm("slurm", top.get("slurm")),
+            "tracking": self.tracking("tracking", top.get("tracking"), None),
+        }
+        mirror = self.string("debian_mirror", top.get("debian_mirror"),
+                             pattern=re.compile(r"^(https?|file)://\S+$"), rule="an http(s) URL")
+        build = self.mapping("build", top.get("build")) or {}
+        self.keys("build", build, BUILD_KEYS)
+        stand_ins = self.boolean("build.stand_ins", build.get("stand_ins"), True)
+        host_network = self.boolean("build.host_network", build.get("host_network"), True)
+
+        # Discovered experiments first, then what hpcexp.yaml declares.
+        experiments: dict[str, Experiment] = {}
+        if experiments_dir.is_dir():
+            for child in sorted(experiments_dir.iterdir()):
+                if child.is_dir() and NAME_RE.match(child.name):
+                    dfs = discover_dockerfiles(child)
+                    if dfs:
+                        experiments[child.name] = Experiment(
+                            name=child.name, path=child, dockerfiles=dfs, env=dict(defaults["env"]),
+                            build_args=dict(defaults["build_args"]), bases=dict(defaults["bases"]),
+                            slurm=defaults["slurm"], root=self.root, tracking=defaults["tracking"])
+
+        declared = top.get("experiments")
+        entries: list[tuple[str, str, Any]] = []
+        if isinstance(declared, list):
+            # The list shape other experiment managers use: [{name, ref, code, entrypoint, artifacts_path}]
+            seen: dict[str, int] = {}
+            for i, item in enumerate(declared):
+                ip = f"experiments[{i}]"
+                if not isinstance(item, dict):
+                    self.err(ip, f"must be a mapping with a name, got {_typename(item)}")
+                    continue
+                name = item.get("name")
+                if name is None:
+                    self.err(ip, "needs a name")
+                    continue
+                if name in seen:
+                    self.err(f"{ip}.name", f"duplicate experiment {_show(name)} (also experiments[{seen[name]}])")
+                    continue
+                seen[name] = i
+                entries.append((ip, name, item))
+        elif declared is not None:
+            dm = self.mapping("experiments", declared)
+            for name, item in (dm or {}).items():
+                ep = f"experiments.{name}"
+                if item is None:
+                    item = {}
+                if not isinstance(item, dict):
+                    self.err(ep, f"must be a mapping, got {_typename(item)} {_show(item)}")
+                    continue
+                if "name" in item and item["name"] != name:
+                    self.err(f"{ep}.name", f"differs from the key {_show(name)}")
+                entries.append((ep, name, item))
+        for ep, name, item in entries:
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                self.err(ep, f"invalid experiment name {_show(name)}: must match "
+                             "[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+                continue
+            exp = self.experiment(ep, name, item, defaults, experiments_dir)
+            if exp is not None:
+                experiments[name] = exp
+
+        return Project(
+            root=self.root, config_file=cfg_path, experiments_dir=experiments_dir, recipes_dir=recipes_dir,
+            images_dir=images_dir, runs_dir=runs_dir, slurm_dir=slurm_dir, cache_dir=cache_dir,
+            experiments=experiments, bases=defaults["bases"], slurm=defaults["slurm"], env=defaults["env"],
+            build_args=defaults["build_args"], debian_mirror=mirror, stand_ins=stand_ins,
+            host_network=host_network,
+            tracking=defaults["tracking"],
+            registry=self.registry("registry", top.get("registry")), verify=self.verify("verify", top.get("verify")),
+        )
+
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _scalar_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
