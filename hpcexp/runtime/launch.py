@@ -192,3 +192,18 @@ def plan(project: Project, exp: Experiment, image: Path, run: RunPaths, *, run_i
     )
     return LaunchPlan(argv=tuple(argv), container_env=env, mounts=tuple(mounts), pwd=workdir,
                       payload=tuple(payload))
+
+
+def ensure_mount_point(exp: Experiment) -> None:
+    """Create the experiment folder's results/ (where the run's own results are bound) once,
+    before any container starts.
+
+    Apptainer creates a nested bind's mount point in the host folder itself when it is
+    missing; array tasks starting at the same moment then race on that mkdir and the loser
+    fails with "file exists" before its payload runs. An existing folder is left as it is;
+    a folder hpcexp may not write is left to Apptainer, as before."""
+    target = Path(exp.path) / exp.artifacts
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass

@@ -338,6 +338,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                         pass
             if len(allocated) != len(param_sets):
                 futures[[f.exception() is not None for f in futures].index(True)].result()
+        if not dry_run:
+            launch.ensure_mount_point(exp)  # once here, not raced by the array's tasks on the nodes
         extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
         for index, ps in enumerate(param_sets):
             paths = allocated[index]
