@@ -157,6 +157,24 @@ class Interrupted(HpcexpError):
     exit_code = 130
 
 
+# Registry (hpcexp.build.registry and its helpers)
+
+class RegistryError(EnvironmentProblem):
+    """The registry did not answer, refused us, or TLS/credentials failed (exit code 3)."""
+
+
+class PinMismatch(Failure):
+    """What we got is not what the lock pins (sha256 or digest differs): exit code 1."""
+
+
+class SignatureRefused(Failure):
+    """The image's signature does not satisfy ``verify:`` (exit code 1); it is not published or run."""
+
+
+class StalePin(UsageError):
+    """The lock pins another input hash than the current inputs give (exit code 2)."""
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "a check failed (stale recipe, archive does not verify) or an unexpected error",
