@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from hpcexp.infra.jsonable import to_jsonable
+from hpcexp.infra.units import human_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpcexp.core.layout import RunPaths
@@ -26,17 +27,6 @@ __all__ = ["RUN_HEADERS", "age_of", "details", "exit_cell", "format_params", "hu
            "json_rows", "run_rows", "to_jsonable"]
 
 RUN_HEADERS = ("RUN_ID", "EXPERIMENT", "STATE", "AGE", "DURATION", "EXIT", "PARAMS")
-
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def human_age(seconds: float | None) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from hpcexp.archive.base import FORMATS, ZIP_MIN_TIME, Warn, fault, human, is_inside
+from hpcexp.archive.base import FORMATS, ZIP_MIN_TIME, Warn, fault, is_inside
 from hpcexp.archive.manifest import write_manifest
 from hpcexp.archive.scan import ScannedRun, Scanner, collect_runs, prepare_run
 from hpcexp.archive.writers import Changed, write_archive
@@ -26,6 +26,7 @@ from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.core.runs import RunRecord, parse_time
 from hpcexp.errors import Interrupted, NotFound, UsageError
 from hpcexp.infra import atomic
+from hpcexp.infra.units import human_size as human
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from hpcexp.archive.base import CHUNK, Warn, human, show
+from hpcexp.archive.base import CHUNK, Warn, show
 from hpcexp.archive.manifest import MANIFEST_NAME, load_manifest
 from hpcexp.archive.reader import READ_ERRORS, Corrupt, Member, detect_format, iter_members
 from hpcexp.errors import Failure, Interrupted, UsageError
 from hpcexp.infra import atomic
+from hpcexp.infra.units import human_size as human
 
 
 @dataclass(frozen=True)
