@@ -591,30 +591,36 @@ def api_docs(request: Request) -> Response:
 # The app
 # --------------------------------------------------------------------------------------
 
+MAPPED = (HpcexpError, files.Refused, OSError)
+
+
+def _mapped(request: Request, exc: BaseException) -> Response:
+    """The one mapping of hpcexp's errors to HTTP responses (404, 400, 403, 507...)."""
+    if isinstance(exc, HpcexpError):
+        return error_response(request, exc)
+    if isinstance(exc, files.Refused):
+        return refused_response(request, exc)
+    assert isinstance(exc, OSError)
+    return os_error_response(request, exc)
+
+
 def _wrap(fn: Any) -> Any:
-    """Map hpcexp's errors to HTTP (404, 400...) for sync and async endpoints alike."""
+    """Map hpcexp's errors to HTTP for sync and async endpoints alike. Two wrappers, one
+    mapping: a sync endpoint must stay sync so Starlette runs it in its thread pool."""
     if asyncio.iscoroutinefunction(fn):
         async def aendpoint(request: Request) -> Response:
             try:
                 return await fn(request)
-            except HpcexpError as exc:
-                return error_response(request, exc)
-            except files.Refused as exc:
-                return refused_response(request, exc)
-            except OSError as exc:
-                return os_error_response(request, exc)
+            except MAPPED as exc:
+                return _mapped(request, exc)
         aendpoint.__name__ = fn.__name__
         return aendpoint
 
     def endpoint(request: Request) -> Response:
         try:
             return fn(request)
-        except HpcexpError as exc:
-            return error_response(request, exc)
-        except files.Refused as exc:
-            return refused_response(request, exc)
-        except OSError as exc:
-            return os_error_response(request, exc)
+        except MAPPED as exc:
+            return _mapped(request, exc)
     endpoint.__name__ = fn.__name__
     return endpoint
 
