@@ -245,9 +245,7 @@ def pull_pin(project: Project, pin: Pin, *, progress: Progress | None = None, wa
             if verdict is not None:
                 sidecar["verified"] = {"sha256": sha, "policy": policy_digest(project.verify), "ok": verdict.ok,
                                        "signer": verdict.signer, "reason": verdict.reason}
-            atomic.write_json(final.with_suffix(".json"), sidecar)
-            os.replace(tmp, final)
-            atomic.fsync_dir(final.parent)
+            store.publish(tmp, final, sidecar)
         except OSError as exc:
             raise atomic.storage_error(exc, final) from exc
         finally:

@@ -180,9 +180,7 @@ def sign_in_place(project: Project, sif: Path, key_file: Path | None, label: str
             st = os.stat(work)
             new_side = dict(side, sha256=sha, size=st.st_size, sif_stat=[st.st_size, st.st_mtime_ns, st.st_ino],
                             signed_by=signer, unsigned_sha256=side.get("unsigned_sha256") or side.get("sha256"))
-            atomic.write_json(sif.with_suffix(".json"), new_side)
-            os.replace(work, sif)
-            atomic.fsync_dir(sif.parent)
+            store.publish(work, sif, new_side)
         except OSError as exc:
             raise atomic.storage_error(exc, sif) from exc
         finally:

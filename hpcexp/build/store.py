@@ -70,6 +70,23 @@ def read_sidecar(image: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def publish(tmp: Path, final: Path, sidecar: Mapping[str, Any]) -> None:
+    """Make the finished SIF ``tmp`` visible as ``final``, its sidecar first.
+
+    The order is the promise readers rely on: the sidecar (temp then rename) lands before
+    the SIF's rename, so a SIF under its final name always has its sidecar, and
+    :func:`valid_sif` checks the SIF's stat against it (a sidecar left from an older SIF
+    does not vouch for a new one). The folder is fsynced so both names survive a crash.
+    A full disk is a :class:`~hpcexp.errors.StorageError` naming ``final``.
+    """
+    try:
+        atomic.write_json(final.with_suffix(".json"), dict(sidecar))
+        os.replace(tmp, final)
+        atomic.fsync_dir(final.parent)
+    except OSError as exc:
+        raise atomic.storage_error(exc, final) from exc
+
+
 def valid_sif(image: Path, sidecar: dict[str, Any] | None = None) -> bool:
     """The image is at its final name, its sidecar exists and its size/sha256 match.
 
