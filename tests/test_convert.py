@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpcexp.convert import dockerfile as dfm
+from hpcexp.convert import words
 from hpcexp.convert.recipe import BaseResolution, IgnoreRules, convert
 from hpcexp.errors import ConvertError
 from tests.conftest import HOSTILE_VALUES, assert_clean_error, run_cli
@@ -87,19 +88,19 @@ def test_tokenizer_errors_name_the_line(text, needle):
 
 
 def test_word_processor_expansion_forms():
-    wp = dfm.WordProcessor({"A": ("1",), "E": ("",)}, unset={"U"})
-    assert dfm.literal(wp.word("${A:-x}${U:-d}${E:-e}${E-f}")) == "1de"
-    assert dfm.literal(wp.word("${A:+alt}${U:+no}${E:+no}${E+yes}")) == "altyes"
-    assert dfm.literal(wp.word("'$A' \"$A\" \\$A")) == "$A 1 $A"
+    wp = words.WordProcessor({"A": ("1",), "E": ("",)}, unset={"U"})
+    assert words.literal(wp.word("${A:-x}${U:-d}${E:-e}${E-f}")) == "1de"
+    assert words.literal(wp.word("${A:+alt}${U:+no}${E:+no}${E+yes}")) == "altyes"
+    assert words.literal(wp.word("'$A' \"$A\" \\$A")) == "$A 1 $A"
     ref = wp.word("/x${PATH:+:$PATH}")
-    assert dfm.render_shell(ref) == "/x${PATH:+:${PATH}}"
-    assert [dfm.literal(w) for w in wp.words('a "b c"  d\\ e')] == ["a", "b c", "d e"]
+    assert words.render_shell(ref) == "/x${PATH:+:${PATH}}"
+    assert [words.literal(w) for w in wp.words('a "b c"  d\\ e')] == ["a", "b c", "d e"]
     with pytest.raises(ValueError):
         wp.word('"unterminated')
 
 
 def test_split_key_values():
-    assert dfm.split_key_values('A=1 B="two words" C=\'x y\' D=a\\ b') == [
+    assert words.split_key_values('A=1 B="two words" C=\'x y\' D=a\\ b') == [
         ("A", "1"), ("B", '"two words"'), ("C", "'x y'"), ("D", "a\\ b")]
 
 

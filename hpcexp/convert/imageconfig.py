@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hpcexp.convert import model as m
-from hpcexp.convert.dockerfile import literal
 from hpcexp.convert.model import REF as _REF
 from hpcexp.convert.report import Note
+from hpcexp.convert.words import literal
 
 if TYPE_CHECKING:  # pragma: no cover
     from hpcexp.convert.dockerfile import Instruction

@@ -31,21 +31,14 @@ from typing import Any, Mapping
 from hpcexp.convert import dockerfile as dfmod
 from hpcexp.convert import model as m
 from hpcexp.convert.context import BuildContext
-from hpcexp.convert.dockerfile import (
-    Dockerfile,
-    Instruction,
-    Value,
-    WordProcessor,
-    has_refs,
-    literal,
-    render_shell,
-)
+from hpcexp.convert.dockerfile import Dockerfile, Instruction
 from hpcexp.convert.imageconfig import ImageConfig
 from hpcexp.convert.model import REF as _REF
 from hpcexp.convert.model import BaseResolution, BaseResolver, Stage
 from hpcexp.convert.report import Note
 from hpcexp.convert.staging import Copying
 from hpcexp.convert.variables import Variables
+from hpcexp.convert.words import Value, WordProcessor, has_refs, literal, render_shell
 from hpcexp.errors import ConvertError
 
 _STAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

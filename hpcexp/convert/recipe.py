@@ -33,11 +33,11 @@ from typing import Mapping
 from hpcexp.convert import dockerfile as dfmod
 from hpcexp.convert.bridge import _SPY, _spython, _spython_mod
 from hpcexp.convert.context import BuildContext, IgnoreRules
-from hpcexp.convert.dockerfile import has_refs, literal
 from hpcexp.convert.interpret import Interpreter
 from hpcexp.convert.model import REF as _REF
 from hpcexp.convert.model import STAGING, BaseResolution, BaseResolver, Stage
 from hpcexp.convert.report import Conversion, Note
+from hpcexp.convert.words import has_refs, literal
 from hpcexp.convert.writer import heredoc_marker, render
 from hpcexp.errors import ConvertError
 

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from hpcexp.convert import model as m
 from hpcexp.convert.context import IgnoreRules, archive_kind
-from hpcexp.convert.dockerfile import has_refs, literal
 from hpcexp.convert.model import REF as _REF
 from hpcexp.convert.model import STAGING, StagedFile
+from hpcexp.convert.words import has_refs, literal
 from hpcexp.convert.writer import safe_source
 
 if TYPE_CHECKING:  # pragma: no cover

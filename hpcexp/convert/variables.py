@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from hpcexp.convert import dockerfile as dfmod
 from hpcexp.convert import model as m
+from hpcexp.convert import words
 from hpcexp.convert.bridge import _spython, _spython_mod
-from hpcexp.convert.dockerfile import literal, render_shell, split_key_values
+from hpcexp.convert.words import literal, render_shell, split_key_values
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hpcexp.convert.dockerfile import Instruction, Value
+    from hpcexp.convert.dockerfile import Instruction
+    from hpcexp.convert.words import Value
 
 _ARG_COMMENT = re.compile(r"(^|\s)#")
 VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -132,7 +133,7 @@ class Variables:
         together = False
         if len(values) > 1:
             keys = {k for k, _ in values}
-            together = any(isinstance(seg, dfmod.Ref) and seg.name in keys for _, v in values for seg in v)
+            together = any(isinstance(seg, words.Ref) and seg.name in keys for _, v in values for seg in v)
         for key, value in values:
             st.env[key] = value
             self._wp = None
@@ -198,7 +199,7 @@ def _referrers_first(values: list[tuple[str, "Value"]]) -> list[tuple[str, "Valu
     out: list[tuple[str, Value]] = []
     while todo:
         for i, (key, _) in enumerate(todo):
-            if not any(isinstance(seg, dfmod.Ref) and seg.name == key for k, v in todo if k != key for seg in v):
+            if not any(isinstance(seg, words.Ref) and seg.name == key for k, v in todo if k != key for seg in v):
                 out.append(todo.pop(i))
                 break
         else:

@@ -18,7 +18,7 @@ import shlex
 from hpcexp import __version__
 from hpcexp.convert import model as m
 from hpcexp.convert.bridge import _spython, _spython_mod
-from hpcexp.convert.dockerfile import _esc_dq
+from hpcexp.convert.words import esc_dq
 from hpcexp.errors import ConvertError
 
 STAGING = m.STAGING
@@ -75,7 +75,7 @@ def q(path: str) -> str:
     if _REF not in path:
         return shlex.quote(path)
     parts = path.split(_REF)
-    return '"' + "".join(p if k % 2 else _esc_dq(p) for k, p in enumerate(parts)) + '"'
+    return '"' + "".join(p if k % 2 else esc_dq(p) for k, p in enumerate(parts)) + '"'
 
 
 _SAFE_SRC = re.compile(r"[A-Za-z0-9_./@%+=:, \u0080-\U0010ffff-]+")
