@@ -108,6 +108,9 @@ def run_failure(paths: RunPaths, rec: RunRecord) -> HpcexpError | None:
     if rec.launch_error:
         return EnvironmentProblem(f"run {rec.run_id}: apptainer could not start the container: {rec.launch_error}",
                                   hint=f"full output in {paths.stderr}")
+    if rec.extra.get("service_failure") and rec.state != "cancelled":
+        return PayloadFailed(f"run {rec.run_id} failed: {rec.extra['service_failure']}", code=rec.exit_code,
+                             hint=f"the services' logs are in {paths.services}")
     if rec.state == "cancelled":
         return Interrupted(f"run {rec.run_id} was stopped ({rec.reason or 'cancelled'}); recorded as cancelled")
     what = f"exit code {rec.exit_code}" if rec.exit_code is not None else (rec.reason or rec.state)

@@ -401,6 +401,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             rec.extra["services"] = services.record()
         if died:  # the payload was stopped because a service it needs died
             outcome = {"state": "failed", "exit_code": rc if rc >= 0 else None, "reason": "; ".join(died)}
+            rec.extra["service_failure"] = died[0]
         notes = [n for n in (readers[0].write_error, readers[1].write_error) if n]
         if leftovers:
             notes.append(f"{leftovers} leftover process(es) of the run were killed after apptainer exited")
