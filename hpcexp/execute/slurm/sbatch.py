@@ -31,7 +31,7 @@ import shlex
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from hpcexp.errors import UsageError
 from hpcexp.execute.values import check_value
@@ -96,9 +96,10 @@ class JobSpec:
     # (host, port, names): the container gets these variables only if host:port answers
     # from the compute node when the job starts (a tracking server, see hpcexp.track)
     env_if_reachable: tuple[str, int, tuple[str, ...]] | None = None
-    # the services started beside each task's payload (the records' extra.services; see
-    # hpcexp.execute.slurm.services_sh)
-    services: tuple[Mapping[str, Any], ...] = ()
+    # the shell that starts the services beside each task's payload (end of record_start)
+    # and stops them (start of record_end), made by hpcexp.execute.slurm.services_sh
+    services_start: str = ""
+    services_end: str = ""
 
 
 def header_lines(options: Mapping[str, str | None], extra_args: Sequence[str] = ()) -> list[str]:
@@ -235,9 +236,8 @@ def _record_start(spec: JobSpec) -> str:
         '  local rc="$1" err="$2"',
         '  $HPCEXP_ENDED && return 0; HPCEXP_ENDED=true',
         "  hpcexp_event exit '{\"attempt\": %d, \"exit_code\": %d, \"term_received\": %s, \"launch_error\": %s, "
-        "\"time\": \"%s\", \"host\": \"%s\", \"job_id\": \"%s\", \"service_failure\": %s}' \\",
-        '    "$HPCEXP_ATTEMPT" "$rc" "$HPCEXP_TERM" "$err" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB" '
-        '"${HPCEXP_SVC_FAILURE:-null}"',
+        "\"time\": \"%s\", \"host\": \"%s\", \"job_id\": \"%s\"}' \\",
+        '    "$HPCEXP_ATTEMPT" "$rc" "$HPCEXP_TERM" "$err" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB"',
         "}",
         "hpcexp_early_exit() {",
         '  hpcexp_exit "$1" "\\"the job script stopped (exit code $1) before the payload\'s exit was recorded; '
@@ -255,11 +255,8 @@ def _record_start(spec: JobSpec) -> str:
         '  "$HPCEXP_ATTEMPT" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB" "${SLURM_ARRAY_JOB_ID:-}" '
         '"${SLURM_ARRAY_TASK_ID:-}"',
     ]
-    if spec.services:
-        from hpcexp.execute.slurm import services_sh  # only jobs with services need it
-
-        lines.append(services_sh.start_block(spec.services, program=spec.tasks[0].argv[0],
-                                             env_prefix_=spec.tasks[0].env_prefix))
+    if spec.services_start:
+        lines.append(spec.services_start)
     return "\n".join(lines)
 
 
@@ -276,12 +273,6 @@ RECORD_END = "\n".join([
 ])
 
 
-def _services_end(spec: JobSpec) -> str:
-    from hpcexp.execute.slurm import services_sh
-
-    return services_sh.end_block(spec.services)
-
-
 def placeholder_values(spec: JobSpec) -> dict[str, str]:
     """Every placeholder's text, each already shell-quoted (or generated shell code)."""
     header = "\n".join(header_lines(spec.options, spec.extra_args))
@@ -290,7 +281,7 @@ def placeholder_values(spec: JobSpec) -> dict[str, str]:
         "sbatch_header": header,
         "record_start": _record_start(spec),
         "launch": LAUNCH,
-        "record_end": RECORD_END if not spec.services else _services_end(spec) + "\n" + RECORD_END,
+        "record_end": RECORD_END if not spec.services_end else spec.services_end + "\n" + RECORD_END,
         "experiment": _q(check_value("experiment", spec.experiment)),
         "sweep_id": _q(check_value("sweep id", spec.sweep_id or "")),
         "image": _q(check_value("image path", str(spec.image))),

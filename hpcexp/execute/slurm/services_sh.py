@@ -285,4 +285,6 @@ def end_block(services: Sequence[Mapping[str, Any]]) -> str:
         lines.append(f'if [ -e "$HPCEXP_SVC_DIR/.died-{i}" ]; then HPCEXP_SVC_FAILURE={_json_sh(text)}; '
                      f"echo {_q('hpcexp: ' + text)} >&2; fi")
     lines.append("hpcexp_services_stop")
+    lines.append('if [ "$HPCEXP_SVC_FAILURE" != null ]; then hpcexp_event services \'{"attempt": %d, "failure": %s}\' '
+                 '"$HPCEXP_ATTEMPT" "$HPCEXP_SVC_FAILURE"; fi')
     return "\n".join(lines)

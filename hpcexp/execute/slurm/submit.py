@@ -172,10 +172,17 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             opts["comment"] = f"hpcexp run {part[0].record.run_id}"
             script = part[0].paths.script
         opts["job-name"] = job_name
+        svc_start = svc_end = ""
+        if services:  # the job starts them beside each task's payload (docs/services.md)
+            from hpcexp.execute.slurm import services_sh
+
+            svc_start = services_sh.start_block(services, program=part[0].spec.argv[0],
+                                                env_prefix_=part[0].spec.env_prefix)
+            svc_end = services_sh.end_block(services)
         spec = sbatch.JobSpec(experiment=exp_name, project_root=proj.root, image=image,
                               tasks=tuple(t.spec for t in part), options=opts, extra_args=tuple(res.sbatch_args),
                               sweep_id=sweep_id, array=array, launch_error_hint=label_hint, template_label=label,
-                              env_if_reachable=env_probe, services=tuple(services))
+                              env_if_reachable=env_probe, services_start=svc_start, services_end=svc_end)
         rendered = sbatch.render(text, spec)
         if len(rendered.encode()) > min(sbatch.MAX_SCRIPT_BYTES, int(f.get("max_script_size") or 4 << 20) - 65536) \
                 and len(part) > 1:
