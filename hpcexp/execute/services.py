@@ -172,8 +172,8 @@ def reserve_ports(count: int, *, owner_pid: int | None = None, rng: random.Rando
                 except OSError:
                     continue
             except OSError:
-                root = None
-            else:
+                root = None   # cannot reserve here: the bind test alone chooses
+            if root is not None:
                 tmp = folder / f".owner.{pid}"
                 tmp.write_text(f"{pid}\n")
                 os.replace(tmp, folder / "owner")

@@ -117,7 +117,7 @@ class InstanceInfo:
 def parse_instance_list(text: str) -> list[InstanceInfo]:
     """The instances in ``apptainer instance list --json`` output; ValueError when it is not that."""
     data = json.loads(text or "{}")
-    if not isinstance(data, dict) or not isinstance(data.get("instances", []), list):
+    if not isinstance(data, dict) or not isinstance(data.get("instances") or [], list):
         raise ValueError("not the output of `apptainer instance list --json`")
     out = []
     for row in data.get("instances") or []:
