@@ -1,0 +1,286 @@
+"""Services beside a run through the real Apptainer (instances) and the real Slurm, as the
+ordinary user: a Redis service (Debian's redis-server in an image hpcexp builds like any
+other, once per session) that the payload writes and reads keys in through the port it
+was given, with nothing of it left afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import assert_clean_error, run_cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REDIS_DOCKERFILE = """\
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*
+CMD ["redis-server"]
+"""
+
+# A tiny RESP client: busybox nc in the payload's image. Each run writes its own id under
+# one key, waits, and reads it back: two runs sharing one Redis would read the other's.
+CLIENT_SH = r"""#!/bin/sh
+set -e
+resp() { printf "$1" | nc -w 5 "$HPCEXP_SERVICE_REDIS_HOST" "$HPCEXP_SERVICE_REDIS_PORT"; }
+echo "redis at $HPCEXP_SERVICE_REDIS_HOST:$HPCEXP_SERVICE_REDIS_PORT"
+resp "SET owner $HPCEXP_RUN_ID\r\nQUIT\r\n" > results/set.txt
+sleep "${SLEEP:-0}"
+resp 'GET owner\r\nQUIT\r\n' > results/get.txt
+cat results/get.txt
+"""
+
+REDIS_SERVICE = """\
+      redis:
+        image: redis
+        command: [redis-server, --port, "{port}", --bind, "{host}", --save, "", --appendonly, "no"]
+        ready: {tcp: port}
+        timeout: 60"""
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory, busybox_sif: Path) -> Path:
+    """One project for the session, so the Redis image is built once: experiments
+    `redis` (the service's image), `web` (the payload) and variants of web."""
+    root = tmp_path_factory.mktemp("services") / "proj"
+    (root / "experiments" / "redis").mkdir(parents=True)
+    (root / "experiments" / "redis" / "Dockerfile").write_text(REDIS_DOCKERFILE)
+    web = root / "experiments" / "web"
+    web.mkdir()
+    (web / "Dockerfile").write_text("FROM busybox:latest\nCOPY . /app\nWORKDIR /app\n")
+    (web / "client.sh").write_text(CLIENT_SH)
+    payload = "    path: experiments/web\n    command: [/bin/sh, /app/client.sh]\n"
+    (root / "hpcexp.yaml").write_text(
+        f'bases:\n  "busybox:latest": {{sif: {busybox_sif}}}\n'
+        "slurm:\n  time: '5'\n"
+        "experiments:\n"
+        f"  web:\n{payload}    services:\n{REDIS_SERVICE}\n"
+        f"  slow:\n{payload}    env: {{SLEEP: '4'}}\n    services:\n{REDIS_SERVICE}\n"
+        f"  long:\n{payload}    env: {{SLEEP: '120'}}\n    services:\n{REDIS_SERVICE}\n"
+        f"  never:\n{payload}    services:\n      stuck:\n        image: redis\n"
+        "        command: [sleep, '600']\n        timeout: 3\n"
+        f"  dies:\n{payload}    env: {{SLEEP: '60'}}\n    services:\n      redis:\n        image: redis\n"
+        "        command: [sh, -c, \"redis-server --port {port} --bind {host} --save '' & sleep 3; kill $!; "
+        "exit 7\"]\n")
+    proc = run_cli("build", "redis", "web", cwd=root, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return root
+
+
+def cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, cwd=root, timeout=timeout)
+
+
+def record(root: Path, ref: str) -> dict[str, Any]:
+    proc = cli(root, "status", ref, "--json")
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = json.loads(proc.stdout)
+    return rec
+
+
+def run_json(root: Path, exp: str, run_id: str) -> dict[str, Any]:
+    return json.loads((root / "runs" / exp / run_id / "run.json").read_text())
+
+
+def instances() -> list[str]:
+    proc = subprocess.run(["apptainer", "instance", "list", "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [i["instance"] for i in json.loads(proc.stdout).get("instances") or []]
+
+
+def processes_mentioning(*needles: str) -> list[str]:
+    """This user's processes whose command line holds one of ``needles``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if any(n in cmd for n in needles):
+            found.append(f"{name}: {cmd}")
+    return found
+
+
+def assert_nothing_left(run_id: str, ports: list[int], within: float = 20.0) -> None:
+    """No instance of the run, no process naming its instance or holding its ports, no
+    reservation of them: checked until ``within`` seconds have passed."""
+    deadline = time.monotonic() + within
+    while True:
+        mine = [i for i in instances() if run_id in i]
+        procs = processes_mentioning(f"hpcexp-{run_id}", *[f":{p}" for p in ports],
+                                     *[f"--port {p}" for p in ports])
+        held = [p for p in ports if (Path(f"/tmp/hpcexp-ports-{os.getuid()}") / str(p)).exists()]
+        if not (mine or procs or held) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not mine, mine
+    assert not procs, procs
+    assert not held, held
+
+
+def service_ports(rec: dict[str, Any]) -> list[int]:
+    return [p for s in rec.get("services") or [] for p in (s.get("port_numbers") or {}).values()]
+
+
+def test_payload_writes_and_reads_redis_through_its_port_and_nothing_is_left(project: Path) -> None:
+    proc = cli(project, "run", "web")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = record(project, "@last")
+    full = run_json(project, "web", rec["run_id"])
+    run_dir = project / "runs" / "web" / rec["run_id"]
+    (svc,) = full["services"]
+    port = svc["port_numbers"]["port"]
+    assert svc["state"] == "stopped" and svc["instance"] == f"hpcexp-{rec['run_id']}-redis"
+    assert full["container_env"]["HPCEXP_SERVICE_REDIS_PORT"] == str(port)
+    assert f"redis at 127.0.0.1:{port}" in proc.stdout
+    assert (run_dir / "results" / "set.txt").read_text().startswith("+OK")
+    assert rec["run_id"] in (run_dir / "results" / "get.txt").read_text()
+    assert "Ready to accept connections" in (run_dir / "services" / "redis.out").read_text()
+    assert_nothing_left(rec["run_id"], [port], within=0.5)
+
+
+def test_two_runs_at_once_get_their_own_redis_on_their_own_port(project: Path) -> None:
+    ids = []
+    for _ in range(2):
+        proc = cli(project, "run", "slow", "--detach")
+        assert proc.returncode == 0, proc.stderr
+        ids.append(record(project, "@last")["run_id"])
+    recs = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        recs = [run_json(project, "slow", i) for i in ids]
+        if all(r["state"] in ("succeeded", "failed", "cancelled", "lost") for r in recs):
+            break
+        time.sleep(0.5)
+    assert [r["state"] for r in recs] == ["succeeded", "succeeded"], [r.get("reason") for r in recs]
+    # both ran at the same time: each one's services were ready before the other ended
+    assert recs[0]["started_at"] < recs[1]["ended_at"] and recs[1]["started_at"] < recs[0]["ended_at"]
+    ports = [service_ports(r) for r in recs]
+    assert ports[0] != ports[1] and not set(ports[0]) & set(ports[1])
+    for run_id in ids:   # each read back its own value: no shared Redis, no collision
+        assert run_id in (project / "runs" / "slow" / run_id / "results" / "get.txt").read_text()
+    for run_id, p in zip(ids, ports):
+        assert_nothing_left(run_id, p)
+
+
+def test_service_that_never_becomes_ready_fails_the_run_with_one_line(project: Path) -> None:
+    t0 = time.monotonic()
+    proc = cli(project, "run", "never")
+    assert time.monotonic() - t0 < 60
+    assert_clean_error(proc, 3, "service 'stuck' was not ready after 3 s")
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("hpcexp: error:")]) == 1
+    rec = record(project, "@last")
+    assert rec["state"] == "failed" and "service 'stuck' was not ready" in (rec.get("reason") or "")
+    full = run_json(project, "never", rec["run_id"])
+    assert full["launch_error"].startswith("service 'stuck'") and full["started_at"] is None
+    assert not (project / "runs" / "never" / rec["run_id"] / "stdout.log").exists()   # payload never ran
+    assert_nothing_left(rec["run_id"], service_ports(full), within=0.5)
+    assert not processes_mentioning("sleep 600")
+
+
+def test_stop_of_a_running_payload_stops_its_services(project: Path) -> None:
+    proc = cli(project, "run", "long", "--detach")
+    assert proc.returncode == 0, proc.stderr
+    run_id = record(project, "@last")["run_id"]
+    deadline = time.monotonic() + 120
+    while run_json(project, "long", run_id)["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    full = run_json(project, "long", run_id)
+    assert f"hpcexp-{run_id}-redis" in instances()
+    stop = cli(project, "stop", run_id)
+    assert stop.returncode == 0, stop.stderr
+    rec = record(project, run_id)
+    assert rec["state"] == "cancelled"
+    assert_nothing_left(run_id, service_ports(full), within=5)
+
+
+def test_killed_supervisor_leaves_no_service_behind(project: Path) -> None:
+    proc = cli(project, "run", "long", "--detach")
+    assert proc.returncode == 0, proc.stderr
+    run_id = record(project, "@last")["run_id"]
+    deadline = time.monotonic() + 120
+    while run_json(project, "long", run_id)["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    full = run_json(project, "long", run_id)
+    os.kill(full["executor_ids"]["supervisor_pid"], signal.SIGKILL)
+    assert_nothing_left(run_id, service_ports(full), within=20)
+    assert record(project, run_id)["state"] == "lost"
+
+
+def test_a_required_service_that_dies_fails_the_run(project: Path) -> None:
+    t0 = time.monotonic()
+    proc = cli(project, "run", "dies")
+    assert time.monotonic() - t0 < 50, "the payload was not stopped when its service died"
+    assert_clean_error(proc, 5, "service 'redis' exited with code 7 during the run")
+    rec = record(project, "@last")
+    assert rec["state"] == "failed"
+    full = run_json(project, "dies", rec["run_id"])
+    assert full["services"][0]["state"] == "exited" and full["services"][0]["exit_code"] == 7
+    assert_nothing_left(rec["run_id"], service_ports(full), within=0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Slurm: the same on the compute node, by the job script's generated shell
+# --------------------------------------------------------------------------------------
+
+def _ports_of_job(run_dir: Path) -> list[int]:
+    text = (run_dir / "services" / "redis.ports").read_text().split()
+    return [int(t.split("=")[1]) for t in text]
+
+
+@pytest.mark.slurm
+def test_slurm_job_runs_redis_beside_its_payload_and_leaves_nothing(project: Path) -> None:
+    proc = cli(project, "submit", "web", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = record(project, "@last")
+    assert rec["state"] == "succeeded", rec
+    run_dir = project / "runs" / "web" / rec["run_id"]
+    ports = _ports_of_job(run_dir)
+    assert f"redis at 127.0.0.1:{ports[0]}" in (run_dir / "stdout.log").read_text()
+    assert rec["run_id"] in (run_dir / "results" / "get.txt").read_text()
+    assert "Ready to accept connections" in (run_dir / "services" / "redis.out").read_text()
+    assert_nothing_left(rec["run_id"], ports, within=10)
+
+
+@pytest.mark.slurm
+def test_slurm_job_with_a_never_ready_service_fails_with_its_name(project: Path) -> None:
+    proc = cli(project, "submit", "never", "--wait")
+    assert proc.returncode != 0
+    rec = record(project, "@last")
+    assert rec["state"] == "failed" and "service 'stuck' was not ready after 3 s" in (rec.get("reason") or "")
+    assert_nothing_left(rec["run_id"], _ports_of_job(project / "runs" / "never" / rec["run_id"]), within=10)
+    assert not processes_mentioning("sleep 600")
+
+
+@pytest.mark.slurm
+def test_scancel_mid_run_stops_the_services(project: Path) -> None:
+    proc = cli(project, "submit", "long")
+    assert proc.returncode == 0, proc.stderr
+    rec = record(project, "@last")
+    run_id = rec["run_id"]
+    run_dir = project / "runs" / "long" / run_id
+    deadline = time.monotonic() + 180
+    while not (run_dir / "stdout.log").exists() or f"hpcexp-{run_id}-redis" not in instances():
+        assert time.monotonic() < deadline, "the job's payload never started"
+        time.sleep(0.5)
+    job_id = run_json(project, "long", run_id)["executor_ids"]["job_id"]
+    ports = _ports_of_job(run_dir)
+    subprocess.run(["scancel", str(job_id)], check=True, timeout=60)
+    assert_nothing_left(run_id, ports, within=30)
+    deadline = time.monotonic() + 120
+    while record(project, run_id)["state"] not in ("cancelled", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(1)
