@@ -382,3 +382,37 @@ def test_service_words_are_quoted_once(tmp_path: Path) -> None:
     out = subprocess.run(["bash", "-c", f"HPCEXP_SP_0_0=1234; printf '%s' {words}"], capture_output=True, text=True)
     assert out.stdout == f"{hostile}1234{{x}}"
     assert not Path("/tmp/hpcexp-pwned").exists()
+
+
+def test_job_script_killed_with_sigkill_leaves_the_guard_to_stop_its_services(tmp_path: Path) -> None:
+    """As Slurm does KillWait seconds after scancel: every process of the job's group gets
+    SIGKILL at once; the double-forked guard still stops the instance and frees the port."""
+    import signal
+
+    run_dir, text = _job(tmp_path, [_service()], "sleep 60")
+    state = tmp_path / "fake-state"
+    state.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "apptainer").write_text(FAKE_APPTAINER)
+    (bindir / "apptainer").chmod(0o755)
+    (tmp_path / "job.sh").write_text(text)
+    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "HOME": str(tmp_path), "FAKE_STATE": str(state)}
+    job = subprocess.Popen(["bash", str(tmp_path / "job.sh")], env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (run_dir / "stdout.log").exists():
+            assert time.monotonic() < deadline and job.poll() is None, "the payload never started"
+            time.sleep(0.1)
+        port = int((run_dir / "services" / "web.ports").read_text().strip().split("=")[1])
+        assert (state / f"hpcexp-{RUN_ID}-web").is_dir()
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    deadline = time.monotonic() + 15
+    while (state / f"hpcexp-{RUN_ID}-web").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _no_instances_left(tmp_path)
+    assert "instance stop --force" in (state / "calls").read_text()
+    assert not (Path(f"/tmp/hpcexp-ports-{os.getuid()}") / str(port)).exists()

@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths, port_reservations
 from hpcexp.core.model import Experiment, Service, expand_service_text
+from hpcexp.errors import HpcexpError
 from hpcexp.infra import process
 from hpcexp.runtime import apptainer, instances
 
@@ -210,14 +211,19 @@ _GUARD = (
     "        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, "
     "stderr=subprocess.DEVNULL)\n"
     "    for folder in todo['remove']:\n"
-    "        shutil.rmtree(folder, ignore_errors=True)\n"
+    "        try:\n"
+    "            mine = open(os.path.join(folder, 'owner')).read().split()[0] == str(todo['owner'])\n"
+    "        except (OSError, IndexError):\n"
+    "            mine = False\n"
+    "        if mine:\n"
+    "            shutil.rmtree(folder, ignore_errors=True)\n"
 )
 
 
 class _Guard:
     def __init__(self, stop_argvs: list[list[str]], remove: list[str], env: Mapping[str, str]) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
-        todo = json.dumps({"stop": stop_argvs, "remove": remove})
+        todo = json.dumps({"stop": stop_argvs, "remove": remove, "owner": os.getpid()})
         with contextlib.suppress(OSError):
             self.proc = process.spawn([sys.executable, "-I", "-S", "-c", _GUARD, todo], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(env),
@@ -309,8 +315,12 @@ class ServiceGroup:
         out_path = self.run_paths.service_log(name, "out")
         err_path = self.run_paths.service_log(name, "err")
         proc_env = apptainer.payload_env(self.program, env)
-        res = process.run(instances.instance_start_argv(image, spec["instance"], env=env, program=self.program),
-                          env=proc_env, cwd=str(self.run_paths.dir), timeout=max(30.0, float(spec["timeout"])))
+        try:
+            res = process.run(instances.instance_start_argv(image, spec["instance"], env=env, program=self.program),
+                              env=proc_env, cwd=str(self.run_paths.dir), timeout=max(30.0, float(spec["timeout"])))
+        except HpcexpError as exc:  # apptainer missing, or it did not answer
+            svc.started = True      # it may exist all the same: stop() tries
+            raise ServiceFailure(f"service {name!r}: its instance did not start: {exc}") from exc
         with open(err_path, "a", encoding="utf-8", errors="replace") as fh:
             fh.write(res.stdout + res.stderr)
         if not res.ok:

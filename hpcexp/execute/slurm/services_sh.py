@@ -130,7 +130,9 @@ def start_block(services: Sequence[Mapping[str, Any]], *, program: str, env_pref
     stop_argv = _argv(instances.instance_stop_argv(_SENTINEL, program=program, timeout=STOP_GRACE), '"$n"')
     force_argv = _argv(instances.instance_stop_argv(_SENTINEL, program=program, force=True), '"$n"')
     guard_script = ("trap '' TERM INT HUP; owner=$1; shift; while kill -0 \"$owner\" 2>/dev/null; do sleep 1; "
-                    f"done; for n in \"$@\"; do case \"$n\" in /*) rm -rf \"$n\" ;; *) {force_argv} "
+                    "done; for n in \"$@\"; do case \"$n\" in "
+                    "/*) [ \"$(cat \"$n/owner\" 2>/dev/null)\" = \"$owner\" ] && rm -rf \"$n\" ;; "
+                    f"*) {force_argv} "
                     ">/dev/null 2>&1 ;; esac; done")
     lines = [
         "# --- hpcexp: the services beside the payload (docs/services.md): ports chosen and reserved for",
