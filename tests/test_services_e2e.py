@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -236,8 +237,8 @@ def test_a_required_service_that_dies_fails_the_run(project: Path) -> None:
 # Slurm: the same on the compute node, by the job script's generated shell
 # --------------------------------------------------------------------------------------
 
-def _ports_of_job(run_dir: Path) -> list[int]:
-    text = (run_dir / "services" / "redis.ports").read_text().split()
+def _ports_of_job(run_dir: Path, service: str = "redis") -> list[int]:
+    text = (run_dir / "services" / f"{service}.ports").read_text().split()
     return [int(t.split("=")[1]) for t in text]
 
 
@@ -261,7 +262,7 @@ def test_slurm_job_with_a_never_ready_service_fails_with_its_name(project: Path)
     assert proc.returncode != 0
     rec = record(project, "@last")
     assert rec["state"] == "failed" and "service 'stuck' was not ready after 3 s" in (rec.get("reason") or "")
-    assert_nothing_left(rec["run_id"], _ports_of_job(project / "runs" / "never" / rec["run_id"]), within=10)
+    assert_nothing_left(rec["run_id"], _ports_of_job(project / "runs" / "never" / rec["run_id"], "stuck"), within=10)
     assert not processes_mentioning("sleep 600")
 
 
@@ -284,3 +285,19 @@ def test_scancel_mid_run_stops_the_services(project: Path) -> None:
     while record(project, run_id)["state"] not in ("cancelled", "failed"):
         assert time.monotonic() < deadline
         time.sleep(1)
+
+
+@pytest.mark.slurm
+def test_slurm_job_whose_required_service_dies_fails_with_the_reason(project: Path) -> None:
+    proc = cli(project, "submit", "dies", "--wait")
+    assert proc.returncode != 0
+    rec = record(project, "@last")
+    assert rec["state"] == "failed" and "service 'redis' exited during the run" in (rec.get("reason") or ""), rec
+    run_dir = project / "runs" / "dies" / rec["run_id"]
+    full = run_json(project, "dies", rec["run_id"])
+    ended, started = (datetime.fromisoformat(full[k].rstrip("Z")) for k in ("ended_at", "started_at"))
+    ran = ended - started
+    assert ran.total_seconds() < 40, "the payload (sleep 60) was not stopped when its service died"
+    assert json.loads((run_dir / "events" / "attempt-1.services").read_text())["failure"].startswith(
+        "service 'redis' exited during the run")
+    assert_nothing_left(rec["run_id"], _ports_of_job(run_dir), within=10)

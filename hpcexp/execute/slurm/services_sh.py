@@ -253,7 +253,8 @@ def start_block(services: Sequence[Mapping[str, Any]], *, program: str, env_pref
     marker = f"{env_prefix_}HPCEXP_RUN_ID"
     lines += [
         "# the monitor: a service that is not optional and dies stops the payload (SIGTERM to the",
-        "# processes carrying this run's marker), leaving services/.died-INDEX behind",
+        "# processes carrying this run's marker: Apptainer's own drop it, the container's keep it),",
+        "# leaving services/.died-INDEX behind",
         "(",
         "  trap - TERM INT; trap '' EXIT",
         "  while sleep 0.5; do",
@@ -261,7 +262,8 @@ def start_block(services: Sequence[Mapping[str, Any]], *, program: str, env_pref
         '      [ "$i" = : ] && continue',
         '      if ! kill -0 "${HPCEXP_SVC_PIDS[$i]}" 2>/dev/null; then',
         '        : > "$HPCEXP_SVC_DIR/.died-$i"',
-        f'        for f in $(grep -lzx "{marker}=$HPCEXP_RUN_ID" /proc/[0-9]*/environ 2>/dev/null); do',
+        f'        for f in $(grep -lzxF -e "{marker}=$HPCEXP_RUN_ID" -e "HPCEXP_RUN_ID=$HPCEXP_RUN_ID" '
+        "/proc/[0-9]*/environ 2>/dev/null); do",
         '          f="${f#/proc/}"; kill -TERM "${f%/environ}" 2>/dev/null || true',
         "        done",
         "        exit 0",
