@@ -62,7 +62,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, busybox_sif: Path) -> Path
         "slurm:\n  time: '5'\n"
         "experiments:\n"
         f"  web:\n{payload}    services:\n{REDIS_SERVICE}\n"
-        f"  slow:\n{payload}    env: {{SLEEP: '4'}}\n    services:\n{REDIS_SERVICE}\n"
+        f"  slow:\n{payload}    env: {{SLEEP: '10'}}\n    services:\n{REDIS_SERVICE}\n"
         f"  long:\n{payload}    env: {{SLEEP: '120'}}\n    services:\n{REDIS_SERVICE}\n"
         f"  never:\n{payload}    services:\n      stuck:\n        image: redis\n"
         "        command: [sleep, '600']\n        timeout: 3\n"
@@ -301,3 +301,29 @@ def test_slurm_job_whose_required_service_dies_fails_with_the_reason(project: Pa
     assert json.loads((run_dir / "events" / "attempt-1.services").read_text())["failure"].startswith(
         "service 'redis' exited during the run")
     assert_nothing_left(rec["run_id"], _ports_of_job(run_dir), within=10)
+
+
+@pytest.mark.slurm
+def test_two_array_tasks_at_once_on_one_node_get_their_own_redis(project: Path) -> None:
+    proc = cli(project, "submit", "slow", "--sweep", "task=1,2", "--max-parallel", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    deadline = time.monotonic() + 300
+    while True:
+        recs = [run_json(project, "slow", r["run_id"]) for r in out["runs"]]
+        if all(r["state"] not in ("submitting", "pending", "running") for r in recs):
+            break
+        assert time.monotonic() < deadline, [r["state"] for r in recs]
+        time.sleep(1)
+        cli(project, "status", out["sweep_id"])   # folds the job's markers into the records
+    assert [r["state"] for r in recs] == ["succeeded", "succeeded"], [r.get("reason") for r in recs]
+    dirs = [project / "runs" / "slow" / r["run_id"] for r in recs]
+    ports = [_ports_of_job(d) for d in dirs]
+    assert not set(ports[0]) & set(ports[1])
+    for rec, d in zip(recs, dirs):
+        assert rec["run_id"] in (d / "results" / "get.txt").read_text()   # its own Redis, not the other's
+    # they overlapped (the node has room for both): the case this test is about
+    times = [(r["started_at"], r["ended_at"]) for r in recs]
+    assert times[0][0] < times[1][1] and times[1][0] < times[0][1], f"the tasks did not run at once: {times}"
+    for rec, p in zip(recs, ports):
+        assert_nothing_left(rec["run_id"], p, within=10)
