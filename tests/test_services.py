@@ -416,3 +416,18 @@ def test_job_script_killed_with_sigkill_leaves_the_guard_to_stop_its_services(tm
     _no_instances_left(tmp_path)
     assert "instance stop --force" in (state / "calls").read_text()
     assert not (Path(f"/tmp/hpcexp-ports-{os.getuid()}") / str(port)).exists()
+
+
+def test_run_details_name_the_services_their_ports_and_how_they_ended(tmp_path: Path) -> None:
+    from hpcexp.app.views import details
+    from hpcexp.core.layout import RunPaths
+    from hpcexp.core.runs import RunRecord
+
+    rec = RunRecord(experiment="web", run_id="r1")
+    paths = RunPaths(tmp_path / "r1")
+    assert not any(line.startswith("services:") for line in details(paths, rec))
+    rec.extra["services"] = [{"name": "redis", "port_numbers": {"port": 2000}, "state": "exited", "exit_code": 7},
+                             {"name": "db", "state": "stopped"}, {"name": "queued"}]
+    line = [x for x in details(paths, rec) if x.startswith("services:")]
+    assert line == [f"services: redis (port 2000, exited with code 7), db (stopped), queued "
+                    f"(logs in {tmp_path / 'r1' / 'services'})"]
