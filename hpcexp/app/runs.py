@@ -108,7 +108,7 @@ def run_failure(paths: RunPaths, rec: RunRecord) -> HpcexpError | None:
     if rec.launch_error:
         return EnvironmentProblem(f"run {rec.run_id}: apptainer could not start the container: {rec.launch_error}",
                                   hint=f"full output in {paths.stderr}")
-    if rec.extra.get("service_failure") and rec.state != "cancelled":
+    if rec.extra.get("service_failure") and rec.state == "failed":
         return PayloadFailed(f"run {rec.run_id} failed: {rec.extra['service_failure']}", code=rec.exit_code,
                              hint=f"the services' logs are in {paths.services}")
     if rec.state == "cancelled":

@@ -234,7 +234,9 @@ def start_block(services: Sequence[Mapping[str, Any]], *, program: str, env_pref
         lines += [
             f"# service {name}",
             f"HPCEXP_SVC_INST+=({inst_expr[i]})",
-            f"echo \"{ports_file}\" > \"$HPCEXP_SVC_DIR/\"{_q(name + '.ports')}" if ports else ":",
+            (f"echo \"{ports_file}\" > \"$HPCEXP_SVC_DIR/.\"{_q(name + '.ports')}\".$$\" && "
+             f"mv -f \"$HPCEXP_SVC_DIR/.\"{_q(name + '.ports')}\".$$\" \"$HPCEXP_SVC_DIR/\"{_q(name + '.ports')}")
+            if ports else ":",
             f"if ! {env_cmd} {start} >>{err} 2>&1 </dev/null; then",
             f"  hpcexp_services_fail {_q(failed_start)} {_json_sh(failed_start)}",
             "fi",
