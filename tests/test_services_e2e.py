@@ -327,3 +327,30 @@ def test_two_array_tasks_at_once_on_one_node_get_their_own_redis(project: Path) 
     assert times[0][0] < times[1][1] and times[1][0] < times[0][1], f"the tasks did not run at once: {times}"
     for rec, p in zip(recs, ports):
         assert_nothing_left(rec["run_id"], p, within=10)
+
+
+def test_a_sif_file_of_the_project_as_a_service_and_a_missing_one_refused(tmp_path: Path, busybox_sif: Path) -> None:
+    root = tmp_path / "proj"
+    web = root / "experiments" / "web"
+    web.mkdir(parents=True)
+    (web / "Dockerfile").write_text("FROM busybox:latest\n")
+    (root / "sifs").mkdir()
+    (root / "sifs" / "bb.sif").write_bytes(busybox_sif.read_bytes())
+    fetch = 'wget -q -O - "http://$HPCEXP_SERVICE_HTTP_HOST:$HPCEXP_SERVICE_HTTP_PORT/motd"'
+    (root / "hpcexp.yaml").write_text(
+        f'bases:\n  "busybox:latest": {{sif: {busybox_sif}}}\n'
+        "experiments:\n"
+        f"  web:\n    command: [/bin/sh, -c, '{fetch}']\n"
+        "    services:\n      http:\n        image: sifs/bb.sif\n"
+        '        command: [sh, -c, "echo served-by-busybox > /tmp/motd; exec httpd -f -p {host}:{port} -h /tmp"]\n'
+        f"  gone:\n    path: experiments/web\n    command: [/bin/sh, -c, '{fetch}']\n"
+        "    services:\n      http:\n        image: sifs/missing.sif\n")
+    proc = cli(root, "run", "web")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "served-by-busybox" in proc.stdout
+    rec = run_json(root, "web", record(root, "@last")["run_id"])
+    assert rec["services"][0]["image"] == str(root / "sifs" / "bb.sif")
+    assert_nothing_left(rec["run_id"], service_ports(rec), within=0.5)
+    proc = cli(root, "run", "gone")
+    assert_clean_error(proc, 2, "experiments.gone.services.http.image", "sifs/missing.sif does not exist")
+    assert not (root / "runs" / "gone").exists() and not list((root / "images").glob("gone-*"))
