@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths, port_reservations
 from hpcexp.core.model import Experiment, Service, expand_service_text
-from hpcexp.errors import HpcexpError
+from hpcexp.errors import HpcexpError, UsageError
 from hpcexp.infra import process
 from hpcexp.runtime import apptainer, instances
 
@@ -66,6 +66,8 @@ def describe(exp: Experiment, images: Mapping[str, Path], run_id: str) -> list[d
     configuration (placeholders unexpanded: ports are chosen when the run starts)."""
     out = []
     for svc in exp.services:
+        if svc.name not in images:
+            raise UsageError(f"experiments.{exp.name}.services.{svc.name}: no image was found or built for it")
         out.append({
             "name": svc.name, "instance": instances.instance_name(run_id, svc.name),
             "image": str(images[svc.name]), "command": list(svc.command), "env": dict(svc.env),
