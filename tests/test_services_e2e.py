@@ -113,14 +113,36 @@ def processes_mentioning(*needles: str) -> list[str]:
     return found
 
 
-def assert_nothing_left(run_id: str, ports: list[int], within: float = 20.0) -> None:
-    """No instance of the run, no process naming its instance or holding its ports, no
-    reservation of them: checked until ``within`` seconds have passed."""
+def processes_holding(paths: list[str]) -> list[str]:
+    """This user's processes with one of ``paths`` open (a squashfuse mount of an image)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{name}/fd/{fd}") in paths:
+                    found.append(name)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def assert_nothing_left(run_id: str, ports: list[int], within: float = 20.0, *, also: tuple[str, ...] = (),
+                        images: tuple[str, ...] = ()) -> None:
+    """No instance of the run, no process naming its instance or holding its ports (or
+    naming ``also``, or holding ``images`` open), no reservation of the ports: checked
+    until ``within`` seconds have passed."""
     deadline = time.monotonic() + within
     while True:
         mine = [i for i in instances() if run_id in i]
         procs = processes_mentioning(f"hpcexp-{run_id}", *[f":{p}" for p in ports],
-                                     *[f"--port {p}" for p in ports])
+                                     *[f"--port {p}" for p in ports], *also) + processes_holding(list(images))
         held = [p for p in ports if (Path(f"/tmp/hpcexp-ports-{os.getuid()}") / str(p)).exists()]
         if not (mine or procs or held) or time.monotonic() > deadline:
             break
@@ -128,6 +150,11 @@ def assert_nothing_left(run_id: str, ports: list[int], within: float = 20.0) -> 
     assert not mine, mine
     assert not procs, procs
     assert not held, held
+
+
+def rec_services(root: Path, exp: str, run_id: str) -> str:
+    """The image file of the run's (first) service."""
+    return str(run_json(root, exp, run_id)["services"][0]["image"])
 
 
 def service_ports(rec: dict[str, Any]) -> list[int]:
@@ -148,7 +175,7 @@ def test_payload_writes_and_reads_redis_through_its_port_and_nothing_is_left(pro
     assert (run_dir / "results" / "set.txt").read_text().startswith("+OK")
     assert rec["run_id"] in (run_dir / "results" / "get.txt").read_text()
     assert "Ready to accept connections" in (run_dir / "services" / "redis.out").read_text()
-    assert_nothing_left(rec["run_id"], [port], within=0.5)
+    assert_nothing_left(rec["run_id"], [port], within=0.5, images=(svc["image"],))
 
 
 def test_two_runs_at_once_get_their_own_redis_on_their_own_port(project: Path) -> None:
@@ -186,8 +213,7 @@ def test_service_that_never_becomes_ready_fails_the_run_with_one_line(project: P
     full = run_json(project, "never", rec["run_id"])
     assert full["launch_error"].startswith("service 'stuck'") and full["started_at"] is None
     assert not (project / "runs" / "never" / rec["run_id"] / "stdout.log").exists()   # payload never ran
-    assert_nothing_left(rec["run_id"], service_ports(full), within=0.5)
-    assert not processes_mentioning("sleep 600")
+    assert_nothing_left(rec["run_id"], service_ports(full), within=5, also=("sleep 600",))
 
 
 def test_stop_of_a_running_payload_stops_its_services(project: Path) -> None:
@@ -217,7 +243,7 @@ def test_killed_supervisor_leaves_no_service_behind(project: Path) -> None:
         time.sleep(0.2)
     full = run_json(project, "long", run_id)
     os.kill(full["executor_ids"]["supervisor_pid"], signal.SIGKILL)
-    assert_nothing_left(run_id, service_ports(full), within=20)
+    assert_nothing_left(run_id, service_ports(full), within=20, images=(full["services"][0]["image"],))
     assert record(project, run_id)["state"] == "lost"
 
 
@@ -262,8 +288,8 @@ def test_slurm_job_with_a_never_ready_service_fails_with_its_name(project: Path)
     assert proc.returncode != 0
     rec = record(project, "@last")
     assert rec["state"] == "failed" and "service 'stuck' was not ready after 3 s" in (rec.get("reason") or "")
-    assert_nothing_left(rec["run_id"], _ports_of_job(project / "runs" / "never" / rec["run_id"], "stuck"), within=10)
-    assert not processes_mentioning("sleep 600")
+    assert_nothing_left(rec["run_id"], _ports_of_job(project / "runs" / "never" / rec["run_id"], "stuck"), within=10,
+                        also=("sleep 600",))
 
 
 @pytest.mark.slurm
@@ -280,7 +306,7 @@ def test_scancel_mid_run_stops_the_services(project: Path) -> None:
     job_id = run_json(project, "long", run_id)["executor_ids"]["job_id"]
     ports = _ports_of_job(run_dir)
     subprocess.run(["scancel", str(job_id)], check=True, timeout=60)
-    assert_nothing_left(run_id, ports, within=30)
+    assert_nothing_left(run_id, ports, within=30, images=(rec_services(project, "long", run_id),))
     deadline = time.monotonic() + 120
     while record(project, run_id)["state"] not in ("cancelled", "failed"):
         assert time.monotonic() < deadline
