@@ -431,3 +431,17 @@ def test_run_details_name_the_services_their_ports_and_how_they_ended(tmp_path: 
     line = [x for x in details(paths, rec) if x.startswith("services:")]
     assert line == [f"services: redis (port 2000, exited with code 7), db (stopped), queued "
                     f"(logs in {tmp_path / 'r1' / 'services'})"]
+
+
+def test_job_script_stopping_early_after_its_services_started_stops_them(tmp_path: Path) -> None:
+    """A job script that ends before its payload's exit is recorded (here: the payload's
+    command cannot be started, which `set -e` does not forgive in the launch line's place)
+    still stops its services through the EXIT trap."""
+    run_dir, text = _job(tmp_path, [_service()], "exit 0")
+    text = text.replace('"${HPCEXP_CMD[@]}" >"$HPCEXP_STDOUT"', 'false; "${HPCEXP_CMD[@]}" >"$HPCEXP_STDOUT"')
+    assert "false; " in text
+    proc = _run(tmp_path, text)
+    assert proc.returncode == 1
+    assert "before the payload's exit was recorded" in _events(run_dir)["attempt-1.exit"]["launch_error"]
+    assert "instance stop --timeout 5" in (tmp_path / "fake-state" / "calls").read_text()
+    _no_instances_left(tmp_path)
