@@ -16,6 +16,7 @@ from typing import IO, Any, Callable, Mapping, Sequence
 from hpcexp.app.progress import Progress, silent
 from hpcexp.core.config import Project
 from hpcexp.core.layout import Layout, RunPaths
+from hpcexp.core.model import SERVICE_FAILURE
 from hpcexp.core.runs import RunRecord
 from hpcexp.errors import EnvironmentProblem, HpcexpError, Interrupted, PayloadFailed, UsageError
 
@@ -101,9 +102,15 @@ def run_failure(paths: RunPaths, rec: RunRecord) -> HpcexpError | None:
     """The error a run's state stands for: none while it runs or when it succeeded."""
     if rec.state in ("succeeded", "running", "created"):
         return None
+    if rec.launch_error and rec.launch_error.startswith(SERVICE_FAILURE):
+        return EnvironmentProblem(f"run {rec.run_id}: {rec.launch_error}",
+                                  hint=f"the services' logs are in {paths.services}")
     if rec.launch_error:
         return EnvironmentProblem(f"run {rec.run_id}: apptainer could not start the container: {rec.launch_error}",
                                   hint=f"full output in {paths.stderr}")
+    if rec.extra.get("service_failure") and rec.state == "failed":
+        return PayloadFailed(f"run {rec.run_id} failed: {rec.extra['service_failure']}", code=rec.exit_code,
+                             hint=f"the services' logs are in {paths.services}")
     if rec.state == "cancelled":
         return Interrupted(f"run {rec.run_id} was stopped ({rec.reason or 'cancelled'}); recorded as cancelled")
     what = f"exit code {rec.exit_code}" if rec.exit_code is not None else (rec.reason or rec.state)
@@ -132,6 +139,11 @@ def run(project: Project, req: RunRequest, progress: Progress | None = None) -> 
     if dropped:
         report("warn", f"ignoring {', '.join(dropped)} from your shell (binds and environment come from "
                        "hpcexp.yaml)")
+    svc_images = None
+    if exp.services:  # their images first: a missing SIF file costs no build
+        from hpcexp.app.services import service_images
+
+        svc_images = service_images(project, exp, arch, quiet=req.quiet, progress=report)
     # pull: a pinned image not built here is pulled by digest instead of built
     image = ensure_image(project, exp, arch, force=req.rebuild, quiet=req.quiet, progress=report, pull=True)
 
@@ -148,7 +160,7 @@ def run(project: Project, req: RunRequest, progress: Progress | None = None) -> 
                                  arch=arch, gpu=req.gpu, writable=req.writable, allow_binds=req.allow_binds,
                                  detach=req.detach, grace=grace, tee=req.tee, interactive=req.interactive,
                                  cmdline=list(req.cmdline) if req.cmdline is not None else None,
-                                 on_created=created, payload_env=payload_env)
+                                 on_created=created, payload_env=payload_env, service_images=svc_images)
     if exp.tracking is not None and not req.detach:
         from hpcexp.app.tracking import after_local_run
 

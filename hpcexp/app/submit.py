@@ -89,6 +89,11 @@ def submit(project: Project, req: SubmitRequest, progress: Progress | None = Non
     else:
         # A pinned image not built here is pulled now, on the login node, before any job starts.
         image_ref = image.ensure_image(project, exp, arch, quiet=req.quiet, progress=progress, pull=True)
+    svc_images = None
+    if exp.services:  # built here too, like the payload's image
+        from hpcexp.app.services import service_images
+
+        svc_images = service_images(project, exp, arch, quiet=req.quiet, progress=progress, dry_run=req.dry_run)
     payload_env, env_probe = (None, None)
     if exp.tracking is not None and not req.dry_run:
         from hpcexp.app.tracking import slurm_payload_env
@@ -98,7 +103,7 @@ def submit(project: Project, req: SubmitRequest, progress: Progress | None = Non
                             args=list(req.args) if req.args else None, sweep=is_sweep, arch=arch, hold=req.hold,
                             dry_run=req.dry_run, allow_binds=req.allow_binds,
                             cmdline=list(req.cmdline) if req.cmdline is not None else None,
-                            payload_env=payload_env, env_probe=env_probe)
+                            payload_env=payload_env, env_probe=env_probe, service_images=svc_images)
     return SubmitResult(sub)
 
 

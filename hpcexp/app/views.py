@@ -125,4 +125,16 @@ def details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
         f"stderr: {paths.stderr}",
         f"results: {paths.results}",
     ]
+    services = rec.extra.get("services")
+    if isinstance(services, list) and services:   # docs/services.md
+        lines.append("services: " + ", ".join(_service_cell(s) for s in services if isinstance(s, dict))
+                     + f" (logs in {paths.services})")
     return lines
+
+
+def _service_cell(svc: dict[str, Any]) -> str:
+    """``redis (port 24363, stopped)``: a service of a run as the details show it."""
+    facts = [f"{k} {v}" for k, v in sorted((svc.get("port_numbers") or {}).items())]
+    if svc.get("state"):
+        facts.append(str(svc["state"]) + (f" with code {svc['exit_code']}" if svc.get("state") == "exited" else ""))
+    return f"{svc.get('name', '?')}" + (f" ({', '.join(facts)})" if facts else "")

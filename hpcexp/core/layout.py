@@ -86,6 +86,22 @@ class RunPaths:
     def attempt_stderr(self, attempt: int) -> Path:
         return self.stderr if attempt <= 1 else self.dir / f"stderr.{attempt}.log"
 
+    @property
+    def services(self) -> Path:
+        """The logs of the services beside the run (docs/services.md)."""
+        return self.dir / "services"
+
+    def service_log(self, service: str, stream: str) -> Path:
+        """``services/NAME.out`` or ``services/NAME.err`` (``stream``: out or err)."""
+        return self.services / f"{service}.{stream}"
+
+
+def port_reservations(uid: int) -> Path:
+    """Where this user's runs reserve the TCP ports of their services on this machine
+    (``PORT/`` folders made by exclusive mkdir; the Slurm job script uses the same path).
+    Not below TMPDIR: Slurm may give each job its own."""
+    return Path("/tmp") / f"hpcexp-ports-{int(uid)}"
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -157,6 +157,48 @@ class Bind:
     mode: str = "ro"
 
 
+#: a service's name (``services.NAME``) and a port's name (``ports: [NAME]``)
+SERVICE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+PORT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """When a service counts as ready: ``tcp`` names one of its ports that must accept a
+    connection, ``command`` runs inside the service's instance and must exit 0; neither:
+    ready once started (a service with no port)."""
+
+    tcp: str | None = None
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service beside a run (``experiments.NAME.services.SERVICE``, docs/services.md).
+
+    ``image`` names another experiment of the project (its image is built like any other),
+    ``sif`` a SIF file inside the project; exactly one is set. ``command``, ``env`` and
+    ``ready.command`` may hold ``{host}``, ``{port}`` (the first port) and ``{port.NAME}``,
+    replaced by the values chosen for the run; ``ports`` are the names of the TCP ports
+    the service needs, each a free port chosen per run.
+    """
+
+    name: str
+    image: str | None = None
+    sif: Path | None = None
+    command: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    ports: tuple[str, ...] = ("port",)
+    ready: Readiness = field(default_factory=Readiness)
+    timeout: float = 60.0
+    optional: bool = False
+
+    @property
+    def env_name(self) -> str:
+        """The service's part of HPCEXP_SERVICE_<NAME>_*: upper case, '-' as '_'."""
+        return self.name.upper().replace("-", "_")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One experiment: its folder, Dockerfiles, and everything hpcexp.yaml says of it."""
@@ -185,6 +227,7 @@ class Experiment:
     tracking: MlflowTracking | None = None
     root: Path | None = None            # the project root its files must resolve inside
     allow_outside: bool = False         # allow_outside_project: true in hpcexp.yaml
+    services: tuple[Service, ...] = ()  # started beside each run (docs/services.md)
 
     def outside_problem(self) -> str | None:
         """Why this experiment's folder may not be used: it resolves outside the project
@@ -320,3 +363,42 @@ def with_experiment(project: Project, exp: Experiment) -> Project:
 
 
 BaseResolver = Callable[[str], "BaseSpec | None"]
+
+
+#: how the launch error of a run whose services failed begins (local and Slurm alike)
+SERVICE_FAILURE = "service"
+SERVICE_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+def service_placeholder_problem(text: str, ports: Sequence[str]) -> str | None:
+    """Why ``text`` (a service's command word, env value or readiness word) has a placeholder
+    that cannot be filled: only ``{host}``, ``{port}`` (needs a port) and ``{port.NAME}``
+    of a declared port exist; ``{{`` and ``}}`` are literal braces."""
+    for m in SERVICE_PLACEHOLDER_RE.finditer(text):
+        name = m.group(1)
+        if name is None:
+            continue
+        if name == "host" or (name == "port" and ports) or (name.startswith("port.") and name[5:] in ports):
+            continue
+        known = ["{host}"] + (["{port}"] if ports else []) + [f"{{port.{p}}}" for p in ports]
+        return f"unknown placeholder {{{name}}} (known: {', '.join(known)}; write {{{{ and }}}} for braces)"
+    rest = SERVICE_PLACEHOLDER_RE.sub("", text)
+    if "{" in rest or "}" in rest:
+        return "unbalanced '{' or '}' (placeholders look like {port}; write {{ and }} for braces)"
+    return None
+
+
+def expand_service_text(text: str, host: str, ports: Mapping[str, int], order: Sequence[str]) -> str:
+    """``text`` with ``{host}``, ``{port}`` (the first of ``order``) and ``{port.NAME}`` filled in."""
+    def sub(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = m.group(1)
+        if name == "host":
+            return host
+        if name == "port":
+            return str(ports[order[0]])
+        return str(ports[name[5:]])
+
+    return SERVICE_PLACEHOLDER_RE.sub(sub, text)

@@ -26,17 +26,22 @@ from hpcexp.core.model import (
     MEM_RE,
     NAME_RE,
     PARAM_RE,
+    PORT_NAME_RE,
+    SERVICE_NAME_RE,
     TIME_RE,
     BaseSpec,
     Bind,
     Experiment,
     MlflowTracking,
     Project,
+    Readiness,
     RegistrySpec,
+    Service,
     SlurmResources,
     VerifyPolicy,
     _close_matches,
     discover_dockerfiles,
+    service_placeholder_problem,
 )
 
 # --------------------------------------------------------------------------------------
@@ -48,7 +53,7 @@ TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir"
             "registry", "verify")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
-            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking")
+            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking", "services")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
@@ -60,6 +65,8 @@ TRACKING_KEYS = ("mlflow",)
 MLFLOW_KEYS = ("uri", "experiment", "reachable_from_nodes", "artifacts", "max_artifact_mb")
 REGISTRY_KEYS = ("url", "insecure")
 VERIFY_KEYS = ("mode", "keys", "key_files")
+SERVICE_KEYS = ("image", "command", "env", "ports", "ready", "timeout", "optional")
+READY_KEYS = ("tcp", "command")
 REGISTRY_URL_RE = re.compile(r"^oras://(?P<host>[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:]+\](:\d{1,5})?)"
                              r"/(?P<ns>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)/?$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -454,6 +461,105 @@ class _Validator:
                 out.append(Bind(src=src_exp, dst=dst, mode=mode))
         return tuple(out)
 
+    def services(self, path: str, value: Any) -> tuple[Service, ...]:
+        """``services: {NAME: {image, command, env, ports, ready, timeout, optional}}``."""
+        m = self.mapping(path, value)
+        out: list[Service] = []
+        env_names: dict[str, str] = {}
+        for name, spec in (m or {}).items():
+            sp = f"{path}.{name}"
+            if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+                self.err(sp, f"invalid service name {_show(name)}: a letter, then letters, digits, '_' or '-' "
+                             "(at most 32)")
+                continue
+            svc = self.service(sp, name, spec)
+            if svc is None:
+                continue
+            if svc.env_name in env_names:
+                self.err(sp, f"service {name!r} and {env_names[svc.env_name]!r} would both be "
+                             f"HPCEXP_SERVICE_{svc.env_name}_*: rename one")
+                continue
+            env_names[svc.env_name] = name
+            out.append(svc)
+        return tuple(out)
+
+    def service(self, sp: str, name: str, spec: Any) -> Service | None:
+        sm = self.mapping(sp, spec)
+        if sm is None:
+            return None
+        self.keys(sp, sm, SERVICE_KEYS)
+        before = len(self.problems)
+        image: str | None = None
+        sif: Path | None = None
+        raw = self.string(f"{sp}.image", sm.get("image"))
+        if raw is None:
+            self.err(sp, "needs image: another experiment of this project, or a .sif file inside it")
+        elif raw.endswith(".sif") or "/" in raw:
+            sif = self.path_in_project(f"{sp}.image", raw, allow_absolute=False)
+        elif NAME_RE.match(raw):
+            image = raw
+        else:
+            self.err(f"{sp}.image", f"invalid value {_show(raw)}: an experiment name, or a path to a .sif file "
+                                    "inside the project")
+        ports_raw = sm.get("ports", ["port"])
+        if isinstance(ports_raw, str):
+            ports_raw = [ports_raw]
+        ports = self.str_list(f"{sp}.ports", ports_raw) or ()
+        for i, port in enumerate(ports):
+            if not PORT_NAME_RE.match(port):
+                self.err(f"{sp}.ports[{i}]", f"invalid port name {_show(port)}: a letter, then letters, digits "
+                                             "or '_'")
+            elif ports.index(port) != i:
+                self.err(f"{sp}.ports[{i}]", f"port {port!r} is named twice")
+        command = self.str_list(f"{sp}.command", sm.get("command"), split=True) or ()
+        env = self.str_map(f"{sp}.env", sm.get("env"), key_re=ENV_RE, key_rule="an environment variable name",
+                           allow_control=True)
+        ready = self.readiness(f"{sp}.ready", sm.get("ready"), ports)
+        for where, words in ((f"{sp}.command", command), (f"{sp}.ready.command", ready.command)):
+            for i, word in enumerate(words):
+                problem = service_placeholder_problem(word, ports)
+                if problem:
+                    self.err(f"{where}[{i}]", problem)
+        for key, val in env.items():
+            problem = service_placeholder_problem(val, ports)
+            if problem:
+                self.err(f"{sp}.env.{key}", problem)
+        timeout = sm.get("timeout", 60)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+            self.err(f"{sp}.timeout", f"must be a number of seconds from 0 to 86400 (not 0), got {_show(timeout)}")
+            timeout = 60
+        optional = self.boolean(f"{sp}.optional", sm.get("optional"), False)
+        if len(self.problems) != before:
+            return None
+        return Service(name=name, image=image, sif=sif, command=command, env=env, ports=tuple(ports),
+                       ready=ready, timeout=float(timeout), optional=optional)
+
+    def readiness(self, path: str, value: Any, ports: Sequence[str]) -> Readiness:
+        """``ready: {tcp: PORT}`` or ``{command: [...]}``; ``ready: tcp`` is the first port;
+        no ``ready``: the first port must answer (ready once started without ports)."""
+        if value is None:
+            return Readiness(tcp=ports[0] if ports else None)
+        if value == "tcp":
+            value = {"tcp": ports[0] if ports else "port"}
+        m = self.mapping(path, value)
+        if m is None:
+            return Readiness()
+        self.keys(path, m, READY_KEYS)
+        if ("tcp" in m) == ("command" in m):
+            self.err(path, "give exactly one of tcp (a port name that must answer) or command (must exit 0)")
+            return Readiness()
+        if "tcp" in m:
+            tcp = self.string(f"{path}.tcp", m["tcp"])
+            if tcp is not None and tcp not in ports:
+                self.err(f"{path}.tcp", f"{_show(tcp)} is not one of this service's ports "
+                                        f"({', '.join(ports) or 'it has none: add ports:'})")
+                return Readiness()
+            return Readiness(tcp=tcp)
+        command = self.str_list(f"{path}.command", m["command"], split=True) or ()
+        if not command:
+            self.err(f"{path}.command", "must not be empty")
+        return Readiness(command=command)
+
     def experiment(self, path: str, name: str, m: Mapping[str, Any], project_defaults: dict[str, Any],
                    experiments_dir: Path) -> Experiment | None:
         self.keys(path, m, EXP_KEYS)
@@ -518,7 +624,22 @@ class _Validator:
             allow_outside=self.boolean(f"{path}.allow_outside_project", m.get("allow_outside_project"), False),
             tracking=self.tracking(f"{path}.tracking", m["tracking"], project_defaults["tracking"])
             if "tracking" in m else project_defaults["tracking"],
+            services=self.services(f"{path}.services", m.get("services")),
         )
+
+    def service_images(self, ep: str, exp: Experiment | None, experiments: Mapping[str, Experiment]) -> None:
+        """A service's ``image`` names an experiment of the project other than its own."""
+        for svc in exp.services if exp is not None else ():
+            if svc.image is None:
+                continue
+            where = f"{ep}.services.{svc.name}.image"
+            if svc.image == exp.name:  # type: ignore[union-attr]
+                self.err(where, "a service cannot run the experiment's own image beside it (name another "
+                                "experiment)")
+            elif svc.image not in experiments:
+                close = _close_matches(svc.image, list(experiments), n=1)
+                self.err(where, f"no experiment {svc.image!r} in this project"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
 
     def project(self, data: Any, cfg_path: Path | None) -> Project | None:
         top = self.mapping("", data)
@@ -606,6 +727,8 @@ class _Validator:
             exp = self.experiment(ep, name, item, defaults, experiments_dir)
             if exp is not None:
                 experiments[name] = exp
+        for ep, name, _item in entries:
+            self.service_images(ep, experiments.get(name), experiments)
 
         return Project(
             root=self.root, config_file=cfg_path, experiments_dir=experiments_dir, recipes_dir=recipes_dir,

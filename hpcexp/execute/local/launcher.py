@@ -46,8 +46,12 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
                 writable: bool | None = None, allow_binds: bool = False, grace: float = DEFAULT_GRACE,
                 cmdline: Sequence[str] | None = None,
                 payload_env: Callable[[RunPaths], Mapping[str, str]] | None = None,
+                service_images: Mapping[str, Path] | None = None,
                 ) -> tuple[RunPaths, runs.RunRecord]:
     """Allocate the run folder and write its ``created`` record (before anything starts).
+
+    ``service_images`` (service name -> SIF) are the images of ``exp.services``, which the
+    supervisor starts before the payload (docs/services.md).
 
     ``payload_env(run_paths)`` may add environment for the container once the run id is
     known (tracking creates the payload's MLflow run there)."""
@@ -93,6 +97,10 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
                  "version_cache": str(version_cache(project.cache_dir))}
     if info.get("source_ref"):
         rec.extra["image_ref"] = info["source_ref"]   # the registry digest the image was pulled/pushed as
+    if exp.services:
+        from hpcexp.execute.services import describe
+
+        rec.extra["services"] = describe(exp, service_images or {}, run_id)
     runs.write_record(run_paths, rec)
     return run_paths, rec
 
@@ -114,6 +122,7 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
               cmdline: Sequence[str] | None = None,
               on_created: Callable[[RunPaths, runs.RunRecord], None] | None = None,
               payload_env: Callable[[RunPaths], Mapping[str, str]] | None = None,
+              service_images: Mapping[str, Path] | None = None,
               ) -> tuple[RunPaths, runs.RunRecord]:
     """Run ``exp`` from ``image`` (an ImageInfo-like object with ``.path``, ``.sha256``...).
 
@@ -124,7 +133,7 @@ def start_run(project: Project, exp: Experiment, image: Any, *, params: Mapping[
     """
     run_paths, rec = prepare_run(project, exp, image, params=params, args=args, arch=arch, gpu=gpu,
                                  writable=writable, allow_binds=allow_binds, grace=grace, cmdline=cmdline,
-                                 payload_env=payload_env)
+                                 payload_env=payload_env, service_images=service_images)
     try:
         if on_created is not None:
             on_created(run_paths, rec)

@@ -50,6 +50,7 @@ from typing import IO, Any, Sequence
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.errors import HpcexpError, NotFound, UsageError
+from hpcexp.execute import services as _services
 from hpcexp.execute.local.versions import finish_probe, remember_version, start_probe
 from hpcexp.infra import host as hostinfo
 from hpcexp.infra import process, safeio
@@ -314,6 +315,14 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         for sig in handled:
             previous[sig] = signal.signal(sig, on_signal)
 
+    services = _services.group_for(run_paths, rec)  # started before the payload, stopped after it
+    died: list[str] = []                              # a service that is not optional died
+    if services is not None:
+        failed = _start_services(run_paths, rec, services, stop)
+        if failed is not None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            return failed
     env = apptainer.payload_env(rec.command[0], rec.extra.get("container_env") or {})
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -327,6 +336,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             os.close(fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if services is not None:
+            services.stop()
+            rec.extra["services"] = services.record()
         return mark(run_paths, rec, "failed", launch_error=f"cannot start {rec.command[0]}: {exc.strerror}")
     os.close(out_w)
     os.close(err_w)
@@ -369,6 +381,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         waiter = _ExitWaiter(proc)
         while rc is None:
             rc = waiter.wait(0.2)
+            if rc is None and services is not None:
+                _watch_services(rec, services, died, request_stop)
             if rc is None and stop.requested:
                 if stop.kill_now or (stop.deadline is not None and time.monotonic() >= stop.deadline):
                     if stop.signal_sent != signal.SIGKILL:
@@ -382,13 +396,19 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             reader.join(timeout=10)
         fatal = readers[1].fatal
         outcome = _decode_exit(rc, fatal, stop)
+        if services is not None:
+            services.stop()
+            rec.extra["services"] = services.record()
+        if died:  # the payload was stopped because a service it needs died
+            outcome = {"state": "failed", "exit_code": rc if rc >= 0 else None, "reason": "; ".join(died)}
+            rec.extra["service_failure"] = died[0]
         notes = [n for n in (readers[0].write_error, readers[1].write_error) if n]
         if leftovers:
             notes.append(f"{leftovers} leftover process(es) of the run were killed after apptainer exited")
         dropped = sum(r.dropped for r in readers)
         if dropped:
             notes.append(f"{dropped} bytes were not shown on the terminal (it did not keep up); the logs are complete")
-        if stop.requested:
+        if stop.requested and not died:
             outcome["reason"] = f"stopped by {stop.by}" + (
                 f"; SIGKILL after {stop.grace:g} s grace" if stop.signal_sent == signal.SIGKILL else "")
             rec.extra["stop_requested_at"] = stop.requested_at
@@ -406,12 +426,53 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
         runs.write_record(run_paths, rec)
         return rec
     finally:
+        if services is not None:
+            services.stop()   # also when recording failed: never leave a service behind
         if probe is not None:
             finish_probe(probe)
         if watchdog is not None:
             watchdog.release()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _start_services(run_paths: RunPaths, rec: runs.RunRecord, services: _services.ServiceGroup,
+                    stop: _StopState) -> runs.RunRecord | None:
+    """Start the run's services (state stays ``created``); None when all are ready and the
+    payload may start (its environment now says where they are), else the final record."""
+    # who owns the run while its services start (`hpcexp stop` signals it, `status` sees it alive)
+    rec.executor_ids.update({"host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(),
+                             "supervisor_pid": os.getpid(), "supervisor_start": hostinfo.pid_start_ticks(os.getpid())})
+    runs.write_record(run_paths, rec)
+    try:
+        extra = services.start(lambda: stop.requested or _read_stop_request(run_paths) is not None)
+    except _services.ServiceFailure as exc:
+        rec.extra["services"] = services.record()
+        if stop.requested or _read_stop_request(run_paths) is not None:
+            return mark(run_paths, rec, "cancelled", reason=f"stopped by {stop.by or 'hpcexp stop'} while its "
+                        "services started",
+                        started_at=None)
+        return mark(run_paths, rec, "failed", launch_error=str(exc), reason=str(exc))
+    except BaseException:
+        rec.extra["services"] = services.record()
+        raise
+    rec.extra["services"] = services.record()
+    rec.extra["container_env"] = {**(rec.extra.get("container_env") or {}), **extra}
+    runs.write_record(run_paths, rec)  # the payload's environment is recorded before it starts (I1)
+    return None
+
+
+def _watch_services(rec: runs.RunRecord, services: _services.ServiceGroup, died: list[str],
+                    request_stop: Any) -> None:
+    """A service that died: optional ones are noted, any other stops the payload (run failed)."""
+    for name, code, optional in services.poll():
+        text = f"service {name!r} exited with code {code} during the run"
+        if optional:
+            notes = rec.extra.setdefault("service_notes", [])
+            notes.append(text + " (optional: the run went on)")
+        else:
+            died.append(text)
+            request_stop(text)
 
 
 def _supervisor_log(run_paths: RunPaths, text: str) -> None:

@@ -101,6 +101,12 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
     _advance_attempt(rec, markers, final)
     cur = markers.get(rec.attempt, {})
     started, exited = cur.get("started"), cur.get("exit")
+    # a service the payload needed died while it ran (the job's services marker, docs/services.md)
+    service_failure = (cur.get("services") or {}).get("failure")
+    if service_failure:
+        rec.extra["service_failure"] = str(service_failure)
+    else:
+        rec.extra.pop("service_failure", None)   # an earlier attempt's
     if started and not rec.started_at:
         rec.started_at = started.get("time")
         if started.get("host"):
@@ -200,7 +206,9 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     # handles the SIGTERM of a time limit, a preemption or an scancel and exits 0 did not
     # finish its work (Slurm itself says TIMEOUT), and must not read as done.
     stopped_by_slurm = killed is not None and bool(exited and exited.get("term_received"))
-    if exited and exited.get("exit_code") == 0 and not exited.get("launch_error") and not stopped_by_slurm:
+    service_failure = rec.extra.get("service_failure")
+    if exited and exited.get("exit_code") == 0 and not exited.get("launch_error") and not stopped_by_slurm \
+            and not service_failure:
         rec.state = "succeeded"
         rec.exit_code = 0
         rec.reason = None if killed is None else f"the payload exited 0 before Slurm reported {info.state}"  # type: ignore[union-attr]
@@ -223,6 +231,7 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
         rec.state = "failed"
         _payload_failed(rec, exited)
         rec.reason = (f"launch error: {rec.launch_error}" if rec.launch_error else
+                      str(service_failure) if service_failure else
                       f"the payload exited with code {rec.exit_code}")
         if rec.signal:
             rec.reason += f" (killed by signal {rec.signal})"

@@ -173,7 +173,7 @@ def parse_config(stdout: str) -> dict[str, str]:
     return out
 
 
-MARKER_RE = re.compile(r"^attempt-(\d+)\.(started|exit)$")
+MARKER_RE = re.compile(r"^attempt-(\d+)\.(started|exit|services)$")   # services: docs/services.md
 
 
 def marker_name(name: str) -> tuple[int, str] | None:

@@ -96,6 +96,10 @@ class JobSpec:
     # (host, port, names): the container gets these variables only if host:port answers
     # from the compute node when the job starts (a tracking server, see hpcexp.track)
     env_if_reachable: tuple[str, int, tuple[str, ...]] | None = None
+    # the shell that starts the services beside each task's payload (end of record_start)
+    # and stops them (start of record_end), made by hpcexp.execute.slurm.services_sh
+    services_start: str = ""
+    services_end: str = ""
 
 
 def header_lines(options: Mapping[str, str | None], extra_args: Sequence[str] = ()) -> list[str]:
@@ -251,6 +255,8 @@ def _record_start(spec: JobSpec) -> str:
         '  "$HPCEXP_ATTEMPT" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB" "${SLURM_ARRAY_JOB_ID:-}" '
         '"${SLURM_ARRAY_TASK_ID:-}"',
     ]
+    if spec.services_start:
+        lines.append(spec.services_start)
     return "\n".join(lines)
 
 
@@ -275,7 +281,7 @@ def placeholder_values(spec: JobSpec) -> dict[str, str]:
         "sbatch_header": header,
         "record_start": _record_start(spec),
         "launch": LAUNCH,
-        "record_end": RECORD_END,
+        "record_end": RECORD_END if not spec.services_end else spec.services_end + "\n" + RECORD_END,
         "experiment": _q(check_value("experiment", spec.experiment)),
         "sweep_id": _q(check_value("sweep id", spec.sweep_id or "")),
         "image": _q(check_value("image path", str(spec.image))),

@@ -135,7 +135,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                   sweep_id: str | None, array: bool, hold: bool, dry_run: bool, label_hint: str,
                   first_chunk: int = 0, sweep_record: dict[str, Any] | None = None,
                   fresh: bool = False,
-                  env_probe: tuple[str, int, tuple[str, ...]] | None = None) -> Submission:
+                  env_probe: tuple[str, int, tuple[str, ...]] | None = None,
+                  services: Sequence[Mapping[str, Any]] = ()) -> Submission:
     """Render, keep and submit the job script(s) for ``tasks`` (records already written).
 
     ``fresh``: the runs were created for this submission; when sbatch refuses the first
@@ -171,10 +172,17 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             opts["comment"] = f"hpcexp run {part[0].record.run_id}"
             script = part[0].paths.script
         opts["job-name"] = job_name
+        svc_start = svc_end = ""
+        if services:  # the job starts them beside each task's payload (docs/services.md)
+            from hpcexp.execute.slurm import services_sh
+
+            svc_start = services_sh.start_block(services, program=part[0].spec.argv[0],
+                                                env_prefix_=part[0].spec.env_prefix)
+            svc_end = services_sh.end_block(services)
         spec = sbatch.JobSpec(experiment=exp_name, project_root=proj.root, image=image,
                               tasks=tuple(t.spec for t in part), options=opts, extra_args=tuple(res.sbatch_args),
                               sweep_id=sweep_id, array=array, launch_error_hint=label_hint, template_label=label,
-                              env_if_reachable=env_probe)
+                              env_if_reachable=env_probe, services_start=svc_start, services_end=svc_end)
         rendered = sbatch.render(text, spec)
         if len(rendered.encode()) > min(sbatch.MAX_SCRIPT_BYTES, int(f.get("max_script_size") or 4 << 20) - 65536) \
                 and len(part) > 1:
@@ -273,7 +281,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 arch: str | None = None, hold: bool = False, dry_run: bool = False, allow_binds: bool = False,
                 cmdline: Sequence[str] | None = None,
                 payload_env: Callable[[Sequence[RunPaths], str | None], Mapping[str, Mapping[str, str]]] | None = None,
-                env_probe: tuple[str, int] | None = None) -> Submission:
+                env_probe: tuple[str, int] | None = None,
+                service_images: Mapping[str, Path] | None = None) -> Submission:
     """Submit one run per parameter set: one job for a single run, ONE job array for a sweep.
 
     ``payload_env(run_paths, sweep_id)`` may add container environment per run id once
@@ -364,6 +373,10 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
             if hpcexp_argv is not None:
                 rec.extra["hpcexp_argv"] = hpcexp_argv
+            if exp.services:  # started by the job script beside the payload (docs/services.md)
+                from hpcexp.execute.services import describe
+
+                rec.extra["services"] = describe(exp, service_images or {}, run_id)
             # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
             # would cost more than the whole sbatch call on a busy shared file system
             spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
@@ -389,7 +402,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
         probe = (env_probe[0], int(env_probe[1]), tuple(names))
     return _submit_tasks(layout, exp.name, image_path, tasks, resources, sweep_id=sweep_id, array=is_array,
                          hold=hold, dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp.name}`",
-                         sweep_record=sweep_record, fresh=True, env_probe=probe)
+                         sweep_record=sweep_record, fresh=True, env_probe=probe,
+                         services=tasks[0].record.extra.get("services") or () if tasks else ())
 
 
 def _discard_unsubmitted(layout: Layout, tasks: Sequence[_Task], sweep_id: str | None) -> None:
@@ -463,7 +477,8 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
     return _submit_tasks(layout, exp_name, image, tasks, res, sweep_id=sweep_id, array=True, hold=hold,
                          dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp_name}`",
                          first_chunk=first, sweep_record=record,
-                         env_probe=_tracking_probe([t.spec.container_env for t in tasks]))
+                         env_probe=_tracking_probe([t.spec.container_env for t in tasks]),
+                         services=tasks[0].record.extra.get("services") or () if tasks else ())
 
 
 def _tracking_probe(envs: Sequence[Mapping[str, str]]) -> tuple[str, int, tuple[str, ...]] | None:
