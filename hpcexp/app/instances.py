@@ -54,7 +54,7 @@ def _session_failure(paths: RunPaths, rec: RunRecord) -> HpcexpError | None:
         return None
     if rec.launch_error:
         return EnvironmentProblem(f"session {rec.run_id}: apptainer could not start the instance: "
-                                  f"{rec.launch_error}", hint=f"see {paths.stderr}")
+                                  f"{rec.launch_error}", hint=f"hpcexp status {rec.run_id}")
     return PayloadFailed(f"session {rec.run_id} of {rec.experiment!r} is not serving: "
                          f"{rec.reason or rec.state}", code=rec.exit_code,
                          hint=f"hpcexp logs --stderr {rec.run_id}")

@@ -35,8 +35,7 @@ def instance_name_for(prefix: str, run_id: str) -> str:
 def instance_start_argv(sif: str | Path, name: str, *, binds: Sequence[Mount] = (),
                         env: Mapping[str, str] | None = None, program: str = "apptainer",
                         containall: bool = True, writable_tmpfs: bool = True, nv: bool = False,
-                        pwd: str | None = None, args: Sequence[str] = (), extra: Sequence[str] = ()
-                        ) -> list[str]:
+                        args: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
     """``apptainer instance start`` argv for image ``sif`` as instance ``name``.
 
     ``env`` is the container's environment: it is checked here (names, no NUL) but travels
@@ -53,9 +52,7 @@ def instance_start_argv(sif: str | Path, name: str, *, binds: Sequence[Mount] = 
         argv.append("--writable-tmpfs")
     if nv:
         argv.append("--nv")
-    if pwd:
-        argv += ["--pwd", pwd]
-    for m in binds:
+    for m in binds:  # no --pwd: `instance start` has none (the working directory is exec's)
         argv += m.argv()
     argv.append("--no-eval")
     argv += list(extra)

@@ -94,7 +94,7 @@ def prepare(project: Project, exp: Experiment, image: Any, *, params: Mapping[st
              apptainer.Mount(str(server_file()), SERVER_IN_CONTAINER, readonly=True),
              apptainer.Mount(str(run_paths.remote_dir), REMOTE_IN_CONTAINER, readonly=False)]
     start = instances.instance_start_argv(info["path"], name, binds=binds, env=plan.container_env,
-                                          program=program, pwd=plan.pwd, nv=exp.gpu)
+                                          program=program, nv=exp.gpu)
     search = [exp.mount] + ([plan.pwd] if plan.pwd != exp.mount else [])
     server = [spec.python, SERVER_IN_CONTAINER, "--socket", SOCKET_IN_CONTAINER, "--module", spec.module,
               "--factory", spec.factory, "--max-message", str(int(spec.max_message_mb * 1024 * 1024)),
@@ -238,9 +238,10 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
         on_signal(signal.SIGUSR1, None)
     if owned:
         threading.Thread(target=_watch_owner, args=(ending,), daemon=True).start()
-    # The instance daemonises out of our group: the watchdog finds it by the run's marker
-    # should this keeper be killed before it could stop it.
+    # Should this keeper be killed: the watchdog ends our group (the server's exec), the
+    # guard stops the instance, which daemonised out of our group.
     watchdog = process.Watchdog.start(os.getpgid(0), marker=rec.run_id, grace=2.0)
+    guard = _start_guard(rec)
     program = rec.command[0]
     env = apptainer.payload_env(program, rec.extra.get("container_env") or {})
     server: subprocess.Popen[bytes] | None = None
@@ -290,6 +291,8 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
         _teardown(rec, server, started, env)
         if watchdog is not None:
             watchdog.release()
+        if guard is not None:
+            _release(guard)
     state, reason = ending.why or ("failed", "the keeper ended for no recorded reason")
     fresh = runs.read_record(run_paths)
     fresh.exit_code = rec.exit_code
@@ -298,6 +301,33 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
     with contextlib.suppress(OSError):
         run_paths.remote_socket.unlink()
     return _mark(run_paths, fresh, state, reason=reason)
+
+
+def _start_guard(rec: runs.RunRecord) -> "subprocess.Popen[bytes] | None":
+    """The guard process (:mod:`hpcexp.infra.guard`): ``instance stop --force``
+    should this keeper die. None (logged in the record) where it could not be started."""
+    from hpcexp.infra import guard
+
+    force = instances.instance_stop_argv(rec.extra["instance"], program=rec.command[0], force=True)
+    root = str(Path(hpcexp.__file__).resolve().parents[1])
+    try:
+        return process.spawn([sys.executable, "-I", "-S", "-c", guard.PROGRAM, root, *force],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=apptainer.clean_env(), close_fds=True, start_new_session=True)
+    except OSError as exc:
+        rec.extra["guard_error"] = str(exc)
+        return None
+
+
+def _release(guard: "subprocess.Popen[bytes]") -> None:
+    if guard.stdin is not None:
+        with contextlib.suppress(OSError):
+            guard.stdin.write(b"x")
+            guard.stdin.flush()
+        with contextlib.suppress(OSError):
+            guard.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        guard.wait(timeout=10)
 
 
 def _teardown(rec: runs.RunRecord, server: "subprocess.Popen[bytes] | None", started: bool,
