@@ -198,14 +198,19 @@ def main(argv):
         sys.stderr.flush()
         return 3
     os.umask(0o177)  # the socket is born 0600
-    try:
-        os.unlink(opts.socket)
-    except OSError:
-        pass
+    # bound and listening under a temporary name, then renamed: whoever sees the socket's
+    # name can connect at once
+    temporary = "%s.%d.tmp" % (opts.socket, os.getpid())
+    for name in (temporary, opts.socket):
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(opts.socket)
-    os.chmod(opts.socket, 0o600)
+    listener.bind(temporary)
+    os.chmod(temporary, 0o600)
     listener.listen(64)
+    os.rename(temporary, opts.socket)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     if opts.watch_stdin:
         t = threading.Thread(target=_watch_stdin)
