@@ -172,16 +172,17 @@ def _mark(run_paths: RunPaths, rec: runs.RunRecord, state: str, **changes: Any) 
     return rec
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path) -> str:
+    """The last meaningful line a log ends with (a traceback's exception line, not its ^^^ marks)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 4096))
+            fh.seek(max(0, fh.tell() - 4096))
             text = fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().strip("^~ ")]
+    return lines[-1][:500] if lines else ""
 
 
 class _Ending:
