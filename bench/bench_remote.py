@@ -11,8 +11,10 @@
    machine noise hits each alike. Targets: hpcexp's median at most 1 ms, and at most Pyro5's.
 2. The same CPU-bound payload (pure Python) natively (``/usr/bin/python3``) and in the
    container by ``hpcexp run`` (the image's python3: Debian's, as on the host), each timing
-   its own loop. Target: container within 1.02x of native. CPU time (``process_time``) is
-   quoted next to wall time: it depends less on what else the machine does.
+   its own loop, alternating. Target: container within 1.02x of native, judged on the best
+   CPU time (``process_time``) of each side: on a shared machine a run's time only grows
+   with what else runs, so the minimum is the payload's own cost; medians and wall times
+   are printed beside it.
 
 Run as an ordinary user (Apptainer fails as root here), with a venv holding Pyro5:
 
@@ -176,11 +178,14 @@ def cpu_bound(proj: Path, n: int, rounds: int) -> dict:
         out = cli("run", "cpu", "-q", "--", str(n), cwd=proj)
         container.append(json.loads(out.stdout.strip().splitlines()[-1]))
         assert container[-1]["r"] == native[-1]["r"]
-    med = {k: {m: statistics.median(r[m] for r in rows) for m in ("cpu", "wall")}
-           for k, rows in (("native", native), ("container", container))}
-    return {"native": med["native"], "container": med["container"],
-            "cpu_ratio": med["container"]["cpu"] / med["native"]["cpu"],
-            "wall_ratio": med["container"]["wall"] / med["native"]["wall"], "rounds": rounds, "n": n}
+    sides = (("native", native), ("container", container))
+    med = {k: {m: statistics.median(r[m] for r in rows) for m in ("cpu", "wall")} for k, rows in sides}
+    best = {k: {m: min(r[m] for r in rows) for m in ("cpu", "wall")} for k, rows in sides}
+    return {"median": med, "min": best, "rounds": rounds, "n": n,
+            "cpu_ratio": best["container"]["cpu"] / best["native"]["cpu"],
+            "cpu_ratio_median": med["container"]["cpu"] / med["native"]["cpu"],
+            "wall_ratio": best["container"]["wall"] / best["native"]["wall"],
+            "wall_ratio_median": med["container"]["wall"] / med["native"]["wall"]}
 
 
 def main() -> None:
@@ -188,8 +193,8 @@ def main() -> None:
     ap.add_argument("--pyro-python", required=True, help="a Python with Pyro5 installed (the bench venv)")
     ap.add_argument("--calls", type=int, default=2000, help="calls per block")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved blocks per client")
-    ap.add_argument("--cpu-n", type=int, default=6_000_000, help="iterations of the CPU-bound loop")
-    ap.add_argument("--cpu-rounds", type=int, default=7)
+    ap.add_argument("--cpu-n", type=int, default=10_000_000, help="iterations of the CPU-bound loop")
+    ap.add_argument("--cpu-rounds", type=int, default=9)
     args = ap.parse_args()
     if os.geteuid() == 0:
         raise SystemExit("run as an ordinary user (Apptainer fails as root here)")
@@ -223,10 +228,12 @@ def main() -> None:
                   f"{r['median_us'] / ours:6.2f}x")
         verdict = "PASS" if ours <= 1000 and ours <= pyro else "FAIL"
         print(f"round trip: hpcexp {ours:.1f} us, fastest Pyro5 {pyro:.1f} us ({pyro / ours:.2f}x hpcexp) -- {verdict}")
-        print(f"CPU-bound payload ({cpu['n']} iterations, median of {cpu['rounds']}): native "
-              f"cpu {cpu['native']['cpu']:.3f} s wall {cpu['native']['wall']:.3f} s; container cpu "
-              f"{cpu['container']['cpu']:.3f} s wall {cpu['container']['wall']:.3f} s; ratio cpu "
-              f"{cpu['cpu_ratio']:.3f}x wall {cpu['wall_ratio']:.3f}x -- "
+        for how in ("min", "median"):
+            n_, c_ = cpu[how]["native"], cpu[how]["container"]
+            print(f"CPU-bound payload ({cpu['n']} iterations, {how} of {cpu['rounds']}): native cpu {n_['cpu']:.3f} s "
+                  f"wall {n_['wall']:.3f} s; container cpu {c_['cpu']:.3f} s wall {c_['wall']:.3f} s; "
+                  f"ratio cpu {c_['cpu'] / n_['cpu']:.3f}x wall {c_['wall'] / n_['wall']:.3f}x")
+        print(f"CPU-bound: container/native CPU time (best of each) {cpu['cpu_ratio']:.3f}x -- "
               f"{'PASS' if cpu['cpu_ratio'] <= 1.02 else 'FAIL'}")
         print(json.dumps({"round_trips": trips, "cpu_bound": cpu, "load": load}))
     finally:

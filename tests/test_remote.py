@@ -371,3 +371,28 @@ def test_a_factory_that_raises_ends_the_server_with_its_traceback(tmp_path: Path
 def test_hpcexp_remote_is_an_edge_over_the_application_layer() -> None:
     text = (REPO / "pyproject.toml").read_text()
     assert '"hpcexp.cli | hpcexp.server | hpcexp.remote"' in text
+
+
+def test_connect_to_an_experiment_that_serves_nothing_is_the_same_one_line_error(tmp_path: Path) -> None:
+    import hpcexp.remote
+    from hpcexp.errors import UsageError
+
+    root = _project(tmp_path, "null")
+    with pytest.raises(UsageError, match="experiment 'bench' serves nothing"):
+        hpcexp.remote.connect("bench", project=str(root))
+    assert not (root / "runs").exists()
+
+
+def test_instance_stop_refuses_a_run_that_is_not_a_session(tmp_path: Path) -> None:
+    from hpcexp.core import runs
+    from hpcexp.core.layout import Layout
+
+    root = _project(tmp_path, "{module: bench, factory: make}")
+    layout = Layout(load_project(root))
+    paths = layout.run("bench", "20260101-000000.000-abcdef")
+    paths.dir.mkdir(parents=True)
+    runs.write_record(paths, runs.RunRecord(experiment="bench", run_id=paths.dir.name, state="succeeded"))
+    assert_clean_error(run_cli("instance", "stop", "20260101-000000.000-abcdef", cwd=root), 2,
+                       "is not an instance session")
+    proc = run_cli("instance", "list", "--all", "--json", cwd=root)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stdout + proc.stderr
