@@ -45,6 +45,11 @@ BENCH = textwrap.dedent('''
         def boom(self, why):
             raise ValueError(why)
 
+        def nap(self, seconds):
+            import time
+            time.sleep(seconds)
+            return seconds
+
     def make(**params):
         return Bench(**params)
 ''')
@@ -320,3 +325,39 @@ def test_another_user_cannot_connect_to_a_session(project: Path) -> None:
             (run_dir / "remote").chmod(0o700)
             run_dir.chmod(0o700)
         assert b.call("objective", x=[1.0]) == 1.0
+
+
+def test_a_call_over_its_timeout_raises_and_the_session_goes_on(project: Path) -> None:
+    from hpcexp.errors import RemoteTimeout
+
+    with _connect(project, timeout=20) as b:
+        started = time.monotonic()
+        with pytest.raises(RemoteTimeout, match="'nap' did not answer within 0.5 s"):
+            b.call("nap", 3, _timeout=0.5)
+        assert time.monotonic() - started < 3
+        assert b.call("nap", 0) == 0, "the next call gets its own answer, not the late one"
+        assert b.call("objective", x=[2.0]) == 4.0
+
+
+def test_a_killed_keeper_leaves_no_instance_and_the_session_is_lost(project: Path) -> None:
+    proc = run_cli("instance", "start", "bench", "--json", cwd=project, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    rec = _record(project, row["run_id"])
+    keeper = rec["executor_ids"]["supervisor_pid"]
+    assert row["instance"] in _instances()
+    os.kill(keeper, signal.SIGKILL)   # the session's own keeper, by its recorded pid
+    _gone_within(row["instance"], 10)
+    proc = run_cli("status", row["run_id"], "--json", cwd=project)
+    assert json.loads(proc.stdout)[0]["state"] == "lost", proc.stdout
+
+
+def test_hpcexp_stop_stops_a_session_like_any_run(project: Path) -> None:
+    proc = run_cli("instance", "start", "bench", "--json", cwd=project, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    proc = run_cli("stop", row["run_id"], cwd=project, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "succeeded (stopped on request by" in proc.stderr
+    _gone_within(row["instance"], 5)
+    assert not (project / "runs" / "bench" / row["run_id"] / "remote" / "call.sock").exists()
