@@ -361,3 +361,14 @@ def test_hpcexp_stop_stops_a_session_like_any_run(project: Path) -> None:
     assert "succeeded (stopped on request by" in proc.stderr
     _gone_within(row["instance"], 5)
     assert not (project / "runs" / "bench" / row["run_id"] / "remote" / "call.sock").exists()
+
+
+def test_a_session_that_does_not_serve_in_time_is_one_line_and_leaves_nothing(project: Path) -> None:
+    before = _instances()
+    proc = run_cli("instance", "start", "bench", "--wait", "0.05", cwd=project, timeout=600)
+    assert_clean_error(proc, 5, "is not serving", "the server did not listen within 0.05 s")
+    rows = json.loads(run_cli("status", "--json", cwd=project).stdout)
+    rec = max(rows, key=lambda r: r["created_at"])
+    assert rec["state"] == "cancelled" and rec["reason"] == "the server did not listen within 0.05 s", rec
+    _gone_within(rec["instance"], 5)
+    assert _instances() <= before

@@ -118,6 +118,10 @@ class Server(object):
         except (TypeError, ValueError) as exc:
             data = encode({"id": message.get("id"), "error": _error(
                 "result", type(exc).__name__, "the result is not JSON: %s" % (exc,))})
+        if len(data) - HEADER.size > self.max_message:
+            data = encode({"id": message.get("id"), "error": _error(
+                "result", "MessageTooLarge", "the result of %d bytes exceeds the limit of %d bytes"
+                % (len(data) - HEADER.size, self.max_message))})
         conn.sendall(data)
 
     def serve_connection(self, conn):

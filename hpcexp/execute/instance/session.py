@@ -154,11 +154,23 @@ def wait_ready(run_paths: RunPaths, keeper: "subprocess.Popen[bytes]", *, wait: 
                             launch_error=f"the session's keeper exited with code {code} before the server started")
             return rec
         if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                keeper.send_signal(signal.SIGTERM)
+            from hpcexp.infra import atomic
+
+            with contextlib.suppress(OSError, HpcexpError):
+                atomic.write_json(run_paths.stop_request, {
+                    "requested_at": runs.utcnow(), "user": hostinfo.user(), "pid": os.getpid(),
+                    "reason": f"the server did not listen within {wait:g} s"})
+            # a keeper still starting finds the request file itself; one that recorded its
+            # pid has its signal handlers in place
+            if runs.read_record(run_paths).executor_ids.get("supervisor_pid") == keeper.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    keeper.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                keeper.wait(timeout=30)
-            return runs.read_record(run_paths)
+                keeper.wait(timeout=60)
+            rec = runs.read_record(run_paths)
+            if not rec.terminal and keeper.poll() is not None:
+                rec = _mark(run_paths, rec, "cancelled", reason=f"the server did not listen within {wait:g} s")
+            return rec
         time.sleep(0.02)
 
 
@@ -222,12 +234,16 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
     ending = _Ending()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        who = ""
+        req: Any = None
         with contextlib.suppress(OSError, ValueError):
             req = json.loads(run_paths.stop_request.read_text(encoding="utf-8"))
-            if isinstance(req, dict) and isinstance(req.get("user"), str):
-                who = f" by {req['user']}"
-        ending.set("succeeded", f"stopped on request{who}")
+        req = req if isinstance(req, dict) else {}
+        why = req.get("reason") if isinstance(req.get("reason"), str) else None
+        who = f" by {req['user']}" if isinstance(req.get("user"), str) else ""
+        if rec.state == "running":  # a session that served and was stopped ended as it should
+            ending.set("succeeded", why or f"stopped on request{who}")
+        else:
+            ending.set("cancelled", why or f"stopped on request{who} before it served")
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, on_signal)
