@@ -318,7 +318,8 @@ def test_a_message_over_the_limit_is_refused_without_killing_the_server(tmp_path
             assert ok["result"] == 4.0
         with Connection(s.path, timeout=10) as c:
             assert c.call("objective", x=[1.0]) == 1.0
-            with pytest.raises(RemoteError, match=r"the result of 2097\d\d\d bytes exceeds the limit of 1048576") as info:
+            too_big = r"the result of 2097\d\d\d bytes exceeds the limit of 1048576"
+            with pytest.raises(RemoteError, match=too_big) as info:
                 c.call("big", 2 * 1024 * 1024)
             assert info.value.kind == "result"
             assert len(c.call("big", 1000)) == 1000
