@@ -78,7 +78,8 @@ def prepare(project: Project, exp: Experiment, image: Any, *, params: Mapping[st
     run_paths = runs.allocate_run(layout, exp.name)
     run_id = run_paths.dir.name
     try:
-        os.chmod(run_paths.dir, 0o700)  # the socket's folder and the folder above it: the owner's only
+        # the socket's folder is the owner's only (the run folder keeps the project's modes,
+        # so that a group sharing the project still reads the record)
         run_paths.remote_dir.mkdir(mode=0o700)
         os.chmod(run_paths.remote_dir, 0o700)
         run_paths.results.mkdir()
