@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli
 
 from hpcexp.core.config import load_project
 from hpcexp.errors import ConfigError, RemoteError, RemoteTimeout
@@ -375,11 +375,6 @@ def test_a_factory_that_raises_ends_the_server_with_its_traceback(tmp_path: Path
         assert not s.path.exists()
     finally:
         _stop(s)
-
-
-def test_hpcexp_remote_is_an_edge_over_the_application_layer() -> None:
-    text = (REPO / "pyproject.toml").read_text()
-    assert '"hpcexp.cli | hpcexp.server | hpcexp.remote"' in text
 
 
 def test_connect_to_an_experiment_that_serves_nothing_is_the_same_one_line_error(tmp_path: Path) -> None:

@@ -153,6 +153,10 @@ def test_ten_thousand_calls_from_the_host_are_correct_and_the_session_is_a_run(p
     rec = _record(project, b.run_id)
     assert rec["state"] == "succeeded" and rec["reason"] == "the client closed the session", rec
     assert "hpcexp-remote: ready" in (project / "runs" / "bench" / b.run_id / "stdout.log").read_text()
+    logs = rec["instance_logs"]
+    assert len(logs) == 2 and all(name in p for p in logs), logs
+    assert not any(os.path.exists(p) for p in logs), "Apptainer's own log files of the instance are cleaned up"
+    assert rec["executor_ids"]["instance_pid"] > 0
     status = json.loads(run_cli("status", b.run_id, "--json", cwd=project).stdout)
     assert status[0]["state"] == "succeeded"
 

@@ -268,6 +268,8 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
         if ending.why is None:
             res = process.run(rec.command, env=env, timeout=120)
             started = res.ok
+            if res.ok:
+                _note_instance(rec, env)
             if not res.ok:
                 detail = " | ".join(ln for ln in res.stderr.strip().splitlines()[-3:] if ln.strip())
                 ending.set("failed", f"apptainer instance start exited with code {res.returncode}: {detail}")
@@ -318,6 +320,12 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
         fresh.launch_error = rec.launch_error
     with contextlib.suppress(OSError):
         run_paths.remote_socket.unlink()
+    _collect_instance_logs(run_paths, rec)
+    for key in ("instance_pid",):
+        if key in rec.executor_ids:
+            fresh.executor_ids[key] = rec.executor_ids[key]
+    if "instance_logs" in rec.extra:
+        fresh.extra["instance_logs"] = rec.extra["instance_logs"]
     return _mark(run_paths, fresh, state, reason=reason)
 
 
@@ -365,6 +373,38 @@ def _teardown(rec: runs.RunRecord, server: "subprocess.Popen[bytes] | None", sta
             server.kill()
             server.wait(timeout=5)
     process.kill_group(None, marker=rec.run_id, grace=2.0)
+
+
+def _note_instance(rec: runs.RunRecord, env: Mapping[str, str]) -> None:
+    """The instance's host pid and Apptainer's log files of it, from ``instance list``."""
+    with contextlib.suppress(HpcexpError, ValueError):
+        res = process.run(instances.instance_list_argv(program=rec.command[0]), env=env, timeout=60)
+        for row in instances.parse_instance_list(res.stdout) if res.ok else ():
+            if row.name == rec.extra["instance"]:
+                rec.executor_ids["instance_pid"] = row.pid
+                rec.extra["instance_logs"] = [p for p in (row.log_out, row.log_err) if p]
+
+
+def _collect_instance_logs(run_paths: RunPaths, rec: runs.RunRecord) -> None:
+    """Apptainer keeps an instance's own output in ~/.apptainer/instances/logs/ forever: what
+    it holds goes into the run folder (``instance.log``), and the files are removed."""
+    from hpcexp.infra import atomic
+
+    parts = []
+    for path in rec.extra.get("instance_logs") or ():
+        if not isinstance(path, str) or not path.endswith((".out", ".err")):
+            continue
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - (1 << 20)))
+                data = fh.read()
+            if data.strip():
+                parts.append(f"== {os.path.basename(path)}\n".encode() + data)
+            os.unlink(path)
+    if parts:
+        with contextlib.suppress(OSError, HpcexpError):
+            atomic.write_bytes(run_paths.instance_log, b"\n".join(parts))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
