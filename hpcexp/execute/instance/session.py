@@ -266,8 +266,9 @@ def keep(run_paths: RunPaths, *, owned: bool) -> runs.RunRecord:
     started = False
     try:
         if ending.why is None:
-            res = process.run(rec.command, env=env, timeout=120)
-            started = res.ok
+            # input="": the instance's daemon never holds (or reads) the client's pipe
+            started = True  # attempted: stopped on the way out even if this fails halfway
+            res = process.run(rec.command, env=env, timeout=120, input="")
             if res.ok:
                 _note_instance(rec, env)
             if not res.ok:
@@ -365,7 +366,7 @@ def _teardown(rec: runs.RunRecord, server: "subprocess.Popen[bytes] | None", sta
                 server.stdin.close()
     if started:
         with contextlib.suppress(HpcexpError):
-            process.run(rec.extra["stop_argv"], env=env, timeout=STOP_TIMEOUT + 20)
+            process.run(rec.extra["stop_argv"], env=env, timeout=STOP_TIMEOUT + 20, input="")
     if server is not None:
         try:
             server.wait(timeout=5)
@@ -378,7 +379,7 @@ def _teardown(rec: runs.RunRecord, server: "subprocess.Popen[bytes] | None", sta
 def _note_instance(rec: runs.RunRecord, env: Mapping[str, str]) -> None:
     """The instance's host pid and Apptainer's log files of it, from ``instance list``."""
     with contextlib.suppress(HpcexpError, ValueError):
-        res = process.run(instances.instance_list_argv(program=rec.command[0]), env=env, timeout=60)
+        res = process.run(instances.instance_list_argv(program=rec.command[0]), env=env, timeout=60, input="")
         for row in instances.parse_instance_list(res.stdout) if res.ok else ():
             if row.name == rec.extra["instance"]:
                 rec.executor_ids["instance_pid"] = row.pid
