@@ -121,6 +121,32 @@ class PayloadFailed(HpcexpError):
         self.code = code
 
 
+class RemoteError(PayloadFailed):
+    """A call into an instance failed on the far side (``hpcexp.remote``).
+
+    ``kind`` is ``call`` (the served method raised: ``remote_type`` is the exception's
+    class name and ``remote_traceback`` its traceback text, which ``str()`` shows too),
+    ``protocol`` (the server refused the message: not JSON, too large, no such method),
+    ``result`` (the result was not JSON) or ``connection`` (the session is gone).
+    """
+
+    def __init__(self, message: str, *, kind: str = "call", remote_type: str | None = None,
+                 remote_traceback: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind = kind
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        if not self.remote_traceback:
+            return self.message
+        return f"{self.message}\n\nRemote traceback (inside the container):\n{self.remote_traceback.rstrip()}"
+
+
+class RemoteTimeout(RemoteError):
+    """A remote call did not answer within its timeout (the session itself goes on)."""
+
+
 class SchedulerError(HpcexpError):
     """Slurm refused a submission or could not be reached."""
 

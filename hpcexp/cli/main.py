@@ -45,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "extract": "hpcexp.cli.archive_cmds:extract_cmd",
     "export": "hpcexp.cli.track_cmds:export_group",
     "serve": "hpcexp.cli.serve_cmd:serve_cmd",
+    "instance": "hpcexp.cli.instance_cmds:instance_group",
 }
 
 

@@ -19,6 +19,8 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     runs/NAME/RUN_ID/stop.json         stop request (local runs: who, when, grace)
     runs/.sweeps/SWEEP_ID.json         sweep record (Slurm job arrays)
     runs/NAME/RUN_ID/tracking.mlflow.json  what was exported to MLflow (hpcexp.track)
+    runs/NAME/RUN_ID/remote/call.sock  an instance session's socket (folder 0700, socket 0600)
+    runs/NAME/RUN_ID/instance.log      Apptainer's own log of that session's instance
     runs/.sweeps/SWEEP_ID/             array job scripts, Slurm's slurm-%A_%a.out files
     runs/.tracking/                    background exporter's lock and log
 """
@@ -78,6 +80,21 @@ class RunPaths:
 
     def tracking_lock(self, tracker: str) -> Path:
         return self.dir / f".tracking.{tracker}.lock"
+
+    @property
+    def remote_dir(self) -> Path:
+        """An instance session's private folder (0700), bound into the container: its socket."""
+        return self.dir / "remote"
+
+    @property
+    def remote_socket(self) -> Path:
+        """The unix socket the in-container server listens on (0600)."""
+        return self.remote_dir / "call.sock"
+
+    @property
+    def instance_log(self) -> Path:
+        """What Apptainer logged of an instance session's instance, collected when it stopped."""
+        return self.dir / "instance.log"
 
     def attempt_stdout(self, attempt: int) -> Path:
         """stdout of Slurm attempt N (N >= 2 after a requeue); attempt 1 is stdout.log."""

@@ -200,6 +200,25 @@ class Service:
 
 
 @dataclass(frozen=True)
+class RemoteSpec:
+    """``remote:``: the object an experiment serves to the host (``hpcexp instance``, ``hpcexp.remote``).
+
+    Inside the container hpcexp's server imports ``module`` (from the experiment folder, the
+    working directory or the image's own path) and calls ``factory`` once, with the
+    session's parameters as keyword arguments; the host then calls the object's public
+    methods by name. ``python`` is the image's interpreter, ``timeout`` the default
+    seconds a call may take before the client gives up, ``max_message_mb`` the largest
+    message either side accepts.
+    """
+
+    module: str
+    factory: str
+    python: str = "python3"
+    timeout: float = 60.0
+    max_message_mb: float = 64.0
+
+
+@dataclass(frozen=True)
 class Experiment:
     """One experiment: its folder, Dockerfiles, and everything hpcexp.yaml says of it."""
 
@@ -228,6 +247,7 @@ class Experiment:
     root: Path | None = None            # the project root its files must resolve inside
     allow_outside: bool = False         # allow_outside_project: true in hpcexp.yaml
     services: tuple[Service, ...] = ()  # started beside each run (docs/services.md)
+    remote: RemoteSpec | None = None    # remote: the object served to the host (hpcexp instance)
 
     def outside_problem(self) -> str | None:
         """Why this experiment's folder may not be used: it resolves outside the project

@@ -36,6 +36,7 @@ from hpcexp.core.model import (
     Project,
     Readiness,
     RegistrySpec,
+    RemoteSpec,
     Service,
     SlurmResources,
     VerifyPolicy,
@@ -53,7 +54,7 @@ TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir"
             "registry", "verify")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
-            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking", "services")
+            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking", "services", "remote")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
@@ -67,6 +68,10 @@ REGISTRY_KEYS = ("url", "insecure")
 VERIFY_KEYS = ("mode", "keys", "key_files")
 SERVICE_KEYS = ("image", "command", "env", "ports", "ready", "timeout", "optional")
 READY_KEYS = ("tcp", "command")
+REMOTE_KEYS = ("module", "factory", "python", "timeout", "max_message_mb")
+#: a dotted Python module path, and one identifier (the factory)
+PY_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PY_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 REGISTRY_URL_RE = re.compile(r"^oras://(?P<host>[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9A-Fa-f:]+\](:\d{1,5})?)"
                              r"/(?P<ns>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)/?$")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -423,6 +428,38 @@ class _Validator:
                                      "`key_files:` (PEM public keys)")
         return VerifyPolicy(mode=mode, keys=tuple(keys), key_files=tuple(files))
 
+    def remote(self, path: str, value: Any) -> RemoteSpec | None:
+        """``remote: {module, factory, python, timeout, max_message_mb}`` (hpcexp instance)."""
+        if value is None:
+            return None
+        m = self.mapping(path, value)
+        if m is None:
+            return None
+        self.keys(path, m, REMOTE_KEYS)
+        module = self.string(f"{path}.module", m.get("module"), pattern=PY_MODULE_RE,
+                             rule="a Python module name such as bench or pkg.bench")
+        factory = self.string(f"{path}.factory", m.get("factory"), pattern=PY_IDENT_RE,
+                              rule="a Python name in that module, such as make")
+        for key in ("module", "factory"):
+            if key not in m:
+                self.err(path, f"needs {key} (e.g. remote: {{module: bench, factory: make}})")
+        python = self.string(f"{path}.python", m.get("python", "python3"))
+        if python is not None and (not python or python.startswith("-") or " " in python):
+            self.err(f"{path}.python", f"invalid value {_show(python)}: the interpreter's name or absolute path "
+                                       "in the image, such as python3")
+            python = None
+        timeout = self.number(f"{path}.timeout", m.get("timeout", 60.0), 0.001, 7 * 86400.0)
+        max_mb = self.number(f"{path}.max_message_mb", m.get("max_message_mb", 64.0), 0.001, 2047.0)
+        if module is None or factory is None or python is None or timeout is None or max_mb is None:
+            return None
+        return RemoteSpec(module=module, factory=factory, python=python, timeout=timeout, max_message_mb=max_mb)
+
+    def number(self, path: str, value: Any, lo: float, hi: float) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            self.err(path, f"must be a number from {lo:g} to {hi:g}, got {_show(value)}")
+            return None
+        return float(value)
+
     def binds(self, path: str, value: Any) -> tuple[Bind, ...]:
         if value is None:
             return ()
@@ -625,6 +662,7 @@ class _Validator:
             tracking=self.tracking(f"{path}.tracking", m["tracking"], project_defaults["tracking"])
             if "tracking" in m else project_defaults["tracking"],
             services=self.services(f"{path}.services", m.get("services")),
+            remote=self.remote(f"{path}.remote", m.get("remote")),
         )
 
     def service_images(self, ep: str, exp: Experiment | None, experiments: Mapping[str, Experiment]) -> None:
