@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from hpcexp.build import standins
-from hpcexp.convert.recipe import BaseResolution, BaseResolver
 from hpcexp.core.config import COMPONENT_RE, BaseSpec, host_arch
 from hpcexp.errors import ConfigError, EnvironmentProblem
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.convert.model import BaseResolution, BaseResolver
     from hpcexp.core.config import Experiment, Project
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,9 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
     where ``apptainer build`` runs), so the recipe is the same in every clone; a base hpcexp
     builds is named by :func:`recipe_ref`, the same for every user.
     """
+    # In-function: a cached run checks bases (spec_for, identity) without the converter.
+    from hpcexp.convert.model import BaseResolution
+
     if spec.kind == "sif":
         assert spec.sif is not None
         sif = Path(spec.sif)

@@ -55,6 +55,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def listing_digest(names: list[str]) -> str:
+    """sha256 of a folder's entry names (folders with a trailing ``/``), in sorted order."""
+    return hashlib.sha256("\0".join(sorted(names)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def folder_listing(path: str) -> list[str] | None:
+    """The entry names of folder ``path`` as :func:`listing_digest` takes them; None when unreadable."""
+    try:
+        with os.scandir(path) as it:
+            return [e.name + "/" if e.is_dir(follow_symlinks=False) else e.name for e in it]
+    except OSError:
+        return None
+
+
 class StatCache:
     """Digest cache keyed by absolute path and validated by (size, mtime_ns, inode)."""
 
