@@ -20,7 +20,6 @@ converting again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -108,7 +107,7 @@ def input_hash_of(recipe_sha: str, file_entries: list[list[str]], base_identitie
         "bases": [list(b) for b in base_identities],
         "build_args": sorted([k, v] for k, v in build_args.items()),
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashing.sha256_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
 
 
 def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities: Iterable[tuple[str, str]],

@@ -18,16 +18,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:  # the interpreter's own sha256: these files are small, and hashlib's OpenSSL costs start-up
-    from _sha256 import sha256 as _sha256  # type: ignore[import-not-found]  # CPython <= 3.11
-except ImportError:  # pragma: no cover - other versions and interpreters
-    try:
-        from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef]  # CPython >= 3.12
-    except ImportError:
-        from hashlib import sha256 as _sha256  # type: ignore[assignment]
-
 from hpcexp.core.config import ARCHES, Experiment, Project
 from hpcexp.core.layout import Layout
+from hpcexp.infra.digest import sha256 as _sha256  # small files: no OpenSSL start-up
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 
