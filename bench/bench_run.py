@@ -90,7 +90,7 @@ def main() -> None:
         else:
             proj, exp = make_project(Path(tmpdir))
         # as pip's `hpcexp` script runs it (no -m, no runpy); `python -m hpcexp` is measured beside it
-        hpcexp = [sys.executable, "-c", "import sys; from hpcexp.cli.main import main; sys.exit(main())",
+        hpcexp = [sys.executable, "-c", "from hpcexp.cli.main import entry; entry()",
                   "run", "-q", exp]
         hpcexp_m = [sys.executable, "-m", "hpcexp", "run", "-q", exp]
         before_env = None

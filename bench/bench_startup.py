@@ -83,7 +83,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "hpcexp", "init", f"{tmp}/p"], env=envs[""], check=True,
                        capture_output=True)
         make_many(Path(tmp) / "p200", 200)
-        script = "import sys; from hpcexp.cli.main import main; sys.exit(main())"  # what pip's `hpcexp` runs
+        script = "from hpcexp.cli.main import entry; entry()"  # what pip's `hpcexp` runs
         for label in envs:  # each tree's own user cache (hpcexp.yaml's kept parse), warmed below
             envs[label] = dict(envs[label], XDG_CACHE_HOME=f"{tmp}/cache-{label.strip() or 'this'}")
         commands = {"base": ([sys.executable, "-c", "import click, yaml"], tmp, envs[""])}

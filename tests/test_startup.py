@@ -98,3 +98,37 @@ def test_verbose_configures_logging_at_once(tmp_path: Path, env: dict[str, str])
     proc, mods = _imports(["-v", "list", "--json"], tmp_path, env)  # no project here: an error, after logging
     assert proc.returncode != 0 and "hpcexp: error:" in proc.stderr
     assert "logging" in mods
+
+
+QUICK_EXIT_CHILD = """
+import atexit, sys, threading, time
+from hpcexp.cli import main
+atexit.register(lambda: sys.stderr.write("atexit ran\\n"))
+sys.stdout.write("buffered, not flushed")
+mode = sys.argv[1]
+if mode == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), sys.stderr.write("thread finished\\n"))).start()
+main._quick_exit({"zero": 0, "none": None, "code": 5, "text": "went wrong", "thread": 3}[mode])
+"""
+
+
+@pytest.mark.parametrize("mode, status", [("zero", 0), ("none", 0), ("code", 5), ("text", 1), ("thread", 3)])
+def test_the_quick_exit_keeps_what_an_ordinary_exit_does(mode: str, status: int, env: dict[str, str]) -> None:
+    """`hpcexp` skips the interpreter's teardown (start-up benchmark), never its effects: exit
+    status, atexit handlers, buffered output; with another thread alive it exits as usual."""
+    proc = subprocess.run([sys.executable, "-c", QUICK_EXIT_CHILD, mode], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == status
+    assert proc.stdout == "buffered, not flushed"
+    assert "atexit ran" in proc.stderr
+    assert ("went wrong" in proc.stderr) == (mode == "text")
+    assert ("thread finished" in proc.stderr) == (mode == "thread")
+
+
+def test_a_closed_pipe_is_no_error(tmp_path: Path, env: dict[str, str]) -> None:
+    init = subprocess.run([sys.executable, "-m", "hpcexp", "init", str(tmp_path / "p")], env=env,
+                          capture_output=True, timeout=60)
+    assert init.returncode == 0
+    proc = subprocess.run(f"{sys.executable} -m hpcexp --help | head -c 5", shell=True, cwd=tmp_path / "p", env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "Usage" and "Traceback" not in proc.stderr and "Exception" not in proc.stderr
