@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# What pip's `hpcexp` script runs: entry() (main() in trees older than it).
+SCRIPT = ("import sys\ntry:\n    from hpcexp.cli.main import entry\nexcept ImportError:\n"
+          "    from hpcexp.cli.main import main\n    entry = lambda: sys.exit(main())\nentry()\n")
 sys.path.insert(0, str(REPO))
 
 
@@ -90,7 +93,7 @@ def main() -> None:
         else:
             proj, exp = make_project(Path(tmpdir))
         # as pip's `hpcexp` script runs it (no -m, no runpy); `python -m hpcexp` is measured beside it
-        hpcexp = [sys.executable, "-c", "from hpcexp.cli.main import entry; entry()",
+        hpcexp = [sys.executable, "-c", SCRIPT,
                   "run", "-q", exp]
         hpcexp_m = [sys.executable, "-m", "hpcexp", "run", "-q", exp]
         before_env = None

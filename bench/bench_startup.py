@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# What pip's `hpcexp` script runs: entry() (main() in trees older than it).
+SCRIPT = ("import sys\ntry:\n    from hpcexp.cli.main import entry\nexcept ImportError:\n"
+          "    from hpcexp.cli.main import main\n    entry = lambda: sys.exit(main())\nentry()\n")
 
 
 def median_times(commands: dict[str, tuple[list[str], str, dict[str, str]]], runs: int
@@ -83,7 +86,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "hpcexp", "init", f"{tmp}/p"], env=envs[""], check=True,
                        capture_output=True)
         make_many(Path(tmp) / "p200", 200)
-        script = "from hpcexp.cli.main import entry; entry()"  # what pip's `hpcexp` runs
+        script = SCRIPT  # what pip's `hpcexp` runs
         for label in envs:  # each tree's own user cache (hpcexp.yaml's kept parse), warmed below
             envs[label] = dict(envs[label], XDG_CACHE_HOME=f"{tmp}/cache-{label.strip() or 'this'}")
         commands = {"base": ([sys.executable, "-c", "import click, yaml"], tmp, envs[""])}
