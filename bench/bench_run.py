@@ -123,7 +123,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     m_bare = statistics.median(t_bare)
     c_bare = statistics.median(CPU["bare"])
-    print(f"load average {load:.1f}; n={args.repeat} interleaved rounds; CPU = user+sys of the whole process tree")
+    print(f"load average {load:.1f}; median of {args.repeat} interleaved rounds; "
+          "CPU = user+sys of the whole process tree")
     print(f"{'command':44} {'wall':>9} {'overhead':>10} {'CPU':>9} {'overhead':>10}")
     print(f"{'bare apptainer run (same flags, binds, env)':44} {m_bare * 1000:7.1f}ms {'':>10} {c_bare * 1000:7.1f}ms")
     rows = [("hpcexp run -q (cached image)", t_run, "run"), ("python -m hpcexp run -q", t_m, "run -m")]
