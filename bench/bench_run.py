@@ -1,12 +1,16 @@
 """Overhead of `hpcexp run` (cached image) against a bare `apptainer` call of the same image.
 
-Target (issue 5): `hpcexp run` of a trivial experiment at most 0.2 s slower than the bare
-`apptainer run` with the same flags, binds and environment (median of N, both measured
-here, alternating so that machine noise hits both alike). Must run as an ordinary user
-(Apptainer fails as root on the test machines).
+Target (issue 18): `hpcexp run` of a trivial experiment costs at most +100 ms of CPU time
+over the bare `apptainer run` with the same flags, binds and environment (median of N,
+CPU time of the whole process tree: user + system of every child waited for, so the
+watchdog, git and apptainer's own processes count). Issue 5's wall-time target (+200 ms)
+is printed too. Both are measured here, in interleaved rounds, so that machine noise hits
+both alike. Must run as an ordinary user (Apptainer fails as root on the test machines).
 
-Usage: python bench/bench_run.py [--repeat 10] [--project DIR --experiment NAME]
+Usage: python bench/bench_run.py [--repeat 15] [--project DIR --experiment NAME] [--before DIR]
 Without --project, a throw-away project with a one-file busybox image is made.
+--before DIR: another checkout of hpcexp (e.g. `git worktree add /tmp/before REV`), run on
+the same project in the same rounds, so a change is measured against the code before it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# What pip's `hpcexp` script runs: entry() (main() in trees older than it).
+SCRIPT = ("import sys\ntry:\n    from hpcexp.cli.main import entry\nexcept ImportError:\n"
+          "    from hpcexp.cli.main import main\n    entry = lambda: sys.exit(main())\nentry()\n")
 sys.path.insert(0, str(REPO))
 
 
@@ -68,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--project", type=Path)
     parser.add_argument("--experiment")
+    parser.add_argument("--before", type=Path, default=None, help="another checkout to compare against")
     args = parser.parse_args()
     if os.geteuid() == 0:
         raise SystemExit("run as an ordinary user: Apptainer fails as root here")
@@ -84,8 +92,17 @@ def main() -> None:
             proj, exp = args.project, args.experiment or "hello"
         else:
             proj, exp = make_project(Path(tmpdir))
-        hpcexp = [sys.executable, "-m", "hpcexp", "run", "-q", exp]
+        # as pip's `hpcexp` script runs it (no -m, no runpy); `python -m hpcexp` is measured beside it
+        hpcexp = [sys.executable, "-c", SCRIPT,
+                  "run", "-q", exp]
+        hpcexp_m = [sys.executable, "-m", "hpcexp", "run", "-q", exp]
+        before_env = None
+        if args.before:
+            before_env = dict(env, PYTHONPATH=str(args.before.resolve()),
+                              PYTHONPYCACHEPREFIX=str(Path(tmpdir) / "pycache-before"))
+            timed(hpcexp, proj, before_env)  # the old tree builds (or finds) its image first
         timed(hpcexp, proj, env)  # builds (or finds) the image: not measured
+        timed(hpcexp, proj, env)  # and again: the bytecode is cached now, as in an installed package
         recs = [json.loads((d / "run.json").read_text()) for d in (proj / "runs" / exp).iterdir()
                 if (d / "run.json").exists()]
         rec = max(recs, key=lambda r: (r["created_at"], r["run_id"]))  # the warm-up run just made
@@ -94,19 +111,33 @@ def main() -> None:
         bare = list(rec["command"])
         bare_env = apptainer.payload_env(bare[0], rec["container_env"], env)
         timed(bare, run_dir, bare_env)
-        t_run, t_bare = [], []
+        if before_env is not None:
+            timed(hpcexp, proj, before_env)
+        t_run, t_bare, t_before, t_m = [], [], [], []
         for _ in range(args.repeat):
             t_bare.append(timed(bare, run_dir, bare_env, "bare"))
             t_run.append(timed(hpcexp, proj, env, "run"))
-    m_run, m_bare = statistics.median(t_run), statistics.median(t_bare)
-    diff = m_run - m_bare
-    print(f"bare apptainer run (same flags, binds, env)  median {m_bare * 1000:7.1f} ms  (n={args.repeat})")
-    print(f"hpcexp run -q (cached image)                 median {m_run * 1000:7.1f} ms  (n={args.repeat})")
-    c_run, c_bare = statistics.median(CPU["run"]), statistics.median(CPU["bare"])
-    print(f"CPU time (user+sys, incl. children) median: bare {c_bare * 1000:.1f} ms, hpcexp {c_run * 1000:.1f} ms, "
-          f"hpcexp's own {(c_run - c_bare) * 1000:+.1f} ms (less sensitive to other load on the machine)")
-    print(f"overhead {diff * 1000:+.1f} ms  ratio {m_run / m_bare:.2f}x  target <= +200 ms -> "
-          f"{'PASS' if diff <= 0.2 else 'FAIL'}")
+            t_m.append(timed(hpcexp_m, proj, env, "run -m"))
+            if before_env is not None:
+                t_before.append(timed(hpcexp, proj, before_env, "before"))
+    load = os.getloadavg()[0]
+    m_bare = statistics.median(t_bare)
+    c_bare = statistics.median(CPU["bare"])
+    print(f"load average {load:.1f}; median of {args.repeat} interleaved rounds; "
+          "CPU = user+sys of the whole process tree")
+    print(f"{'command':44} {'wall':>9} {'overhead':>10} {'CPU':>9} {'overhead':>10}")
+    print(f"{'bare apptainer run (same flags, binds, env)':44} {m_bare * 1000:7.1f}ms {'':>10} {c_bare * 1000:7.1f}ms")
+    rows = [("hpcexp run -q (cached image)", t_run, "run"), ("python -m hpcexp run -q", t_m, "run -m")]
+    if t_before:
+        rows.append(("hpcexp run -q, --before tree", t_before, "before"))
+    for label, walls, key in rows:
+        wall, cpu = statistics.median(walls), statistics.median(CPU[key])
+        print(f"{label:44} {wall * 1000:7.1f}ms {(wall - m_bare) * 1000:+8.1f}ms {cpu * 1000:7.1f}ms "
+              f"{(cpu - c_bare) * 1000:+8.1f}ms")
+    cpu_over = statistics.median(CPU["run"]) - c_bare
+    wall_over = statistics.median(t_run) - m_bare
+    print(f"target: CPU overhead <= +100 ms -> {'PASS' if cpu_over <= 0.1 else 'FAIL'} ({cpu_over * 1000:+.1f} ms); "
+          f"wall overhead <= +200 ms -> {'PASS' if wall_over <= 0.2 else 'FAIL'} ({wall_over * 1000:+.1f} ms)")
 
 
 if __name__ == "__main__":

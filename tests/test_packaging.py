@@ -29,4 +29,4 @@ def test_wheel_has_templates_and_entry_point(tmp_path: Path) -> None:
     if (REPO / "hpcexp" / "templates" / "default.sbatch").exists():
         assert "hpcexp/templates/default.sbatch" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "hpcexp = hpcexp.cli.main:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "hpcexp = hpcexp.cli.main:entry" in zipfile.ZipFile(wheel).read(entry).decode()

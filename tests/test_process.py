@@ -63,6 +63,26 @@ def test_the_group_dies_with_its_owner() -> None:
         owner.stdout.close()
 
 
+def test_the_waiting_watchdog_is_a_shell_that_ignores_stop_signals() -> None:
+    """Every run and build starts one, so it waits as a shell (no interpreter start-up);
+    SIGTERM (`pkill -f hpcexp`), SIGINT and SIGHUP do not end it, its owner's death still does."""
+    owner, child, dog = _owner("keep")
+    try:
+        assert os.path.realpath(f"/proc/{dog}/exe") == os.path.realpath("/bin/sh")
+        time.sleep(0.2)  # past the shell's first command (its trap)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(dog, sig)
+        time.sleep(0.3)
+        assert hostinfo.pid_alive(dog) and hostinfo.pid_alive(child)
+        owner.kill()
+        owner.wait()
+        assert _gone(child, 10), "the watchdog did not kill the orphaned group"
+        assert _gone(dog, 10)
+    finally:
+        with_kill(child)
+        owner.stdout.close()
+
+
 def test_a_released_watchdog_kills_nothing() -> None:
     owner, child, dog = _owner("release")
     try:
@@ -101,3 +121,16 @@ def test_spawn_takes_argument_lists_only() -> None:
         process.spawn([])
     proc = process.spawn(["sh", "-c", "exit 3"], shell=True)   # the shell flag is dropped, never honoured
     assert proc.wait(timeout=10) == 3
+
+
+@pytest.mark.parametrize("path", [None, "", "/usr/bin:/bin", "/nonexistent:/bin", ":/usr/bin", "/bin:/bin"])
+@pytest.mark.parametrize("program", ["sh", "git", "no-such-program-here", "/bin/sh", "/bin", "./sh"])
+def test_which_answers_as_shutil_which(program: str, path: str | None, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """process.which avoids importing shutil (start-up of a run); the answers are shutil's."""
+    import shutil
+
+    (tmp_path / "sh").write_text("#!/bin/sh\n")
+    (tmp_path / "sh").chmod(0o755)
+    monkeypatch.chdir(tmp_path)  # "" and "./sh" name the current folder
+    assert process._which(program, path) == shutil.which(program, path=path)

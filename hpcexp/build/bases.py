@@ -20,21 +20,19 @@ under a lock like any image.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from hpcexp.build import standins
-from hpcexp.convert.recipe import BaseResolution, BaseResolver
 from hpcexp.core.config import COMPONENT_RE, BaseSpec, host_arch
 from hpcexp.errors import ConfigError, EnvironmentProblem
+from hpcexp.infra.digest import sha256_hex
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.convert.model import BaseResolution, BaseResolver
     from hpcexp.core.config import Experiment, Project
 
 log = logging.getLogger(__name__)
@@ -163,7 +161,7 @@ def spec_hash(spec: BaseSpec) -> str:
            "components": list(spec.components), "mirror": spec.mirror}
     if spec.contract is not None:  # only when set, so that existing bases keep their names
         doc["contract"] = f"{spec.contract}/{CONTRACT_REVISION}"
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return sha256_hex(json.dumps(doc, sort_keys=True).encode())
 
 
 def base_sif_path(project: "Project", spec: BaseSpec) -> Path:
@@ -233,6 +231,8 @@ def debootstrap_recipe(spec: BaseSpec, mirror: str) -> str:
         bad = [c for c in spec.components if not COMPONENT_RE.fullmatch(c)]
         if bad:
             raise ConfigError(f"bases.{spec.ref}.components: invalid archive component {bad[0]!r}")
+        import shlex
+
         program = f"s/ main$/ {' '.join(spec.components)}/"
         post.append(f"    sed -i {shlex.quote(program)} /etc/apt/sources.list")
     if spec.contract == "python":
@@ -249,6 +249,8 @@ def spec_for(exp: "Experiment | None", project: "Project", ref: str) -> BaseSpec
     (unless ``build: {stand_ins: false}``) hpcexp's stand-in for an official python/debian image."""
     spec = (exp.bases.get(ref) if exp is not None else None) or project.bases.get(ref)
     if spec is None and project.stand_ins:
+        from hpcexp.build import standins  # only for an unmapped FROM (a mapped one is a cached run's usual case)
+
         found = standins.stand_in(ref)
         if found is not None:
             return found.spec
@@ -262,6 +264,9 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
     where ``apptainer build`` runs), so the recipe is the same in every clone; a base hpcexp
     builds is named by :func:`recipe_ref`, the same for every user.
     """
+    # In-function: a cached run checks bases (spec_for, identity) without the converter.
+    from hpcexp.convert.model import BaseResolution
+
     if spec.kind == "sif":
         assert spec.sif is not None
         sif = Path(spec.sif)
@@ -276,6 +281,8 @@ def resolution(project: "Project", spec: BaseSpec, context: Path | None = None) 
         assert spec.image is not None
         scheme, _, rest = pinned_image(project, spec.image).partition("://")
         return BaseResolution(scheme, rest)
+    from hpcexp.build import standins
+
     found = standins.stand_in(spec.ref)
     if found is not None and found.spec == spec:
         notes = ((("translated", f"no `bases:` entry: hpcexp builds a stand-in, {found.summary} "

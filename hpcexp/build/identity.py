@@ -13,15 +13,17 @@ The input hash is a sha256 over what determines an image's content:
   arguments; a format version.
 
 Split from the builder and the store because identity is pure (text and file hashes in,
-a name out): ``hpcexp run`` of a cached image needs it and nothing of the builder.
+a name out): ``hpcexp run`` of a cached image needs it and nothing of the builder, and
+checks it from what the last build recorded (:mod:`hpcexp.build.inputs`) without
+converting again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+import stat as _stat
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -71,7 +73,6 @@ def file_entries(cache: hashing.StatCache, files: Iterable[tuple[str, Path]]) ->
         except FileNotFoundError:
             out.append([rel, "missing", ""])
             continue
-        import stat as _stat
         if _stat.S_ISLNK(st.st_mode):
             out.append([rel, "link", os.readlink(p)])
         elif _stat.S_ISDIR(st.st_mode):
@@ -88,15 +89,28 @@ def file_entries(cache: hashing.StatCache, files: Iterable[tuple[str, Path]]) ->
     return out
 
 
-def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities: Iterable[tuple[str, str]],
-               arch: str, build_args: Mapping[str, str], base_paths: Iterable[str] = ()) -> str:
-    """The image identity (pure): see the module docstring for what goes in and why."""
+def recipe_digest(recipe_text: str, base_paths: Iterable[str] = ()) -> str:
+    """The sha256 of the recipe as it counts for identity (:func:`normalize_recipe`)."""
+    return hashing.sha256_text(normalize_recipe(recipe_text, base_paths))
+
+
+def input_hash_of(recipe_sha: str, file_entries: list[list[str]], base_identities: Iterable[tuple[str, str]],
+                  arch: str, build_args: Mapping[str, str]) -> str:
+    """The image identity from the normalised recipe's digest (:func:`recipe_digest`) and the
+    other inputs: what :func:`input_hash` computes, for a caller that recorded the digest
+    instead of converting again (:mod:`hpcexp.build.inputs`)."""
     doc = {
         "format": INPUT_FORMAT,
         "arch": arch,
-        "recipe": hashing.sha256_text(normalize_recipe(recipe_text, base_paths)),
+        "recipe": recipe_sha,
         "files": sorted(file_entries),
         "bases": [list(b) for b in base_identities],
         "build_args": sorted([k, v] for k, v in build_args.items()),
     }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashing.sha256_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
+
+
+def input_hash(recipe_text: str, file_entries: list[list[str]], base_identities: Iterable[tuple[str, str]],
+               arch: str, build_args: Mapping[str, str], base_paths: Iterable[str] = ()) -> str:
+    """The image identity (pure): see the module docstring for what goes in and why."""
+    return input_hash_of(recipe_digest(recipe_text, base_paths), file_entries, base_identities, arch, build_args)

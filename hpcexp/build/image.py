@@ -11,6 +11,12 @@ compute the identity (:func:`prepare`), find the image in the store
 bases and then the image itself (:mod:`hpcexp.build.builder`, :func:`ensure_image`). The
 result types callers use (``ImageInfo``, ``Prepared``, ``ImageEntry``, ``CleanReport``,
 ``ImageBuildFailed``) are importable from here, wherever they are defined.
+
+A cache hit does not convert: :func:`ensure_image` and :func:`current_image` first check
+the record of what the image was built from (:mod:`hpcexp.build.inputs`), and only when
+that does not show the inputs unchanged do they convert, hash, and build if needed
+(recording again). So importing this module loads neither the converter nor the builder;
+they are imported where the full path needs them.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from hpcexp.build import bases, standins, store
-from hpcexp.build.builder import ImageBuildFailed, Progress, build_sif
-from hpcexp.build.identity import file_entries, input_hash, normalize_recipe, stat_cache
+from hpcexp.build import bases, inputs, store
+from hpcexp.build.identity import file_entries, input_hash, input_hash_of, normalize_recipe, recipe_digest, stat_cache
 from hpcexp.build.store import CleanReport, ImageEntry, read_sidecar, valid_sif
 from hpcexp.core.config import BaseSpec, Experiment, Project
 from hpcexp.core.layout import Layout
 from hpcexp.errors import HpcexpError
 from hpcexp.infra import atomic, hashing
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hpcexp.build.builder import ImageBuildFailed, Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,18 @@ __all__ = [
     "clean", "current_image", "ensure_image", "input_hash", "list_images", "normalize_recipe",
     "prepare", "read_sidecar", "valid_sif",
 ]
+
+_LAZY = {"ImageBuildFailed": "hpcexp.build.builder", "Progress": "hpcexp.build.builder"}
+
+
+def __getattr__(name: str) -> Any:
+    """The names re-exported from the builder, imported on first use (a cached run never does)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,8 @@ class Prepared:
     image: Path
     base_specs: tuple[tuple[str, BaseSpec | None], ...]
     base_identities: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, str, str], ...] = ()   # the context files as the input hash counts them
+    recipe_digest: str = ""                        # sha256 of the normalised recipe (identity.recipe_digest)
 
 
 def _resolver(project: Project, exp: Experiment) -> Callable[[str], Any]:
@@ -133,11 +155,13 @@ def prepare(project: Project, exp: Experiment, arch: str, *, write: bool = True)
             if res is not None and res.source:
                 base_paths.append(res.source)
     files = file_entries(cache, conv.context_files)
-    h = input_hash(conv.recipe, files, idents, arch, conv.build_args, base_paths)
+    digest = recipe_digest(conv.recipe, base_paths)
+    h = input_hash_of(digest, files, idents, arch, conv.build_args)
     cache.save()
     return Prepared(experiment=exp.name, arch=arch, conversion=conv, recipe_path=recipe_path,
                     recipe_sha256=hashing.sha256_text(conv.recipe), input_hash=h,
-                    image=Layout(project).image(exp.name, arch, h), base_specs=specs, base_identities=idents)
+                    image=Layout(project).image(exp.name, arch, h), base_specs=specs, base_identities=idents,
+                    files=tuple(tuple(e) for e in files), recipe_digest=digest)
 
 
 def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
@@ -153,8 +177,25 @@ def _info(prep: Prepared, sidecar: dict[str, Any], built: bool) -> ImageInfo:
         source_ref=sidecar.get("pulled_from") or sidecar.get("pushed_as"))
 
 
+def _found_info(found: inputs.Found, built: bool = False) -> ImageInfo:
+    """An ImageInfo from an input record (a cache hit that did not convert)."""
+    rec, side = found.record, found.sidecar
+    img = rec.get("image") or {}
+    return ImageInfo(
+        experiment=rec["experiment"], arch=rec["arch"], path=found.image, input_hash=found.input_hash,
+        sha256=side.get("sha256"), recipe_sha256=rec["recipe_sha256"], dockerfile_sha256=rec["dockerfile_sha256"],
+        base_refs=tuple(img.get("base_refs") or ()), workdir=img.get("workdir"), built=built,
+        sidecar=found.image.with_suffix(".json"), apptainer_version=side.get("apptainer_version"),
+        cmd=tuple(img["cmd"]) if img.get("cmd") is not None else None,
+        entrypoint=tuple(img["entrypoint"]) if img.get("entrypoint") is not None else None,
+        stopsignal=img.get("stopsignal"), source_ref=side.get("pulled_from") or side.get("pushed_as"))
+
+
 def current_image(project: Project, exp: Experiment, arch: str) -> ImageInfo | None:
     """The image for the current inputs if it is built and valid; never builds, never runs apptainer."""
+    found = inputs.find(project, exp, arch)
+    if found is not None:
+        return _found_info(found)
     prep = prepare(project, exp, arch, write=False)
     sidecar = read_sidecar(prep.image)
     if sidecar is None or sidecar.get("input_hash") != prep.input_hash or not valid_sif(prep.image, sidecar):
@@ -173,21 +214,37 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
     """
     if quiet:
         progress = _only_warnings(progress)
+    refused: Path | None = None  # a pulled image whose verification failed just now
+    if not force:
+        # the cache hit of a run: what the last build recorded, checked without converting
+        found = inputs.find(project, exp, arch)
+        if found is not None:
+            if not (pull and found.sidecar.get("kind") == "pulled"):
+                return _found_info(found)
+            from hpcexp.build import registry  # only when needed: it loads the HTTP and TLS modules
+
+            if registry.check_before_run(project, found.image, found.sidecar, f"{exp.name} {arch}", progress):
+                return _found_info(found)
+            refused = found.image
     prep = prepare(project, exp, arch)
     sidecar = read_sidecar(prep.image)
     if not force and sidecar is not None and sidecar.get("input_hash") == prep.input_hash \
             and valid_sif(prep.image, sidecar):
         if not (pull and sidecar.get("kind") == "pulled"):
+            inputs.save(project, prep, exp)
             return _info(prep, sidecar, built=False)
         from hpcexp.build import registry  # only when needed: it loads the HTTP and TLS modules
 
-        if registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}", progress):
+        if prep.image != refused and registry.check_before_run(project, prep.image, sidecar, f"{exp.name} {arch}",
+                                                               progress):
+            inputs.save(project, prep, exp)
             return _info(prep, sidecar, built=False)
     if pull and not force and Layout(project).lock_file().exists():
         from hpcexp.build import registry
 
         pulled = registry.pull_for_run(project, exp, arch, prep.input_hash, progress=progress, wait=wait)
         if pulled is not None:
+            inputs.save(project, prep, exp)
             return _info(prep, pulled, built=False)
     if any(spec is not None and spec.kind == "image" for _, spec in prep.base_specs):
         from hpcexp.build import registry
@@ -241,15 +298,21 @@ def ensure_image(project: Project, exp: Experiment, arch: str, *, force: bool = 
                 size_hint += os.stat(spec.sif if spec.kind == "sif" and spec.sif else
                                      bases.base_sif_path(project, spec)).st_size
     # The recipe names debootstrap bases portably (@hpcexp-cache); the build gets this machine's paths.
+    from hpcexp.build.builder import build_sif
+
     sidecar = build_sif(project, bases.materialize(conv.recipe, project), prep.image, context=Path(conv.context),
                         size_hint=size_hint, label=f"{exp.name} {arch}", labels=labels, sidecar_extra=extra,
                         progress=progress, wait=wait, force=force, arch=arch,
                         reuse_if=lambda s: s.get("input_hash") == prep.input_hash)
-    return _info(prep, sidecar, built=bool(sidecar.pop("_built", True)))
+    built = bool(sidecar.pop("_built", True))
+    inputs.save(project, prep, exp)
+    return _info(prep, sidecar, built=built)
 
 
 def _announce_bases(project: Project, exp: Experiment, arch: str, prep: Prepared, progress: Progress) -> None:
     """One note per base hpcexp chose itself (a stand-in), one line per unmapped registry image."""
+    from hpcexp.build import standins
+
     report = Layout(project).report(exp.name, arch)
     for ref, spec in prep.base_specs:
         if spec is None:

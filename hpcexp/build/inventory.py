@@ -11,7 +11,6 @@ build context, so an image whose recipe still matches is reported as ``built``, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from hpcexp.core.config import ARCHES, Experiment, Project
 from hpcexp.core.layout import Layout
+from hpcexp.infra.digest import sha256 as _sha256  # small files: no OpenSSL start-up
 
 HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 
@@ -49,7 +49,7 @@ def _open_regular(path: Path) -> int:
 
 def file_sha256(path: Path) -> str | None:
     try:
-        h = hashlib.sha256()
+        h = _sha256()
         with open(_open_regular(path), "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -71,11 +71,34 @@ def recipe_state(layout: Layout, exp: Experiment, arch: str) -> str:
     return "current" if want and want in recorded else "stale"
 
 
-def image_state(layout: Layout, exp: Experiment, arch: str) -> str:
-    images = layout.project.images_dir
-    sidecars = sorted(images.glob(f"{exp.name}-{arch}-*.json"), key=lambda p: p.stat().st_mtime) \
-        if images.is_dir() else []
-    sidecars = [s for s in sidecars if s.with_suffix(".sif").exists()]
+_SIDECAR_RE = re.compile(r"^(?P<key>.+-(?:amd64|arm64))-[0-9a-f]{16}\.json$")
+
+
+def _sidecars(images: Path) -> dict[str, list[tuple[int, Path]]]:
+    """The images folder read once: ``NAME-ARCH`` -> [(mtime_ns, sidecar)] of the sidecars
+    whose SIF is there (a listing per experiment made `list` quadratic in experiments)."""
+    try:
+        with os.scandir(images) as it:
+            entries = {e.name: e for e in it}
+    except OSError:
+        return {}
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for name, entry in entries.items():
+        m = _SIDECAR_RE.match(name)
+        if m is None or name[:-5] + ".sif" not in entries:
+            continue
+        try:
+            out.setdefault(m.group("key"), []).append((entry.stat().st_mtime_ns, Path(entry.path)))
+        except OSError:
+            continue
+    return out
+
+
+def image_state(layout: Layout, exp: Experiment, arch: str,
+                sidecars_by_key: dict[str, list[tuple[int, Path]]] | None = None) -> str:
+    if sidecars_by_key is None:
+        sidecars_by_key = _sidecars(layout.project.images_dir)
+    sidecars = [p for _, p in sorted(sidecars_by_key.get(f"{exp.name}-{arch}", ()))]
     if not sidecars:
         return "none"
     recipe_sha = file_sha256(layout.recipe(exp.name, arch))
@@ -89,6 +112,7 @@ def image_state(layout: Layout, exp: Experiment, arch: str) -> str:
 def describe(project: Project) -> list[ExperimentInfo]:
     """One entry per experiment, sorted by name."""
     layout = Layout(project)
+    sidecars = _sidecars(project.images_dir)
     out = []
     for name in sorted(project.experiments):
         exp = project.experiments[name]
@@ -98,7 +122,7 @@ def describe(project: Project) -> list[ExperimentInfo]:
             dockerfiles={a: _rel(p, exp.path) for a, p in sorted(exp.dockerfiles.items())},
             arches=arches,
             recipe={a: recipe_state(layout, exp, a) for a in arches},
-            image={a: image_state(layout, exp, a) for a in arches},
+            image={a: image_state(layout, exp, a, sidecars) for a in arches},
         ))
     return out
 

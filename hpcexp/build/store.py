@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,6 @@ from hpcexp.core.layout import Layout
 from hpcexp.errors import HpcexpError
 from hpcexp.infra import atomic, hashing
 from hpcexp.infra import host as hostinfo
-from hpcexp.infra.lock import Lock
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +119,8 @@ SCRATCH_PREFIX = "hpcexp-build-"
 
 def scratch_dirs() -> list[tuple[Path, str, int]]:
     """Build scratch folders of this user in the temp dir: (path, host, pid of the owner)."""
+    import tempfile
+
     base = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
     out: list[tuple[Path, str, int]] = []
     try:
@@ -216,6 +215,11 @@ def clean(project: Project, current: Current, *, dry_run: bool = False, force: b
     """Remove stale or corrupt images (never one a run record points to, unless ``force``),
     orphaned temporary files whose owner is gone, and locks of dead owners. ``current`` is
     as for :func:`list_images`."""
+    # In-function: reading sidecars (a cached run) needs none of these.
+    import shutil
+
+    from hpcexp.infra.lock import Lock
+
     report = CleanReport()
     folder = project.images_dir
     if not folder.is_dir():
@@ -254,11 +258,18 @@ def clean(project: Project, current: Current, *, dry_run: bool = False, force: b
             report.kept.append((str(entry.path), "being built (locked)"))
             continue
         remove(entry.path, entry.state)
-        for extra in (entry.path.with_suffix(".json"), layout.build_log(entry.path)):
+        for extra in (entry.path.with_suffix(".json"), layout.build_log(entry.path), layout.image_inputs(entry.path)):
             if extra.exists():
                 remove(extra, f"belongs to {entry.state} image")
     base_dir = project.cache_dir / "bases" / _host_arch()  # where bases.base_sif_path puts this machine's bases
-    for d in (folder, folder / ".locks", folder / ".logs", base_dir, base_dir / ".locks", project.recipes_dir):
+    inputs_dir = layout.image_inputs_dir()
+    if inputs_dir.is_dir():
+        # input records of images that are gone (removed by hand): nothing to check them against
+        for p in sorted(inputs_dir.glob("*.json")):
+            if not p.name.startswith(atomic.TMP_PREFIX) and not (folder / (p.stem + ".sif")).exists():
+                remove(p, "input record of an image that is gone")
+    for d in (folder, folder / ".locks", folder / ".logs", inputs_dir, base_dir, base_dir / ".locks",
+              project.recipes_dir):
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):

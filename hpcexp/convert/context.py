@@ -88,14 +88,21 @@ class BuildContext:
 
     Folders are walked lazily, only those a COPY/ADD names (a plain file costs one stat),
     which keeps converting cheap when the context also holds data and checkpoints.
+
+    What the conversion read of the file system is kept (:meth:`observed`): the ignore files
+    tried, each folder's listing and each path's kind. Together with the content of the
+    files copied in, that is everything the recipe depends on in the context, so a cached
+    run can tell the recipe is unchanged without converting again (``hpcexp.build.inputs``).
     """
 
     def __init__(self, root: Path, dockerfile: Path) -> None:
         self.root = root
         self.base = str(root).rstrip("/") or "/"
         lines: list[str] = []
+        self._ignore_seen: list[tuple[str, bytes | None, str | None]] = []
         for ignore_file in (str(dockerfile) + ".dockerignore", os.path.join(self.base, ".dockerignore")):
             if not os.access(ignore_file, os.F_OK):  # no exception object when it is absent (the usual case)
+                self._ignore_seen.append((ignore_file, None, None))
                 continue
             real = os.path.realpath(ignore_file)
             if os.path.islink(ignore_file) and not (real == os.path.realpath(self.base) or real.startswith(
@@ -103,10 +110,13 @@ class BuildContext:
                 raise ConvertError(f"{os.path.basename(ignore_file)} is a symbolic link leading outside the build "
                                    f"context (to {real}); refusing to read it")
             try:
-                with open(ignore_file, encoding="utf-8", errors="replace") as fh:
-                    lines = fh.read().splitlines()
+                with open(ignore_file, "rb") as fh:
+                    raw = fh.read()
+                lines = raw.decode("utf-8", errors="replace").splitlines()
+                self._ignore_seen.append((ignore_file, raw, real if os.path.islink(ignore_file) else None))
                 break
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                self._ignore_seen.append((ignore_file, None, None))
                 continue
             except OSError as exc:
                 raise ConvertError(f"cannot read {os.path.basename(ignore_file)}: {exc.strerror}") from None
@@ -115,6 +125,7 @@ class BuildContext:
         self._walked: dict[str, tuple[list[str], list[str], bool]] = {}
         self._kinds: dict[str, str] = {}
         self._ignored: dict[str, list[str]] = {}
+        self._listings: dict[str, list[str] | None] = {}  # folder -> its entries as read ("name/" for folders)
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self.base, rel) if rel else self.base
@@ -136,10 +147,14 @@ class BuildContext:
             try:
                 entries = list(os.scandir(path))
             except OSError:
+                self._listings[path] = None
                 continue
+            seen: list[str] = []
+            self._listings[path] = seen
             for e in entries:
                 r = f"{rdir}/{e.name}" if rdir else e.name
                 is_dir = e.is_dir(follow_symlinks=False)
+                seen.append(e.name + "/" if is_dir else e.name)
                 if rules is not None and rules.ignored(r) and not (is_dir and negations):
                     ignored = True
                     ignored_paths.append(r)
@@ -154,6 +169,22 @@ class BuildContext:
         self._walked[rel] = (files, dirs, ignored)
         self._ignored[rel] = sorted(ignored_paths)
         return files, dirs, ignored
+
+    def observed(self) -> dict[str, object]:
+        """What was read of the file system: ``ignore`` [path, sha256 or None, link target or
+        None] for each ignore file tried, in order; ``dirs`` {folder: sha256 of its sorted
+        listing, or None when unreadable}; ``kinds`` {path: "dir", "file" or ""}.
+        Absolute paths; :mod:`hpcexp.build.inputs` checks them again the same way."""
+        import hashlib
+
+        from hpcexp.infra.hashing import listing_digest
+
+        return {
+            "ignore": [[p, hashlib.sha256(raw).hexdigest() if raw is not None else None, link]
+                       for p, raw, link in self._ignore_seen],
+            "dirs": {p: (None if names is None else listing_digest(names)) for p, names in self._listings.items()},
+            "kinds": {self._abs(rel): kind for rel, kind in self._kinds.items()},
+        }
 
     def ignored_paths(self, rel: str) -> list[str]:
         """What .dockerignore removed under folder ``rel`` (the outermost ignored paths)."""

@@ -78,7 +78,8 @@ def convert(dockerfile: Path, *, context: Path | None = None, arch: str = "amd64
                       build_args=dict(sorted(conv.used_args.items())), source_label=label,
                       cmd=tuple(last.cmd) if last.cmd else None,
                       entrypoint=tuple(last.entrypoint) if last.entrypoint else None,
-                      environment=_known_environment(last), stopsignal=last.stopsignal)
+                      environment=_known_environment(last), stopsignal=last.stopsignal,
+                      observed=conv.ctx.observed() if conv.ctx is not None else {"ignore": [], "dirs": {}, "kinds": {}})
 
 
 def _known_environment(st: Stage) -> dict[str, str]:

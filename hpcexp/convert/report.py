@@ -48,6 +48,8 @@ class Conversion:
     entrypoint: tuple[str, ...] | None = None     # last stage's ENTRYPOINT as an argv
     environment: Mapping[str, str] = field(default_factory=dict)  # the image's known environment (base + ENV)
     stopsignal: str | None = None                 # last stage's STOPSIGNAL, as a signal name (SIGINT...)
+    observed: Mapping[str, Any] | None = None     # what was read of the build context (BuildContext.observed:
+    #                                               ignore files, listings, kinds); None: not known
 
     @property
     def approximated(self) -> bool:

@@ -10,6 +10,7 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     images/NAME-ARCH-HASH.json         provenance sidecar
     images/.locks/NAME-ARCH-HASH.lock  build lock (owner recorded inside)
     images/.logs/NAME-ARCH-HASH.log    full build log of the last build attempt
+    images/.inputs/NAME-ARCH-HASH.json what the image was built from (checked by a cached run)
     hpcexp.lock                        images pinned by registry digest (hpcexp push), registry bases
     runs/NAME/RUN_ID/run.json          run record
     runs/NAME/RUN_ID/stdout.log        payload stdout   (Slurm: one pair per attempt, see RunPaths)
@@ -143,6 +144,14 @@ class Layout:
 
     def build_log(self, image: Path) -> Path:
         return image.parent / ".logs" / (image.stem + ".log")
+
+    def image_inputs_dir(self) -> Path:
+        """Where each image's input record lives (``hpcexp.build.inputs``)."""
+        return self.project.images_dir / ".inputs"
+
+    def image_inputs(self, image: Path) -> Path:
+        """What the image was built from, so a cached run checks it without converting."""
+        return image.parent / ".inputs" / (image.stem + ".json")
 
     def lock_file(self) -> Path:
         """hpcexp.lock: images (and registry bases) pinned by digest; committed like a package lock."""

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -29,7 +28,7 @@ TMP_PREFIX = ".hpcexp-tmp-"
 def tmp_name_for(final: Path) -> Path:
     """A unique temporary sibling of ``final`` that names its owner (host and pid)."""
     host = hostinfo.short_hostname()
-    return final.with_name(f"{TMP_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(4)}-{final.name}")
+    return final.with_name(f"{TMP_PREFIX}{host}-{os.getpid()}-{os.urandom(4).hex()}-{final.name}")
 
 
 def parse_tmp_owner(name: str) -> tuple[str, int] | None:

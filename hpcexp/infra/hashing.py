@@ -17,7 +17,6 @@ because every entry is checked against a fresh ``stat`` before use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from hpcexp.infra import atomic
+from hpcexp.infra.digest import sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ def sha256_file(path: Path | str) -> str:
     hashlib's sha256 releases the GIL and uses OpenSSL's implementation, so this runs at
     about the speed of ``sha256sum``.
     """
+    import hashlib  # OpenSSL's sha256, several times faster per byte; loaded for files only
+
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -52,7 +54,21 @@ def sha256_file(path: Path | str) -> str:
 
 
 def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_hex(text.encode("utf-8"))
+
+
+def listing_digest(names: list[str]) -> str:
+    """sha256 of a folder's entry names (folders with a trailing ``/``), in sorted order."""
+    return sha256_hex("\0".join(sorted(names)).encode("utf-8", "surrogateescape"))
+
+
+def folder_listing(path: str) -> list[str] | None:
+    """The entry names of folder ``path`` as :func:`listing_digest` takes them; None when unreadable."""
+    try:
+        with os.scandir(path) as it:
+            return [e.name + "/" if e.is_dir(follow_symlinks=False) else e.name for e in it]
+    except OSError:
+        return None
 
 
 class StatCache:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import getpass
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +35,12 @@ def user() -> str:
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    return os.uname().nodename  # what socket.gethostname() returns, without importing socket
 
 
 def short_hostname() -> str:
     """The host name up to its first dot (what temporary names carry)."""
-    return socket.gethostname().split(".")[0] or "host"
+    return hostname().split(".")[0] or "host"
 
 
 def boot_id() -> str | None:

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -64,8 +63,35 @@ class Result:
 
 def which(program: str, env: Mapping[str, str] | None = None) -> str | None:
     """Where ``program`` is on PATH (of ``env`` if given), or None."""
-    path = (env or os.environ).get("PATH")
-    return shutil.which(program, path=path)
+    return _which(program, (env or os.environ).get("PATH"))
+
+
+def _which(program: str, path: str | None) -> str | None:
+    """``shutil.which`` on POSIX, without importing shutil (and the compression modules it
+    loads): a local run asks where apptainer and git are, and pays for every import."""
+    def runnable(candidate: str) -> bool:
+        return os.path.exists(candidate) and os.access(candidate, os.X_OK) and not os.path.isdir(candidate)
+
+    if os.path.dirname(program):
+        return program if runnable(program) else None
+    if path is None:
+        path = os.environ.get("PATH", None)
+        if path is None:
+            try:
+                path = os.confstr("CS_PATH")
+            except (AttributeError, ValueError):
+                path = os.defpath
+    if not path:
+        return None
+    seen: set[str] = set()
+    for folder in path.split(os.pathsep):
+        if folder in seen:
+            continue
+        seen.add(folder)
+        candidate = os.path.join(folder, program)
+        if runnable(candidate):
+            return candidate
+    return None
 
 
 # Where distributions put the administrative tools Apptainer runs for a build (debootstrap,
@@ -81,7 +107,7 @@ def find_host_tool(program: str, env: Mapping[str, str] | None = None) -> str | 
     For tools hpcexp hands to Apptainer (debootstrap, fakeroot, newuidmap, squashfuse), not
     for commands hpcexp runs itself (those follow the user's PATH, e.g. `module load slurm`).
     """
-    return which(program, env) or shutil.which(program, path=os.pathsep.join(HOST_TOOL_DIRS))
+    return which(program, env) or _which(program, os.pathsep.join(HOST_TOOL_DIRS))
 
 
 def host_tool_path(path: str | None) -> str:
@@ -166,9 +192,18 @@ def spawn(argv: Sequence[str], **popen: Any) -> "subprocess.Popen[Any]":
 
 # The watchdog's whole program. It runs with -I -S (no site, no user paths: fast and
 # immune to the user's environment) and imports only hpcexp.infra.watchdog, which uses the
-# standard library's os, signal and time alone: every local run and build pays its start-up.
+# standard library's os, signal and time alone.
 _WATCHDOG = ("import sys; sys.path.insert(0, sys.argv[1]); "
              "from hpcexp.infra.watchdog import main; main(sys.argv[2:])")
+
+# What waits for the owner: a POSIX shell, whose start-up costs a tenth of an interpreter's
+# (every local run and build starts a watchdog). It ignores the signals the Python
+# watchdog ignores (ignored signals stay ignored across exec) and blocks reading the pipe;
+# the release byte ends it, and only end of file without it (the owner died) execs the
+# interpreter that kills the group, with stdin still at end of file.
+_WAITER = ("trap '' INT HUP TERM QUIT USR1; IFS= read -r done; "
+           '[ "$done" = x ] && exit 0; py=$1; shift; exec "$py" -I -S -c "$@"')
+_SHELL = "/bin/sh"
 
 
 class Watchdog:
@@ -179,8 +214,10 @@ class Watchdog:
     watchdog blocks reading a pipe from its owner; end of file without the release byte
     means the owner died (kill -9, OOM killer), and it kills the group (and the processes
     carrying ``marker``). It is exec'd, never forked, so it is safe to start from a
-    process that already has threads, and it lives in its own session so terminal
-    signals and ``pkill -f hpcexp`` do not reach it.
+    process that already has threads, and it lives in its own session and ignores
+    SIGTERM, SIGINT, SIGHUP, SIGQUIT and SIGUSR1, so terminal signals and ``pkill -f
+    hpcexp`` do not stop it. It waits as a shell (cheap to start) and becomes the Python
+    program of :mod:`hpcexp.infra.watchdog` only when it has work to do.
 
     One design for every child hpcexp must not leave behind: builds and local runs.
     """
@@ -200,7 +237,9 @@ class Watchdog:
         import hpcexp
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(hpcexp.__file__)))
-        argv = [sys.executable, "-I", "-S", "-c", _WATCHDOG, root, str(pgid), marker or "", f"{grace:g}"]
+        program = [_WATCHDOG, root, str(pgid), marker or "", f"{grace:g}"]
+        argv = ([_SHELL, "-c", _WAITER, "hpcexp-watchdog", sys.executable, *program] if os.access(_SHELL, os.X_OK)
+                else [sys.executable, "-I", "-S", "-c", *program])
         try:
             proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          close_fds=True, start_new_session=True)

@@ -81,7 +81,7 @@ def kill_group(pgid: int | None, *, marker: str | None = None, grace: float = 2.
             except (ProcessLookupError, PermissionError):
                 pass
         touched = max(touched, len(victims) + (1 if group_alive else 0))
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL or not touched:  # nothing was there: nothing to wait for
             break
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
