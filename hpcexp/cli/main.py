@@ -73,6 +73,7 @@ SHORT_HELP: dict[str, str] = {
     "extract": "Restore an archive into DIR (a new or empty folder), refusing anything unsafe.",
     "export": "Export runs to an experiment tracker (configured under `tracking:` in hpcexp.yaml).",
     "serve": "Serve a web dashboard of this project: experiments, runs, live logs, downloads, actions.",
+    "instance": "Sessions that serve an experiment's `remote:` object from a running container.",
 }
 
 
