@@ -45,6 +45,8 @@ COMMANDS: dict[str, str] = {
     "extract": "hpcexp.cli.archive_cmds:extract_cmd",
     "export": "hpcexp.cli.track_cmds:export_group",
     "serve": "hpcexp.cli.serve_cmd:serve_cmd",
+    "check": "hpcexp.cli.check_cmds:check_cmd",
+    "unlock": "hpcexp.cli.check_cmds:unlock_cmd",
 }
 
 

@@ -241,7 +241,8 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     # Exit 0 is success unless Slurm had already asked the job to stop: a payload that
     # handles the SIGTERM of a time limit, a preemption or an scancel and exits 0 did not
     # finish its work (Slurm itself says TIMEOUT), and must not read as done.
-    stopped_by_slurm = killed is not None and bool(exited and exited.get("term_received"))
+    stopped_by_slurm = killed is not None and bool(exited and (exited.get("term_received")
+                                                               or exited.get("checkpoint_signal") is True))
     if exited and exited.get("checkpoint_signal") is True and killed in (None, "timeout"):
         return _checkpointed(rec, exited, info)
     if exited and exited.get("exit_code") == 0 and not exited.get("launch_error") and not stopped_by_slurm:
