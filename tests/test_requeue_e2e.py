@@ -39,6 +39,13 @@ if [ "${HPCEXP_PARAM_fail:-0}" = 1 ]; then exit 3; fi
 if [ -n "${HPCEXP_PARAM_sleep:-}" ]; then sleep "$HPCEXP_PARAM_sleep"; fi
 '''
 
+# no checkpoint: the first attempt runs into the time limit, the second finishes at once
+FIRST_TIMES_OUT_SH = r'''
+echo "attempt $HPCEXP_ATTEMPT"
+if [ "$HPCEXP_ATTEMPT" = 1 ]; then sleep 300; fi
+echo "second try" > results/final.txt
+'''
+
 
 @pytest.fixture
 def proj(tmp_path: Path, busybox_sif: Path) -> dict[str, Any]:
@@ -47,6 +54,7 @@ def proj(tmp_path: Path, busybox_sif: Path) -> dict[str, Any]:
     exp.mkdir(parents=True)
     (exp / "Dockerfile").write_text("FROM busybox:latest\nCOPY . /app\nWORKDIR /app\n")
     (exp / "count.sh").write_text(COUNT_SH)
+    (exp / "first.sh").write_text(FIRST_TIMES_OUT_SH)
     (root / "hpcexp.yaml").write_text(
         f'bases:\n  "busybox:latest": {{sif: {busybox_sif}}}\n'
         "experiments:\n"
@@ -60,6 +68,11 @@ def proj(tmp_path: Path, busybox_sif: Path) -> dict[str, Any]:
         "    command: [/bin/sh, /app/count.sh]\n"
         "    slurm: {mem: 200M, time: '1'}\n"
         "    checkpoint: {signal: USR1, before: 50s}\n"
+        "    requeue: {on: [timeout], max_attempts: 2}\n"
+        "  plain:\n"
+        "    path: experiments/count\n"
+        "    command: [/bin/sh, /app/first.sh]\n"
+        "    slurm: {mem: 200M, time: '1'}\n"
         "    requeue: {on: [timeout], max_attempts: 2}\n")
     return {"root": root, "env": {"XDG_CACHE_HOME": str(tmp_path / "cache")}}
 
@@ -155,3 +168,19 @@ def test_finished_failed_and_cancelled_jobs_are_never_requeued(proj: dict[str, A
     for r in (ok, bad, cancel):
         rec = json.loads(cli(proj, "status", r["run_id"], "--json").stdout)[0]
         assert rec["attempt"] == 1 and rec["attempts"] == [] and "requeue" not in (rec["reason"] or ""), rec
+
+
+@pytest.mark.slow
+def test_a_timeout_without_checkpoint_is_requeued_by_hpcexp_on_status(proj: dict[str, Any]) -> None:
+    run = submit(proj, "plain")
+    job = run["executor_ids"]["job_id"]
+    recs = wait_all(proj, [run["run_id"]], {job}, timeout=300)
+    rec = recs[run["run_id"]]
+    assert rec["state"] == "succeeded" and rec["attempt"] == 2, rec
+    (first,) = rec["attempts"]
+    assert first["note"] == "requeued by hpcexp after timeout", first
+    assert rec["executor_ids"]["requeued_after"] == {"1": "timeout"}
+    run_dir = Path(rec["dir"])
+    assert (run_dir / "stdout.log").read_text() == "attempt 1\n"
+    assert (run_dir / "stdout.2.log").read_text() == "attempt 2\n"
+    assert (run_dir / "results" / "final.txt").read_text() == "second try\n"
