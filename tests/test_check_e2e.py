@@ -71,7 +71,7 @@ def test_check_finds_plants_repair_fixes_the_safe_part_marks_the_rest_and_change
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert json.loads(clean.stdout)["findings"] == []
 
-    good_dir = Path(good["dir"])
+    good_dir = root / "runs" / "echo" / good["run_id"]
     # 1. an orphaned temporary file (its writer, on this host, is gone)
     orphan = good_dir / f".hpcexp-tmp-{socket.gethostname().split('.')[0]}-{dead_pid()}-0badf00d-run.json"
     orphan.write_text('{"half": ')
@@ -118,8 +118,7 @@ def test_check_finds_plants_repair_fixes_the_safe_part_marks_the_rest_and_change
     assert (root / damaged_copy[0]).read_text() == text[: len(text) // 2]     # kept byte for byte
     assert (trunc / "results" / "keep.txt").read_text() == "user output" and live_tmp.exists()
 
-    status = json.loads(cli(proj, "status", trunc.name, forgot.name, "--json").stdout)
-    by_id = {r["run_id"]: r for r in status}
+    by_id = {rid: json.loads(cli(proj, "status", rid, "--json").stdout)[0] for rid in (trunc.name, forgot.name)}
     assert by_id[trunc.name]["state"] == "lost" and "damaged" in by_id[trunc.name]["reason"]
     assert by_id[forgot.name]["state"] == "lost" and "987654321" in by_id[forgot.name]["reason"]
     again = cli(proj, "check", "--json")
