@@ -501,3 +501,19 @@ def test_break_lock_never_breaks_a_live_owner_without_force(tmp_path: Path) -> N
     assert break_lock(garbage) is None and garbage.exists()
     assert break_lock(garbage, force=True) is not None and not garbage.exists()
     assert fsck.tmp_owner(".hpcexp-tmp-elsewhere-1-abcdabcd-x") == ("pid 1 on host elsewhere", None)
+
+
+def test_an_attempt_past_the_budget_does_not_start_the_payload(tmp_path: Path) -> None:
+    # Slurm requeued the job itself (a preemption) after the last attempt the budget allows
+    script, run_dir = _script(tmp_path, requeue_on=("preempted",), max_attempts=2)
+    proc = _start(tmp_path, script, run_dir, 2)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and b"past max_attempts=2" in err
+    assert not (run_dir / "ready").exists() and not (run_dir / "stdout.3.log").exists()
+    marker = json.loads((run_dir / "events" / "attempt-3.exit").read_text())
+    assert marker["over_budget"] is True
+    rec = _ck_rec(2, 2)
+    markers = {2: {"started": {"time": "t"}, "exit": {"exit_code": 143, "term_received": True}}, 3: {"exit": marker}}
+    new = slurm.decide(rec, markers, _ev(final={"101": _info("COMPLETED", exit_code=0)}))
+    assert new.state == "failed" and new.attempt == 3
+    assert "requeue budget is spent (max_attempts=2)" in new.reason and "attempt 3 did not start" in new.reason

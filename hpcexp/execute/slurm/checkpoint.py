@@ -42,11 +42,33 @@ def attempt_env(prefix: str) -> list[str]:
             'mkdir -p "$HPCEXP_RUN_DIR/results/checkpoint"']
 
 
-def checkpoint_setup(checkpoint: tuple[str, int] | None, prefix: str) -> list[str]:
-    """Lines after the job's traps: the attempt variable, and the trap for the checkpoint signal."""
+def budget_guard(max_attempts: int) -> list[str]:
+    """An attempt past the budget (Slurm requeued the job itself, after a preemption or a node
+    failure) does not start the payload; its exit marker says ``"over_budget": true``."""
+    note = (f"hpcexp: attempt $HPCEXP_ATTEMPT is past max_attempts={int(max_attempts)} (Slurm requeued the job "
+            "itself): the payload is not started")
+    return [
+        f'if [ "$HPCEXP_ATTEMPT" -gt {int(max_attempts)} ]; then',
+        f'  echo "{note}" >&2',
+        "  hpcexp_event exit '{\"attempt\": %d, \"exit_code\": 0, \"term_received\": false, "
+        "\"launch_error\": null, \"time\": \"%s\", \"host\": \"%s\", \"job_id\": \"%s\", "
+        "\"over_budget\": true}' \\",
+        '    "$HPCEXP_ATTEMPT" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB"',
+        "  HPCEXP_ENDED=true",
+        "  exit 0",
+        "fi",
+    ]
+
+
+def checkpoint_setup(checkpoint: tuple[str, int] | None, prefix: str, max_attempts: int | None = None
+                     ) -> list[str]:
+    """Lines after the job's traps: the attempt variable, the budget guard, and the trap for
+    the checkpoint signal."""
     lines = ["# --- hpcexp: checkpoint contract (HPCEXP_ATTEMPT, HPCEXP_CHECKPOINT_DIR, the warning signal)"]
     if checkpoint is not None:
         lines.append('HPCEXP_CKPT=false; HPCEXP_REQUEUE=off; HPCEXP_PID=""')
+    if max_attempts is not None:
+        lines += budget_guard(max_attempts)
     lines += attempt_env(prefix)
     if checkpoint is None:
         return lines

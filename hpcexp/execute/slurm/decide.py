@@ -108,6 +108,17 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
 
     if job_id is None:
         return _without_job_id(rec, ev, now)
+    if exited and exited.get("over_budget") is True:
+        # Slurm requeued the job itself (preemption, node failure) once too often: the job
+        # script did not start the payload; the run ends with the earlier attempt's cause
+        budget = (rec.extra.get("requeue") or {}).get("max_attempts", "?")
+        rec.state = "failed"
+        rec.ended_at = rec.ended_at or exited.get("time") or runs.utcnow()
+        rec.exit_code = None
+        rec.reason = (f"Slurm requeued the job again after attempt {rec.attempt - 1} (a preemption or a node "
+                      f"failure); the requeue budget is spent (max_attempts={budget}), so attempt "
+                      f"{rec.attempt} did not start the payload")
+        return rec
     if exited and exited.get("requeue") == "requested":
         # the attempt saved a checkpoint and requeued its job: not an ending, unless the job
         # is gone from the queue (then the requeue did not take effect)

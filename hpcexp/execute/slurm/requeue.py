@@ -76,6 +76,7 @@ def apply(items: Sequence[tuple[RunPaths, runs.RunRecord]], old: dict[Any, runs.
                       f"attempt {rec.attempt + 1} waits")
         rec.state = "pending"
         rec.ended_at = None
+        rec.exit_code = rec.signal = None       # the attempt's own exit stays in its marker
 
 
 def attempt_logs(paths: RunPaths, rec: runs.RunRecord) -> None:

@@ -255,7 +255,8 @@ def _record_start(spec: JobSpec) -> str:
         "}",
         "trap 'HPCEXP_TERM=true' TERM INT",
         "trap 'hpcexp_early_exit \"$?\"' EXIT",
-        *(checkpoint_setup(spec.checkpoint, spec.tasks[0].env_prefix if spec.tasks else "APPTAINERENV_")
+        *(checkpoint_setup(spec.checkpoint, spec.tasks[0].env_prefix if spec.tasks else "APPTAINERENV_",
+                           spec.max_attempts if spec.requeue_on else None)
           if spec.checkpoint or spec.requeue_on else []),
         'if [ ! -f "$HPCEXP_IMAGE" ]; then',
         f"  echo {_q('hpcexp: ' + json.loads(image_error))} >&2",
