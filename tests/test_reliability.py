@@ -517,3 +517,19 @@ def test_an_attempt_past_the_budget_does_not_start_the_payload(tmp_path: Path) -
     new = slurm.decide(rec, markers, _ev(final={"101": _info("COMPLETED", exit_code=0)}))
     assert new.state == "failed" and new.attempt == 3
     assert "requeue budget is spent (max_attempts=2)" in new.reason and "attempt 3 did not start" in new.reason
+
+
+def test_a_job_told_to_stop_waits_for_slurms_verdict_while_it_leaves_the_queue() -> None:
+    # the time limit's SIGTERM ended the payload and its marker is written, but squeue still
+    # lists the job (COMPLETING): deciding now would say `failed` for good, not `timeout`
+    markers = {1: {"started": {"time": "t", "host": "n1"},
+                   "exit": {"exit_code": 143, "term_received": True, "time": "t2", "launch_error": None}}}
+    rec = _rec()
+    rec.state = "running"
+    new = slurm.decide(rec, markers, _ev(live={"101": _info("COMPLETING")}))
+    assert new.state == "running" and "ending" in new.reason and not new.terminal
+    new = slurm.decide(new, markers, _ev(final={"101": _info("TIMEOUT")}))
+    assert new.state == "timeout"
+    # a payload that failed on its own is decided at once
+    markers[1]["exit"]["term_received"] = False
+    assert slurm.decide(rec, markers, _ev(live={"101": _info("COMPLETING")})).state == "failed"

@@ -217,6 +217,13 @@ def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any]
         rec.state = "pending" if live.state != "SUSPENDED" else "running"
         rec.reason = f"Slurm: {live.state}" + (f" ({live.reason})" if live.reason and live.reason != "None" else "")
         return True
+    if live is not None and live.state in RUNNING_STATES and exited and exited.get("term_received") \
+            and not exited.get("checkpoint_signal"):
+        # told to stop (time limit, scancel, preemption) and still leaving the queue: Slurm's
+        # own verdict, which decides the state, comes once the job is gone
+        ids["slurm_state"] = live.state
+        rec.reason = f"the job is ending (Slurm: {live.state})"
+        return True
     if live is not None and live.state in RUNNING_STATES and not exited:
         ids["slurm_state"] = live.state
         rec.state = "running"
