@@ -342,6 +342,7 @@ def follow_logs(project: Project, req: LogsRequest, out: IO[bytes], progress: Pr
 class StopRequest:
     refs: tuple[str, ...]
     grace: float = DEFAULT_GRACE     # seconds between SIGTERM and SIGKILL
+    checkpoint: bool = False         # local runs: the checkpoint signal first, grace to save, then SIGTERM
 
 
 @dataclass(frozen=True)
@@ -370,4 +371,14 @@ def stop(project: Project, req: StopRequest) -> StopResult:
         if rec.error:
             raise UsageError(f"cannot stop run {rec.run_id}: its record is damaged ({rec.error})",
                              hint="nothing was changed; inspect that run folder by hand")
+    if req.checkpoint:
+        others = [rec for _p, rec in items if rec.executor != "local" and not rec.terminal]
+        if others:
+            raise UsageError(f"stop --checkpoint is for local runs; run {others[0].run_id} runs through "
+                             f"{others[0].executor}",
+                             hint="a Slurm job gets its checkpoint signal before its time limit "
+                                  "(checkpoint: in hpcexp.yaml, or submit --checkpoint-signal)")
+        from hpcexp.execute.local.control import stop as stop_local
+
+        return StopResult(before=items, after=stop_local(layout, items, grace=grace, checkpoint=True))
     return StopResult(before=items, after=stop_runs(layout, items, grace=grace))

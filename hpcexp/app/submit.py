@@ -42,6 +42,7 @@ class SubmitRequest:
     arch: str | None = None
     quiet: bool = False
     cmdline: tuple[str, ...] | None = None
+    checkpoint_signal: str | None = None   # SIG[@SECONDS]: overrides the experiment's checkpoint:
 
     def __post_init__(self) -> None:
         # refused when the request is made, before a project is even looked for
@@ -56,6 +57,10 @@ def check_submit(project: Project, req: SubmitRequest) -> tuple[Any, list[dict[s
     from hpcexp.runtime import launch
 
     exp = project.experiment(req.name)
+    if req.checkpoint_signal is not None:
+        from hpcexp.core.model import parse_checkpoint_signal
+
+        parse_checkpoint_signal(req.checkpoint_signal)  # refused before anything is built
     launch.check_binds(project, exp, allow_binds=req.allow_binds)
     fixed = parse_params(req.params)
     grid = [sweep.parse_sweep_option(s) for s in req.sweeps]
@@ -99,11 +104,17 @@ def submit(project: Project, req: SubmitRequest, progress: Progress | None = Non
         from hpcexp.app.tracking import slurm_payload_env
 
         payload_env, env_probe = slurm_payload_env(project, exp, param_sets)
+    checkpoint = None
+    if req.checkpoint_signal is not None:
+        from hpcexp.core.model import parse_checkpoint_signal
+
+        checkpoint = parse_checkpoint_signal(req.checkpoint_signal)
     sub = slurm.submit_runs(project, exp, image_ref, param_sets, resources,
                             args=list(req.args) if req.args else None, sweep=is_sweep, arch=arch, hold=req.hold,
                             dry_run=req.dry_run, allow_binds=req.allow_binds,
                             cmdline=list(req.cmdline) if req.cmdline is not None else None,
-                            payload_env=payload_env, env_probe=env_probe, service_images=svc_images)
+                            payload_env=payload_env, env_probe=env_probe, service_images=svc_images,
+                            checkpoint=checkpoint)
     return SubmitResult(sub)
 
 

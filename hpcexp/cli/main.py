@@ -45,6 +45,8 @@ COMMANDS: dict[str, str] = {
     "export": "hpcexp.cli.track_cmds:export_group",
     "serve": "hpcexp.cli.serve_cmd:serve_cmd",
     "instance": "hpcexp.cli.instance_cmds:instance_group",
+    "check": "hpcexp.cli.check_cmds:check_cmd",
+    "unlock": "hpcexp.cli.check_cmds:unlock_cmd",
 }
 
 
@@ -74,6 +76,9 @@ SHORT_HELP: dict[str, str] = {
     "export": "Export runs to an experiment tracker (configured under `tracking:` in hpcexp.yaml).",
     "serve": "Serve a web dashboard of this project: experiments, runs, live logs, downloads, actions.",
     "instance": "Sessions that serve an experiment's `remote:` object from a running container.",
+    "check": "Check every run record, temporary file, lock and run state of the project.",
+    "unlock": ("Break locks whose owner is provably dead (same host and boot, process gone), or the LOCK file "
+               "named (with --force: whoever holds it)."),
 }
 
 

@@ -185,9 +185,12 @@ def logs_cmd(ctx: "Ctx", ref: str, follow: bool, lines: int | None, which: str) 
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--checkpoint", is_flag=True,
+              help="Local runs: send the checkpoint signal first (checkpoint: in hpcexp.yaml, else SIGUSR1) and "
+                   "give the payload --grace seconds to save in $HPCEXP_CHECKPOINT_DIR and exit.")
 @json_option
 @pass_ctx
-def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> None:
+def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool, checkpoint: bool = False) -> None:
     """Stop runs: SIGTERM to the whole container process tree, SIGKILL after --grace seconds.
 
     RUN is an id, a unique prefix, an experiment name (its latest run), @last or a sweep id.
@@ -196,7 +199,7 @@ def stop_cmd(ctx: "Ctx", refs: tuple[str, ...], grace: float, as_json: bool) -> 
     from hpcexp.app import runs as app
     from hpcexp.app.views import json_rows
 
-    result = app.stop(ctx.project(), app.StopRequest(refs=refs, grace=grace))
+    result = app.stop(ctx.project(), app.StopRequest(refs=refs, grace=grace, checkpoint=checkpoint))
     if as_json:
         emit_json(json_rows(result.after))
         return

@@ -97,6 +97,9 @@ def _with(options: list[Any]) -> Any:
 @click.option("--allow-bind", is_flag=True, help="Allow binds of otherwise refused host folders.")
 @click.option("--wait", "wait_", is_flag=True,
               help="Wait until every task has finished (like sbatch --wait); exit 5 if any did not succeed.")
+@click.option("--checkpoint-signal", "checkpoint_signal", default=None, metavar="SIG[@SECONDS]",
+              help="Send SIG to the payload SECONDS (default 90) before the time limit so that it saves a "
+                   "checkpoint in $HPCEXP_CHECKPOINT_DIR, e.g. USR1@90 (overrides checkpoint: in hpcexp.yaml).")
 @arch_option
 @json_option
 @pass_ctx
@@ -104,7 +107,7 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
                sweep_file: str | None, partition: str | None, time_: str | None, cpus: int | None, mem: str | None,
                gpus: str | None, account: str | None, qos: str | None, sbatch_args: tuple[str, ...],
                max_parallel: int | None, template: str | None, hold: bool, dry_run: bool, allow_bind: bool,
-               wait_: bool, arch: str | None, as_json: bool) -> None:
+               wait_: bool, arch: str | None, as_json: bool, checkpoint_signal: str | None = None) -> None:
     """Submit experiment NAME to Slurm: one job, or one job array for a sweep.
 
     \b
@@ -125,7 +128,8 @@ def submit_cmd(ctx: "Ctx", name: str, args: tuple[str, ...], params: tuple[str, 
     req = app.SubmitRequest(name=name, params=params, args=args or None, sweeps=sweeps,
                             sweep_file=Path(sweep_file) if sweep_file else None, resources=over, hold=hold,
                             dry_run=dry_run, allow_binds=allow_bind, wait=wait_, arch=arch, quiet=as_json,
-                            cmdline=("hpcexp", *sys.argv[1:]))
+                            cmdline=("hpcexp", *sys.argv[1:]), checkpoint_signal=checkpoint_signal)
+
     def progress(kind: str, text: str) -> None:
         if kind == "warn":
             warn(text)

@@ -148,6 +148,60 @@ class VerifyPolicy:
     key_files: tuple[Path, ...] = ()
 
 
+CHECKPOINT_SIGNALS = ("USR1", "USR2", "HUP", "INT", "TERM", "ALRM", "URG", "XCPU", "PWR")
+REQUEUE_ENDINGS = ("timeout", "preempted", "node_fail")
+MAX_SIGNAL_LEAD = 65535          # Slurm's --signal=...@TIME is at most 0xffff seconds
+_DURATION_RE = re.compile(r"^(\d{1,6})\s*(s|sec|m|min|h)?$")
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """``checkpoint: {signal: USR1, before: 90s}``: the payload is sent ``signal`` that many
+    seconds before the job's time limit (``sbatch --signal=B:SIG@SECONDS``; the job script
+    forwards it into the container) and saves its state in ``HPCEXP_CHECKPOINT_DIR``."""
+
+    signal: str = "USR1"
+    before: int = 90
+
+
+@dataclass(frozen=True)
+class RequeuePolicy:
+    """``requeue: {on: [timeout, preempted, node_fail], max_attempts: N}``: after one of
+    those endings the job runs again (same run, a new attempt) until N attempts were made."""
+
+    on: tuple[str, ...] = REQUEUE_ENDINGS
+    max_attempts: int = 3
+
+
+def parse_duration(value: object, what: str) -> int:
+    """Seconds from ``90``, ``90s``, ``2m``, ``1h`` (for ``checkpoint.before``); UsageError naming ``what``."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    m = _DURATION_RE.match(text or "")
+    if not m:
+        raise UsageError(f"{what}: invalid duration {shown(value)}: give seconds, e.g. 90, 90s, 2m or 1h")
+    seconds = int(m.group(1)) * {"s": 1, "sec": 1, None: 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
+    if not 1 <= seconds <= MAX_SIGNAL_LEAD:
+        raise UsageError(f"{what}: {shown(value)} must be from 1 second to {MAX_SIGNAL_LEAD} seconds")
+    return seconds
+
+
+def parse_signal_name(value: object, what: str) -> str:
+    """``USR1``, ``SIGUSR1`` or ``usr1`` -> ``USR1``; UsageError naming ``what`` otherwise."""
+    text = str(value).strip().upper() if isinstance(value, str) else ""
+    if text.startswith("SIG"):
+        text = text[3:]
+    if text not in CHECKPOINT_SIGNALS:
+        raise UsageError(f"{what}: invalid signal {shown(value)}: choose one of {', '.join(CHECKPOINT_SIGNALS)}")
+    return text
+
+
+def parse_checkpoint_signal(value: str, what: str = "--checkpoint-signal") -> CheckpointPolicy:
+    """``SIG[@SECONDS]`` (``USR1@90``, ``USR2@2m``) -> a CheckpointPolicy (90 s when no time is given)."""
+    sig, sep, lead = str(value).partition("@")
+    return CheckpointPolicy(signal=parse_signal_name(sig, what),
+                            before=parse_duration(lead, what) if sep else CheckpointPolicy.before)
+
+
 @dataclass(frozen=True)
 class Bind:
     """An extra bind: host path (absolute, as configured), container path, ro or rw."""
@@ -248,6 +302,8 @@ class Experiment:
     allow_outside: bool = False         # allow_outside_project: true in hpcexp.yaml
     services: tuple[Service, ...] = ()  # started beside each run (docs/services.md)
     remote: RemoteSpec | None = None    # remote: the object served to the host (hpcexp instance)
+    checkpoint: CheckpointPolicy | None = None   # checkpoint: {signal, before}
+    requeue: RequeuePolicy | None = None         # requeue: {on, max_attempts}
 
     def outside_problem(self) -> str | None:
         """Why this experiment's folder may not be used: it resolves outside the project

@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hpcexp.core import model as policy_model  # checkpoint and requeue policies
 from hpcexp.core.model import (
     ARCHES,
     CONTROL_RE,
@@ -44,6 +45,7 @@ from hpcexp.core.model import (
     discover_dockerfiles,
     service_placeholder_problem,
 )
+from hpcexp.errors import UsageError
 
 # --------------------------------------------------------------------------------------
 # Validation
@@ -54,7 +56,8 @@ TOP_KEYS = ("images", "runs", "recipes", "experiments_dir", "cache", "slurm_dir"
             "registry", "verify")
 EXP_KEYS = ("name", "path", "allow_outside_project", "ref", "code", "description", "dockerfile", "command",
             "entrypoint", "args", "artifacts", "artifacts_path", "mount", "workdir", "writable", "gpu", "binds",
-            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking", "services", "remote")
+            "env", "params", "params_as", "build_args", "bases", "slurm", "tracking", "services", "remote",
+            "checkpoint", "requeue")
 SLURM_KEYS = ("partition", "time", "cpus", "mem", "gpus", "account", "qos", "max_parallel", "sbatch_args",
               "template")
 #: a Debian archive component (main, contrib, non-free, non-free-firmware, universe...)
@@ -663,6 +666,8 @@ class _Validator:
             if "tracking" in m else project_defaults["tracking"],
             services=self.services(f"{path}.services", m.get("services")),
             remote=self.remote(f"{path}.remote", m.get("remote")),
+            checkpoint=self.checkpoint(f"{path}.checkpoint", m["checkpoint"]) if "checkpoint" in m else None,
+            requeue=self.requeue(f"{path}.requeue", m["requeue"]) if "requeue" in m else None,
         )
 
     def service_images(self, ep: str, exp: Experiment | None, experiments: Mapping[str, Experiment]) -> None:
@@ -778,6 +783,47 @@ class _Validator:
             registry=self.registry("registry", top.get("registry")), verify=self.verify("verify", top.get("verify")),
         )
 
+
+    # -- reliability: checkpoint signal and requeue policy ------------------------------
+    def checkpoint(self, path: str, value: Any) -> policy_model.CheckpointPolicy | None:
+        m = self.mapping(path, value)
+        if m is None:
+            return None
+        self.keys(path, m, ("signal", "before"))
+        CheckpointPolicy = policy_model.CheckpointPolicy  # noqa: N806
+        parse_signal_name, parse_duration = policy_model.parse_signal_name, policy_model.parse_duration
+        out = CheckpointPolicy()
+        try:
+            if m.get("signal") is not None:
+                out = CheckpointPolicy(signal=parse_signal_name(m["signal"], f"{path}.signal"), before=out.before)
+        except UsageError as exc:
+            self.err(f"{path}.signal", exc.message.split(": ", 1)[1])
+        try:
+            if m.get("before") is not None:
+                out = CheckpointPolicy(signal=out.signal, before=parse_duration(m["before"], f"{path}.before"))
+        except UsageError as exc:
+            self.err(f"{path}.before", exc.message.split(": ", 1)[1])
+        return out
+
+    def requeue(self, path: str, value: Any) -> policy_model.RequeuePolicy | None:
+        m = self.mapping(path, value)
+        if m is None:
+            return None
+        if True in m and "on" not in m:
+            # YAML 1.1 reads an unquoted key `on` as true: that is the `on:` of this section
+            m = {("on" if k is True else k): v for k, v in m.items()}
+        self.keys(path, m, ("on", "max_attempts"))
+        REQUEUE_ENDINGS, RequeuePolicy = policy_model.REQUEUE_ENDINGS, policy_model.RequeuePolicy  # noqa: N806
+        on_raw = m.get("on", list(REQUEUE_ENDINGS))
+        if isinstance(on_raw, str):
+            on_raw = [on_raw]
+        on = self.str_list(f"{path}.on", on_raw) or ()
+        for i, ending in enumerate(on):
+            if ending not in REQUEUE_ENDINGS:
+                self.err(f"{path}.on[{i}]", f"must be one of {', '.join(REQUEUE_ENDINGS)}, got {_show(ending)} "
+                                            "(a job that finished, failed or was cancelled is never requeued)")
+        attempts = self.integer(f"{path}.max_attempts", m.get("max_attempts", RequeuePolicy.max_attempts), 1, 1000)
+        return RequeuePolicy(on=tuple(dict.fromkeys(on)), max_attempts=attempts or RequeuePolicy.max_attempts)
 
 
 def _typename(value: Any) -> str:

@@ -212,3 +212,25 @@ class Lock:
             yield self
         finally:
             self.release()
+
+
+def break_lock(path: Path, *, force: bool = False) -> Owner | None:
+    """Remove the lock at ``path`` if its owner is provably dead, or at once with ``force``.
+
+    Returns the owner it belonged to (a placeholder when its record is unreadable and
+    ``force`` is given), or None when nothing was broken: no such lock, or its owner may
+    be alive. A lock re-taken by someone else meanwhile is never removed (see Lock._break).
+    """
+    lock = Lock(Path(path))
+    text = lock._read_text()
+    if text is None:
+        return None
+    owner = Owner.from_json(text)
+    if owner is None:
+        if not force:
+            return None
+        owner = Owner(host="?", pid=0, user="?", started="?", purpose="(unreadable owner record)")
+    elif not force and not owner.is_dead():
+        return None
+    lock._break(text, owner)
+    return None if lock._read_text() == text else owner

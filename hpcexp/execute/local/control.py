@@ -47,10 +47,14 @@ def trusted_pgid(ids: Mapping[str, Any]) -> int | None:
 
 
 def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, grace: float = DEFAULT_GRACE,
-         wait: bool = True) -> list[tuple[RunPaths, runs.RunRecord]]:
+         wait: bool = True, checkpoint: bool = False) -> list[tuple[RunPaths, runs.RunRecord]]:
     """Stop local runs: ask each supervisor (it sends SIGTERM, then SIGKILL after ``grace``)
     and wait until the record says how it ended. A run whose supervisor is gone has its
-    leftover processes killed here and is recorded ``lost``."""
+    leftover processes killed here and is recorded ``lost``.
+
+    ``checkpoint``: the supervisor first sends the run's checkpoint signal (``checkpoint:``
+    in hpcexp.yaml, else SIGUSR1) and gives the payload ``grace`` seconds to save and exit,
+    then SIGTERM, then SIGKILL after another ``grace``."""
     here = hostinfo.hostname()
     results: list[tuple[RunPaths, runs.RunRecord]] = []
     pending: list[tuple[RunPaths, runs.RunRecord]] = []
@@ -70,14 +74,14 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
             continue
         atomic.write_json(run_paths.stop_request, {
             "requested_at": runs.utcnow(), "grace": grace, "user": hostinfo.user(), "host": here,
-            "pid": os.getpid(),
+            "pid": os.getpid(), **({"checkpoint": checkpoint_signal(rec)} if checkpoint else {}),
         })
         sup = rec.executor_ids.get("supervisor_pid")
         if sup and hostinfo.pid_alive(sup, rec.executor_ids.get("supervisor_start")):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(sup), signal.SIGUSR1)
         pending.append((run_paths, rec))
-    deadline = time.monotonic() + grace + 20
+    deadline = time.monotonic() + grace * (2 if checkpoint else 1) + 20
     for run_paths, rec in pending:
         while True:
             rec = runs.read_record(run_paths)
@@ -99,6 +103,13 @@ def stop(layout: Layout, items: Sequence[tuple[RunPaths, runs.RunRecord]], *, gr
         results.append((run_paths, rec))
     order = {p.dir: i for i, (p, _) in enumerate(items)}
     return sorted(results, key=lambda t: order[t[0].dir])
+
+
+def checkpoint_signal(rec: runs.RunRecord) -> str:
+    """The run's checkpoint signal name (``USR1``...): its ``checkpoint:``, else USR1."""
+    ck = rec.extra.get("checkpoint")
+    sig = str(ck.get("signal")) if isinstance(ck, dict) and ck.get("signal") else "USR1"
+    return sig if sig.isalnum() else "USR1"
 
 
 def _process_owner(pid: int) -> int | None:

@@ -90,7 +90,12 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         executor_ids={"host": hostinfo.hostname(), "boot_id": hostinfo.boot_id(), "launcher_pid": os.getpid(),
                       "launcher_start": hostinfo.pid_start_ticks(os.getpid())},
     )
-    rec.extra = {"container_env": dict(the_plan.container_env), "grace": float(grace),
+    container_env = dict(the_plan.container_env)
+    if exp.checkpoint is not None:
+        # the checkpoint contract of Slurm jobs, for `hpcexp stop --checkpoint`
+        container_env.update(HPCEXP_CHECKPOINT_DIR=container_env["HPCEXP_RESULTS"] + "/checkpoint", HPCEXP_ATTEMPT="1")
+        (run_paths.results / "checkpoint").mkdir(exist_ok=True)
+    rec.extra = {"container_env": container_env, "grace": float(grace),
                  "stop_signal": info.get("stopsignal") or "SIGTERM",  # the Dockerfile's STOPSIGNAL
                  "hpcexp_argv": list(cmdline) if cmdline is not None else list(sys.argv),
                  "pwd": the_plan.pwd, "runtime": os.path.basename(program),
@@ -101,6 +106,8 @@ def prepare_run(project: Project, exp: Experiment, image: Any, *, params: Mappin
         from hpcexp.execute.services import describe
 
         rec.extra["services"] = describe(exp, service_images or {}, run_id)
+    if exp.checkpoint is not None:
+        rec.extra["checkpoint"] = {"signal": exp.checkpoint.signal, "before": exp.checkpoint.before}
     runs.write_record(run_paths, rec)
     return run_paths, rec
 

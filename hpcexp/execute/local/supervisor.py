@@ -165,6 +165,16 @@ class _Stream(threading.Thread):
                     pass
 
 
+def _checkpoint_signal(name: Any) -> signal.Signals | None:
+    """The checkpoint signal a ``stop --checkpoint`` request names (``USR1``), or None."""
+    if not isinstance(name, str) or not name.isalnum():
+        return None
+    try:
+        return signal.Signals["SIG" + name.upper().removeprefix("SIG")]
+    except KeyError:
+        return None
+
+
 def _stop_signal(name: Any) -> signal.Signals:
     """The signal a stop sends first: the image's STOPSIGNAL (as Docker), else SIGTERM."""
     if isinstance(name, str) and name.startswith("SIG") and name not in ("SIGKILL", "SIGSTOP"):
@@ -212,6 +222,7 @@ class _StopState:
         self.deadline: float | None = None
         self.signal_sent: int | None = None
         self.kill_now = False
+        self.checkpoint: signal.Signals | None = None   # stop --checkpoint: sent first, then the stop signal
 
 
 def _read_stop_request(run_paths: RunPaths) -> dict[str, Any] | None:
@@ -274,7 +285,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     group: list[int | None] = [None]  # the container's process group, once it exists
     stop_signal = _stop_signal(rec.extra.get("stop_signal"))
 
-    def request_stop(by: str, grace: float | None = None) -> None:
+    def request_stop(by: str, grace: float | None = None, checkpoint: signal.Signals | None = None) -> None:
         if not stop.requested:
             stop.requested = True
             stop.requested_at = runs.utcnow()
@@ -282,10 +293,11 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             if grace is not None:
                 stop.grace = grace
             stop.deadline = time.monotonic() + stop.grace
-            stop.signal_sent = stop_signal
+            stop.checkpoint = checkpoint
+            stop.signal_sent = checkpoint or stop_signal
             if group[0] is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group[0], stop_signal)
+                    os.killpg(group[0], stop.signal_sent)
         else:
             stop.kill_now = True
 
@@ -295,8 +307,10 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             grace = req.get("grace")
             if stop.requested and req.get("kill"):
                 stop.kill_now = True
-            request_stop(f"hpcexp stop ({req.get('user', '?')}@{req.get('host', '?')} pid {req.get('pid', '?')})",
-                         float(grace) if isinstance(grace, (int, float)) else None)
+            ckpt = _checkpoint_signal(req.get("checkpoint"))
+            request_stop(f"hpcexp stop{' --checkpoint' if ckpt else ''} ({req.get('user', '?')}@"
+                         f"{req.get('host', '?')} pid {req.get('pid', '?')})",
+                         float(grace) if isinstance(grace, (int, float)) else None, ckpt)
             return
         if signum == signal.SIGINT and interactive:
             if stop.requested:
@@ -347,7 +361,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     apptainer_start = hostinfo.pid_start_ticks(proc.pid)
     if stop.requested:  # a signal arrived while the container was being started
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, stop_signal)
+            os.killpg(pgid, stop.signal_sent or stop_signal)
     probe = start_probe(rec.command[0]) if not rec.apptainer_version else None
 
     watchdog = process.Watchdog.start(pgid, marker=rec.run_id)
@@ -385,7 +399,13 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
                 _watch_services(rec, services, died, request_stop)
             if rc is None and stop.requested:
                 if stop.kill_now or (stop.deadline is not None and time.monotonic() >= stop.deadline):
-                    if stop.signal_sent != signal.SIGKILL:
+                    if stop.checkpoint is not None and stop.signal_sent == stop.checkpoint and not stop.kill_now:
+                        # it had its grace to save and exit: now the ordinary stop
+                        stop.signal_sent = stop_signal
+                        stop.deadline = time.monotonic() + stop.grace
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(pgid, stop_signal)
+                    elif stop.signal_sent != signal.SIGKILL:
                         stop.signal_sent = signal.SIGKILL
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.killpg(pgid, signal.SIGKILL)
@@ -410,7 +430,9 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             notes.append(f"{dropped} bytes were not shown on the terminal (it did not keep up); the logs are complete")
         if stop.requested and not died:
             outcome["reason"] = f"stopped by {stop.by}" + (
-                f"; SIGKILL after {stop.grace:g} s grace" if stop.signal_sent == signal.SIGKILL else "")
+                f"; SIGKILL after {stop.grace:g} s grace" if stop.signal_sent == signal.SIGKILL else "") + (
+                f"; the payload exited after the checkpoint signal {_signame(stop.checkpoint)}"
+                if stop.checkpoint is not None and stop.signal_sent == stop.checkpoint else "")
             rec.extra["stop_requested_at"] = stop.requested_at
         if notes:
             outcome["reason"] = "; ".join(([outcome["reason"]] if outcome.get("reason") else []) + notes)

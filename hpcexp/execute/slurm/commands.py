@@ -57,6 +57,11 @@ def scontrol_jobs_argv() -> list[str]:
     return ["scontrol", "show", "job", "-o"]
 
 
+def scontrol_requeue_argv(job_id: str) -> list[str]:
+    """Requeue a job (running, or ended but still known to slurmctld): same job id, next attempt."""
+    return ["scontrol", "requeue", job_id]
+
+
 def scancel_argv(job_ids: Sequence[str]) -> list[str]:
     return ["scancel", *job_ids]
 

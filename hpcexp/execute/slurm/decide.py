@@ -114,9 +114,54 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
 
     if job_id is None:
         return _without_job_id(rec, ev, now)
+    if exited and exited.get("over_budget") is True:
+        # Slurm requeued the job itself (preemption, node failure) once too often: the job
+        # script did not start the payload; the run ends with the earlier attempt's cause
+        budget = (rec.extra.get("requeue") or {}).get("max_attempts", "?")
+        rec.state = "failed"
+        rec.ended_at = rec.ended_at or exited.get("time") or runs.utcnow()
+        rec.exit_code = None
+        rec.reason = (f"Slurm requeued the job again after attempt {rec.attempt - 1} (a preemption or a node "
+                      f"failure); the requeue budget is spent (max_attempts={budget}), so attempt "
+                      f"{rec.attempt} did not start the payload")
+        return rec
+    if exited and exited.get("requeue") == "requested":
+        # the attempt saved a checkpoint and requeued its job: not an ending, unless the job
+        # is gone from the queue (then the requeue did not take effect)
+        if live is not None or (final is not None and final.state in PENDING_STATES):
+            ids["slurm_state"] = live.state if live is not None else final.state  # type: ignore[union-attr]
+            rec.state = "pending"
+            rec.reason = (f"attempt {rec.attempt} saved a checkpoint and requeued itself; attempt "
+                          f"{rec.attempt + 1} waits (Slurm: {ids['slurm_state']})")
+            return rec
+        exited = dict(exited, requeue="lost")
     if _queued(rec, live, exited, ev):
         return rec
     return _ended(rec, str(job_id), live, final, started, exited, ev)
+
+
+# Why a checkpointed attempt was not followed by another (the exit marker's "requeue").
+CHECKPOINT_END_WHY = {
+    "spent": "the requeue budget is spent",
+    "off": "requeue.on does not list timeout",
+    "failed": "scontrol requeue failed (see the Slurm output file)",
+    "lost": "its requeue did not take effect (the job left the queue)",
+}
+
+
+def _checkpointed(rec: runs.RunRecord, exited: Mapping[str, Any], info: JobInfo | None) -> runs.RunRecord:
+    """The payload saved a checkpoint on the warning signal and stopped, and no next attempt
+    follows: the run ends ``timeout`` (its work was cut short by the limit), saying why."""
+    rec.state = "timeout"
+    _payload_failed(rec, exited)
+    sig = (rec.extra.get("checkpoint") or {}).get("signal", "?")
+    budget = (rec.extra.get("requeue") or {}).get("max_attempts")
+    why = CHECKPOINT_END_WHY.get(str(exited.get("requeue")), "it was not requeued")
+    if exited.get("requeue") == "spent" and budget:
+        why = f"the requeue budget is spent (attempt {rec.attempt} of max_attempts={budget})"
+    rec.reason = (f"attempt {rec.attempt} saved a checkpoint on SIG{sig} before the time limit and stopped; "
+                  f"{why}" + (f" (Slurm: {info.state})" if info is not None else ""))
+    return rec
 
 
 def _advance_attempt(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, Any]]],
@@ -137,9 +182,17 @@ def _advance_attempt(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Map
                 continue
             m = markers.get(a, {})
             s, e = m.get("started", {}), m.get("exit", {})
-            rec.attempts.append({"attempt": a, "job_id": job_id, "started_at": s.get("time"),
-                                 "ended_at": e.get("time"), "exit_code": e.get("exit_code"),
-                                 "host": s.get("host"), "note": "requeued" if e or s else "requeued before it started"})
+            note = "requeued" if e or s else "requeued before it started"
+            if e.get("requeue") == "requested":
+                note = "saved a checkpoint and requeued itself"
+            elif ids.get("requeued_after", {}).get(str(a)):
+                note = f"requeued by hpcexp after {ids['requeued_after'][str(a)]}"
+            entry = {"attempt": a, "job_id": job_id, "started_at": s.get("time"),
+                     "ended_at": e.get("time"), "exit_code": e.get("exit_code"),
+                     "host": s.get("host"), "note": note}
+            if "checkpoint_signal" in e:
+                entry["checkpointed"] = e["checkpoint_signal"] is True
+            rec.attempts.append(entry)
         rec.attempt = attempt
         rec.started_at = rec.ended_at = None
         rec.exit_code = rec.signal = None
@@ -169,6 +222,13 @@ def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any]
         ids["slurm_state"] = live.state
         rec.state = "pending" if live.state != "SUSPENDED" else "running"
         rec.reason = f"Slurm: {live.state}" + (f" ({live.reason})" if live.reason and live.reason != "None" else "")
+        return True
+    if live is not None and live.state in RUNNING_STATES and exited and exited.get("term_received") \
+            and not exited.get("checkpoint_signal"):
+        # told to stop (time limit, scancel, preemption) and still leaving the queue: Slurm's
+        # own verdict, which decides the state, comes once the job is gone
+        ids["slurm_state"] = live.state
+        rec.reason = f"the job is ending (Slurm: {live.state})"
         return True
     if live is not None and live.state in RUNNING_STATES and not exited:
         ids["slurm_state"] = live.state
@@ -205,8 +265,11 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     # Exit 0 is success unless Slurm had already asked the job to stop: a payload that
     # handles the SIGTERM of a time limit, a preemption or an scancel and exits 0 did not
     # finish its work (Slurm itself says TIMEOUT), and must not read as done.
-    stopped_by_slurm = killed is not None and bool(exited and exited.get("term_received"))
+    stopped_by_slurm = killed is not None and bool(exited and (exited.get("term_received")
+                                                               or exited.get("checkpoint_signal") is True))
     service_failure = rec.extra.get("service_failure")
+    if exited and exited.get("checkpoint_signal") is True and killed in (None, "timeout"):
+        return _checkpointed(rec, exited, info)
     if exited and exited.get("exit_code") == 0 and not exited.get("launch_error") and not stopped_by_slurm \
             and not service_failure:
         rec.state = "succeeded"

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from hpcexp.core import runs
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError
+from hpcexp.execute.slurm import requeue
 from hpcexp.execute.slurm.commands import (
     id_key,
     run,
@@ -164,8 +165,10 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
     # markers are read after squeue: a job gone from the queue has written its exit already
     changed: list[tuple[RunPaths, runs.RunRecord]] = []
     updated: dict[Path, runs.RunRecord] = {}
-    for paths, rec in todo:
-        new = decide(rec, read_markers(paths), ev)
+    decided = [(paths, decide(rec, read_markers(paths), ev)) for paths, rec in todo]
+    requeue.apply(decided, {p.dir: r for p, r in todo})
+    for (paths, new), (_, rec) in zip(decided, todo):
+        requeue.attempt_logs(paths, new)
         if _worth_writing(rec, new):
             changed.append((paths, new))
         updated[paths.dir] = new

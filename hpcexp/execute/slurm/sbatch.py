@@ -34,6 +34,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from hpcexp.errors import UsageError
+from hpcexp.execute.slurm.checkpoint import (
+    checkpoint_launch,
+    checkpoint_marker_fields,
+    checkpoint_record_end,
+    checkpoint_setup,
+)
 from hpcexp.execute.values import check_value
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_KEEP as SCRUB_KEEP
 from hpcexp.runtime.apptainer import SCRUBBED_ENV_PREFIXES as SCRUB_PREFIXES
@@ -100,6 +106,11 @@ class JobSpec:
     # and stops them (start of record_end), made by hpcexp.execute.slurm.services_sh
     services_start: str = ""
     services_end: str = ""
+    # (signal name, seconds): Slurm sends it to this script that long before the time
+    # limit (--signal=B:SIG@SECONDS); the script forwards it to the payload (see checkpoint.py)
+    checkpoint: tuple[str, int] | None = None
+    requeue_on: tuple[str, ...] = ()        # endings the job requeues itself after
+    max_attempts: int | None = None         # the requeue budget (attempts in all)
 
 
 def header_lines(options: Mapping[str, str | None], extra_args: Sequence[str] = ()) -> list[str]:
@@ -202,6 +213,7 @@ def _record_start(spec: JobSpec) -> str:
         lines += _task_block(spec.tasks[0], "")
     if spec.env_if_reachable is not None:
         lines += _reach_check(spec.env_if_reachable, spec.tasks[0].env_prefix if spec.tasks else "APPTAINERENV_")
+    ckpt_fields = checkpoint_marker_fields() if spec.checkpoint else None
     image_error = json.dumps(f"image {spec.image} is gone (deleted, or not visible from this node); "
                              f"nothing was run{spec.launch_error_hint}")
     lines += [
@@ -236,8 +248,10 @@ def _record_start(spec: JobSpec) -> str:
         '  local rc="$1" err="$2"',
         '  $HPCEXP_ENDED && return 0; HPCEXP_ENDED=true',
         "  hpcexp_event exit '{\"attempt\": %d, \"exit_code\": %d, \"term_received\": %s, \"launch_error\": %s, "
-        "\"time\": \"%s\", \"host\": \"%s\", \"job_id\": \"%s\"}' \\",
-        '    "$HPCEXP_ATTEMPT" "$rc" "$HPCEXP_TERM" "$err" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB"',
+        "\"time\": \"%s\", \"host\": \"%s\", \"job_id\": \"%s\"" + (ckpt_fields[0] if ckpt_fields else "")
+        + "}' \\",
+        '    "$HPCEXP_ATTEMPT" "$rc" "$HPCEXP_TERM" "$err" "$(hpcexp_now)" "$HPCEXP_HOST" "$HPCEXP_JOB"'
+        + (ckpt_fields[1] if ckpt_fields else ""),
         "}",
         "hpcexp_early_exit() {",
         '  hpcexp_exit "$1" "\\"the job script stopped (exit code $1) before the payload\'s exit was recorded; '
@@ -245,6 +259,9 @@ def _record_start(spec: JobSpec) -> str:
         "}",
         "trap 'HPCEXP_TERM=true' TERM INT",
         "trap 'hpcexp_early_exit \"$?\"' EXIT",
+        *(checkpoint_setup(spec.checkpoint, spec.tasks[0].env_prefix if spec.tasks else "APPTAINERENV_",
+                           spec.max_attempts if spec.requeue_on else None)
+          if spec.checkpoint or spec.requeue_on else []),
         'if [ ! -f "$HPCEXP_IMAGE" ]; then',
         f"  echo {_q('hpcexp: ' + json.loads(image_error))} >&2",
         f"  hpcexp_exit 127 {_q(image_error)}",
@@ -280,8 +297,10 @@ def placeholder_values(spec: JobSpec) -> dict[str, str]:
     values = {
         "sbatch_header": header,
         "record_start": _record_start(spec),
-        "launch": LAUNCH,
-        "record_end": RECORD_END if not spec.services_end else spec.services_end + "\n" + RECORD_END,
+        "launch": checkpoint_launch(spec.checkpoint[0]) if spec.checkpoint else LAUNCH,
+        "record_end": (spec.services_end + "\n" if spec.services_end else "")
+        + (checkpoint_record_end("timeout" in spec.requeue_on, spec.max_attempts or 1)
+           if spec.checkpoint else RECORD_END),
         "experiment": _q(check_value("experiment", spec.experiment)),
         "sweep_id": _q(check_value("sweep id", spec.sweep_id or "")),
         "image": _q(check_value("image path", str(spec.image))),

@@ -153,6 +153,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
     base_opts = resource_options(res)
     base_opts["open-mode"] = "append"
     base_opts["chdir"] = str(proj.root)
+    ckpt, requeue_on, max_attempts = _policies(tasks[0].record) if tasks else (None, (), None)
+    base_opts.update(_policy_options(ckpt, requeue_on, max_attempts))
     renders: list[tuple[range, str, str, Path]] = []
     pending = list(sizes)
     k = first_chunk
@@ -182,7 +184,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
         spec = sbatch.JobSpec(experiment=exp_name, project_root=proj.root, image=image,
                               tasks=tuple(t.spec for t in part), options=opts, extra_args=tuple(res.sbatch_args),
                               sweep_id=sweep_id, array=array, launch_error_hint=label_hint, template_label=label,
-                              env_if_reachable=env_probe, services_start=svc_start, services_end=svc_end)
+                              env_if_reachable=env_probe, services_start=svc_start, services_end=svc_end,
+                              checkpoint=ckpt, requeue_on=requeue_on, max_attempts=max_attempts)
         rendered = sbatch.render(text, spec)
         if len(rendered.encode()) > min(sbatch.MAX_SCRIPT_BYTES, int(f.get("max_script_size") or 4 << 20) - 65536) \
                 and len(part) > 1:
@@ -282,7 +285,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 cmdline: Sequence[str] | None = None,
                 payload_env: Callable[[Sequence[RunPaths], str | None], Mapping[str, Mapping[str, str]]] | None = None,
                 env_probe: tuple[str, int] | None = None,
-                service_images: Mapping[str, Path] | None = None) -> Submission:
+                service_images: Mapping[str, Path] | None = None, checkpoint: Any = None) -> Submission:
     """Submit one run per parameter set: one job for a single run, ONE job array for a sweep.
 
     ``payload_env(run_paths, sweep_id)`` may add container environment per run id once
@@ -292,6 +295,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     Every value is checked before anything is created; every run record exists (state
     ``submitting``) before ``sbatch`` runs, then holds its job id (state ``pending``).
     ``image`` is an ImageInfo (or a path) already built on this login node.
+    ``checkpoint`` (a CheckpointPolicy) overrides the experiment's ``checkpoint:``.
     """
     from hpcexp.core.config import host_arch
     from hpcexp.execute import sweep as sweep_mod  # in-function: `hpcexp status` needs no sweep model
@@ -369,6 +373,11 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 executor_ids={"base_attempt": 1}, host=host, user=user,
             )
             rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
+            policy_extra = policy_record(checkpoint or exp.checkpoint, exp.requeue)
+            if policy_extra:
+                rec.extra.update(policy_extra)
+                rec.extra["container_env"]["HPCEXP_CHECKPOINT_DIR"] = plan.container_env["HPCEXP_RESULTS"] \
+                    + "/checkpoint"
             if info.get("source_ref"):
                 rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
             if hpcexp_argv is not None:
@@ -380,7 +389,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
             # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
             # would cost more than the whole sbatch call on a busy shared file system
             spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
-                                   container_env=dict(plan.container_env), attempt=1, env_prefix=prefix)
+                                   container_env=dict(rec.extra["container_env"]), attempt=1, env_prefix=prefix)
             tasks.append(_Task(paths, rec, spec))
     except BaseException:
         if not dry_run:  # nothing was submitted: leave no half-made runs behind
@@ -404,6 +413,40 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                          hold=hold, dry_run=dry_run, label_hint=f"; rebuild with `hpcexp build {exp.name}`",
                          sweep_record=sweep_record, fresh=True, env_probe=probe,
                          services=tasks[0].record.extra.get("services") or () if tasks else ())
+
+
+def policy_record(checkpoint: Any, requeue: Any) -> dict[str, Any]:
+    """The run record's ``checkpoint`` and ``requeue`` entries (what the job script and
+    reconcile act on; kept in the record so that a resubmission keeps them)."""
+    out: dict[str, Any] = {}
+    if checkpoint is not None:
+        out["checkpoint"] = {"signal": checkpoint.signal, "before": int(checkpoint.before)}
+    if requeue is not None:
+        out["requeue"] = {"on": list(requeue.on), "max_attempts": int(requeue.max_attempts)}
+    return out
+
+
+def _policies(rec: runs.RunRecord) -> tuple[tuple[str, int] | None, tuple[str, ...], int | None]:
+    """(checkpoint (signal, seconds), requeue endings, max attempts) from a record."""
+    ck = rec.extra.get("checkpoint")
+    rq = rec.extra.get("requeue")
+    ckpt = (str(ck["signal"]), int(ck["before"])) if isinstance(ck, dict) and ck.get("signal") else None
+    if isinstance(rq, dict):
+        return ckpt, tuple(str(e) for e in rq.get("on") or ()), int(rq.get("max_attempts") or 1)
+    return ckpt, (), None
+
+
+def _policy_options(ckpt: tuple[str, int] | None, requeue_on: Sequence[str], max_attempts: int | None
+                    ) -> dict[str, str | None]:
+    """sbatch options of the policies: the warning signal; ``--requeue`` with a requeue
+    policy (``scontrol requeue`` refuses a job submitted with ``--no-requeue``), and
+    ``--no-requeue`` with a policy that lists no ending at all."""
+    opts: dict[str, str | None] = {}
+    if ckpt is not None:
+        opts["signal"] = f"B:{ckpt[0]}@{int(ckpt[1])}"
+    if max_attempts is not None:
+        opts["requeue" if requeue_on else "no-requeue"] = None
+    return opts
 
 
 def _discard_unsubmitted(layout: Layout, tasks: Sequence[_Task], sweep_id: str | None) -> None:
