@@ -99,6 +99,7 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
     final = ev.final.get(job_id) if job_id else None
 
     _advance_attempt(rec, markers, final)
+    _annotate_attempts(rec, final)
     cur = markers.get(rec.attempt, {})
     started, exited = cur.get("started"), cur.get("exit")
     if started and not rec.started_at:
@@ -138,6 +139,21 @@ def _advance_attempt(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Map
         rec.started_at = rec.ended_at = None
         rec.exit_code = rec.signal = None
         rec.reason = None
+
+
+def _annotate_attempts(rec: runs.RunRecord, final: JobInfo | None) -> None:
+    """Say how Slurm ended each closed attempt of this job (``slurm_state``: PREEMPTED,
+    NODE_FAIL...), once a source remembers it: only ``sacct -D`` does (one line per
+    attempt), asked after the job left the queue, so attempts closed while it was still
+    queued get it then. Nothing is guessed when no source says."""
+    if final is None or not final.earlier:
+        return
+    ids = rec.executor_ids
+    base = int(ids.get("base_attempt", 1) or 1)
+    for att in rec.attempts:
+        index = int(att.get("attempt") or 0) - base
+        if att.get("job_id") == ids.get("job_id") and "slurm_state" not in att and 0 <= index < len(final.earlier):
+            att["slurm_state"] = final.earlier[index]
 
 
 def _without_job_id(rec: runs.RunRecord, ev: Evidence, now: float | None) -> runs.RunRecord:
@@ -188,6 +204,7 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     info = live if (live is not None and live.state not in RUNNING_STATES) else final
     if info is not None:
         ids["slurm_state"] = info.state + (f" {info.detail}" if info.detail else "")
+        ids["slurm_source"] = info.source
         if info.exit_code is not None:
             ids["slurm_exit_code"] = f"{info.exit_code}:{info.exit_signal or 0}"
         for key in ("elapsed", "max_rss", "node"):
