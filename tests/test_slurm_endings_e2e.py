@@ -20,7 +20,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -64,7 +64,7 @@ def _project(root: Path, busybox_sif: Path, env: dict[str, str]) -> dict[str, An
 
 
 @pytest.fixture
-def profiles(tmp_path: Path, busybox_sif: Path) -> dict[str, dict[str, Any]]:
+def profiles(tmp_path: Path, busybox_sif: Path) -> Iterator[dict[str, dict[str, Any]]]:
     """Two projects on the same cluster: ``acct`` (sacct works) and ``noacct`` (the client
     profile without accounting). The image is built once per project, before any job."""
     if not NOACCT_CONF.is_file():
@@ -75,7 +75,14 @@ def profiles(tmp_path: Path, busybox_sif: Path) -> dict[str, dict[str, Any]]:
     for p in out.values():
         built = cli(p, "build", "end")
         assert built.returncode == 0, built.stderr
-    return out
+    yield out
+    # a failed test must not leave its jobs holding the node's two CPUs
+    for p in out.values():
+        listing = cli(p, "status", "--json")
+        jobs = [r["executor_ids"].get("job_id") for r in json.loads(listing.stdout or "[]")
+                if r["state"] not in TERMINAL] if listing.returncode == 0 else []
+        if any(jobs):
+            subprocess.run(["scancel", *filter(None, jobs)], capture_output=True)
 
 
 def cli(p: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
@@ -105,7 +112,7 @@ def wait_for(p: dict[str, Any], run_id: str, states: set[str], timeout: float = 
         time.sleep(0.5)
 
 
-def wait_running(p: dict[str, Any], run_id: str, timeout: float = 120) -> dict[str, Any]:
+def wait_running(p: dict[str, Any], run_id: str, timeout: float = 180) -> dict[str, Any]:
     """Until the payload itself has started (its first line in results/), not only the job."""
     rec = wait_for(p, run_id, {"running"} | TERMINAL, timeout)
     starts = Path(rec["dir"]) / "results" / "starts.txt"
@@ -247,18 +254,19 @@ def _node_state() -> str:
     return (out.split() or ["unknown"])[0]     # one line per partition the node is in
 
 
-def test_node_set_down_under_a_running_job_is_node_fail(profiles: dict[str, dict[str, Any]]) -> None:
+def _node_down_under(profiles: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
+                     until: set[str]) -> dict[str, dict[str, Any]]:
+    """Set the node down (the root step) once both runs' payloads run; the records once
+    they reach ``until``. The node is back up afterwards, whatever happened."""
     probe = subprocess.run(["sudo", "-n", NODE_TOOL], capture_output=True, text=True)
     if probe.returncode != 2:
         pytest.fail(f"the test user cannot run {NODE_TOOL} as root (sudo -n): {probe.stderr.strip()}; "
                     "run scripts/provision-test-env", pytrace=False)
-    # --no-requeue: a node failure ends the job (with JobRequeue=1 Slurm would requeue it)
-    runs = {k: submit(p, "-p", "mode=sleep", "--sbatch-arg=--no-requeue") for k, p in profiles.items()}
     for k, r in runs.items():
         wait_running(profiles[k], r["run_id"])
     try:
         subprocess.run(["sudo", "-n", NODE_TOOL, "down"], check=True)
-        acct, noacct = (wait_for(profiles[k], runs[k]["run_id"], TERMINAL, 60) for k in ("acct", "noacct"))
+        return {k: wait_for(profiles[k], r["run_id"], until, 90) for k, r in runs.items()}
     finally:
         # ReturnToService=2 brings the node back once slurmd answers; make sure of it
         deadline = time.monotonic() + 60
@@ -266,9 +274,41 @@ def test_node_set_down_under_a_running_job_is_node_fail(profiles: dict[str, dict
             subprocess.run(["sudo", "-n", NODE_TOOL, "resume"], capture_output=True)
             assert time.monotonic() < deadline, f"the node stayed {_node_state()}"
             time.sleep(1)
+
+
+def test_node_set_down_under_a_running_job_is_node_fail(profiles: dict[str, dict[str, Any]]) -> None:
+    # --no-requeue: a node failure ends the job (with JobRequeue=1 Slurm would requeue it)
+    runs = {k: submit(p, "-p", "mode=sleep", "--sbatch-arg=--no-requeue") for k, p in profiles.items()}
+    recs = _node_down_under(profiles, runs, TERMINAL)
+    acct, noacct = recs["acct"], recs["noacct"]
     check_against_slurm(acct, noacct, "node_fail", "NODE_FAIL")
     assert "its node failed" in acct["reason"] and "its node failed" in noacct["reason"]
     assert "reason NodeDown" in noacct["reason"], noacct["reason"]      # scontrol's Reason= field
+
+
+def test_node_failure_requeues_a_requeueable_job_which_then_finishes(profiles: dict[str, dict[str, Any]]) -> None:
+    runs = {k: submit(p, "-p", "mode=sleep", "-p", "again=1") for k, p in profiles.items()}
+    jobs = {k: str(r["executor_ids"]["job_id"]) for k, r in runs.items()}
+
+    def requeued(rec: dict[str, Any]) -> bool:
+        return int(scontrol_info(job_of(rec)).get("Restarts", "0")) >= 1
+
+    _node_down_under(profiles, runs, {"pending", "running"} | TERMINAL)
+    deadline = time.monotonic() + 60
+    while not all(requeued(status(profiles[k], r["run_id"])) for k, r in runs.items()):
+        assert time.monotonic() < deadline, f"{jobs} were not requeued after the node failure"
+        time.sleep(0.5)
+    for k, r in runs.items():
+        assert status(profiles[k], r["run_id"])["state"] in ("pending", "running")   # back in the queue, not ended
+    for job in jobs.values():
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    acct, noacct = (wait_for(profiles[k], runs[k]["run_id"], TERMINAL, 120) for k in ("acct", "noacct"))
+    for rec in (acct, noacct):
+        assert rec["state"] == "succeeded" and rec["attempt"] == 2, rec
+        assert rec["attempts"][0]["note"] == "requeued", rec["attempts"]
+    assert [x["state"] for x in sacct_alloc(jobs["acct"])] == ["NODE_FAIL", "COMPLETED"]
+    assert acct["attempts"][0]["slurm_state"] == "NODE_FAIL"            # how Slurm ended attempt 1
+    assert "slurm_state" not in noacct["attempts"][0]                   # scontrol keeps no history
 
 
 @pytest.mark.slow
