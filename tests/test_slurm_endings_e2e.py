@@ -210,13 +210,17 @@ def test_job_over_its_memory_limit_is_out_of_memory(profiles: dict[str, dict[str
 
 
 def test_low_job_preempted_by_a_high_one_is_requeued_and_finishes(profiles: dict[str, dict[str, Any]]) -> None:
-    # Two low jobs of 8 GB each; the high job asks for 16 GB, which the node has only once
-    # both are preempted (the default partition is never preempted: PreemptMode=OFF).
+    # Two low jobs of 40% of the node's memory each; the high job asks for 70%, which the
+    # node has only once both are preempted (the default partition is never preempted:
+    # PreemptMode=OFF, and its jobs here ask for a few hundred MB).
+    node_mb = int(subprocess.run(["sinfo", "-h", "-N", "-o", "%m"], capture_output=True, text=True,
+                                 check=True).stdout.split()[0])
+    low_mb, high_mb = node_mb * 40 // 100, node_mb * 70 // 100
     runs = {k: submit(p, "-p", "mode=sleep", "-p", "secs=300", "-p", "again=1", "--partition", "low",
-                      "--mem", "8G") for k, p in profiles.items()}
+                      "--mem", f"{low_mb}M") for k, p in profiles.items()}
     recs = {k: wait_running(profiles[k], r["run_id"], 180) for k, r in runs.items()}
     assert all(r["state"] == "running" for r in recs.values()), recs
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "--mem=16G", "-t", "2", "-o", "/dev/null",
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", f"--mem={high_mb}M", "-t", "2", "-o", "/dev/null",
                            "--wrap", "sleep 1"], capture_output=True, text=True, check=True).stdout.strip()
     jobs = [job_of(r) for r in recs.values()]
     deadline = time.monotonic() + 60
