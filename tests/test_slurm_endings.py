@@ -97,3 +97,15 @@ def test_status_lines_show_slurms_state_elapsed_and_maxrss_with_their_source() -
     lines = details(RunPaths(Path("/p/runs/e/r")), rec)
     at = lines.index("slurm: FAILED (exit 3:0, from sacct)")
     assert lines[at + 1:at + 3] == ["elapsed: 00:00:04", "max_rss: 5120K"]
+
+
+def test_a_requeued_job_running_again_before_its_new_start_marker_is_running_not_failed() -> None:
+    # found by the preemption e2e test: attempt 1's exit marker (143) exists, the job runs again
+    first = {1: _markers(1, 2)[1]}
+    live = slurm.Evidence(live={"942": slurm.JobInfo("942", "RUNNING", "squeue")}, checked=["squeue"])
+    new = slurm.decide(_rec(), first, live)
+    assert new.state == "running" and not new.terminal
+    # the same marker while Slurm finishes the job (COMPLETING): the marker ends the run
+    ending = slurm.Evidence(live={"942": slurm.JobInfo("942", "COMPLETING", "squeue")}, checked=["squeue"])
+    done = slurm.decide(_rec(), first, ending)
+    assert done.state == "failed" and done.exit_code == 143

@@ -10,7 +10,8 @@ a decision table (``tests/test_slurm.py``) without a cluster. The rules, in orde
    started, where, and the payload's exit code. A requeued job (a newer marker, or
    Slurm's restart count) closes the earlier attempt in ``attempts``.
 2. A job still in ``squeue`` is ``pending`` or ``running`` as the queue says, unless its
-   exit marker already exists.
+   exit marker already exists and the queue no longer says RUNNING (COMPLETING...): a
+   requeued job runs again before it writes its new attempt's start marker.
 3. The scheduler did not answer: the last known state is kept, with the reason.
 4. For a job that left the queue: an exit marker saying 0 is ``succeeded`` (nothing else
    is); Slurm's terminal state says how a job was ended from outside (cancelled, time
@@ -180,7 +181,10 @@ def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any]
         rec.state = "pending" if live.state != "SUSPENDED" else "running"
         rec.reason = f"Slurm: {live.state}" + (f" ({live.reason})" if live.reason and live.reason != "None" else "")
         return True
-    if live is not None and live.state in RUNNING_STATES and not exited:
+    # RUNNING with the current attempt's exit marker: either the moment between the trailer
+    # and the job's end, or a requeued job started again before its new start marker. Both
+    # are still running (the next query sees the end); only past RUNNING does the marker end it.
+    if live is not None and live.state in RUNNING_STATES and (not exited or live.state == "RUNNING"):
         ids["slurm_state"] = live.state
         rec.state = "running"
         rec.reason = None
