@@ -1,9 +1,8 @@
 """End to end through the real single-node Slurm and Apptainer, as an ordinary user.
 
-Lean on purpose: a busybox image, jobs of a second or two. The one slow test (a job
-past --time=1, about 1.5 minutes) is marked ``slow``. OOM cannot be produced on this
-cluster (no cgroup memory enforcement, no accounting); its mapping is tested from
-golden scheduler output in test_slurm.py.
+Lean on purpose: a busybox image, jobs of a second or two. Each way a job ends (time
+limit, scancel, memory, preemption, node failure, payload failure) is produced for real,
+with and without accounting, in test_slurm_endings_e2e.py.
 """
 
 from __future__ import annotations
@@ -161,16 +160,6 @@ def test_control_characters_refused_before_any_sbatch_call(proj: dict[str, Any])
     assert dry.stdout.startswith("#!/bin/bash\n#SBATCH --array=0-1\n") and "set -euo pipefail" in dry.stdout
     assert sbatch_calls(proj) == []
     assert not (proj["root"] / "runs").exists() or not list((proj["root"] / "runs").rglob("run.json"))
-
-
-@pytest.mark.slow
-def test_job_past_its_time_limit_is_timeout(proj: dict[str, Any]) -> None:
-    proc = cli(proj, "submit", "echo", "-p", "sleep=600", "--time", "1", "--json")
-    assert proc.returncode == 0, proc.stderr
-    run = json.loads(proc.stdout)["runs"][0]
-    (rec,) = wait_terminal(proj, run["run_id"], timeout=200)
-    assert rec["state"] == "timeout", rec
-    assert "TIMEOUT" in rec["reason"]
 
 
 def test_requeued_job_continues_the_same_record_and_keeps_earlier_logs(proj: dict[str, Any]) -> None:

@@ -111,6 +111,7 @@ def details(paths: "RunPaths", rec: "RunRecord") -> list[str]:
         f"ended: {rec.ended_at or '-'}",
         f"duration: {human_age(rec.duration())}",
         f"executor: {rec.executor} {' '.join(f'{k}={v}' for k, v in sorted(rec.executor_ids.items()))}".rstrip(),
+        *slurm_lines(rec),
         f"host: {rec.host}",
         f"user: {rec.user}",
         f"params: {format_params(rec.params, limit=10_000) or '-'}",
@@ -138,3 +139,15 @@ def _service_cell(svc: dict[str, Any]) -> str:
     if svc.get("state"):
         facts.append(str(svc["state"]) + (f" with code {svc['exit_code']}" if svc.get("state") == "exited" else ""))
     return f"{svc.get('name', '?')}" + (f" ({', '.join(facts)})" if facts else "")
+def slurm_lines(rec: "RunRecord") -> list[str]:
+    """What Slurm last said about a run's job: its state and exit, and the elapsed time and
+    peak memory (MaxRSS of the batch step) with the source they came from: ``sacct`` when
+    the cluster keeps accounting, else ``scontrol`` (elapsed only; it has no MaxRSS)."""
+    ids = rec.executor_ids
+    if rec.executor != "slurm" or not ids.get("slurm_state"):
+        return []
+    source = ids.get("slurm_source") or "?"
+    rss = ids.get("max_rss") or ("not reported by sacct" if source == "sacct" else f"not known to {source}")
+    return [f"slurm: {ids['slurm_state']} (exit {ids.get('slurm_exit_code', '-')}, from {source})",
+            f"elapsed: {ids.get('elapsed') or '-'}",
+            f"max_rss: {rss}"]

@@ -10,7 +10,8 @@ a decision table (``tests/test_slurm.py``) without a cluster. The rules, in orde
    started, where, and the payload's exit code. A requeued job (a newer marker, or
    Slurm's restart count) closes the earlier attempt in ``attempts``.
 2. A job still in ``squeue`` is ``pending`` or ``running`` as the queue says, unless its
-   exit marker already exists.
+   exit marker already exists and the queue no longer says RUNNING (COMPLETING...): a
+   requeued job runs again before it writes its new attempt's start marker.
 3. The scheduler did not answer: the last known state is kept, with the reason.
 4. For a job that left the queue: an exit marker saying 0 is ``succeeded`` (nothing else
    is); Slurm's terminal state says how a job was ended from outside (cancelled, time
@@ -99,6 +100,7 @@ def decide(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Mapping[str, 
     final = ev.final.get(job_id) if job_id else None
 
     _advance_attempt(rec, markers, final)
+    _annotate_attempts(rec, final)
     cur = markers.get(rec.attempt, {})
     started, exited = cur.get("started"), cur.get("exit")
     # a service the payload needed died while it ran (the job's services marker, docs/services.md)
@@ -199,6 +201,21 @@ def _advance_attempt(rec: runs.RunRecord, markers: Mapping[int, Mapping[str, Map
         rec.reason = None
 
 
+def _annotate_attempts(rec: runs.RunRecord, final: JobInfo | None) -> None:
+    """Say how Slurm ended each closed attempt of this job (``slurm_state``: PREEMPTED,
+    NODE_FAIL...), once a source remembers it: only ``sacct -D`` does (one line per
+    attempt), asked after the job left the queue, so attempts closed while it was still
+    queued get it then. Nothing is guessed when no source says."""
+    if final is None or not final.earlier:
+        return
+    ids = rec.executor_ids
+    base = int(ids.get("base_attempt", 1) or 1)
+    for att in rec.attempts:
+        index = int(att.get("attempt") or 0) - base
+        if att.get("job_id") == ids.get("job_id") and "slurm_state" not in att and 0 <= index < len(final.earlier):
+            att["slurm_state"] = final.earlier[index]
+
+
 def _without_job_id(rec: runs.RunRecord, ev: Evidence, now: float | None) -> runs.RunRecord:
     """Step 2: no job id (reconcile found no job by name or sweep record either): a
     ``submitting`` record may still get one for :data:`SUBMIT_GRACE` seconds, then is ``lost``."""
@@ -230,7 +247,10 @@ def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any]
         ids["slurm_state"] = live.state
         rec.reason = f"the job is ending (Slurm: {live.state})"
         return True
-    if live is not None and live.state in RUNNING_STATES and not exited:
+    # RUNNING with the current attempt's exit marker: either the moment between the trailer
+    # and the job's end, or a requeued job started again before its new start marker. Both
+    # are still running (the next query sees the end); only past RUNNING does the marker end it.
+    if live is not None and live.state in RUNNING_STATES and (not exited or live.state == "RUNNING"):
         ids["slurm_state"] = live.state
         rec.state = "running"
         rec.reason = None
@@ -254,6 +274,7 @@ def _ended(rec: runs.RunRecord, job_id: str, live: JobInfo | None, final: JobInf
     info = live if (live is not None and live.state not in RUNNING_STATES) else final
     if info is not None:
         ids["slurm_state"] = info.state + (f" {info.detail}" if info.detail else "")
+        ids["slurm_source"] = info.source
         if info.exit_code is not None:
             ids["slurm_exit_code"] = f"{info.exit_code}:{info.exit_signal or 0}"
         for key in ("elapsed", "max_rss", "node"):

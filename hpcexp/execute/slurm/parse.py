@@ -50,6 +50,7 @@ class JobInfo:
     end: str | None = None
     node: str | None = None
     restarts: int | None = None
+    earlier: tuple[str, ...] = ()  # sacct -D: the states of the job's earlier attempts, oldest first
 
 
 def expand_indices(text: str) -> list[int]:
@@ -133,7 +134,11 @@ def _none(v: str | None) -> str | None:
 
 
 def parse_sacct(stdout: str) -> dict[str, JobInfo]:
-    """sacct -P output: allocation lines give the state, ``.batch`` steps give MaxRSS."""
+    """sacct -P output: allocation lines give the state, ``.batch`` steps give MaxRSS.
+
+    With ``-D`` a requeued job has one allocation line per attempt, oldest first: the last
+    one is the job now, the states before it (PREEMPTED, NODE_FAIL, REQUEUED...) go to
+    ``earlier`` so that a closed attempt can say how Slurm ended it."""
     out: dict[str, JobInfo] = {}
     rss: dict[str, str] = {}
     for line in stdout.splitlines():
@@ -149,9 +154,11 @@ def parse_sacct(stdout: str) -> dict[str, JobInfo]:
         words = state.split()
         code, sig = _exit_pair(exit_code)
         for one in _ids_of(base):
+            prev = out.get(one)
             out[one] = JobInfo(one, words[0] if words else "UNKNOWN", "sacct", name=name,
                                detail=" ".join(words[1:]), exit_code=code, exit_signal=sig, derived_exit=derived,
-                               elapsed=elapsed or None, start=_none(start), end=_none(end), node=_none(node))
+                               elapsed=elapsed or None, start=_none(start), end=_none(end), node=_none(node),
+                               earlier=(*prev.earlier, prev.state) if prev else ())
     for base, value in rss.items():
         if base in out:
             out[base] = replace(out[base], max_rss=value)
