@@ -240,22 +240,23 @@ def _queued(rec: runs.RunRecord, live: JobInfo | None, exited: Mapping[str, Any]
         rec.state = "pending" if live.state != "SUSPENDED" else "running"
         rec.reason = f"Slurm: {live.state}" + (f" ({live.reason})" if live.reason and live.reason != "None" else "")
         return True
-    if live is not None and live.state in RUNNING_STATES and exited and exited.get("term_received") \
-            and not exited.get("checkpoint_signal"):
-        # told to stop (time limit, scancel, preemption) and still leaving the queue: Slurm's
-        # own verdict, which decides the state, comes once the job is gone
-        ids["slurm_state"] = live.state
-        rec.reason = f"the job is ending (Slurm: {live.state})"
-        return True
     # RUNNING with the current attempt's exit marker: either the moment between the trailer
     # and the job's end, or a requeued job started again before its new start marker. Both
-    # are still running (the next query sees the end); only past RUNNING does the marker end it.
+    # are still running (the next query sees the end). Past RUNNING (COMPLETING) the marker
+    # ends the run, unless the payload was told to stop: then Slurm's verdict decides (below).
     if live is not None and live.state in RUNNING_STATES and (not exited or live.state == "RUNNING"):
         ids["slurm_state"] = live.state
         rec.state = "running"
         rec.reason = None
         if live.node:
             ids["node"] = live.node
+        return True
+    if live is not None and live.state in RUNNING_STATES and exited and exited.get("term_received") \
+            and not exited.get("checkpoint_signal"):
+        # told to stop (time limit, scancel, preemption) and still leaving the queue: Slurm's
+        # own verdict, which decides the state, comes once the job is gone
+        ids["slurm_state"] = live.state
+        rec.reason = f"the job is ending (Slurm: {live.state})"
         return True
     if live is None and not ev.squeue_ok and not exited:
         # the scheduler did not answer: keep the last known state, say why
