@@ -31,7 +31,7 @@ from hpcexp.execute import base
 from hpcexp.execute.slurm.commands import JOB_PREFIX, SubmitUncertain, array_spec, submit_script
 from hpcexp.execute.slurm.decide import settled
 from hpcexp.execute.slurm.facts import cached_facts
-from hpcexp.execute.slurm.reconcile import write_many
+from hpcexp.execute.slurm.reconcile import array_task_ids, write_many
 from hpcexp.execute.slurm.resources import (
     check_against_cluster,
     check_resources,
@@ -44,8 +44,11 @@ from hpcexp.infra import host as hostinfo
 
 
 def _fault(point: str) -> None:
-    """Test hook (reliability test 35): ``HPCEXP_TEST_FAULT=slurm.after_sbatch:kill`` kills
-    this process right after sbatch accepted a job and before any record holds its id."""
+    """Test hook (reliability test 35, the kill test of docs/records.md):
+    ``HPCEXP_TEST_FAULT=slurm.after_sbatch:kill`` kills this process right after sbatch
+    accepted a job and before any record holds its id; the other points are
+    ``slurm.before_records``, ``slurm.after_part_records``, ``slurm.before_sbatch`` and
+    ``slurm.after_sweep_record``."""
     spec = os.environ.get("HPCEXP_TEST_FAULT", "")
     if spec == f"{point}:kill":
         import signal
@@ -181,7 +184,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             half = len(rng) // 2
             pending[:0] = [range(rng.start, rng.start + half), range(rng.start + half, rng.stop)]
             continue
-        renders.append((rng, job_name, rendered, script))
+        renders.append((rng, job_name, rendered, script, k))
         k += 1
 
     if dry_run:
@@ -189,7 +192,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                           [r[3] for r in renders], [r[2] for r in renders], dry_run=True)
 
     # keep the scripts and note every part in the sweep record before any sbatch call
-    for rng, job_name, rendered, script in renders:
+    for rng, job_name, rendered, script, _k in renders:
         atomic.write_text(script, rendered)
         for pos, i in enumerate(rng):
             t = tasks[i]
@@ -197,17 +200,26 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             if array:
                 t.record.executor_ids.update(array_task_id=pos, array_size=len(rng))
                 _link_script(script, t.paths.script)
+    _fault("slurm.before_records")
     if array and sweep_record is not None:
+        # One durable step per part (docs/records.md): the part's records as one fsynced
+        # table, the sweep record naming it (fsynced), then each run.json by rename without
+        # fsync; a run.json a crash takes away is written again from its table.
         subs = sweep_record.setdefault("submissions", [])
-        for rng, job_name, _, script in renders:
+        for rng, job_name, _, script, part in renders:
+            table = layout.sweep_table(str(sweep_id), part)
+            runs.create_records(table, [(tasks[i].paths, tasks[i].record) for i in rng])
             subs.append({"job_name": job_name, "script": str(script), "array_job_id": None,
-                         "run_ids": [tasks[i].record.run_id for i in rng],
+                         "run_ids": [tasks[i].record.run_id for i in rng], "records": table.name,
                          "task_indexes": [tasks[i].record.task_index for i in rng], "submitted_at": None})
+            _fault("slurm.after_part_records")
         sweep_mod.write_sweep(layout, sweep_record)
-    write_many([(t.paths, t.record) for t in tasks], strict=True)
+    else:
+        write_many([(t.paths, t.record) for t in tasks], strict=True)
+    _fault("slurm.before_sbatch")
 
     job_ids: list[str] = []
-    for n, (rng, job_name, _, script) in enumerate(renders):
+    for n, (rng, job_name, _, script, _part) in enumerate(renders):
         # A sweep split into several arrays: --max-parallel throttles each array, so with a
         # throttle each part waits for the previous one (afterany), keeping the global limit.
         after = job_ids[-1] if (array and res.max_parallel and job_ids) else None
@@ -252,8 +264,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             t.record.state = "pending"
             ids["submitted_at"] = now
             if array:
-                ids.update(job_id=f"{job}_{pos}", array_job_id=job, array_task_id=pos, array_size=len(rng),
-                           slurm_output=str(layout.sweep_dir(str(sweep_id)) / f"slurm-{job}_{pos}.out"))
+                ids.update(array_task_ids(layout, str(sweep_id), job, pos, len(rng)))
             else:
                 ids.update(job_id=job, slurm_output=str(t.paths.dir / f"slurm-{job}.out"))
         if array and sweep_record is not None:
@@ -261,9 +272,12 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                 if sub["job_name"] == job_name:
                     sub.update(array_job_id=job, submitted_at=now, held=hold, after=after)
             sweep_mod.write_sweep(layout, sweep_record)
-        # the array job id is now durable in the sweep record (and the job name), from which
-        # reconcile re-attaches it: the task records need not be fsynced one by one again
-        write_many([(tasks[i].paths, tasks[i].record) for i in rng], strict=True, durable=not array)
+            _fault("slurm.after_sweep_record")
+            # The array job id is now durable in the sweep record (and Slurm knows the job by
+            # its name): every reader completes the task records from it (reconcile), so they
+            # are not written a second time; the records returned here are complete.
+        else:
+            write_many([(tasks[i].paths, tasks[i].record) for i in rng], strict=True)
     return Submission(exp_name, sweep_id, [(t.paths, t.record) for t in tasks], job_ids,
                       [r[3] for r in renders], [r[2] for r in renders])
 
@@ -494,7 +508,9 @@ def resubmit_sweep(project: Any, sweep_id: str, *, which: Sequence[str] | None =
     which = sweep_mod.FAILED_STATES if which is None else which
     layout = Layout(project)
     sweep_mod.read_sweep(layout, sweep_id)  # must exist
-    items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
+    items = runs.sweep_runs(layout, sweep_id)
+    if items is None:  # a damaged sweep record: the records say which runs are its
+        items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
     if not items:
         raise NotFound(f"sweep {sweep_id} has no runs")
     items = base.reconcile(layout, items)
