@@ -54,7 +54,18 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, ensure_ascii=False))
+    """Indented JSON; a long list (``status SWEEP --json`` of thousands of runs) has one
+    element a line instead: the same JSON, made by the C encoder (indenting runs in Python,
+    several times slower)."""
+    data = to_jsonable(obj)
+    if isinstance(data, list) and len(data) > LONG_LIST:
+        body = ",\n".join(json.dumps(item, sort_keys=True, ensure_ascii=False) for item in data)
+        click.echo(f"[\n{body}\n]")
+        return
+    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+LONG_LIST = 100
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:

@@ -1,0 +1,268 @@
+"""Costs that grow with the work asked, not with the project's history (issue 18).
+
+Two parts, each against baselines measured in the same run, rounds interleaved (the order
+of the contenders rotates each round), wall and CPU time (user+sys of the child) given:
+
+``submit``: a sweep of N tasks (100, 1,000, 10,000; 10,000 is several arrays under one
+sweep id, as MaxArraySize asks), all held and cancelled right after, by
+  - a bare ``sbatch --parsable --hold --array=...`` per array (the floor),
+  - submitit's ``AutoExecutor.map_array`` in one script (its whole run: interpreter, import,
+    pickles, sbatch; at 10,000 one ``map_array`` per 1,000 items, as submitit cannot split
+    an array beyond MaxArraySize itself), from a separate venv (``--submitit-python``),
+  - ``hpcexp submit EXP --sweep i=0,...,N-1 --hold --json`` (the whole process);
+then ``hpcexp status SWEEP --json`` of those N pending tasks against ``squeue -r -j`` of
+their jobs. Targets: 1,000-task submit at most submitit's time (median of the per-round
+ratios); 10,000 within 10x of 1,000.
+
+``history``: two projects, each with a held 1,000-task sweep, one holding 1,000 other
+(finished, synthetic) runs, the other 100,000. ``status SWEEP --json`` must be at most
+0.3 s and the same in both (within 1.2x); ``status RUN``, ``logs RUN``, ``status @last``,
+``status EXPERIMENT`` and ``status PREFIX`` are measured in both too.
+
+Run as an ordinary user with the real Slurm and Apptainer:
+
+    runuser -u hpcexp-ci -- env HOME=/home/hpcexp-ci PYTHONPATH=$PWD \\
+        /home/hpcexp-ci/.cache/hpcexp-test-venv/bin/python bench/bench_scale.py \\
+        --submitit-python /path/to/venv-with-submitit/bin/python [--sizes 100,1000,10000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_slurm import make_project  # noqa: E402
+from synth_runs import synth  # noqa: E402
+
+SUBMITIT_CHILD = r'''
+import sys, time
+t0 = time.perf_counter()
+import submitit
+folder, n, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+ex.update_parameters(timeout_min=1, slurm_mem="10M", slurm_array_parallelism=chunk,
+                     slurm_additional_parameters={"hold": True})
+ids = []
+for start in range(0, n, chunk):
+    jobs = ex.map_array(abs, range(start, min(n, start + chunk)))
+    ids.append(jobs[0].job_id.split("_")[0])
+print(" ".join(ids))
+'''
+
+
+def timed(argv: list[str], *, env: dict[str, str], cwd: Path | None = None) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, stdout); fails loudly."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return wall, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, proc.stdout
+
+
+def hpcexp(proj: Path, *args: str, env: dict[str, str]) -> tuple[float, float, str]:
+    return timed([sys.executable, "-m", "hpcexp", *args], env=env, cwd=proj)
+
+
+def scancel(ids: list[str]) -> None:
+    if ids:
+        subprocess.run(["scancel", *ids], check=False, capture_output=True)
+
+
+def max_array_size() -> int:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "MaxArraySize":
+            return int(line.split("=")[1])
+    return 1001
+
+
+def quiet_queue(timeout: float = 120) -> None:
+    """Wait until this user's cancelled arrays have left the queue (slurmctld is slow to
+    purge thousands of tasks; the next round must not pay for the previous one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "--me", "-t", "CG"], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(1)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def submit_part(root: Path, env: dict[str, str], sizes: list[int], rounds: int, submitit_py: str | None) -> None:
+    proj = make_project(root / "submit")
+    hpcexp(proj, "build", "bench", env=env)
+    _, _, warm = hpcexp(proj, "submit", "bench", "--hold", "--json", env=env)   # facts, bytecode
+    scancel(json.loads(warm)["job_ids"])
+    chunk = max_array_size()
+    bare_script = root / "bare.sbatch"
+    bare_script.write_text(f"#!/bin/bash\n#SBATCH --time=1\n#SBATCH --mem=10M\n#SBATCH --output={root}/bare-%A_%a.out\n"
+                           "true\n")
+    results: dict[int, dict[str, list[tuple[float, float]]]] = {}
+    ratios: dict[int, list[float]] = {}
+    for n in sizes:
+        res: dict[str, list[tuple[float, float]]] = {k: [] for k in ("bare", "submitit", "hpcexp", "status",
+                                                                    "squeue")}
+        ratios[n] = []
+        for r in range(rounds):
+            order = ["bare", "submitit", "hpcexp"]
+            order = order[r % 3:] + order[:r % 3]
+            this: dict[str, float] = {}
+            for who in order:
+                if who == "bare":
+                    t0 = time.perf_counter()
+                    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    ids = []
+                    for start in range(0, n, chunk):
+                        size = min(chunk, n - start)
+                        ids.append(subprocess.run(["sbatch", "--parsable", "--hold", f"--array=0-{size - 1}",
+                                                   str(bare_script)], capture_output=True, text=True,
+                                                  check=True).stdout.strip())
+                    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    res["bare"].append((time.perf_counter() - t0,
+                                        c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime))
+                    scancel(ids)
+                elif who == "submitit":
+                    if not submitit_py:
+                        continue
+                    folder = root / f"submitit-{n}-{r}"
+                    wall, cpu, out = timed([submitit_py, "-c", SUBMITIT_CHILD, str(folder), str(n),
+                                            str(min(n, 1000))], env=env)
+                    res["submitit"].append((wall, cpu))
+                    this["submitit"] = wall
+                    scancel(out.split())
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    values = ",".join(str(i) for i in range(n))
+                    wall, cpu, out = hpcexp(proj, "submit", "bench", "--sweep", f"i={values}", "--hold", "--json",
+                                            env=env)
+                    res["hpcexp"].append((wall, cpu))
+                    this["hpcexp"] = wall
+                    sub = json.loads(out)
+                    assert len(sub["runs"]) == n and len(sub["job_ids"]) == -(-n // chunk), sub["job_ids"]
+                    # status of those N pending tasks, and the bare squeue of the same jobs
+                    for _ in range(2):
+                        wall_s, cpu_s, st = hpcexp(proj, "status", sub["sweep_id"], "--json", env=env)
+                        res["status"].append((wall_s, cpu_s))
+                        assert sum(1 for row in json.loads(st) if row["state"] == "pending") == n
+                        res["squeue"].append(timed(["squeue", "-h", "-r", "-j", ",".join(sub["job_ids"])],
+                                                   env=env)[:2])
+                    scancel(sub["job_ids"])
+                    shutil.rmtree(proj / "runs" / "bench", ignore_errors=True)
+                quiet_queue()
+            if "submitit" in this:
+                ratios[n].append(this["hpcexp"] / this["submitit"])
+        results[n] = res
+        print(f"\n== submit, {n} tasks, {rounds} rounds (load {os.getloadavg()[0]:.1f}) ==")
+        for k, v in res.items():
+            if v:
+                walls, cpus = [w for w, _ in v], [c for _, c in v]
+                print(f"  {k:9s} wall median {med(walls):7.3f} s  CPU median {med(cpus):7.3f} s"
+                      f"   [{', '.join(f'{w:.2f}' for w in walls)}]")
+        if ratios[n]:
+            print(f"  hpcexp / submitit, median of per-round ratios: {med(ratios[n]):.2f}x"
+                  f"  [{', '.join(f'{x:.2f}' for x in ratios[n])}]")
+    if 1000 in results and 10000 in results:
+        g = med([w for w, _ in results[10000]["hpcexp"]]) / med([w for w, _ in results[1000]["hpcexp"]])
+        print(f"\nhpcexp submit 10,000 / 1,000 tasks: {g:.2f}x (target <= 10x)")
+        gs = med([w for w, _ in results[10000]["status"]]) / med([w for w, _ in results[1000]["status"]])
+        print(f"hpcexp status SWEEP 10,000 / 1,000 tasks: {gs:.2f}x")
+
+
+def history_part(root: Path, env: dict[str, str], rounds: int, others: int) -> None:
+    projects: dict[str, dict[str, Any]] = {}
+    for label, count in (("small", 1000), ("large", others)):
+        proj = make_project(root / label)
+        hpcexp(proj, "build", "bench", env=env)
+        t0 = time.perf_counter()
+        made = synth(proj / "runs", count, experiments=10)
+        print(f"{label}: {count} synthetic finished runs written in {time.perf_counter() - t0:.1f} s")
+        values = ",".join(str(i) for i in range(1000))
+        _, _, out = hpcexp(proj, "submit", "bench", "--sweep", f"i={values}", "--hold", "--json", env=env)
+        sub = json.loads(out)
+        exp, rid = made[len(made) // 2]
+        projects[label] = {"proj": proj, "sweep": sub["sweep_id"], "jobs": sub["job_ids"], "run": rid,
+                           "prefix": rid[:22], "exp": exp}
+    queries = {
+        "status SWEEP --json (1,000 pending)": lambda p: ("status", p["sweep"], "--json"),
+        "status RUN": lambda p: ("status", p["run"]),
+        "logs RUN": lambda p: ("logs", p["run"]),
+        "status PREFIX": lambda p: ("status", p["prefix"]),
+        "status EXPERIMENT (its latest run)": lambda p: ("status", p["exp"]),
+        "status @last": lambda p: ("status", "@last"),
+        "--version (the floor: interpreter, click)": lambda p: ("--version",),
+    }
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    try:
+        for r in range(rounds):
+            for q, argv in queries.items():
+                labels = ["small", "large"] if r % 2 == 0 else ["large", "small"]
+                for label in labels:
+                    p = projects[label]
+                    wall, cpu, out = hpcexp(p["proj"], *argv(p), env=env)
+                    if q.startswith("status SWEEP"):
+                        assert sum(1 for row in json.loads(out) if row["state"] == "pending") == 1000
+                    times.setdefault((q, label), []).append((wall, cpu))
+    finally:
+        for p in projects.values():
+            scancel(p["jobs"])
+    print(f"\n== history: 1,000 vs {others:,} other runs in the project, {rounds} rounds "
+          f"(load {os.getloadavg()[0]:.1f}) ==")
+    for q in queries:
+        s, lg = times[(q, "small")], times[(q, "large")]
+        ws, wl = med([w for w, _ in s]), med([w for w, _ in lg])
+        cs, cl = med([c for _, c in s]), med([c for _, c in lg])
+        print(f"  {q:42s} 1k: {ws:6.3f} s (CPU {cs:5.3f})  {others // 1000}k: {wl:6.3f} s (CPU {cl:5.3f})"
+              f"  ratio {wl / ws:4.2f}x wall, {cl / cs:4.2f}x CPU")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100,1000,10000")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--history-rounds", type=int, default=7)
+    ap.add_argument("--others", type=int, default=100_000)
+    ap.add_argument("--submitit-python", default=None, help="a python with submitit installed (bench only)")
+    ap.add_argument("--only", choices=("submit", "history"), default=None)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() == 0:
+        raise SystemExit("run as an ordinary user (Apptainer fails as root here)")
+    root = Path(tempfile.mkdtemp(prefix="hpcexp-bench-scale-"))
+    code = root / "code"   # a private copy of the package, so bytecode is cached as when installed
+    shutil.copytree(REPO / "hpcexp", code / "hpcexp", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(code), XDG_CACHE_HOME=str(root / "cache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.pop("HPCEXP_PROJECT", None)
+    print(f"MaxArraySize {max_array_size()}, python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    try:
+        if a.only in (None, "submit"):
+            submit_part(root, env, [int(x) for x in a.sizes.split(",")], a.rounds, a.submitit_python)
+        if a.only in (None, "history"):
+            history_part(root, env, a.history_rounds, a.others)
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
