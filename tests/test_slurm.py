@@ -549,15 +549,26 @@ def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fak
     assert len(recs) == 2 and all(r.state == "submitting" and not r.launch_error for r in recs)
 
 
-def test_record_json_text_and_copy_match_the_contract() -> None:
-    rec = runs.RunRecord(experiment="e", run_id="r", params={"a": "ä\n"}, attempts=[{"attempt": 1}])
+def test_record_json_text_and_copy_match_the_contract(tmp_path: Path) -> None:
+    rec = runs.RunRecord(experiment="e", run_id="r", params={"a": "ä\n\"\\"}, attempts=[{"attempt": 1}],
+                         exit_code=0, git_dirty=False, signal=None)
     rec.extra = {"container_env": {"A": "1"}, "state": "ignored: a real field wins"}
-    assert rec.json_text() == json.dumps(rec.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    text = rec.json_text()
+    assert json.loads(text) == rec.to_dict() and rec.to_dict()["state"] == "created"
+    lines = text.splitlines()   # one top-level key a line, sorted, the rest compact
+    assert lines[0] == "{" and lines[-1] == "}" and len(lines) == len(rec.to_dict()) + 2
+    keys = [json.loads("{" + ln.rstrip(",") + "}").popitem()[0] for ln in lines[1:-1]]
+    assert keys == sorted(rec.to_dict())
+    assert "ä" in text     # kept as UTF-8, not escaped
+    paths = runs.RunPaths(tmp_path / "e" / "r")
+    paths.dir.mkdir(parents=True)
+    runs.write_record(paths, rec)    # the durable writer writes the same text
+    assert paths.record.read_text(encoding="utf-8") == text
     dup = rec.copy()
     dup.executor_ids["job_id"] = "1"
     dup.attempts[0]["attempt"] = 2
     dup.params["a"] = "b"
-    assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n"}
+    assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n\"\\"}
 
 
 def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project: Any, fake_slurm: FakeSlurm) -> None:

@@ -129,11 +129,17 @@ class RunRecord:
         return data
 
     def json_text(self) -> str:
-        """run.json's text, exactly as ``write_record`` writes it, without ``asdict``'s deep
-        copies (a sweep serialises thousands of records)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        """run.json's text, as every writer writes it: one top-level key a line, sorted,
+        each value by the C encoder (``indent=`` would run the pure-Python encoder, the
+        larger part of writing a sweep's thousand records)."""
+        data = {f: getattr(self, f) for f in _FIELDS}
         data.update({k: v for k, v in self.extra.items() if k not in data})
-        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        enc, text = _ENCODER.encode, _json_str
+        parts = []
+        for k in sorted(data):
+            v = data[k]
+            parts.append(f"  {text(k)}: " + (text(v) if type(v) is str else "null" if v is None else enc(v)))
+        return "{\n" + ",\n".join(parts) + "\n}\n"
 
     def copy(self) -> "RunRecord":
         """An independent copy (containers copied one level deep, as executors mutate them)."""
@@ -160,6 +166,8 @@ class RunRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(RunRecord) if f.name != "extra")
+_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def new_run_id() -> str:
@@ -197,7 +205,7 @@ def _refuse_damaged(paths: RunPaths, record: RunRecord) -> None:
 def write_record(paths: RunPaths, record: RunRecord) -> None:
     """Atomically replace run.json (temp, fsync, rename, fsync dir)."""
     _refuse_damaged(paths, record)
-    atomic.write_json(paths.record, record.to_dict())
+    atomic.write_text(paths.record, record.json_text())
 
 
 def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
