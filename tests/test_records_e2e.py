@@ -101,18 +101,23 @@ def test_kill_9_at_any_point_of_a_1000_task_submit_loses_nothing_it_reported(tmp
         assert _check_promise(p, out["sweep_id"], "uninterrupted") == (TASKS, TASKS)
 
         trials = [(f"fault {f}", {"HPCEXP_TEST_FAULT": f"{f}:kill"}, None) for f in FAULTS]
-        trials += [(f"kill -9 after {d:.2f} s", {}, d) for d in (rng.uniform(0, full) for _ in range(RANDOM_KILLS))]
+        # random moments: a third anywhere, the rest in the part after start-up and the image
+        # check (about the first 40 % of the time), where the records and sbatch are
+        delays = [rng.uniform(0, full) for _ in range(RANDOM_KILLS // 3)]
+        delays += [rng.uniform(0.4 * full, full) for _ in range(RANDOM_KILLS - len(delays))]
+        trials += [(f"kill -9 after {d:.2f} s", {}, d) for d in delays]
         for what, extra, delay in trials:
             child = subprocess.Popen([sys.executable, "-m", "hpcexp", *_submit_argv()], cwd=p["root"],
-                                     env=dict(env, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     env=dict(env, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
             if delay is not None:
                 time.sleep(delay)
                 child.send_signal(signal.SIGKILL)
-            child.wait(timeout=600)
+            _, err = child.communicate(timeout=600)
             new = _sweeps(p["root"]) - seen
             seen |= new
             if delay is None:
-                assert child.returncode == -9, (what, child.returncode, child.stderr.read() if child.stderr else "")
+                assert child.returncode == -9, (what, child.returncode, err)
             assert len(new) <= 1, (what, new)
             for sweep_id in new:
                 outcomes.append((what, *_check_promise(p, sweep_id, what)))
