@@ -57,12 +57,20 @@ def emit_json(obj: Any) -> None:
     """Indented JSON; a long list (``status SWEEP --json`` of thousands of runs) has one
     element a line instead: the same JSON, made by the C encoder (indenting runs in Python,
     several times slower)."""
-    data = to_jsonable(obj)
-    if isinstance(data, list) and len(data) > LONG_LIST:
-        body = ",\n".join(json.dumps(item, sort_keys=True, ensure_ascii=False) for item in data)
-        click.echo(f"[\n{body}\n]")
+    if isinstance(obj, list) and len(obj) > LONG_LIST:
+        # the encoder converts what plain JSON lacks as it meets it, without a first walk
+        enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=_plain).encode
+        click.echo("[\n" + ",\n".join(enc(item) for item in obj) + "\n]")
         return
-    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+    click.echo(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _plain(obj: Any) -> Any:
+    """What :func:`to_jsonable` makes of a value JSON has no type for (dataclasses, paths)."""
+    out = to_jsonable(obj)
+    if out is obj:
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+    return out
 
 
 LONG_LIST = 100

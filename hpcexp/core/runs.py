@@ -132,14 +132,19 @@ class RunRecord:
         """run.json's text, as every writer writes it: one top-level key a line, sorted,
         each value by the C encoder (``indent=`` would run the pure-Python encoder, the
         larger part of writing a sweep's thousand records)."""
+        return self.json_texts()[0]
+
+    def json_texts(self) -> tuple[str, str]:
+        """(run.json's text, the same record as one line), each value encoded once."""
         data = {f: getattr(self, f) for f in _FIELDS}
         data.update({k: v for k, v in self.extra.items() if k not in data})
         enc, text = _ENCODER.encode, _json_str
         parts = []
         for k in sorted(data):
             v = data[k]
-            parts.append(f"  {text(k)}: " + (text(v) if type(v) is str else "null" if v is None else enc(v)))
-        return "{\n" + ",\n".join(parts) + "\n}\n"
+            parts.append((text(k), text(v) if type(v) is str else "null" if v is None else enc(v)))
+        return ("{\n" + ",\n".join(f"  {k}: {v}" for k, v in parts) + "\n}\n",
+                "{" + ", ".join(f"{k}: {v}" for k, v in parts) + "}")
 
     def copy(self) -> "RunRecord":
         """An independent copy (containers copied one level deep, as executors mutate them)."""
@@ -267,11 +272,10 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]]) -> 
 
     for paths, rec in items:
         _refuse_damaged(paths, rec)
-    lines = [json.dumps(rec.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-             for _, rec in items]
-    _atomic.write_text(table, "\n".join(lines) + "\n")
-    for paths, rec in items:
-        replace_record_nosync(paths, rec)
+    texts = [rec.json_texts() for _, rec in items]
+    _atomic.write_text(table, "\n".join(line for _, line in texts) + "\n")
+    for (paths, _), (text, _) in zip(items, texts):
+        replace_text_nosync(paths.record, text)
 
 
 def replace_text_nosync(final: Path, text: str) -> None:
