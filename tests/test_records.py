@@ -75,11 +75,14 @@ def test_a_single_run_is_still_fsynced_before_and_after_sbatch(project: Any, fak
 
 
 def _finished(layout: Layout, exp: str, n: int) -> list[runs.RunPaths]:
+    """N finished runs of the past, a millisecond apart, oldest first."""
     out = []
-    for _ in range(n):
-        paths = runs.allocate_run(layout, exp)
+    for k in range(n):
+        paths = layout.run(exp, f"20260101-000000.{k:03d}-{abs(hash(exp)) % 0xffffff:06x}")
+        paths.dir.mkdir(parents=True)
         runs.replace_record_nosync(paths, runs.RunRecord(experiment=exp, run_id=paths.dir.name, state="succeeded",
-                                                         executor="slurm", exit_code=0))
+                                                         executor="slurm", exit_code=0,
+                                                         created_at=f"2026-01-01T00:00:00.{k:03d}Z"))
         out.append(paths)
     return out
 
@@ -101,7 +104,7 @@ def test_each_reference_reads_only_what_it_returns(project: Any, fake_slurm: Fak
     assert last[1].sweep_id == sub.sweep_id and len(reads) <= 25
     del reads[:]
     (latest,) = runs.resolve(layout, "other")
-    assert latest[1].run_id == newest_other.dir.name and len(reads) <= 5
+    assert latest[1].run_id == newest_other.dir.name and reads == [newest_other.dir.name]
     del reads[:]
     with pytest.raises(UsageError, match="ambiguous"):
         runs.resolve(layout, rid[:8])                                         # the date: many runs
@@ -119,7 +122,13 @@ def test_references_keep_their_meaning(project: Any, fake_slurm: FakeSlurm) -> N
         runs.resolve(layout, "@last")
     with pytest.raises(NotFound, match="has no runs yet"):
         runs.resolve(layout, "echo")
-    first = _finished(layout, "echo", 3)
+    first = []
+    for k in range(3):   # a millisecond apart, so the newest is known
+        paths = layout.run("echo", f"20260101-000000.00{k}-abcdef")
+        paths.dir.mkdir(parents=True)
+        runs.replace_record_nosync(paths, runs.RunRecord(experiment="echo", run_id=paths.dir.name,
+                                                         created_at=f"2026-01-01T00:00:00.00{k}Z"))
+        first.append(paths)
     # a damaged newest record is passed over while a usable one exists
     first[-1].record.write_text("{not json")
     assert runs.resolve(layout, "echo")[0][0] == first[1]

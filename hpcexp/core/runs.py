@@ -138,7 +138,7 @@ class RunRecord:
         """(run.json's text, the same record as one line), each value encoded once."""
         data = {f: getattr(self, f) for f in _FIELDS}
         data.update({k: v for k, v in self.extra.items() if k not in data})
-        enc, text = _ENCODER.encode, _json_str
+        enc, text = _encode_value, _json_str
         parts = []
         for k in sorted(data):
             v = data[k]
@@ -171,8 +171,25 @@ class RunRecord:
 
 
 _FIELDS = tuple(f.name for f in fields(RunRecord) if f.name != "extra")
-_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _value_encoder() -> Any:
+    """JSON of one value, sorted keys, UTF-8 kept: the C encoder made once (``json.dumps``
+    and ``JSONEncoder.encode`` make a new one at every call, most of encoding a record's
+    small values), or the pure-Python one where the C accelerator is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython has it
+        return json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
+
+    def fail(obj: Any) -> Any:
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+    enc = make(None, fail, _json_str, None, ": ", ", ", True, False, True)
+    return lambda value: "".join(enc(value, 0))
+
+
+_encode_value = _value_encoder()
 
 
 def new_run_id() -> str:

@@ -117,8 +117,9 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
 
 def array_task_ids(layout: Layout, sweep_id: str, array_job: str, pos: int, size: int) -> dict[str, Any]:
     """The executor ids of task ``pos`` of array job ``array_job`` of a sweep."""
+    folder = os.path.join(layout.project.runs_dir, ".sweeps", sweep_id)   # layout.sweep_dir, as a string: per task
     return {"job_id": f"{array_job}_{pos}", "array_job_id": array_job, "array_task_id": pos, "array_size": size,
-            "slurm_output": str(layout.sweep_dir(sweep_id) / f"slurm-{array_job}_{pos}.out")}
+            "slurm_output": f"{folder}/slurm-{array_job}_{pos}.out"}
 
 
 def _attach_from_sweeps(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]]) -> set[Path]:
