@@ -291,8 +291,26 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]]) -> 
         _refuse_damaged(paths, rec)
     texts = [rec.json_texts() for _, rec in items]
     _atomic.write_text(table, "\n".join(line for _, line in texts) + "\n")
-    for (paths, _), (text, _) in zip(items, texts):
-        replace_text_nosync(paths.record, text)
+    jobs = [(paths.record, text) for (paths, _), (text, _) in zip(items, texts)]
+    if len(jobs) < 64:
+        for final, text in jobs:
+            replace_text_nosync(final, text)
+        return
+    # The first file of a new folder costs the file system most (its directory block is
+    # allocated then): from a few threads those costs overlap on several cores.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[Path, str]) -> BaseException | None:
+        try:
+            replace_text_nosync(*job)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        errors = [e for e in pool.map(one, jobs, chunksize=32) if e is not None]
+    if errors:
+        raise errors[0]
 
 
 def replace_text_nosync(final: Path, text: str) -> None:
