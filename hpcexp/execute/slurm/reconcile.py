@@ -195,14 +195,15 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
     # markers are read after squeue: a job gone from the queue has written its exit already
     changed: list[tuple[RunPaths, runs.RunRecord]] = []
     updated: dict[Path, runs.RunRecord] = {}
-    for paths, rec in todo:
-        new = decide(rec, read_markers(paths), ev)
-        # still queued, with its job id durable in the sweep record: the record on disk
-        # plus the sweep record say all there is, so nothing is rewritten
-        queued = paths.dir in from_sweep and new.state == "pending"
-        if not queued and _worth_writing(rec, new):
-            changed.append((paths, new))
-        updated[paths.dir] = new
+    with runs.bulk():
+        for paths, rec in todo:
+            new = decide(rec, read_markers(paths), ev)
+            # still queued, with its job id durable in the sweep record: the record on disk
+            # plus the sweep record say all there is, so nothing is rewritten
+            queued = paths.dir in from_sweep and new.state == "pending"
+            if not queued and _worth_writing(rec, new):
+                changed.append((paths, new))
+            updated[paths.dir] = new
     write_many(changed)
     return [(p, updated.get(p.dir, r)) for p, r in items]
 

@@ -335,54 +335,55 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     tasks: list[_Task] = []
     allocated: list[RunPaths] = []
     try:
-        if dry_run:
-            allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
-        elif len(param_sets) < 16:
-            allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
-        else:
-            # exclusive mkdirs are independent syscalls: overlap them (a sweep makes a thousand)
-            from concurrent.futures import ThreadPoolExecutor
+        with runs.bulk():  # thousands of records and plans, no cycles among them
+            if dry_run:
+                allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
+            elif len(param_sets) < 16:
+                allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
+            else:
+                # exclusive mkdirs are independent syscalls: overlap them (a sweep makes a thousand)
+                from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                futures = [pool.submit(runs.allocate_run, layout, exp.name) for _ in param_sets]
-                for fut in futures:
-                    try:
-                        allocated.append(fut.result())
-                    except HpcexpError:
-                        pass
-            if len(allocated) != len(param_sets):
-                futures[[f.exception() is not None for f in futures].index(True)].result()
-        if not dry_run:
-            launch.ensure_mount_point(exp)  # once here, not raced by the array's tasks on the nodes
-        extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
-        for index, ps in enumerate(param_sets):
-            paths = allocated[index]
-            run_id = paths.dir.name
-            plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
-                               image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
-                               image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program,
-                               extra_env=extra_envs.get(run_id))
-            merged = dict(exp.params)
-            merged.update(ps)
-            rec = runs.RunRecord(
-                experiment=exp.name, run_id=run_id, state="submitting", executor="slurm",
-                arch=arch or host_arch(), params=merged, args=list(args if args is not None else exp.args),
-                command=list(plan.argv), image=str(image_path), image_sha256=info.get("sha256"),
-                input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
-                apptainer_version=info.get("apptainer_version") or version, git_commit=commit, git_dirty=dirty,
-                sweep_id=sweep_id, task_index=index if is_array else None, resources=dict(res_dict),
-                executor_ids={"base_attempt": 1}, host=host, user=user,
-            )
-            rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
-            if info.get("source_ref"):
-                rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
-            if hpcexp_argv is not None:
-                rec.extra["hpcexp_argv"] = hpcexp_argv
-            # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
-            # would cost more than the whole sbatch call on a busy shared file system
-            spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
-                                   container_env=dict(plan.container_env), attempt=1, env_prefix=prefix)
-            tasks.append(_Task(paths, rec, spec))
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    futures = [pool.submit(runs.allocate_run, layout, exp.name) for _ in param_sets]
+                    for fut in futures:
+                        try:
+                            allocated.append(fut.result())
+                        except HpcexpError:
+                            pass
+                if len(allocated) != len(param_sets):
+                    futures[[f.exception() is not None for f in futures].index(True)].result()
+            if not dry_run:
+                launch.ensure_mount_point(exp)  # once here, not raced by the array's tasks on the nodes
+            extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
+            for index, ps in enumerate(param_sets):
+                paths = allocated[index]
+                run_id = paths.dir.name
+                plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
+                                   image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
+                                   image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program,
+                                   extra_env=extra_envs.get(run_id))
+                merged = dict(exp.params)
+                merged.update(ps)
+                rec = runs.RunRecord(
+                    experiment=exp.name, run_id=run_id, state="submitting", executor="slurm",
+                    arch=arch or host_arch(), params=merged, args=list(args if args is not None else exp.args),
+                    command=list(plan.argv), image=str(image_path), image_sha256=info.get("sha256"),
+                    input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
+                    apptainer_version=info.get("apptainer_version") or version, git_commit=commit, git_dirty=dirty,
+                    sweep_id=sweep_id, task_index=index if is_array else None, resources=dict(res_dict),
+                    executor_ids={"base_attempt": 1}, host=host, user=user,
+                )
+                rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
+                if info.get("source_ref"):
+                    rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
+                if hpcexp_argv is not None:
+                    rec.extra["hpcexp_argv"] = hpcexp_argv
+                # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
+                # would cost more than the whole sbatch call on a busy shared file system
+                spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
+                                       container_env=dict(plan.container_env), attempt=1, env_prefix=prefix)
+                tasks.append(_Task(paths, rec, spec))
     except BaseException:
         if not dry_run:  # nothing was submitted: leave no half-made runs behind
             import shutil
