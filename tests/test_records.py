@@ -186,3 +186,15 @@ def test_status_json_of_many_runs_is_the_same_json(project: Any, fake_slurm: Fak
     one = run_cli("status", rows[5]["run_id"], "--json", cwd=project.root, env=env)
     assert json.loads(one.stdout) == [rows[5]]                                 # indented when short
     assert len(one.stdout.splitlines()) > 20
+
+
+def test_a_long_sweep_command_line_is_kept_once_not_in_every_task(project: Any, fake_slurm: FakeSlurm) -> None:
+    values = ",".join(str(i) for i in range(600))
+    argv = ["hpcexp", "submit", "echo", "--sweep", f"i={values}"]
+    sub = _submit(project, [{"i": str(i)} for i in range(600)], sweep=True, cmdline=argv)
+    layout = Layout(project)
+    assert json.loads(layout.sweep(str(sub.sweep_id)).read_text())["hpcexp_argv"] == argv
+    sizes = {p.record.stat().st_size for p, _ in sub.runs}
+    assert max(sizes) < 4096 and "hpcexp_argv" not in runs.read_record(sub.runs[0][0]).extra
+    short = _submit(project, [{"i": "1"}, {"i": "2"}], sweep=True, cmdline=["hpcexp", "submit", "echo"])
+    assert runs.read_record(short.runs[0][0]).extra["hpcexp_argv"] == ["hpcexp", "submit", "echo"]

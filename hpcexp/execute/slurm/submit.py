@@ -42,6 +42,10 @@ from hpcexp.execute.slurm.resources import (
 from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
 
+MAX_TASK_ARGV = 2048
+"""A sweep task's record holds the hpcexp command line only up to this many characters (the
+sweep record always holds it)."""
+
 
 def _fault(point: str) -> None:
     """Test hook (reliability test 35, the kill test of docs/records.md):
@@ -330,6 +334,9 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     sweep_id = (sweep_mod.new_sweep_id() if dry_run else sweep_mod.allocate_sweep(layout)) if is_array else None
     res_dict = resources_dict(resources)
     hpcexp_argv = list(cmdline) if cmdline is not None else None
+    # a sweep's command line holds every value of the sweep: kept once, in the sweep record,
+    # and in each task's record only when short (else it made records grow with the sweep)
+    argv_size = sum(len(a) + 1 for a in hpcexp_argv or ())
     host, user = hostinfo.hostname(), hostinfo.user()
 
     tasks: list[_Task] = []
@@ -377,7 +384,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
                 if info.get("source_ref"):
                     rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
-                if hpcexp_argv is not None:
+                if hpcexp_argv is not None and (not is_array or argv_size <= MAX_TASK_ARGV):
                     rec.extra["hpcexp_argv"] = hpcexp_argv
                 # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
                 # would cost more than the whole sbatch call on a busy shared file system
@@ -398,6 +405,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
         sweep_record = {"sweep_id": sweep_id, "experiment": exp.name, "created_at": runs.utcnow(),
                         "size": len(tasks), "params": sorted({k for ps in param_sets for k in ps}),
                         "resources": res_dict, "image": str(image_path), "submissions": []}
+        if hpcexp_argv is not None:
+            sweep_record["hpcexp_argv"] = hpcexp_argv
     probe = None
     if env_probe is not None and extra_envs:
         names = sorted({k for env in extra_envs.values() for k in env})
