@@ -261,6 +261,11 @@ def test_single_submit_writes_record_before_sbatch_and_keeps_script(project: Any
     assert 'mkdir -p "$HPCEXP_RUN_DIR/results" "$HPCEXP_RUN_DIR/events"' in script   # made by the job
 
 
+def _seen(project: Any, sub: Any) -> list[runs.RunRecord]:
+    """The sweep's records as every reader sees them: through reconcile."""
+    return [r for _, r in executors.reconcile(Layout(project), [(p, runs.read_record(p)) for p, _ in sub.runs])]
+
+
 def test_sweep_is_one_array_with_one_record_per_task(project: Any, fake_slurm: FakeSlurm) -> None:
     sets = sweep.product({"msg": "x"}, [("a", ["1", "2", "3"]), ("b", ["x", "y"])], [])
     sub = _submit(project, sets, sweep=True)
@@ -269,7 +274,11 @@ def test_sweep_is_one_array_with_one_record_per_task(project: Any, fake_slurm: F
     recs = [runs.read_record(p) for p, _ in sub.runs]
     assert [r.params for r in recs] == [{"msg": "x", "a": a, "b": b} for a in "123" for b in "xy"]
     assert {r.sweep_id for r in recs} == {sub.sweep_id}
-    assert [r.executor_ids["job_id"] for r in recs] == [f"1000_{i}" for i in range(6)]
+    # written once, before sbatch: on disk each task is `submitting` with its array position;
+    # its job id comes from the sweep record for every reader (and in what submit returns)
+    assert {r.state for r in recs} == {"submitting"} and "job_id" not in recs[0].executor_ids
+    assert [r.executor_ids["job_id"] for _, r in sub.runs] == [f"1000_{i}" for i in range(6)]
+    assert [r.executor_ids["job_id"] for r in _seen(project, sub)] == [f"1000_{i}" for i in range(6)]
     assert [r.task_index for r in recs] == list(range(6))
     script = (fake_slurm.root / "script-1000.sbatch").read_text()
     assert "#SBATCH --array=0-5\n" in script
@@ -286,7 +295,7 @@ def test_sweep_larger_than_max_array_size_is_split_under_one_sweep_id(project: A
     # with a throttle, each part waits for the previous one so the limit holds across parts
     assert [c[2:-1] for c in fake_slurm.calls("sbatch")] == [[], ["--dependency=afterany:1000"],
                                                              ["--dependency=afterany:1001"]]
-    recs = [runs.read_record(p) for p, _ in sub.runs]
+    recs = _seen(project, sub)
     assert {r.sweep_id for r in recs} == {sub.sweep_id}
     assert [r.executor_ids["job_id"] for r in recs][-3:] == ["1001_3", "1002_0", "1002_1"]
     assert "#SBATCH --array=0-3%2\n" in (fake_slurm.root / "script-1000.sbatch").read_text()
@@ -406,7 +415,8 @@ def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: Fake
     fake_slurm.set("scontrol", "")
     res = slurm.resubmit_sweep(project, sub.sweep_id)
     assert res.job_ids == ["1001"] and [r.task_index for _, r in res.runs] == [2]
-    rec = runs.read_record(sub.runs[2][0])
+    fake_slurm.set("squeue", "1001_0|1001|0|PENDING|Priority|x||0:00\n")
+    rec = _seen(project, res)[0]
     assert rec.attempt == 2 and rec.state == "pending" and rec.attempts[0]["exit_code"] == 1
     assert rec.executor_ids["job_id"] == "1001_0" and rec.executor_ids["base_attempt"] == 2
     script = (fake_slurm.root / "script-1001.sbatch").read_text()
@@ -493,17 +503,39 @@ def test_batched_record_writes_publish_whole_records(tmp_path: Path, project: An
 
 def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_slurm: FakeSlurm) -> None:
     sub = _submit(project, [{"i": str(i)} for i in range(3)], sweep=True)
+    layout = Layout(project)
     paths, _ = sub.runs[2]
-    rec = runs.read_record(paths)
-    # as if the machine crashed before the (unsynced) post-sbatch update reached the disk
-    rec.state = "submitting"
-    for key in ("job_id", "array_job_id", "submitted_at", "slurm_output"):
-        rec.executor_ids.pop(key)
-    runs.write_record(paths, rec)
-    fake_slurm.set("squeue", "1000_2|1000|2|PENDING|Priority|x||0:00\n")
-    (_, new), = executors.reconcile(Layout(project), [(paths, rec)])
-    assert new.executor_ids["job_id"] == "1000_2" and new.state == "pending"
-    assert runs.read_record(paths).executor_ids["job_id"] == "1000_2"
+    before = {p.record: p.record.stat().st_mtime_ns for p, _ in sub.runs[:2]}
+    fake_slurm.set("squeue", "".join(f"1000_{i}|1000|{i}|PENDING|Priority|x||0:00\n" for i in range(3)))
+    # as if a machine crash took away a run.json written without fsync: the part's durable
+    # table brings it back, the sweep record its job id
+    paths.record.unlink()
+    items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
+    assert [r.executor_ids["job_id"] for _, r in items] == ["1000_0", "1000_1", "1000_2"]
+    assert {r.state for _, r in items} == {"pending"}
+    assert runs.read_record(paths).run_id == paths.dir.name
+    # still queued, job id durable in the sweep record: nothing was rewritten for it
+    assert {p.record: p.record.stat().st_mtime_ns for p, _ in sub.runs[:2]} == before
+    # once a task started, its record says so (written durably, as every state change)
+    paths.events.mkdir()
+    (paths.events / "attempt-1.started").write_text('{"time": "t", "host": "n1"}')
+    fake_slurm.set("squeue", "1000_2|1000|2|RUNNING|None|x|n1|0:01\n")
+    items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
+    assert runs.read_record(paths).state == "running" and runs.read_record(paths).executor_ids["job_id"] == "1000_2"
+
+
+def test_sweep_task_killed_between_sbatch_and_the_sweep_record_is_attached_by_name(
+        project: Any, fake_slurm: FakeSlurm, monkeypatch: pytest.MonkeyPatch) -> None:
+    sub = _submit(project, [{"i": str(i)} for i in range(3)], sweep=True)
+    layout = Layout(project)
+    record = sweep.read_sweep(layout, str(sub.sweep_id))
+    name = record["submissions"][0]["job_name"]
+    record["submissions"][0]["array_job_id"] = None      # as if killed before it was updated
+    sweep.write_sweep(layout, record)
+    fake_slurm.set("squeue", "".join(f"1000_{i}|1000|{i}|PENDING|Priority|{name}||0:00\n" for i in range(3)))
+    items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
+    assert [r.executor_ids["job_id"] for _, r in items] == ["1000_0", "1000_1", "1000_2"]
+    assert all("attached_by" in runs.read_record(p).executor_ids for p, _ in items)  # made durable
 
 
 def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fake_slurm: FakeSlurm,
@@ -517,15 +549,26 @@ def test_sbatch_that_does_not_answer_leaves_records_submitting(project: Any, fak
     assert len(recs) == 2 and all(r.state == "submitting" and not r.launch_error for r in recs)
 
 
-def test_record_json_text_and_copy_match_the_contract() -> None:
-    rec = runs.RunRecord(experiment="e", run_id="r", params={"a": "ä\n"}, attempts=[{"attempt": 1}])
+def test_record_json_text_and_copy_match_the_contract(tmp_path: Path) -> None:
+    rec = runs.RunRecord(experiment="e", run_id="r", params={"a": "ä\n\"\\"}, attempts=[{"attempt": 1}],
+                         exit_code=0, git_dirty=False, signal=None)
     rec.extra = {"container_env": {"A": "1"}, "state": "ignored: a real field wins"}
-    assert rec.json_text() == json.dumps(rec.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    text = rec.json_text()
+    assert json.loads(text) == rec.to_dict() and rec.to_dict()["state"] == "created"
+    lines = text.splitlines()   # one top-level key a line, sorted, the rest compact
+    assert lines[0] == "{" and lines[-1] == "}" and len(lines) == len(rec.to_dict()) + 2
+    keys = [json.loads("{" + ln.rstrip(",") + "}").popitem()[0] for ln in lines[1:-1]]
+    assert keys == sorted(rec.to_dict())
+    assert "ä" in text     # kept as UTF-8, not escaped
+    paths = runs.RunPaths(tmp_path / "e" / "r")
+    paths.dir.mkdir(parents=True)
+    runs.write_record(paths, rec)    # the durable writer writes the same text
+    assert paths.record.read_text(encoding="utf-8") == text
     dup = rec.copy()
     dup.executor_ids["job_id"] = "1"
     dup.attempts[0]["attempt"] = 2
     dup.params["a"] = "b"
-    assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n"}
+    assert rec.executor_ids == {} and rec.attempts == [{"attempt": 1}] and rec.params == {"a": "ä\n\"\\"}
 
 
 def test_status_when_the_scheduler_does_not_answer_keeps_the_last_state(project: Any, fake_slurm: FakeSlurm) -> None:

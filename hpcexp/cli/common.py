@@ -54,7 +54,38 @@ def to_jsonable(obj: Any) -> Any:
 
 
 def emit_json(obj: Any) -> None:
+    """Indented JSON; a long list (``status SWEEP --json`` of thousands of runs, the runs
+    of ``submit --json``) has one element a line instead: the same JSON, made by the C
+    encoder (indenting runs in Python, several times slower)."""
+    long = isinstance(obj, list) and len(obj) > LONG_LIST
+    if isinstance(obj, dict) and any(isinstance(v, list) and len(v) > LONG_LIST for v in obj.values()):
+        enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=_plain).encode
+        keys = sorted(str(k) for k in obj)
+        click.echo("{\n" + ",\n".join(f"{enc(k)}: {_long_list(obj[k], enc)}" for k in keys) + "\n}")
+        return
+    if long:
+        enc = json.JSONEncoder(sort_keys=True, ensure_ascii=False, default=_plain).encode
+        click.echo(_long_list(obj, enc))
+        return
     click.echo(json.dumps(to_jsonable(obj), indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _long_list(value: Any, enc: Any) -> str:
+    if isinstance(value, list) and len(value) > LONG_LIST:
+        # the encoder converts what plain JSON lacks as it meets it, without a first walk
+        return "[\n" + ",\n".join(enc(item) for item in value) + "\n]"
+    return str(enc(value))
+
+
+def _plain(obj: Any) -> Any:
+    """What :func:`to_jsonable` makes of a value JSON has no type for (dataclasses, paths)."""
+    out = to_jsonable(obj)
+    if out is obj:
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+    return out
+
+
+LONG_LIST = 100
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:

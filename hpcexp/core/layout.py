@@ -23,6 +23,7 @@ runs, ``logs``, ``status`` and ``archive`` agree on where things live.
     runs/NAME/RUN_ID/remote/call.sock  an instance session's socket (folder 0700, socket 0600)
     runs/NAME/RUN_ID/instance.log      Apptainer's own log of that session's instance
     runs/.sweeps/SWEEP_ID/             array job scripts, Slurm's slurm-%A_%a.out files
+    runs/.sweeps/SWEEP_ID/array-K.records.jsonl  the part's task records as first written (fsynced once)
     runs/.tracking/                    background exporter's lock and log
 """
 
@@ -176,6 +177,12 @@ class Layout:
     def sweep_dir(self, sweep_id: str) -> Path:
         """runs/.sweeps/SWEEP_ID/: the array job scripts and Slurm's own per-task output files."""
         return self.sweeps_dir() / sweep_id
+
+    def sweep_table(self, sweep_id: str, part: int) -> Path:
+        """The records of array part K as written before its ``sbatch``, one JSON object a
+        line, fsynced once: the durable copy from which a lost ``run.json`` is made again
+        (docs/records.md)."""
+        return self.sweep_dir(sweep_id) / f"array-{part}.records.jsonl"
 
     def sweep_tracking_state(self, sweep_id: str, tracker: str) -> Path:
         """The sweep's parent run at a tracking server (``runs/.sweeps/SWEEP_ID/tracking.mlflow.json``)."""

@@ -26,18 +26,20 @@ many users and hosts cannot collide (I8).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import gc
 import json
 import logging
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from hpcexp import __version__
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import NotFound, StorageError, UsageError, shown
+from hpcexp.errors import HpcexpError, NotFound, StorageError, UsageError, shown
 from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
 
@@ -119,17 +121,32 @@ class RunRecord:
         return None if end is None else max(0.0, end - start)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        extra = data.pop("extra")
-        data.update({k: v for k, v in extra.items() if k not in data})
+        """The record as run.json holds it; containers are copied one level deep (not with
+        ``asdict``'s recursive copies: ``status --json`` turns thousands of records into rows)."""
+        data: dict[str, Any] = {}
+        for f in _FIELDS:
+            v = getattr(self, f)
+            data[f] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+        data.update({k: v for k, v in self.extra.items() if k not in data})
         return data
 
     def json_text(self) -> str:
-        """run.json's text, exactly as ``write_record`` writes it, without ``asdict``'s deep
-        copies (a sweep serialises thousands of records)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        """run.json's text, as every writer writes it: one top-level key a line, sorted,
+        each value by the C encoder (``indent=`` would run the pure-Python encoder, the
+        larger part of writing a sweep's thousand records)."""
+        return self.json_texts()[0]
+
+    def json_texts(self) -> tuple[str, str]:
+        """(run.json's text, the same record as one line), each value encoded once."""
+        data = {f: getattr(self, f) for f in _FIELDS}
         data.update({k: v for k, v in self.extra.items() if k not in data})
-        return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        enc, text = _encode_value, _json_str
+        parts = []
+        for k in sorted(data):
+            v = data[k]
+            parts.append((text(k), text(v) if type(v) is str else "null" if v is None else enc(v)))
+        return ("{\n" + ",\n".join(f"  {k}: {v}" for k, v in parts) + "\n}\n",
+                "{" + ", ".join(f"{k}: {v}" for k, v in parts) + "}")
 
     def copy(self) -> "RunRecord":
         """An independent copy (containers copied one level deep, as executors mutate them)."""
@@ -153,6 +170,42 @@ class RunRecord:
         rec = cls(**kwargs)
         rec.extra = extra
         return rec
+
+
+_FIELDS = tuple(f.name for f in fields(RunRecord) if f.name != "extra")
+_json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def _value_encoder() -> Any:
+    """JSON of one value, sorted keys, UTF-8 kept: the C encoder made once (``json.dumps``
+    and ``JSONEncoder.encode`` make a new one at every call, most of encoding a record's
+    small values), or the pure-Python one where the C accelerator is missing."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython has it
+        return json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
+
+    def fail(obj: Any) -> Any:
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+    enc = make(None, fail, _json_str, None, ": ", ", ", True, False, True)
+    return lambda value: "".join(enc(value, 0))
+
+
+_encode_value = _value_encoder()
+
+
+@contextlib.contextmanager
+def bulk() -> Iterator[None]:
+    """Hold back Python's cyclic garbage collector while thousands of records are made or
+    read: records hold no cycles, and its full passes over a growing heap were a third of
+    the time of reading a sweep. Nested uses and an already disabled collector are kept."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def new_run_id() -> str:
@@ -190,39 +243,30 @@ def _refuse_damaged(paths: RunPaths, record: RunRecord) -> None:
 def write_record(paths: RunPaths, record: RunRecord) -> None:
     """Atomically replace run.json (temp, fsync, rename, fsync dir)."""
     _refuse_damaged(paths, record)
-    atomic.write_json(paths.record, record.to_dict())
+    atomic.write_text(paths.record, record.json_text())
 
 
 def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     """Replace run.json atomically (temp + rename) WITHOUT fsync: readers still see a whole
     old or new version, but a machine crash may bring back the previous one.
 
-    Only for updates whose content is also stored durably elsewhere, so that
-    :func:`reconcile` can redo them: the job ids of a sweep's tasks after ``sbatch`` live
-    in the fsynced sweep record and in the job name.
+    Only for records whose content is also stored durably elsewhere: a sweep's task records
+    are in their part's fsynced table (:func:`create_records`), their job ids in the
+    fsynced sweep record, from which :func:`sweep_runs` and ``reconcile`` redo them.
     """
     _refuse_damaged(paths, record)
-    tmp = atomic.tmp_name_for(paths.record)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(record.json_text())
-        os.replace(tmp, paths.record)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise atomic.storage_error(exc, paths.record) from exc
+    replace_text_nosync(paths.record, record.json_text())
 
 
 def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int = 8, durable: bool = True) -> None:
     """:func:`write_record` for many records, with the same guarantees, overlapping the fsyncs.
 
-    A sweep writes a thousand records twice (before and after ``sbatch``); one after the
-    other, each waits for its own fsync. From a few threads the file system commits them
-    together (ext4/xfs group their journal commits), which is several times faster on a
-    busy disk. A whole-file-system ``syncfs`` would be fewer calls but flushes every other
-    user's dirty data too, which on a shared login node can take far longer.
+    For updates of many existing records (``status`` after a sweep ended: each changed
+    record once); new records of a submission go through :func:`create_records` (one
+    fsync). One after the other, each write waits for its own fsync; from a few threads the
+    file system commits them together (ext4/xfs group their journal commits). A
+    whole-file-system ``syncfs`` would be fewer calls but flushes every other user's dirty
+    data too, which on a shared login node can take far longer.
     The first error is raised after all writes were attempted.
     """
     items = list(items)
@@ -246,6 +290,58 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
         errors = [e for e in pool.map(one, items) if e is not None]
     if errors:
         raise errors[0]
+
+
+def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]]) -> None:
+    """Write the new records of one batch (an array part before its ``sbatch``) with ONE
+    fsync: first their table, one record a line, published durably (temp, fsync, rename,
+    fsync of the folder), then each ``run.json`` by temp and rename without fsync.
+
+    When this returns, every record is visible to every reader (the rename), and after a
+    machine crash the table still holds every one of them: :func:`sweep_runs` writes a
+    missing ``run.json`` again from it. A thousand fsyncs cost seconds on a busy disk;
+    one costs milliseconds (docs/records.md has the measurements)."""
+    from hpcexp.infra import atomic as _atomic
+
+    for paths, rec in items:
+        _refuse_damaged(paths, rec)
+    texts = [rec.json_texts() for _, rec in items]
+    _atomic.write_text(table, "\n".join(line for _, line in texts) + "\n")
+    jobs = [(paths.record, text) for (paths, _), (text, _) in zip(items, texts)]
+    if len(jobs) < 64:
+        for final, text in jobs:
+            replace_text_nosync(final, text)
+        return
+    # The first file of a new folder costs the file system most (its directory block is
+    # allocated then): from a few threads those costs overlap on several cores.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[Path, str]) -> BaseException | None:
+        try:
+            replace_text_nosync(*job)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        errors = [e for e in pool.map(one, jobs, chunksize=32) if e is not None]
+    if errors:
+        raise errors[0]
+
+
+def replace_text_nosync(final: Path, text: str) -> None:
+    """Temp and rename without fsync (see :func:`replace_record_nosync`)."""
+    tmp = atomic.tmp_name_for(final)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, final)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise atomic.storage_error(exc, final) from exc
 
 
 MAX_RECORD_BYTES = 4 << 20
@@ -394,9 +490,146 @@ def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[R
             yield paths, read_record(paths)
 
 
+def _load(paths: RunPaths) -> RunRecord:
+    """The record of one run folder found by name (a symlinked folder is not followed)."""
+    if paths.dir.is_symlink():
+        return damaged_record(paths, "the run folder is a symbolic link; not followed")
+    return read_record(paths)
+
+
+def _names(folder: Path) -> list[str]:
+    """The entry names of a folder (no stat, no record read), hidden ones left out."""
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for e in it if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("cannot read %s (%s); its runs are not listed", folder, exc.strerror or exc)
+        return []
+
+
+def experiment_names(layout: Layout) -> list[str]:
+    """Experiments with a runs folder (real folders only: a symlinked one is never followed)."""
+    root = layout.project.runs_dir
+    out = []
+    for name in _names(root):
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            out.append(name)
+    return sorted(out)
+
+
+def latest_run(layout: Layout, experiment: str) -> tuple[RunPaths, RunRecord] | None:
+    """The newest run of one experiment, reading only the newest records.
+
+    Run ids begin with their creation time to the millisecond, so the folder names are the
+    index: the newest names are read until one holds a usable record (a damaged or half-made
+    one is passed over while a usable one exists, as the full scan ordered by ``created_at``
+    did)."""
+    folder = layout.experiment_runs(experiment)
+    if folder.is_symlink():
+        return None
+    names = sorted(_names(folder), reverse=True)
+    fallback: tuple[RunPaths, RunRecord] | None = None
+    best: tuple[RunPaths, RunRecord] | None = None
+    for name in names:
+        paths = RunPaths(folder / name)
+        if best is not None and name[:19] != best[1].run_id[:19]:
+            break  # older than the second of the best one: nothing newer can follow
+        if not os.path.lexists(paths.record):
+            continue
+        rec = _load(paths)
+        if rec.error is not None:
+            fallback = fallback or (paths, rec)
+            continue
+        if best is None or (rec.created_at, rec.run_id) > (best[1].created_at, best[1].run_id):
+            best = (paths, rec)
+    return best or fallback
+
+
+def _table_records(layout: Layout, tables: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """Records by run id from a sweep's durable tables (see :func:`create_records`)."""
+    from hpcexp.infra.safeio import load_json, read_regular
+
+    out: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        try:
+            raw = read_regular(table, max_bytes=1 << 30, what="sweep table")
+        except (OSError, HpcexpError):
+            continue
+        for line in raw.splitlines():
+            try:
+                data = load_json(line)
+            except ValueError:
+                continue  # a torn last line cannot be: the table is published by rename
+            if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+                out[data["run_id"]] = data
+    return out
+
+
+def sweep_runs(layout: Layout, sweep_id: str) -> list[tuple[RunPaths, RunRecord]] | None:
+    """Every task of a sweep, in task order, reading only its own records.
+
+    The sweep record (``runs/.sweeps/SWEEP_ID.json``, fsynced before any ``sbatch``) names
+    every run id it submitted: it is the sweep's index. A task whose ``run.json`` is missing
+    although its part's durable table holds it (a machine crash after ``submit`` returned:
+    the records themselves are written without fsync) is written again from the table.
+    None when there is no usable sweep record (the caller falls back to reading the records).
+    """
+    from hpcexp.infra.safeio import load_json_file
+
+    try:
+        data = load_json_file(layout.sweep(sweep_id), max_bytes=64 << 20, what="sweep record")
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
+        return None
+    experiment = data["experiment"]
+    ids: dict[str, None] = {}
+    tables: list[Path] = []
+    for sub in data.get("submissions") or []:
+        if not isinstance(sub, dict):
+            continue
+        for rid in sub.get("run_ids") or []:
+            if isinstance(rid, str):
+                ids[rid] = None
+        if isinstance(sub.get("records"), str):
+            tables.append(layout.sweep_dir(sweep_id) / Path(sub["records"]).name)
+    out: list[tuple[RunPaths, RunRecord]] = []
+    missing: list[RunPaths] = []
+    with bulk():
+        for rid in ids:
+            paths = layout.run(experiment, rid)
+            try:
+                out.append((paths, _load(paths)))
+            except NotFound:
+                missing.append(paths)
+    if missing and tables:
+        table = _table_records(layout, tables)
+        for paths in missing:
+            data_ = table.get(paths.dir.name)
+            if data_ is None or _schema_problem(data_, paths):
+                continue  # never written before its sbatch: nothing of it can run
+            rec = RunRecord.from_dict(data_)
+            try:
+                paths.dir.mkdir(parents=True, exist_ok=True)
+                replace_record_nosync(paths, rec)
+                log.info("run %s: run.json was missing; written again from %s", rec.run_id, layout.sweep(sweep_id))
+            except HpcexpError as exc:
+                log.warning("run %s: cannot write its record again (%s)", rec.run_id, exc)
+            out.append((paths, rec))
+    return sorted(out, key=lambda t: (t[1].task_index or 0, t[1].run_id))
+
+
 def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     """Runs named by ``spec``: a run id, a unique prefix of one, an experiment name (its
-    latest run), ``@last`` (the newest run of the project), or a sweep id (all its tasks)."""
+    latest run), ``@last`` (the newest run of the project), or a sweep id (all its tasks).
+
+    Each costs what it returns, not the size of the project: a run id or a sweep id is
+    found by name (one stat per experiment; the sweep record), an experiment's latest run
+    and ``@last`` read the newest records only, a prefix lists folder names and reads the
+    records it matches (docs/records.md)."""
     from hpcexp.core.config import NAME_RE
 
     # Checked like a name before anything touches the disk: a ref is a run id, a sweep id,
@@ -404,33 +637,50 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     if spec != "@last" and not (isinstance(spec, str) and NAME_RE.match(spec)):
         raise UsageError(f"invalid run reference {shown(spec)}: a run id, a unique prefix of one, an experiment "
                          "name, a sweep id or @last (letters, digits, '.', '_', '-'; at most 64 characters)")
-    runs = list(iter_runs(layout))
+    exps = experiment_names(layout)
     if spec == "@last":
-        if not runs:
+        newest = [r for r in (latest_run(layout, e) for e in exps) if r is not None]
+        if not newest:
             raise NotFound("no runs yet in this project")
-        return [max(runs, key=lambda t: (t[1].created_at, t[1].run_id))]
-    exact = [r for r in runs if r[1].run_id == spec]
+        return [max(newest, key=lambda t: (t[1].error is None, t[1].created_at, t[1].run_id))]
+    exact = [layout.run(e, spec) for e in exps]
+    exact = [p for p in exact if os.path.lexists(p.record) and (p.dir.is_dir() or p.dir.is_symlink())]
     if exact:
-        return exact
-    sweep = [r for r in runs if r[1].sweep_id == spec]
-    if sweep:
-        return sorted(sweep, key=lambda t: (t[1].task_index or 0))
-    if spec in layout.project.experiments or (layout.project.runs_dir / spec).is_dir():
-        mine = [r for r in runs if r[1].experiment == spec]
-        if not mine:
+        return [(p, _load(p)) for p in exact]
+    if os.path.lexists(layout.sweep(spec)):
+        tasks = sweep_runs(layout, spec)
+        if tasks is None:  # a damaged sweep record: the records say which runs are its
+            tasks = sorted([r for r in iter_runs(layout) if r[1].sweep_id == spec],
+                           key=lambda t: (t[1].task_index or 0))
+        if tasks:
+            return tasks
+    if spec in layout.project.experiments or spec in exps:
+        mine = latest_run(layout, spec)
+        if mine is None:
             raise NotFound(f"experiment {shown(spec)} has no runs yet")
-        return [max(mine, key=lambda t: (t[1].created_at, t[1].run_id))]
-    prefixed = [r for r in runs if r[1].run_id.startswith(spec) or (r[1].sweep_id or "").startswith(spec)]
-    sweeps = {r[1].sweep_id for r in prefixed if r[1].sweep_id and r[1].sweep_id.startswith(spec)}
-    ids = {r[1].run_id for r in prefixed if r[1].run_id.startswith(spec)}
-    if len(ids) == 1 and not sweeps:
-        return [r for r in prefixed if r[1].run_id in ids]
-    if len(sweeps) == 1 and not ids:
-        return sorted([r for r in runs if r[1].sweep_id in sweeps], key=lambda t: (t[1].task_index or 0))
-    if ids or sweeps:
-        sample = ", ".join(sorted(ids | sweeps)[:5])
+        return [mine]
+    ids = sorted((layout.run(e, n) for e in exps for n in _names(layout.experiment_runs(e)) if n.startswith(spec)),
+                 key=lambda p: (p.dir.name, str(p.dir)))
+    ids = [p for p in ids if os.path.lexists(p.record)]
+    sweeps = {n[:-5] for n in _names(layout.sweeps_dir()) if n.startswith(spec) and n.endswith(".json")}
+    names = {p.dir.name for p in ids} | sweeps
+    if len(names) == 1 and ids:
+        return [(p, _load(p)) for p in ids]
+    if len(names) == 1 and sweeps:
+        return resolve(layout, next(iter(sweeps)))
+    if not names:
+        # Nothing by name: the records are the truth, so a sweep whose sweep record is gone
+        # (or was never written, as by hand-made records) is still found, by reading them
+        # all. Only a reference that names nothing else pays for this.
+        tasks = [r for r in iter_runs(layout) if (r[1].sweep_id or "").startswith(spec)]
+        sweeps = {r[1].sweep_id for r in tasks if r[1].sweep_id}
+        if len(sweeps) == 1:
+            return sorted(tasks, key=lambda t: (t[1].task_index or 0))
+        names = sweeps
+    if names:
+        sample = ", ".join(sorted(names)[:5])
         raise UsageError(f"run reference {shown(spec)} is ambiguous: matches {sample}"
-                         + (" ..." if len(ids | sweeps) > 5 else ""))
+                         + (" ..." if len(names) > 5 else ""))
     raise NotFound(f"no run, sweep or experiment matches {shown(spec)}",
                    hint="`hpcexp runs` lists runs; use a run id, a unique prefix, an experiment name or @last")
 

@@ -116,31 +116,61 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
     return ev
 
 
-def _attach_orphans(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]], ev: Evidence) -> None:
-    """Records left in ``submitting`` (hpcexp died between sbatch and recording the id):
-    find their job by the name hpcexp gave it, or by the sweep record, and attach it."""
+def array_task_ids(layout: Layout, sweep_id: str, array_job: str, pos: int, size: int) -> dict[str, Any]:
+    """The executor ids of task ``pos`` of array job ``array_job`` of a sweep."""
+    folder = os.path.join(layout.project.runs_dir, ".sweeps", sweep_id)   # layout.sweep_dir, as a string: per task
+    return {"job_id": f"{array_job}_{pos}", "array_job_id": array_job, "array_task_id": pos, "array_size": size,
+            "slurm_output": f"{folder}/slurm-{array_job}_{pos}.out"}
+
+
+def _attach_from_sweeps(layout: Layout, items: list[tuple[RunPaths, runs.RunRecord]]) -> set[Path]:
+    """A sweep's task records are written once, before ``sbatch``, and stay ``submitting``
+    on disk: their job id is the array job id the (fsynced) sweep record holds for their
+    part, added here in memory. Returns the run folders so completed: their job id is
+    durable there, so they are not rewritten for it (docs/records.md)."""
+    done: set[Path] = set()
+    parts: dict[str, dict[str, dict[str, Any]]] = {}
+    for paths, rec in items:
+        ids = rec.executor_ids
+        if ids.get("job_id") or rec.state != "submitting" or not rec.sweep_id \
+                or ids.get("array_task_id") is None:
+            continue
+        if rec.sweep_id not in parts:
+            try:
+                data = safeio.load_json_file(layout.sweep(rec.sweep_id), max_bytes=64 << 20)
+            except (OSError, ValueError):
+                data = {}
+            subs = data.get("submissions", []) if isinstance(data, dict) else []
+            parts[rec.sweep_id] = {str(sub.get("job_name")): sub for sub in subs
+                                   if isinstance(sub, dict) and sub.get("array_job_id")}
+        sub = parts[rec.sweep_id].get(str(ids.get("job_name")))
+        if sub is None:
+            continue
+        try:
+            ids.update(array_task_ids(layout, rec.sweep_id, str(sub["array_job_id"]), int(ids["array_task_id"]),
+                                      int(ids.get("array_size") or 0)))
+        except (TypeError, ValueError):
+            continue
+        if sub.get("submitted_at"):
+            ids["submitted_at"] = sub["submitted_at"]
+        done.add(paths.dir)
+    return done
+
+
+def _attach_orphans(items: list[tuple[RunPaths, runs.RunRecord]], ev: Evidence) -> None:
+    """Records left in ``submitting`` with no job id anywhere (hpcexp died between sbatch
+    and recording the id): find their job by the name hpcexp gave it and attach it."""
     by_name: dict[str, list[JobInfo]] = {}
     for info in list(ev.live.values()) + list(ev.scontrol.values()):
         by_name.setdefault(info.name, []).append(info)
-    sweep_cache: dict[str, dict[str, Any]] = {}
     for _paths, rec in items:
         ids = rec.executor_ids
         if ids.get("job_id") or rec.state != "submitting":
             continue
         chunk_job = None
-        if rec.sweep_id:
-            if rec.sweep_id not in sweep_cache:
-                try:
-                    sweep_cache[rec.sweep_id] = safeio.load_json_file(layout.sweep(rec.sweep_id), max_bytes=64 << 20)
-                except (OSError, ValueError):
-                    sweep_cache[rec.sweep_id] = {}
-            for sub in sweep_cache[rec.sweep_id].get("submissions", []):
-                if sub.get("job_name") == ids.get("job_name") and sub.get("array_job_id"):
-                    chunk_job = str(sub["array_job_id"])
-        if chunk_job is None:
-            for info in by_name.get(ids.get("job_name", ""), []):
-                chunk_job = info.job_id.split("_")[0]
-                break
+        for info in by_name.get(ids.get("job_name", ""), []):
+            chunk_job = info.job_id.split("_")[0]
+            break
         if chunk_job is None:
             continue
         if ids.get("array_task_id") is not None:
@@ -160,18 +190,23 @@ def reconcile(layout: Layout, items: Iterable[tuple[RunPaths, runs.RunRecord]]
     todo = [(p, r) for p, r in items if not r.terminal]
     if not todo:
         return items
+    from_sweep = _attach_from_sweeps(layout, todo)
     ev = gather(layout, [r for _, r in todo], {})
-    _attach_orphans(layout, todo, ev)
+    _attach_orphans(todo, ev)
     # markers are read after squeue: a job gone from the queue has written its exit already
     changed: list[tuple[RunPaths, runs.RunRecord]] = []
     updated: dict[Path, runs.RunRecord] = {}
-    decided = [(paths, decide(rec, read_markers(paths), ev)) for paths, rec in todo]
-    requeue.apply(decided, {p.dir: r for p, r in todo})
-    for (paths, new), (_, rec) in zip(decided, todo):
-        requeue.attempt_logs(paths, new)
-        if _worth_writing(rec, new):
-            changed.append((paths, new))
-        updated[paths.dir] = new
+    with runs.bulk():
+        decided = [(paths, decide(rec, read_markers(paths), ev)) for paths, rec in todo]
+        requeue.apply(decided, {p.dir: r for p, r in todo})
+        for (paths, new), (_, rec) in zip(decided, todo):
+            requeue.attempt_logs(paths, new)
+            # still queued, with its job id durable in the sweep record: the record on disk
+            # plus the sweep record say all there is, so nothing is rewritten
+            queued = paths.dir in from_sweep and new.state == "pending"
+            if not queued and _worth_writing(rec, new):
+                changed.append((paths, new))
+            updated[paths.dir] = new
     write_many(changed)
     return [(p, updated.get(p.dir, r)) for p, r in items]
 

@@ -31,7 +31,7 @@ from hpcexp.execute import base
 from hpcexp.execute.slurm.commands import JOB_PREFIX, SubmitUncertain, array_spec, submit_script
 from hpcexp.execute.slurm.decide import settled
 from hpcexp.execute.slurm.facts import cached_facts
-from hpcexp.execute.slurm.reconcile import write_many
+from hpcexp.execute.slurm.reconcile import array_task_ids, write_many
 from hpcexp.execute.slurm.resources import (
     check_against_cluster,
     check_resources,
@@ -42,10 +42,17 @@ from hpcexp.execute.slurm.resources import (
 from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
 
+MAX_TASK_ARGV = 2048
+"""A sweep task's record holds the hpcexp command line only up to this many characters (the
+sweep record always holds it)."""
+
 
 def _fault(point: str) -> None:
-    """Test hook (reliability test 35): ``HPCEXP_TEST_FAULT=slurm.after_sbatch:kill`` kills
-    this process right after sbatch accepted a job and before any record holds its id."""
+    """Test hook (reliability test 35, the kill test of docs/records.md):
+    ``HPCEXP_TEST_FAULT=slurm.after_sbatch:kill`` kills this process right after sbatch
+    accepted a job and before any record holds its id; the other points are
+    ``slurm.before_records``, ``slurm.after_part_records``, ``slurm.before_sbatch`` and
+    ``slurm.after_sweep_record``."""
     spec = os.environ.get("HPCEXP_TEST_FAULT", "")
     if spec == f"{point}:kill":
         import signal
@@ -192,7 +199,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             half = len(rng) // 2
             pending[:0] = [range(rng.start, rng.start + half), range(rng.start + half, rng.stop)]
             continue
-        renders.append((rng, job_name, rendered, script))
+        renders.append((rng, job_name, rendered, script, k))
         k += 1
 
     if dry_run:
@@ -200,7 +207,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                           [r[3] for r in renders], [r[2] for r in renders], dry_run=True)
 
     # keep the scripts and note every part in the sweep record before any sbatch call
-    for rng, job_name, rendered, script in renders:
+    for rng, job_name, rendered, script, _k in renders:
         atomic.write_text(script, rendered)
         for pos, i in enumerate(rng):
             t = tasks[i]
@@ -208,17 +215,26 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             if array:
                 t.record.executor_ids.update(array_task_id=pos, array_size=len(rng))
                 _link_script(script, t.paths.script)
+    _fault("slurm.before_records")
     if array and sweep_record is not None:
+        # One durable step per part (docs/records.md): the part's records as one fsynced
+        # table, the sweep record naming it (fsynced), then each run.json by rename without
+        # fsync; a run.json a crash takes away is written again from its table.
         subs = sweep_record.setdefault("submissions", [])
-        for rng, job_name, _, script in renders:
+        for rng, job_name, _, script, part in renders:
+            table = layout.sweep_table(str(sweep_id), part)
+            runs.create_records(table, [(tasks[i].paths, tasks[i].record) for i in rng])
             subs.append({"job_name": job_name, "script": str(script), "array_job_id": None,
-                         "run_ids": [tasks[i].record.run_id for i in rng],
+                         "run_ids": [tasks[i].record.run_id for i in rng], "records": table.name,
                          "task_indexes": [tasks[i].record.task_index for i in rng], "submitted_at": None})
+            _fault("slurm.after_part_records")
         sweep_mod.write_sweep(layout, sweep_record)
-    write_many([(t.paths, t.record) for t in tasks], strict=True)
+    else:
+        write_many([(t.paths, t.record) for t in tasks], strict=True)
+    _fault("slurm.before_sbatch")
 
     job_ids: list[str] = []
-    for n, (rng, job_name, _, script) in enumerate(renders):
+    for n, (rng, job_name, _, script, _part) in enumerate(renders):
         # A sweep split into several arrays: --max-parallel throttles each array, so with a
         # throttle each part waits for the previous one (afterany), keeping the global limit.
         after = job_ids[-1] if (array and res.max_parallel and job_ids) else None
@@ -263,8 +279,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             t.record.state = "pending"
             ids["submitted_at"] = now
             if array:
-                ids.update(job_id=f"{job}_{pos}", array_job_id=job, array_task_id=pos, array_size=len(rng),
-                           slurm_output=str(layout.sweep_dir(str(sweep_id)) / f"slurm-{job}_{pos}.out"))
+                ids.update(array_task_ids(layout, str(sweep_id), job, pos, len(rng)))
             else:
                 ids.update(job_id=job, slurm_output=str(t.paths.dir / f"slurm-{job}.out"))
         if array and sweep_record is not None:
@@ -272,9 +287,12 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
                 if sub["job_name"] == job_name:
                     sub.update(array_job_id=job, submitted_at=now, held=hold, after=after)
             sweep_mod.write_sweep(layout, sweep_record)
-        # the array job id is now durable in the sweep record (and the job name), from which
-        # reconcile re-attaches it: the task records need not be fsynced one by one again
-        write_many([(tasks[i].paths, tasks[i].record) for i in rng], strict=True, durable=not array)
+            _fault("slurm.after_sweep_record")
+            # The array job id is now durable in the sweep record (and Slurm knows the job by
+            # its name): every reader completes the task records from it (reconcile), so they
+            # are not written a second time; the records returned here are complete.
+        else:
+            write_many([(tasks[i].paths, tasks[i].record) for i in rng], strict=True)
     return Submission(exp_name, sweep_id, [(t.paths, t.record) for t in tasks], job_ids,
                       [r[3] for r in renders], [r[2] for r in renders])
 
@@ -329,68 +347,73 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     sweep_id = (sweep_mod.new_sweep_id() if dry_run else sweep_mod.allocate_sweep(layout)) if is_array else None
     res_dict = resources_dict(resources)
     hpcexp_argv = list(cmdline) if cmdline is not None else None
+    # a sweep's command line holds every value of the sweep: kept once, in the sweep record,
+    # and in each task's record only when short (else it made records grow with the sweep)
+    argv_size = sum(len(a) + 1 for a in hpcexp_argv or ())
     host, user = hostinfo.hostname(), hostinfo.user()
 
     tasks: list[_Task] = []
     allocated: list[RunPaths] = []
     try:
-        if dry_run:
-            allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
-        elif len(param_sets) < 16:
-            allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
-        else:
-            # exclusive mkdirs are independent syscalls: overlap them (a sweep makes a thousand)
-            from concurrent.futures import ThreadPoolExecutor
+        with runs.bulk():  # thousands of records and plans, no cycles among them
+            if dry_run:
+                allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
+            elif len(param_sets) < 16:
+                allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
+            else:
+                # exclusive mkdirs are independent syscalls: overlap them (a sweep makes a thousand)
+                from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                futures = [pool.submit(runs.allocate_run, layout, exp.name) for _ in param_sets]
-                for fut in futures:
-                    try:
-                        allocated.append(fut.result())
-                    except HpcexpError:
-                        pass
-            if len(allocated) != len(param_sets):
-                futures[[f.exception() is not None for f in futures].index(True)].result()
-        if not dry_run:
-            launch.ensure_mount_point(exp)  # once here, not raced by the array's tasks on the nodes
-        extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
-        for index, ps in enumerate(param_sets):
-            paths = allocated[index]
-            run_id = paths.dir.name
-            plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
-                               image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
-                               image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program,
-                               extra_env=extra_envs.get(run_id))
-            merged = dict(exp.params)
-            merged.update(ps)
-            rec = runs.RunRecord(
-                experiment=exp.name, run_id=run_id, state="submitting", executor="slurm",
-                arch=arch or host_arch(), params=merged, args=list(args if args is not None else exp.args),
-                command=list(plan.argv), image=str(image_path), image_sha256=info.get("sha256"),
-                input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
-                apptainer_version=info.get("apptainer_version") or version, git_commit=commit, git_dirty=dirty,
-                sweep_id=sweep_id, task_index=index if is_array else None, resources=dict(res_dict),
-                executor_ids={"base_attempt": 1}, host=host, user=user,
-            )
-            rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
-            policy_extra = policy_record(checkpoint or exp.checkpoint, exp.requeue)
-            if policy_extra:
-                rec.extra.update(policy_extra)
-                rec.extra["container_env"]["HPCEXP_CHECKPOINT_DIR"] = plan.container_env["HPCEXP_RESULTS"] \
-                    + "/checkpoint"
-            if info.get("source_ref"):
-                rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
-            if hpcexp_argv is not None:
-                rec.extra["hpcexp_argv"] = hpcexp_argv
-            if exp.services:  # started by the job script beside the payload (docs/services.md)
-                from hpcexp.execute.services import describe
+                with ThreadPoolExecutor(max_workers=8) as pool:
+                    futures = [pool.submit(runs.allocate_run, layout, exp.name) for _ in param_sets]
+                    for fut in futures:
+                        try:
+                            allocated.append(fut.result())
+                        except HpcexpError:
+                            pass
+                if len(allocated) != len(param_sets):
+                    futures[[f.exception() is not None for f in futures].index(True)].result()
+            if not dry_run:
+                launch.ensure_mount_point(exp)  # once here, not raced by the array's tasks on the nodes
+            extra_envs = payload_env(allocated, sweep_id) if (payload_env is not None and not dry_run) else {}
+            for index, ps in enumerate(param_sets):
+                paths = allocated[index]
+                run_id = paths.dir.name
+                plan = launch.plan(project, exp, image_path, paths, run_id=run_id, params=ps, args=args,
+                                   image_workdir=info.get("workdir"), image_cmd=info.get("cmd"),
+                                   image_entrypoint=info.get("entrypoint"), allow_binds=allow_binds, program=program,
+                                   extra_env=extra_envs.get(run_id))
+                merged = dict(exp.params)
+                merged.update(ps)
+                rec = runs.RunRecord(
+                    experiment=exp.name, run_id=run_id, state="submitting", executor="slurm",
+                    arch=arch or host_arch(), params=merged, args=list(args if args is not None else exp.args),
+                    command=list(plan.argv), image=str(image_path), image_sha256=info.get("sha256"),
+                    input_hash=info.get("input_hash"), recipe_sha256=info.get("recipe_sha256"),
+                    apptainer_version=info.get("apptainer_version") or version, git_commit=commit, git_dirty=dirty,
+                    sweep_id=sweep_id, task_index=index if is_array else None, resources=dict(res_dict),
+                    executor_ids={"base_attempt": 1}, host=host, user=user,
+                )
+                rec.extra = {"container_env": dict(plan.container_env), "pwd": plan.pwd, "runtime": program}
+                policy_extra = policy_record(checkpoint or exp.checkpoint, exp.requeue)
+                if policy_extra:
+                    rec.extra.update(policy_extra)
+                    rec.extra["container_env"]["HPCEXP_CHECKPOINT_DIR"] = plan.container_env["HPCEXP_RESULTS"] \
+                        + "/checkpoint"
+                if info.get("source_ref"):
+                    rec.extra["image_ref"] = info["source_ref"]   # the registry digest of the image
+                if hpcexp_argv is not None and (not is_array or argv_size <= MAX_TASK_ARGV):
+                    rec.extra["hpcexp_argv"] = hpcexp_argv
+                if exp.services:  # started by the job script beside the payload (docs/services.md)
+                    from hpcexp.execute.services import describe
 
-                rec.extra["services"] = describe(exp, service_images or {}, run_id)
-            # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
-            # would cost more than the whole sbatch call on a busy shared file system
-            spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
-                                   container_env=dict(rec.extra["container_env"]), attempt=1, env_prefix=prefix)
-            tasks.append(_Task(paths, rec, spec))
+                    rec.extra["services"] = describe(exp, service_images or {}, run_id)
+                # results/ and events/ are made by the job script (mkdir -p): a thousand mkdirs here
+                # would cost more than the whole sbatch call on a busy shared file system
+                spec = sbatch.TaskSpec(run_id=run_id, run_dir=paths.dir, argv=tuple(plan.argv),
+                                       container_env=dict(rec.extra["container_env"]), attempt=1,
+                                       env_prefix=prefix)
+                tasks.append(_Task(paths, rec, spec))
     except BaseException:
         if not dry_run:  # nothing was submitted: leave no half-made runs behind
             import shutil
@@ -405,6 +428,8 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
         sweep_record = {"sweep_id": sweep_id, "experiment": exp.name, "created_at": runs.utcnow(),
                         "size": len(tasks), "params": sorted({k for ps in param_sets for k in ps}),
                         "resources": res_dict, "image": str(image_path), "submissions": []}
+        if hpcexp_argv is not None:
+            sweep_record["hpcexp_argv"] = hpcexp_argv
     probe = None
     if env_probe is not None and extra_envs:
         names = sorted({k for env in extra_envs.values() for k in env})
@@ -552,7 +577,9 @@ def resubmit_sweep(project: Any, sweep_id: str, *, which: Sequence[str] | None =
     which = sweep_mod.FAILED_STATES if which is None else which
     layout = Layout(project)
     sweep_mod.read_sweep(layout, sweep_id)  # must exist
-    items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
+    items = runs.sweep_runs(layout, sweep_id)
+    if items is None:  # a damaged sweep record: the records say which runs are its
+        items = [(p, r) for p, r in runs.iter_runs(layout) if r.sweep_id == sweep_id]
     if not items:
         raise NotFound(f"sweep {sweep_id} has no runs")
     items = base.reconcile(layout, items)
