@@ -41,13 +41,17 @@ class Check:
 def check_apptainer() -> Check:
     inst = apptainer.detect()
     if inst is None:
+        broken = apptainer.problem()
+        if broken is not None:
+            return Check("apptainer", FAIL, f"apptainer does not work: {broken}",
+                         "check the installation or `module load apptainer`", required=True)
         return Check("apptainer", FAIL, "apptainer (or singularity) not found on PATH",
                      "install Apptainer >= 1.1 or `module load apptainer`; see README 'Troubleshooting'",
                      required=True)
     if not inst.supports_unprivileged_build:
-        return Check("apptainer", FAIL, f"{inst.program} {inst.version} is too old for rootless builds",
+        return Check("apptainer", FAIL, f"{inst.label} is too old for rootless builds",
                      "Apptainer >= 1.1 (or SingularityCE >= 3.9) is needed: load a newer module", required=True)
-    return Check("apptainer", OK, f"{inst.program} {inst.version} at {inst.path}", required=True)
+    return Check("apptainer", OK, f"{inst.label} at {inst.path}", required=True)
 
 
 def check_not_root() -> Check:

@@ -33,15 +33,29 @@ SCRUBBED_ENV_KEEP = ("APPTAINER_TMPDIR", "APPTAINER_CACHEDIR", "SINGULARITY_TMPD
 class Installation:
     """Which container runtime is installed and its version."""
 
-    program: str            # "apptainer" or "singularity"
+    program: str            # "apptainer" or "singularity": the name it was found under
     path: str
     version: str            # as printed, e.g. "1.4.5"
     version_tuple: tuple[int, int, int]
+    product: str = ""       # what ``--version`` says it is ("apptainer", "singularity"); "" = as program
+
+    @property
+    def kind(self) -> str:
+        """What the binary is, by its own word: a ``singularity`` link to Apptainer is Apptainer,
+        and an ``apptainer`` that prints "singularity version 3.5" is an old Singularity."""
+        return self.product or self.program
 
     @property
     def supports_unprivileged_build(self) -> bool:
-        minimum = MIN_APPTAINER if self.program == "apptainer" else MIN_SINGULARITY
+        minimum = MIN_APPTAINER if self.kind == "apptainer" else MIN_SINGULARITY
         return self.version_tuple >= minimum
+
+    @property
+    def label(self) -> str:
+        """``apptainer 1.4.5`` or, when the name and the product differ, ``apptainer (singularity 3.5.0)``."""
+        if self.kind != self.program:
+            return f"{self.program} ({self.kind} {self.version})"
+        return f"{self.program} {self.version}"
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -52,42 +66,69 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-def _probe(program: str) -> Installation | None:
+def _product(text: str) -> str:
+    low = text.lower()
+    if "apptainer" in low:
+        return "apptainer"
+    if "singularity" in low:     # SingularityCE prints "singularity-ce version 3.11.4"
+        return "singularity"
+    return ""
+
+
+def _probe(program: str) -> tuple[Installation | None, str | None]:
+    """(installation, None), (None, why it does not work) or (None, None) when not on PATH."""
     path = process.which(program)
     if path is None:
-        return None
+        return None, None
     try:
         res = process.run([path, "--version"], timeout=30)
-    except EnvironmentProblem:
-        return None
+    except EnvironmentProblem as exc:
+        return None, f"{path} could not be run: {exc}"
     if not res.ok:
-        return None
+        return None, f"`{path} --version` failed ({res.last_line()})"
     vt = parse_version(res.stdout)
     if vt is None:
-        return None
+        return None, f"`{path} --version` printed no version ({res.stdout.strip()[:80]!r})"
     m = re.search(r"\d+\.\d+(?:\.\d+)?\S*", res.stdout)
-    return Installation(program, path, m.group(0) if m else res.stdout.strip(), vt)
+    return Installation(program, path, m.group(0) if m else res.stdout.strip(), vt, _product(res.stdout)), None
 
 
 @functools.lru_cache(maxsize=None)
-def _detect_cached(path_env: str) -> Installation | None:
-    return _probe("apptainer") or _probe("singularity")
+def _detect_cached(path_env: str) -> tuple[Installation | None, str | None]:
+    inst, broken = _probe("apptainer")
+    if inst is not None or broken is not None:
+        # a broken apptainer is reported, never silently replaced by the singularity found
+        # next (on Debian a link to the same Apptainer, whose version would then be judged
+        # against SingularityCE's minimum)
+        return inst, broken
+    return _probe("singularity")
 
 
 def detect() -> Installation | None:
     """The installed runtime (apptainer preferred), or None. Cached per PATH value."""
-    return _detect_cached(os.environ.get("PATH", ""))
+    return _detect_cached(os.environ.get("PATH", ""))[0]
+
+
+def problem() -> str | None:
+    """Why the runtime found on PATH does not work (its ``--version`` failed), or None."""
+    return _detect_cached(os.environ.get("PATH", ""))[1]
 
 
 def require() -> Installation:
     """The installed runtime, or EnvironmentProblem with the fix (exit code 3)."""
     inst = detect()
     if inst is None:
+        broken = problem()
+        if broken is not None:
+            raise EnvironmentProblem(f"apptainer does not work: {broken}",
+                                     hint="check the installation or `module load apptainer`; "
+                                          "`hpcexp doctor` shows details")
         raise EnvironmentProblem("apptainer not found on PATH (nor singularity)",
                                  hint=process.INSTALL_HINTS["apptainer"])
     if not inst.supports_unprivileged_build:
-        need = ".".join(map(str, MIN_APPTAINER if inst.program == "apptainer" else MIN_SINGULARITY))
-        raise EnvironmentProblem(f"{inst.program} >= {need} required for rootless builds, found {inst.version}",
+        need = ".".join(map(str, MIN_APPTAINER if inst.kind == "apptainer" else MIN_SINGULARITY))
+        raise EnvironmentProblem(f"{inst.kind} >= {need} required for rootless builds, found {inst.label} "
+                                 f"at {inst.path}",
                                  hint="load a newer module or ask your admins; `hpcexp doctor` shows details")
     return inst
 
