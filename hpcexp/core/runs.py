@@ -246,6 +246,18 @@ def write_record(paths: RunPaths, record: RunRecord) -> None:
     atomic.write_text(paths.record, record.json_text())
 
 
+def mark(paths: RunPaths, rec: RunRecord, state: str, **changes: Any) -> RunRecord:
+    """Move ``rec`` to ``state`` with the given field changes, stamp ``ended_at`` on a terminal
+    state, and write it durably: the one way a process that owns a run records a transition."""
+    rec.state = state
+    for key, value in changes.items():
+        setattr(rec, key, value)
+    if state in TERMINAL and rec.ended_at is None:
+        rec.ended_at = utcnow()
+    write_record(paths, rec)
+    return rec
+
+
 def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     """Replace run.json atomically (temp + rename) WITHOUT fsync: readers still see a whole
     old or new version, but a machine crash may bring back the previous one.

@@ -8,13 +8,15 @@ inside Apptainer's own configuration, so a session's keeper leaves its
 from its owner, as the watchdog does: the release byte means the owner cleaned up
 itself; end of file without it means the owner died, and the guard execs the command.
 
-Imports the standard library's ``os`` and ``signal`` only (it runs with ``python -I -S``).
+Imports the standard library's ``os`` and :mod:`hpcexp.infra.watchdog` (``os``, ``signal``,
+``time``) only: it runs with ``python -I -S``.
 """
 
 from __future__ import annotations
 
 import os
-import signal
+
+from hpcexp.infra.watchdog import owner_released
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,15 +29,7 @@ PROGRAM = ("import sys; sys.path.insert(0, sys.argv[1]); "
 
 def main(stop_argv: Sequence[str]) -> None:  # pragma: no cover - runs in the guard process
     """Wait for the owner's byte on stdin; end of file without it execs ``stop_argv``."""
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    while True:
-        try:
-            data = os.read(0, 1)
-            break
-        except InterruptedError:
-            continue
-    if not data and stop_argv:
+    if not owner_released() and stop_argv:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)

@@ -98,16 +98,21 @@ def kill_group(pgid: int | None, *, marker: str | None = None, grace: float = 2.
     return touched
 
 
-def main(args: Sequence[str]) -> None:  # pragma: no cover - runs in the watchdog process
-    """`PGID MARKER GRACE`: wait for the owner's byte on stdin; end of file without it kills the group."""
-    pgid, marker, grace = int(args[0]), args[1] or None, float(args[2])
+def owner_released() -> bool:  # pragma: no cover - runs in a watchdog or guard process
+    """Block on stdin, the pipe from the owner, ignoring the signals a terminal or a job's
+    end sends to the group: True when the owner wrote its release byte (it cleaned up
+    itself), False at end of file without it (the owner died)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     while True:
         try:
-            data = os.read(0, 1)
-            break
+            return bool(os.read(0, 1))
         except InterruptedError:
             continue
-    if not data:
+
+
+def main(args: Sequence[str]) -> None:  # pragma: no cover - runs in the watchdog process
+    """`PGID MARKER GRACE`: wait for the owner's byte on stdin; end of file without it kills the group."""
+    pgid, marker, grace = int(args[0]), args[1] or None, float(args[2])
+    if not owner_released():
         kill_group(pgid, marker=marker, grace=grace)

@@ -175,14 +175,7 @@ def wait_ready(run_paths: RunPaths, keeper: "subprocess.Popen[bytes]", *, wait: 
         time.sleep(0.02)
 
 
-def _mark(run_paths: RunPaths, rec: runs.RunRecord, state: str, **changes: Any) -> runs.RunRecord:
-    rec.state = state
-    for key, value in changes.items():
-        setattr(rec, key, value)
-    if state in runs.TERMINAL and rec.ended_at is None:
-        rec.ended_at = runs.utcnow()
-    runs.write_record(run_paths, rec)
-    return rec
+_mark = runs.mark  # the owner's way to record a transition
 
 
 def _tail(path: Path) -> str:

@@ -64,14 +64,7 @@ MARKER = "HPCEXP_RUN_ID"
 _TERMINAL_QUEUE_CHUNKS = 256        # bounded: a stuck terminal drops output, never blocks the payload
 
 
-def mark(run_paths: RunPaths, rec: runs.RunRecord, state: str, **changes: Any) -> runs.RunRecord:
-    rec.state = state
-    for key, value in changes.items():
-        setattr(rec, key, value)
-    if state in runs.TERMINAL and rec.ended_at is None:
-        rec.ended_at = runs.utcnow()
-    runs.write_record(run_paths, rec)
-    return rec
+mark = runs.mark  # the owner's way to record a transition
 
 
 class _Stream(threading.Thread):
