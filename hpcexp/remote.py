@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hpcexp.errors import RemoteError, RemoteTimeout
+from hpcexp.infra import process
 from hpcexp.runtime.remote_client import Connection
 
 __all__ = ["RemoteError", "RemoteTimeout", "Session", "connect"]
@@ -60,14 +61,7 @@ class Session:
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return
-        if keeper.stdin is not None:
-            with contextlib.suppress(OSError):
-                keeper.stdin.write(b"x")
-                keeper.stdin.flush()
-            with contextlib.suppress(OSError):
-                keeper.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            keeper.wait(timeout=wait)
+        process.release_watcher(keeper, timeout=wait)
 
     def __enter__(self) -> "Session":
         return self

@@ -250,11 +250,18 @@ class Watchdog:
 
     def release(self) -> None:
         """The owner is done: tell the watchdog to exit without killing anything, and reap it."""
-        if self._proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self._proc.stdin.write(b"x")
-                self._proc.stdin.flush()
-            with contextlib.suppress(OSError):
-                self._proc.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=10)
+        release_watcher(self._proc)
+
+
+def release_watcher(proc: "subprocess.Popen[bytes]", timeout: float = 10.0) -> None:
+    """Tell a child that watches its owner through a pipe (a watchdog, a guard, a session's
+    keeper) that the owner let go on purpose: the release byte, then end of file, then reap
+    it (at most ``timeout`` s). End of file alone would mean the owner died."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"x")
+            proc.stdin.flush()
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)

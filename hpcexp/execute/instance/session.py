@@ -340,14 +340,7 @@ def _start_guard(rec: runs.RunRecord) -> "subprocess.Popen[bytes] | None":
 
 
 def _release(guard: "subprocess.Popen[bytes]") -> None:
-    if guard.stdin is not None:
-        with contextlib.suppress(OSError):
-            guard.stdin.write(b"x")
-            guard.stdin.flush()
-        with contextlib.suppress(OSError):
-            guard.stdin.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        guard.wait(timeout=10)
+    process.release_watcher(guard)
 
 
 def _teardown(rec: runs.RunRecord, server: "subprocess.Popen[bytes] | None", started: bool,
