@@ -71,6 +71,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+#: how often a file replaced by a rename between the check and the open is looked at again
+REPLACED_RETRIES = 5
+
+
+class _Replaced(Exception):
+    """The name now points at another regular file: a writer renamed a new version in."""
+
+
 def read_regular(path: Path | str, *, max_bytes: int, what: str = "file", inside: Path | str | None = None) -> bytes:
     """The bytes of regular file ``path``, read without blocking and without following links out.
 
@@ -78,8 +86,20 @@ def read_regular(path: Path | str, *, max_bytes: int, what: str = "file", inside
     without it a symlink is refused. Special files (FIFO, device, socket, directory) are
     refused before they are opened. Raises :class:`Unsafe` (exit 2) naming the path and
     the reason, :class:`PermissionProblem` (77, "cannot read") or FileNotFoundError.
+
+    A file that another regular file replaced between the check and the open (a record
+    being rewritten by temp name and rename, as every writer here does) is read again,
+    from the check; only a swap to something else, or one that keeps happening, is refused.
     """
-    path = Path(path)
+    for _ in range(REPLACED_RETRIES):
+        try:
+            return _read_regular(Path(path), max_bytes=max_bytes, what=what, inside=inside)
+        except _Replaced:
+            continue
+    raise Unsafe(what, Path(path), "changed while being opened; refusing it")
+
+
+def _read_regular(path: Path, *, max_bytes: int, what: str, inside: Path | str | None) -> bytes:
     st = os.lstat(path)
     target = path
     if stat.S_ISLNK(st.st_mode):
@@ -104,8 +124,10 @@ def read_regular(path: Path | str, *, max_bytes: int, what: str = "file", inside
         raise
     try:
         fst = os.fstat(fd)
-        if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        if not stat.S_ISREG(fst.st_mode):
             raise Unsafe(what, path, "changed while being opened; refusing it")
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise _Replaced()
         chunks: list[bytes] = []
         got = 0
         while True:
