@@ -216,15 +216,20 @@ def test_service_that_never_becomes_ready_fails_the_run_with_one_line(project: P
     assert_nothing_left(rec["run_id"], service_ports(full), within=5, also=("sleep 600",))
 
 
-def test_stop_of_a_running_payload_stops_its_services(project: Path) -> None:
-    proc = cli(project, "run", "long", "--detach")
+def _running_detached(project: Path, exp: str) -> tuple[str, dict[str, Any]]:
+    """Start ``exp`` detached and wait until its supervisor records it running: (run id, run.json)."""
+    proc = cli(project, "run", exp, "--detach")
     assert proc.returncode == 0, proc.stderr
     run_id = record(project, "@last")["run_id"]
     deadline = time.monotonic() + 120
-    while run_json(project, "long", run_id)["state"] != "running":
+    while run_json(project, exp, run_id)["state"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    full = run_json(project, "long", run_id)
+    return run_id, run_json(project, exp, run_id)
+
+
+def test_stop_of_a_running_payload_stops_its_services(project: Path) -> None:
+    run_id, full = _running_detached(project, "long")
     assert f"hpcexp-{run_id}-redis" in instances()
     stop = cli(project, "stop", run_id)
     assert stop.returncode == 0, stop.stderr
@@ -234,14 +239,7 @@ def test_stop_of_a_running_payload_stops_its_services(project: Path) -> None:
 
 
 def test_killed_supervisor_leaves_no_service_behind(project: Path) -> None:
-    proc = cli(project, "run", "long", "--detach")
-    assert proc.returncode == 0, proc.stderr
-    run_id = record(project, "@last")["run_id"]
-    deadline = time.monotonic() + 120
-    while run_json(project, "long", run_id)["state"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    full = run_json(project, "long", run_id)
+    run_id, full = _running_detached(project, "long")
     os.kill(full["executor_ids"]["supervisor_pid"], signal.SIGKILL)
     assert_nothing_left(run_id, service_ports(full), within=20, images=(full["services"][0]["image"],))
     assert record(project, run_id)["state"] == "lost"
