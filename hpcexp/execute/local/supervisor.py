@@ -197,6 +197,24 @@ def _decode_exit(rc: int, fatal: str | None, stop: "_StopState") -> dict[str, An
     return out
 
 
+def _send_stop_signal(pgid: int, sig: int, checkpoint: bool) -> None:
+    """Send the stop or checkpoint signal to the container.
+
+    The checkpoint signal goes to the ``apptainer`` process alone (the group's leader, whose
+    pid is the group id), which passes it on to the payload, as the Slurm job script does and
+    as ``docker kill -s`` does: sent to the whole group, it would also reach every helper of
+    the payload (a ``sleep``, a data-loader worker) whose default action for USR1/USR2 is to
+    die, and reach the payload twice (once directly, once forwarded), which let a shell's trap
+    be cut short and the run end with 128 + the signal. The stop signal still goes to the whole
+    group, so that a payload that ignores it does not keep its children alive until SIGKILL.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if checkpoint:
+            os.kill(pgid, sig)
+        else:
+            os.killpg(pgid, sig)
+
+
 def _signame(sig: int) -> str:
     try:
         return signal.Signals(sig).name
@@ -289,8 +307,7 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
             stop.checkpoint = checkpoint
             stop.signal_sent = checkpoint or stop_signal
             if group[0] is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group[0], stop.signal_sent)
+                _send_stop_signal(group[0], stop.signal_sent, checkpoint is not None)
         else:
             stop.kill_now = True
 
@@ -353,8 +370,8 @@ def supervise(run_paths: RunPaths, *, tee: bool = False, interactive: bool = Fal
     group[0] = pgid
     apptainer_start = hostinfo.pid_start_ticks(proc.pid)
     if stop.requested:  # a signal arrived while the container was being started
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, stop.signal_sent or stop_signal)
+        _send_stop_signal(pgid, stop.signal_sent or stop_signal,
+                          stop.checkpoint is not None and stop.signal_sent == stop.checkpoint)
     probe = start_probe(rec.command[0]) if not rec.apptainer_version else None
 
     watchdog = process.Watchdog.start(pgid, marker=rec.run_id)
