@@ -40,13 +40,21 @@ def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Run ids whose run.json was read."""
     seen: list[str] = []
-    real = runs.read_record
+    real_file, real_table = runs._read_file, runs.table_record
 
     def counting(paths: runs.RunPaths) -> runs.RunRecord:
+        rec = real_file(paths)
         seen.append(paths.dir.name)
-        return real(paths)
+        return rec
 
-    monkeypatch.setattr(runs, "read_record", counting)
+    def counting_table(paths: runs.RunPaths, data: Any = None) -> runs.RunRecord | None:
+        rec = real_table(paths, data)
+        if rec is not None:
+            seen.append(paths.dir.name)
+        return rec
+
+    monkeypatch.setattr(runs, "_read_file", counting)
+    monkeypatch.setattr(runs, "table_record", counting_table)
     return seen
 
 
@@ -58,8 +66,9 @@ def test_a_sweep_is_written_once_with_a_few_fsyncs(project: Any, fake_slurm: Fak
     table = layout.sweep_table(str(sub.sweep_id), 0)
     lines = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines()]
     assert [d["run_id"] for d in lines] == [r.run_id for _, r in sub.runs]
-    # each run.json holds exactly what the table holds (written once: the state before sbatch)
-    assert all(json.loads(p.record.read_text(encoding="utf-8")) == d for (p, _), d in zip(sub.runs, lines))
+    # no folder and no run.json per task: the table is each task's record until it changes
+    assert not any(p.dir.exists() for p, _ in sub.runs)
+    assert all(runs.read_record(p).to_dict() == d for (p, _), d in zip(sub.runs, lines))
     assert {d["state"] for d in lines} == {"submitting"}
     record = json.loads(layout.sweep(str(sub.sweep_id)).read_text())
     assert record["submissions"][0]["records"] == table.name and record["submissions"][0]["array_job_id"] == "1000"
@@ -157,20 +166,31 @@ def test_a_sweep_without_its_sweep_record_is_found_from_the_records(project: Any
     assert [r.task_index for _, r in runs.resolve(layout, str(sub.sweep_id))] == [0, 1, 2, 3]
 
 
-def test_a_run_json_lost_in_a_crash_comes_back_from_the_table_with_its_job_id(
+def test_a_task_is_its_table_line_until_it_changes_and_a_lost_run_json_falls_back_to_it(
         project: Any, fake_slurm: FakeSlurm) -> None:
     sub = _submit(project, [{"i": str(i)} for i in range(5)], sweep=True)
     layout = Layout(project)
-    gone = {sub.runs[i][0]: sub.runs[i][1].params for i in (1, 4)}
-    for p in gone:
-        p.record.unlink()
     fake_slurm.set("squeue", "".join(f"1000_{i}|1000|{i}|PENDING|JobHeldUser|x||0:00\n" for i in range(5)))
     items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
     assert [r.executor_ids["job_id"] for _, r in items] == [f"1000_{i}" for i in range(5)]
     assert [r.state for _, r in items] == ["pending"] * 5
-    for p, params in gone.items():
-        again = runs.read_record(p)
-        assert again.params == params and again.state == "submitting" and again.run_id == p.dir.name
+    # found by id, by prefix, in listings and as the experiment's latest, with no folder
+    (hit,) = runs.resolve(layout, sub.runs[3][1].run_id)
+    assert hit[1].params == sub.runs[3][1].params and hit[1].from_table
+    with pytest.raises(UsageError, match=f"ambiguous: matches {sub.runs[0][1].run_id}"):
+        runs.resolve(layout, sub.runs[3][1].run_id[:-1])
+    assert [r.task_index for _, r in runs.iter_runs(layout, "echo")] == [0, 1, 2, 3, 4]
+    assert runs.resolve(layout, "echo")[0][1].task_index == 4
+    # a task that ran has its own run.json; when a machine crash takes that away (it is written
+    # without fsync when only the tables and sweep record hold what it says), the table is back
+    fake_slurm.set("squeue", "1000_1|1000|1|RUNNING|None|x|n1|0:01\n"
+                   + "".join(f"1000_{i}|1000|{i}|PENDING|JobHeldUser|x||0:00\n" for i in (0, 2, 3, 4)))
+    executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
+    ran = sub.runs[1][0]
+    assert json.loads(ran.record.read_text())["state"] == "running"
+    ran.record.unlink()
+    again = runs.read_record(ran)
+    assert again.params == sub.runs[1][1].params and again.state == "submitting" and again.run_id == ran.dir.name
 
 
 def test_status_json_of_many_runs_is_the_same_json(project: Any, fake_slurm: FakeSlurm, tmp_path: Path) -> None:
@@ -194,7 +214,7 @@ def test_a_long_sweep_command_line_is_kept_once_not_in_every_task(project: Any, 
     sub = _submit(project, [{"i": str(i)} for i in range(600)], sweep=True, cmdline=argv)
     layout = Layout(project)
     assert json.loads(layout.sweep(str(sub.sweep_id)).read_text())["hpcexp_argv"] == argv
-    sizes = {p.record.stat().st_size for p, _ in sub.runs}
+    sizes = {len(runs.read_record(p).json_text()) for p, _ in sub.runs}
     assert max(sizes) < 4096 and "hpcexp_argv" not in runs.read_record(sub.runs[0][0]).extra
     short = _submit(project, [{"i": "1"}, {"i": "2"}], sweep=True, cmdline=["hpcexp", "submit", "echo"])
     assert runs.read_record(short.runs[0][0]).extra["hpcexp_argv"] == ["hpcexp", "submit", "echo"]

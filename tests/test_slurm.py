@@ -272,6 +272,9 @@ def test_sweep_is_one_array_with_one_record_per_task(project: Any, fake_slurm: F
     assert len(fake_slurm.calls("sbatch")) == 1
     assert len(sub.runs) == 6 and len({p.dir for p, _ in sub.runs}) == 6
     recs = [runs.read_record(p) for p, _ in sub.runs]
+    # no folder per task at submit (the job makes it); the script is the sweep's
+    assert not any(p.dir.exists() for p, _ in sub.runs) and sub.scripts[0].parent == Layout(project).sweep_dir(
+        str(sub.sweep_id))
     assert [r.params for r in recs] == [{"msg": "x", "a": a, "b": b} for a in "123" for b in "xy"]
     assert {r.sweep_id for r in recs} == {sub.sweep_id}
     # written once, before sbatch: on disk each task is `submitting` with its array position;
@@ -282,7 +285,6 @@ def test_sweep_is_one_array_with_one_record_per_task(project: Any, fake_slurm: F
     assert [r.task_index for r in recs] == list(range(6))
     script = (fake_slurm.root / "script-1000.sbatch").read_text()
     assert "#SBATCH --array=0-5\n" in script
-    assert all(p.script.samefile(sub.scripts[0]) for p, _ in sub.runs)
     record = sweep.read_sweep(Layout(project), sub.sweep_id)
     assert record["size"] == 6 and record["submissions"][0]["array_job_id"] == "1000"
 
@@ -364,7 +366,7 @@ def test_reconcile_one_squeue_call_and_sacct_skipped_once_disabled(project: Any,
     assert len(fake_slurm.calls("squeue")) == 1 and fake_slurm.calls("sacct") == []
     # tasks 0-2 finished (markers), 3 vanished without a trace, 4 still queued
     for i, (paths, _) in enumerate(sub.runs[:3]):
-        paths.events.mkdir()
+        paths.events.mkdir(parents=True)   # as the job script does (mkdir -p)
         (paths.events / "attempt-1.started").write_text('{"time": "t", "host": "n1"}')
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": i, "time": "t2", "launch_error": None}))
     fake_slurm.set("squeue", "1000_4|1000|4|PENDING|Priority|hpcexp-x||0:00\n")
@@ -409,7 +411,7 @@ def test_stop_cancels_whole_array_or_single_tasks(project: Any, fake_slurm: Fake
 def test_resubmit_failed_submits_only_those_tasks(project: Any, fake_slurm: FakeSlurm) -> None:
     sub = _submit(project, [{"i": str(i)} for i in range(4)], sweep=True)
     for i, (paths, _) in enumerate(sub.runs):
-        paths.events.mkdir()
+        paths.events.mkdir(parents=True)
         (paths.events / "attempt-1.exit").write_text(json.dumps({"exit_code": 1 if i == 2 else 0, "time": "t"}))
     fake_slurm.set("squeue", "")
     fake_slurm.set("scontrol", "")
@@ -505,23 +507,24 @@ def test_array_task_ids_are_reattached_from_the_sweep_record(project: Any, fake_
     sub = _submit(project, [{"i": str(i)} for i in range(3)], sweep=True)
     layout = Layout(project)
     paths, _ = sub.runs[2]
-    before = {p.record: p.record.stat().st_mtime_ns for p, _ in sub.runs[:2]}
     fake_slurm.set("squeue", "".join(f"1000_{i}|1000|{i}|PENDING|Priority|x||0:00\n" for i in range(3)))
-    # as if a machine crash took away a run.json written without fsync: the part's durable
-    # table brings it back, the sweep record its job id
-    paths.record.unlink()
+    # the tasks' records are the part's durable table, their job ids the sweep record's
     items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
     assert [r.executor_ids["job_id"] for _, r in items] == ["1000_0", "1000_1", "1000_2"]
     assert {r.state for _, r in items} == {"pending"}
-    assert runs.read_record(paths).run_id == paths.dir.name
-    # still queued, job id durable in the sweep record: nothing was rewritten for it
-    assert {p.record: p.record.stat().st_mtime_ns for p, _ in sub.runs[:2]} == before
-    # once a task started, its record says so (written durably, as every state change)
-    paths.events.mkdir()
+    assert runs.read_record(paths).run_id == paths.dir.name and runs.read_record(paths).from_table
+    # still queued, job id durable in the sweep record: no folder and no run.json was made for it
+    assert not any(p.dir.exists() for p, _ in sub.runs)
+    # once a task started (its job made its folder), its record says so, written durably
+    paths.events.mkdir(parents=True)
     (paths.events / "attempt-1.started").write_text('{"time": "t", "host": "n1"}')
-    fake_slurm.set("squeue", "1000_2|1000|2|RUNNING|None|x|n1|0:01\n")
+    fake_slurm.set("squeue", "1000_2|1000|2|RUNNING|None|x|n1|0:01\n"
+                   + "".join(f"1000_{i}|1000|{i}|PENDING|Priority|x||0:00\n" for i in range(2)))
     items = executors.reconcile(layout, runs.resolve(layout, str(sub.sweep_id)))
-    assert runs.read_record(paths).state == "running" and runs.read_record(paths).executor_ids["job_id"] == "1000_2"
+    on_disk = json.loads(paths.record.read_text())
+    assert on_disk["state"] == "running" and on_disk["executor_ids"]["job_id"] == "1000_2"
+    assert not runs.read_record(paths).from_table
+    assert not sub.runs[0][0].dir.exists()                       # the others are still the table's
 
 
 def test_sweep_task_killed_between_sbatch_and_the_sweep_record_is_attached_by_name(

@@ -106,6 +106,9 @@ class RunRecord:
     # Not a field (never serialised): set on the stand-in for a damaged run.json, saying why
     # and where (``status --json`` shows it as ``error``); such a record is never written back.
     error = None
+    # Not a field either: True for a sweep task's record read from its sweep's table (its
+    # folder and run.json are made by the first write of a new state; core/sweeptable.py).
+    from_table = False
 
     @property
     def terminal(self) -> bool:
@@ -240,10 +243,23 @@ def _refuse_damaged(paths: RunPaths, record: RunRecord) -> None:
                          hint="inspect or remove that run folder by hand")
 
 
+def _ensure_folder(paths: RunPaths, record: RunRecord) -> None:
+    """A sweep task read from its table gets its folder at its first write (its job may
+    have made it already): only such records, so a run folder somebody removed is never
+    made again by a stray write."""
+    if record.from_table:
+        try:
+            paths.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise atomic.storage_error(exc, paths.dir) from exc
+
+
 def write_record(paths: RunPaths, record: RunRecord) -> None:
     """Atomically replace run.json (temp, fsync, rename, fsync dir)."""
     _refuse_damaged(paths, record)
+    _ensure_folder(paths, record)
     atomic.write_text(paths.record, record.json_text())
+    record.from_table = False
 
 
 def mark(paths: RunPaths, rec: RunRecord, state: str, **changes: Any) -> RunRecord:
@@ -267,7 +283,9 @@ def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     fsynced sweep record, from which :func:`sweep_runs` and ``reconcile`` redo them.
     """
     _refuse_damaged(paths, record)
+    _ensure_folder(paths, record)
     replace_text_nosync(paths.record, record.json_text())
+    record.from_table = False
 
 
 def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int = 8, durable: bool = True) -> None:
@@ -291,7 +309,10 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
     def one(item: tuple[RunPaths, RunRecord]) -> BaseException | None:
         try:
             if durable:
+                _refuse_damaged(*item)
+                _ensure_folder(*item)
                 atomic.write_text(item[0].record, item[1].json_text())
+                item[1].from_table = False
             else:
                 replace_record_nosync(*item)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
@@ -304,21 +325,27 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
         raise errors[0]
 
 
-def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]]) -> None:
-    """Write the new records of one batch (an array part before its ``sbatch``) with ONE
-    fsync: first their table, one record a line, published durably (temp, fsync, rename,
-    fsync of the folder), then each ``run.json`` by temp and rename without fsync.
+def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]], *, run_json: bool = True) -> None:
+    """Write the records of one batch (an array part before its ``sbatch``) with ONE
+    fsync: their table, one record a line, published durably (temp, fsync, rename, fsync
+    of the folder); with ``run_json``, then each ``run.json`` by temp and rename without fsync.
 
-    When this returns, every record is visible to every reader (the rename), and after a
-    machine crash the table still holds every one of them: :func:`sweep_runs` writes a
-    missing ``run.json`` again from it. A thousand fsyncs cost seconds on a busy disk;
-    one costs milliseconds (docs/records.md has the measurements)."""
+    A new sweep's tasks (``run_json=False``) have no folder yet: the table is their record
+    until their first new state is written (:mod:`hpcexp.core.sweeptable`), so a reader
+    finds every one of them as soon as this returns. Tasks submitted again have folders and
+    a ``run.json`` saying how their last attempt ended, replaced here. After a machine
+    crash the table still holds every record as written here. A thousand fsyncs cost
+    seconds on a busy disk; one costs milliseconds (docs/records.md has the measurements)."""
     from hpcexp.infra import atomic as _atomic
 
     for paths, rec in items:
         _refuse_damaged(paths, rec)
     texts = [rec.json_texts() for _, rec in items]
     _atomic.write_text(table, "\n".join(line for _, line in texts) + "\n")
+    if not run_json:
+        for _, rec in items:
+            rec.from_table = True
+        return
     jobs = [(paths.record, text) for (paths, _), (text, _) in zip(items, texts)]
     if len(jobs) < 64:
         for final, text in jobs:
@@ -436,7 +463,20 @@ def read_record(paths: RunPaths) -> RunRecord:
     special file, too big, too deeply nested, not JSON, wrong field types) comes back as
     state ``unknown`` with the reason and the path (``error``), never as success and never
     as an exception, so one damaged run cannot hide the others. Nothing blocks: special
-    files are refused before they are opened."""
+    files are refused before they are opened.
+
+    A sweep task with no run.json yet is read from its sweep's table (``from_table``)."""
+    try:
+        return _read_file(paths)
+    except NotFound:
+        rec = table_record(paths)
+        if rec is None:
+            raise
+        return rec
+
+
+def _read_file(paths: RunPaths) -> RunRecord:
+    """:func:`read_record` of run.json alone (NotFound when there is none)."""
     from hpcexp.infra.safeio import Unreadable, Unsafe, load_json, read_regular
 
     try:
@@ -462,6 +502,22 @@ def read_record(paths: RunPaths) -> RunRecord:
         return damaged_record(paths, str(exc))
 
 
+def table_record(paths: RunPaths, data: dict[str, Any] | None = None) -> RunRecord | None:
+    """The record of a sweep task that has no run.json yet, from its sweep's table (or
+    ``data``, its line), marked ``from_table``; None when the table holds no usable one."""
+    if data is None:
+        from hpcexp.core import sweeptable
+
+        data = sweeptable.task_record(paths.dir)
+    if data is None or _schema_problem(data, paths):
+        return None
+    if os.path.islink(paths.dir):
+        return damaged_record(paths, "the run folder is a symbolic link; not followed")
+    rec = RunRecord.from_dict(data).copy()   # the table's dicts stay the cache's
+    rec.from_table = True
+    return rec
+
+
 def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[RunPaths, RunRecord]]:
     """Every run of the project (or of one experiment), oldest first by id.
 
@@ -484,22 +540,42 @@ def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[R
         exp_dirs = [root / experiment]
     else:
         exp_dirs = sorted(Path(e.path) for e in entries(root) if e.is_dir(follow_symlinks=False))
-    items: list[tuple[str, RunPaths, bool]] = []
+    from hpcexp.core import sweeptable
+
+    items: list[tuple[str, RunPaths, Any]] = []
+    lazy: dict[str, list[Any]] | None = None
     for exp_dir in exp_dirs:
         if not exp_dir.is_dir() or exp_dir.is_symlink():
             continue
+        seen: set[str] = set()
         for entry in entries(exp_dir):
             paths = RunPaths(Path(entry.path))
             if entry.is_symlink():
                 if entry.is_dir():
                     items.append((entry.name, paths, True))
+                    seen.add(entry.name)
             elif entry.is_dir(follow_symlinks=False) and os.path.lexists(paths.record):
                 items.append((entry.name, paths, False))
-    for _, paths, linked in sorted(items, key=lambda t: t[0]):
-        if linked:
+                seen.add(entry.name)
+        # sweep tasks whose record is still their sweep's table alone
+        if lazy is None:
+            lazy = sweeptable.by_experiment(layout.sweeps_dir())
+        for idx in lazy.get(exp_dir.name, ()):
+            missing = [rid for rid in idx.run_ids if rid not in seen]
+            if missing:
+                table = idx.records()
+                for rid in missing:
+                    if rid in table:
+                        items.append((rid, RunPaths(exp_dir / rid), table[rid]))
+    for _, paths, how in sorted(items, key=lambda t: t[0]):
+        if how is True:
             yield paths, damaged_record(paths, "the run folder is a symbolic link; not followed")
-        else:
+        elif how is False:
             yield paths, read_record(paths)
+        else:
+            rec = table_record(paths, how)
+            if rec is not None:
+                yield paths, rec
 
 
 def _load(paths: RunPaths) -> RunRecord:
@@ -557,80 +633,57 @@ def latest_run(layout: Layout, experiment: str) -> tuple[RunPaths, RunRecord] | 
             continue
         if best is None or (rec.created_at, rec.run_id) > (best[1].created_at, best[1].run_id):
             best = (paths, rec)
-    return best or fallback
+    # a newer sweep whose tasks have no folder yet: its last task (sweep ids sort by time)
+    from hpcexp.core import sweeptable
 
-
-def _table_records(layout: Layout, tables: Iterable[Path]) -> dict[str, dict[str, Any]]:
-    """Records by run id from a sweep's durable tables (see :func:`create_records`)."""
-    from hpcexp.infra.safeio import load_json, read_regular
-
-    out: dict[str, dict[str, Any]] = {}
-    for table in tables:
-        try:
-            raw = read_regular(table, max_bytes=1 << 30, what="sweep table")
-        except (OSError, HpcexpError):
+    for idx in sweeptable.sweeps_of(layout.sweeps_dir(), experiment, since=best[1].run_id[:15] if best else ""):
+        if not idx.run_ids:
             continue
-        for line in raw.splitlines():
-            try:
-                data = load_json(line)
-            except ValueError:
-                continue  # a torn last line cannot be: the table is published by rename
-            if isinstance(data, dict) and isinstance(data.get("run_id"), str):
-                out[data["run_id"]] = data
-    return out
+        paths = RunPaths(folder / idx.run_ids[-1])
+        try:
+            rec = _load(paths)
+        except NotFound:
+            continue
+        if rec.error is None and (best is None or (rec.created_at, rec.run_id) > (best[1].created_at,
+                                                                                 best[1].run_id)):
+            best = (paths, rec)
+        break
+    return best or fallback
 
 
 def sweep_runs(layout: Layout, sweep_id: str) -> list[tuple[RunPaths, RunRecord]] | None:
     """Every task of a sweep, in task order, reading only its own records.
 
     The sweep record (``runs/.sweeps/SWEEP_ID.json``, fsynced before any ``sbatch``) names
-    every run id it submitted: it is the sweep's index. A task whose ``run.json`` is missing
-    although its part's durable table holds it (a machine crash after ``submit`` returned:
-    the records themselves are written without fsync) is written again from the table.
+    every run id it submitted: it is the sweep's index. A task with no ``run.json`` (not
+    started yet, or its run.json lost in a machine crash: those are written without fsync)
+    is its record in its part's durable table (``from_table``: written at its next change).
     None when there is no usable sweep record (the caller falls back to reading the records).
     """
-    from hpcexp.infra.safeio import load_json_file
+    from hpcexp.core import sweeptable
 
-    try:
-        data = load_json_file(layout.sweep(sweep_id), max_bytes=64 << 20, what="sweep record")
-    except (FileNotFoundError, ValueError):
+    idx = sweeptable.index(layout.sweeps_dir(), sweep_id)
+    if idx is None:
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("experiment"), str):
-        return None
-    experiment = data["experiment"]
-    ids: dict[str, None] = {}
-    tables: list[Path] = []
-    for sub in data.get("submissions") or []:
-        if not isinstance(sub, dict):
-            continue
-        for rid in sub.get("run_ids") or []:
-            if isinstance(rid, str):
-                ids[rid] = None
-        if isinstance(sub.get("records"), str):
-            tables.append(layout.sweep_dir(sweep_id) / Path(sub["records"]).name)
     out: list[tuple[RunPaths, RunRecord]] = []
     missing: list[RunPaths] = []
+    folder = layout.experiment_runs(idx.experiment)
     with bulk():
-        for rid in ids:
-            paths = layout.run(experiment, rid)
+        for rid in idx.run_ids:
+            paths = RunPaths(folder / rid)
+            if paths.dir.is_symlink():
+                out.append((paths, damaged_record(paths, "the run folder is a symbolic link; not followed")))
+                continue
             try:
-                out.append((paths, _load(paths)))
+                out.append((paths, _read_file(paths)))
             except NotFound:
                 missing.append(paths)
-    if missing and tables:
-        table = _table_records(layout, tables)
-        for paths in missing:
-            data_ = table.get(paths.dir.name)
-            if data_ is None or _schema_problem(data_, paths):
-                continue  # never written before its sbatch: nothing of it can run
-            rec = RunRecord.from_dict(data_)
-            try:
-                paths.dir.mkdir(parents=True, exist_ok=True)
-                replace_record_nosync(paths, rec)
-                log.info("run %s: run.json was missing; written again from %s", rec.run_id, layout.sweep(sweep_id))
-            except HpcexpError as exc:
-                log.warning("run %s: cannot write its record again (%s)", rec.run_id, exc)
-            out.append((paths, rec))
+        if missing and idx.tables:
+            table = idx.records()
+            for paths in missing:
+                rec = table_record(paths, table.get(paths.dir.name)) if paths.dir.name in table else None
+                if rec is not None:   # else never written before its sbatch: nothing of it can run
+                    out.append((paths, rec))
     return sorted(out, key=lambda t: (t[1].task_index or 0, t[1].run_id))
 
 
@@ -659,6 +712,9 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     exact = [p for p in exact if os.path.lexists(p.record) and (p.dir.is_dir() or p.dir.is_symlink())]
     if exact:
         return [(p, _load(p)) for p in exact]
+    task = _table_task(layout, spec)
+    if task is not None:
+        return [task]
     if os.path.lexists(layout.sweep(spec)):
         tasks = sweep_runs(layout, spec)
         if tasks is None:  # a damaged sweep record: the records say which runs are its
@@ -674,6 +730,11 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
     ids = sorted((layout.run(e, n) for e in exps for n in _names(layout.experiment_runs(e)) if n.startswith(spec)),
                  key=lambda p: (p.dir.name, str(p.dir)))
     ids = [p for p in ids if os.path.lexists(p.record)]
+    from hpcexp.core import sweeptable
+
+    have = {p.dir.name for p in ids}
+    for idx in sweeptable.prefix_sweeps(layout.sweeps_dir(), spec):
+        ids += [layout.run(idx.experiment, rid) for rid in idx.run_ids if rid.startswith(spec) and rid not in have]
     sweeps = {n[:-5] for n in _names(layout.sweeps_dir()) if n.startswith(spec) and n.endswith(".json")}
     names = {p.dir.name for p in ids} | sweeps
     if len(names) == 1 and ids:
@@ -695,6 +756,21 @@ def resolve(layout: Layout, spec: str) -> list[tuple[RunPaths, RunRecord]]:
                          + (" ..." if len(names) > 5 else ""))
     raise NotFound(f"no run, sweep or experiment matches {shown(spec)}",
                    hint="`hpcexp runs` lists runs; use a run id, a unique prefix, an experiment name or @last")
+
+
+def _table_task(layout: Layout, run_id: str) -> tuple[RunPaths, RunRecord] | None:
+    """A sweep task found by its id alone (its id names its sweep; see core/sweeptable.py)."""
+    from hpcexp.core import sweeptable
+
+    sweep_id = sweeptable.sweep_of(run_id)
+    idx = sweeptable.index(layout.sweeps_dir(), sweep_id) if sweep_id else None
+    if idx is None or run_id not in idx.run_ids:
+        return None
+    paths = layout.run(idx.experiment, run_id)
+    try:
+        return paths, _load(paths)
+    except NotFound:
+        return None
 
 
 def git_state(root: Path) -> tuple[str | None, bool | None]:

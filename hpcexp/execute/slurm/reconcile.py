@@ -62,7 +62,7 @@ def gather(layout: Layout, records: Sequence[runs.RunRecord], markers: Mapping[s
     """One squeue call, then (only for runs that left the queue without a final answer)
     one sacct call unless accounting is known to be off, and one scontrol call."""
     ev = Evidence()
-    users = sorted({r.user for r in records if _known_user(r.user)} | {hostinfo.user()})
+    users = sorted({u for u in {r.user for r in records} if _known_user(u)} | {hostinfo.user()})  # once a user
     try:
         res = run(squeue_argv(users))
         if res.ok:

@@ -127,6 +127,13 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def _make_folder(folder: Path, *, parents: bool = False) -> None:
+    try:
+        folder.mkdir(parents=parents, exist_ok=True)
+    except OSError as exc:
+        raise atomic.storage_error(exc, folder) from exc
+
+
 def _link_script(script: Path, target: Path) -> None:
     """Keep the job script in the run folder: a hard link to the array's script (no copies of
     a large table), or a copy where links are not possible."""
@@ -214,7 +221,8 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
             t.record.executor_ids["job_name"] = job_name
             if array:
                 t.record.executor_ids.update(array_task_id=pos, array_size=len(rng))
-                _link_script(script, t.paths.script)
+                if not fresh:   # a new sweep's tasks have no folder yet; the script is in the sweep's
+                    _link_script(script, t.paths.script)
     _fault("slurm.before_records")
     if array and sweep_record is not None:
         # One durable step per part (docs/records.md): the part's records as one fsynced
@@ -223,7 +231,7 @@ def _submit_tasks(layout: Layout, exp_name: str, image: Path, tasks: list[_Task]
         subs = sweep_record.setdefault("submissions", [])
         for rng, job_name, _, script, part in renders:
             table = layout.sweep_table(str(sweep_id), part)
-            runs.create_records(table, [(tasks[i].paths, tasks[i].record) for i in rng])
+            runs.create_records(table, [(tasks[i].paths, tasks[i].record) for i in rng], run_json=not fresh)
             subs.append({"job_name": job_name, "script": str(script), "array_job_id": None,
                          "run_ids": [tasks[i].record.run_id for i in rng], "records": table.name,
                          "task_indexes": [tasks[i].record.task_index for i in rng], "submitted_at": None})
@@ -356,7 +364,20 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     allocated: list[RunPaths] = []
     try:
         with runs.bulk():  # thousands of records and plans, no cycles among them
-            if dry_run:
+            if is_array:
+                # A sweep's tasks get no folder here: their records are the part's durable
+                # table until their first change (their job makes the folder when it
+                # starts), and their ids name the sweep (core/sweeptable.py, docs/records.md).
+                from hpcexp.core import sweeptable
+
+                allocated = [layout.run(exp.name, rid)
+                             for rid in sweeptable.task_run_ids(str(sweep_id), len(param_sets))]
+                if not dry_run:
+                    _make_folder(layout.experiment_runs(exp.name), parents=True)
+                    if payload_env is not None:   # tracking keeps its state in the run folders
+                        for p in allocated:
+                            _make_folder(p.dir)
+            elif dry_run:
                 allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
             elif len(param_sets) < 16:
                 allocated = [runs.allocate_run(layout, exp.name) for _ in param_sets]
@@ -516,8 +537,12 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
         res = res.merged(resources)
     check_resources(res)
     tasks: list[_Task] = []
+    # the script each task ran last (a new sweep's tasks have no job.sbatch of their own)
+    scripts = {str(sub.get("job_name")): Path(str(sub["script"])) for sub in record.get("submissions") or []
+               if isinstance(sub, dict) and isinstance(sub.get("script"), str)}
     for paths, rec in chosen:
         rec = rec.copy()
+        old_job_name = rec.executor_ids.get("job_name")
         env = rec.extra.get("container_env")
         if not isinstance(env, dict) or not rec.command:
             raise UsageError(f"run {rec.run_id} has no stored command to resubmit (made by an older hpcexp?)")
@@ -533,10 +558,8 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
         rec.reason = rec.launch_error = None
         rec.executor_ids = {"base_attempt": rec.attempt, "resubmitted_at": runs.utcnow()}
         rec.resources = resources_dict(res)
-        if not dry_run and paths.script.exists():
-            old = paths.dir / f"job.attempt-{rec.attempt - 1}.sbatch"
-            if not old.exists():
-                os.replace(paths.script, old)
+        if not dry_run:
+            _keep_old_script(paths, rec.attempt - 1, scripts.get(str(old_job_name)))
         spec = sbatch.TaskSpec(run_id=rec.run_id, run_dir=paths.dir, argv=tuple(rec.command),
                                container_env={str(k): str(v) for k, v in env.items()}, attempt=rec.attempt,
                                env_prefix=prefix)
@@ -547,6 +570,19 @@ def resubmit_runs(project: Any, sweep_id: str, chosen: Sequence[tuple[RunPaths, 
                          first_chunk=first, sweep_record=record,
                          env_probe=_tracking_probe([t.spec.container_env for t in tasks]),
                          services=tasks[0].record.extra.get("services") or () if tasks else ())
+
+
+def _keep_old_script(paths: RunPaths, attempt: int, part_script: Path | None) -> None:
+    """Keep the script of the attempt before a resubmission as ``job.attempt-N.sbatch``: the
+    run folder's ``job.sbatch``, or (a new sweep's task) its array part's script, linked."""
+    old = paths.dir / f"job.attempt-{attempt}.sbatch"
+    if old.exists():
+        return
+    if paths.script.exists():
+        os.replace(paths.script, old)
+    elif part_script is not None and part_script.is_file():
+        _make_folder(paths.dir, parents=True)
+        _link_script(part_script, old)
 
 
 def _tracking_probe(envs: Sequence[Mapping[str, str]]) -> tuple[str, int, tuple[str, ...]] | None:
