@@ -20,8 +20,9 @@ import pytest
 from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.execute import local
-from hpcexp.execute.local import supervisor, versions
+from hpcexp.execute.local import supervisor
 from hpcexp.infra import host as hostinfo
+from hpcexp.runtime import versions
 
 
 def _record(run_dir: Path, code: str, *, run_id: str | None = None, grace: float = 10.0) -> RunPaths:

@@ -207,7 +207,10 @@ def test_death_between_sbatch_and_recording_the_job_id_is_reconciled(proj: dict[
     proc = run_cli("submit", "echo", "--sweep", "a=1,2", cwd=proj["root"], env=env)
     assert proc.returncode == -9, (proc.returncode, proc.stderr)
     assert len(sbatch_calls(proj)) == 1
-    before = [json.loads(p.read_text()) for p in (proj["root"] / "runs" / "echo").glob("*/run.json")]
+    # the tasks' records: their part's durable table (no task folder exists before its job starts)
+    (table,) = (proj["root"] / "runs" / ".sweeps").glob("sweep-*/array-0.records.jsonl")
+    before = [json.loads(line) for line in table.read_text().splitlines()]
+    assert not list((proj["root"] / "runs" / "echo").glob("*/run.json"))
     assert len(before) == 2 and all(r["state"] == "submitting" and "job_id" not in r["executor_ids"]
                                     for r in before)
     sweep_id = before[0]["sweep_id"]

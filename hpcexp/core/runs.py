@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from hpcexp import __version__
 from hpcexp.core.layout import Layout, RunPaths
-from hpcexp.errors import HpcexpError, NotFound, StorageError, UsageError, shown
+from hpcexp.errors import NotFound, StorageError, UsageError, shown
 from hpcexp.infra import atomic
 from hpcexp.infra import host as hostinfo
 
@@ -370,17 +370,7 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]], *, 
 
 def replace_text_nosync(final: Path, text: str) -> None:
     """Temp and rename without fsync (see :func:`replace_record_nosync`)."""
-    tmp = atomic.tmp_name_for(final)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, final)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise atomic.storage_error(exc, final) from exc
+    atomic.write_text_nosync(final, text)
 
 
 MAX_RECORD_BYTES = 4 << 20

@@ -127,6 +127,23 @@ def write_text(final: str | os.PathLike[str], text: str, *, perms: int | None = 
     write_bytes(final, text.encode("utf-8"), perms=perms)
 
 
+def write_text_nosync(final: Path, text: str) -> None:
+    """Replace ``final`` by temp name and rename WITHOUT fsync: every reader sees the old or
+    the new text whole, but a machine crash may bring back the old one. For what is kept
+    durably elsewhere (a sweep task's record) or is only a cache."""
+    tmp = tmp_name_for(final)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, final)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise storage_error(exc, final) from exc
+
+
 def write_json(final: str | os.PathLike[str], obj: Any) -> None:
     """Atomically replace ``final`` with ``obj`` as indented, key-sorted JSON."""
     write_text(final, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

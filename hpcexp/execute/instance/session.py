@@ -66,7 +66,7 @@ def prepare(project: Project, exp: Experiment, image: Any, *, params: Mapping[st
     ``created`` record holding the instance, server and stop argv."""
     from hpcexp.core.config import host_arch
     from hpcexp.execute.local.launcher import _image_fields, _runtime_path
-    from hpcexp.execute.local.versions import known_version
+    from hpcexp.runtime.versions import known_version
 
     spec = exp.remote
     if spec is None:

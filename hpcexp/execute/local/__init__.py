@@ -10,7 +10,7 @@ The package's face; the work is split by who does it, and when:
   :func:`main`;
 * :mod:`~hpcexp.execute.local.control`: any hpcexp process on the host stops runs and
   records the ones whose supervisor is gone ``lost``;
-* :mod:`~hpcexp.execute.local.versions`: the runtime's version, remembered per binary;
+* :mod:`~hpcexp.runtime.versions` (used from here): the runtime's version, remembered per binary;
 * :mod:`~hpcexp.execute.local.executor`: ``LocalExecutor``, the
   :class:`hpcexp.execute.base.Executor` registered as ``local``.
 """
@@ -21,7 +21,7 @@ from hpcexp.execute.local.control import CREATED_PATIENCE, reconcile, stop, trus
 from hpcexp.execute.local.executor import EXECUTOR, LocalExecutor
 from hpcexp.execute.local.launcher import prepare_run, spawn_detached, start_run
 from hpcexp.execute.local.supervisor import DEFAULT_GRACE, MARKER, main, supervise
-from hpcexp.execute.local.versions import known_version
+from hpcexp.runtime.versions import known_version
 
 __all__ = [
     "CREATED_PATIENCE", "DEFAULT_GRACE", "EXECUTOR", "MARKER", "LocalExecutor", "known_version", "main",

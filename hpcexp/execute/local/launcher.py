@@ -26,10 +26,10 @@ from hpcexp.core.config import Experiment, Project
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import UsageError
 from hpcexp.execute.local.supervisor import DEFAULT_GRACE, mark, supervise
-from hpcexp.execute.local.versions import known_version, version_cache
 from hpcexp.infra import host as hostinfo
 from hpcexp.infra import process
 from hpcexp.runtime import apptainer
+from hpcexp.runtime.versions import known_version, version_cache
 
 
 def _image_fields(image: Any) -> dict[str, Any]:

@@ -51,10 +51,10 @@ from hpcexp.core import runs
 from hpcexp.core.layout import RunPaths
 from hpcexp.errors import HpcexpError, NotFound, UsageError
 from hpcexp.execute import services as _services
-from hpcexp.execute.local.versions import finish_probe, remember_version, start_probe
 from hpcexp.infra import host as hostinfo
 from hpcexp.infra import process, safeio
 from hpcexp.runtime import apptainer
+from hpcexp.runtime.versions import finish_probe, remember_version, start_probe
 
 log = logging.getLogger(__name__)
 

@@ -104,13 +104,30 @@ def _template(layout: Layout, name: str, template: str | None) -> tuple[str, str
     return sbatch.default_template(), "(built-in default.sbatch)"
 
 
-def _runtime_program() -> tuple[str, str | None, str]:
-    """(program name to call on the node, version, env prefix)."""
+def _runtime_program(cache_dir: Path | None = None) -> tuple[str, str | None, str]:
+    """(program name to call on the node, version, env prefix).
+
+    The version is the one remembered for this very binary when there is one (asking is a Go
+    start-up, a fifth of a small submission's time), else asked and remembered."""
+    from hpcexp.infra import process
+    from hpcexp.runtime import versions
+
+    version = None
+    if cache_dir is not None:
+        for name in ("apptainer", "singularity"):
+            path = process.which(name)
+            if path is not None:
+                version = versions.known_version(path, cache_dir)
+                if version is not None:
+                    return name, version, "SINGULARITYENV_" if name == "singularity" else "APPTAINERENV_"
+                break
     from hpcexp.runtime import apptainer
 
     inst = apptainer.detect()
     program = inst.program if inst else "apptainer"
     prefix = "SINGULARITYENV_" if program == "singularity" else "APPTAINERENV_"
+    if inst is not None and cache_dir is not None:
+        versions.remember_version(inst.path, inst.version, versions.version_cache(cache_dir))
     return program, (inst.version if inst else None), prefix
 
 
@@ -350,7 +367,7 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
     if not dry_run and not image_path.is_file():
         raise UsageError(f"image {image_path} does not exist", hint=f"build it with `hpcexp build {exp.name}`")
     is_array = bool(sweep) if sweep is not None else len(param_sets) > 1
-    program, version, prefix = _runtime_program()
+    program, version, prefix = _runtime_program(project.cache_dir if not dry_run else None)
     commit, dirty = runs.git_state(project.root) if not dry_run else (None, None)
     sweep_id = (sweep_mod.new_sweep_id() if dry_run else sweep_mod.allocate_sweep(layout)) if is_array else None
     res_dict = resources_dict(resources)

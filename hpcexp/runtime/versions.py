@@ -5,8 +5,9 @@ start-up, ~20 ms of CPU, so it is not asked before a run starts: the launcher ta
 version remembered for this very binary (:func:`known_version`), and when there is none
 the supervisor starts a probe while the payload runs and remembers the answer.
 
-Its own module because both sides use it: the launcher reads the cache, the supervisor
-fills it, and neither imports the other for it.
+Its own module because several sides use it: the local launcher reads the cache and its
+supervisor fills it; ``submit`` reads it too and asks (then remembers) only when the binary
+is new, so a sweep's submission makes no Go start-up either.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def remember_version(program: str, version: str, cache: Path) -> None:
     data[key[0]] = {"id": key[1], "version": version}
     with contextlib.suppress(Exception):  # a cache: never a reason to fail a run
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(cache, data)
+        atomic.write_text_nosync(cache, json.dumps(data, indent=2, sort_keys=True) + "\n")  # a cache: no fsync
 
 
 def start_probe(program: str) -> "subprocess.Popen[str] | None":
