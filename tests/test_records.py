@@ -218,3 +218,34 @@ def test_a_long_sweep_command_line_is_kept_once_not_in_every_task(project: Any, 
     assert max(sizes) < 4096 and "hpcexp_argv" not in runs.read_record(sub.runs[0][0]).extra
     short = _submit(project, [{"i": "1"}, {"i": "2"}], sweep=True, cmdline=["hpcexp", "submit", "echo"])
     assert runs.read_record(short.runs[0][0]).extra["hpcexp_argv"] == ["hpcexp", "submit", "echo"]
+
+
+def test_every_reader_and_writer_of_a_task_that_has_no_folder_yet(project: Any, fake_slurm: FakeSlurm,
+                                                                   tmp_path: Path) -> None:
+    """The commands a user points at a queued sweep task: logs, stop, archive, check."""
+    import tarfile
+
+    from hpcexp.archive import create_archive
+    from hpcexp.core import fsck
+    from hpcexp.execute import slurm
+
+    sub = _submit(project, [{"i": str(i)} for i in range(3)], sweep=True)
+    layout = Layout(project)
+    paths = sub.runs[0][0]
+    assert not paths.dir.exists()
+    # check: nothing damaged, every task sound
+    found, sound = fsck.check_records(layout, repair=False)
+    assert found == [] and sorted(r.run_id for _, r in sound) == sorted(r.run_id for _, r in sub.runs)
+    # archive: the task's record goes in as its run.json, though it had none
+    out = tmp_path / "a.tar.gz"
+    create_archive(layout, [sub.runs[0][1].run_id], output=out, fmt="tar.gz")
+    with tarfile.open(out) as tar:
+        member = next(m for m in tar.getnames() if m.endswith(f"{paths.dir.name}/run.json"))
+        assert json.loads(tar.extractfile(member).read())["run_id"] == paths.dir.name
+    # stop: the cancelled state is written, the folder made for it
+    fake_slurm.set("squeue", "")
+    fake_slurm.set("scontrol", "".join(f"JobId={1001 + i} ArrayJobId=1000 ArrayTaskId={i} JobName=x "
+                                       "JobState=CANCELLED Reason=None ExitCode=0:0\n" for i in range(3)))
+    items = slurm.stop(layout, runs.resolve(layout, str(sub.sweep_id)))
+    assert [r.state for _, r in items] == ["cancelled"] * 3
+    assert all(json.loads(p.record.read_text())["state"] == "cancelled" for p, _ in sub.runs)

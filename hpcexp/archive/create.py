@@ -95,7 +95,8 @@ def create_archive(layout: Layout, specs: list[str], *, all_runs: bool = False,
 
     Raises UsageError for unreadable files (unless ``skip_unreadable``), for any warning
     under ``strict``, and for an existing output (unless ``force``); StorageError when
-    writing fails, with the temporary file removed. Archived runs are only read.
+    writing fails, with the temporary file removed. Archived runs are only read (but for a
+    sweep task whose record is still its sweep's table: its run.json is written out first).
     """
     warn = warn or (lambda msg: log.warning("%s", msg))
     out_path = Path(output) if output is not None else None

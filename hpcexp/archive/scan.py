@@ -247,6 +247,16 @@ def prepare_run(layout: Layout, paths: RunPaths, rec: RunRecord, scanner: Scanne
     exp_name, run_id = paths.dir.parent.name, paths.dir.name
     prefix = f"{exp_name}/{run_id}"
     run = ScannedRun(paths=paths, record=rec, prefix=prefix)
+    if rec.from_table:
+        # a sweep task whose record is still its sweep's table (no run.json, maybe no folder
+        # yet): the archive holds a run.json like every other run's, so write it out first
+        from hpcexp.core.runs import replace_record_nosync
+
+        try:
+            replace_record_nosync(paths, rec)
+        except HpcexpError as exc:
+            scanner.warn(prefix, f"its record is only in its sweep's table and cannot be written out "
+                         f"({exc}); archived without run.json", skipped=False)
     if rec.error:
         scanner.warn(prefix, f"run record is damaged ({rec.error}); archiving the folder as it is",
                      skipped=False)
