@@ -43,6 +43,17 @@ def _slurm_tasks() -> dict[str, set[str]]:
     return tasks
 
 
+def _wait_for_orphaned_sbatch(timeout: float = 120) -> None:
+    """A submit killed while its ``sbatch`` runs leaves that ``sbatch`` running: it may still
+    create the job after the kill. Wait until no ``sbatch`` of this user runs, so the queue
+    and the records are compared once the job exists or never will (else the queue is read
+    before the job appears, and status, run after, attaches it by name: a race of the test)."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["pgrep", "-x", "-u", str(os.getuid()), "sbatch"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "an sbatch of the killed submit never finished"
+        time.sleep(0.1)
+
+
 def _sweeps(root: Path) -> set[str]:
     d = root / "runs" / ".sweeps"
     return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
@@ -114,6 +125,7 @@ def test_kill_9_at_any_point_of_a_1000_task_submit_loses_nothing_it_reported(tmp
                 time.sleep(delay)
                 child.send_signal(signal.SIGKILL)
             _, err = child.communicate(timeout=600)
+            _wait_for_orphaned_sbatch()
             new = _sweeps(p["root"]) - seen
             seen |= new
             if delay is None:
