@@ -47,8 +47,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(paths.dir.name)
         return rec
 
-    def counting_table(paths: runs.RunPaths, data: Any = None) -> runs.RunRecord | None:
-        rec = real_table(paths, data)
+    def counting_table(paths: runs.RunPaths, data: Any = None, **kw: Any) -> runs.RunRecord | None:
+        rec = real_table(paths, data, **kw)
         if rec is not None:
             seen.append(paths.dir.name)
         return rec

@@ -93,7 +93,7 @@ def run_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[list[str]]
 def json_rows(items: Sequence[tuple["RunPaths", "RunRecord"]]) -> list[dict[str, Any]]:
     """Records for ``--json``: every row has the same keys; ``error`` says why a record is
     damaged (path and reason) and is null otherwise."""
-    return [{**rec.to_dict(), "dir": str(paths.dir), "error": rec.error} for paths, rec in items]
+    return [{**rec.to_dict(copy=False), "dir": str(paths.dir), "error": rec.error} for paths, rec in items]
 
 
 def details(paths: "RunPaths", rec: "RunRecord") -> list[str]:

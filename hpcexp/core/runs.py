@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -123,10 +124,15 @@ class RunRecord:
             end = _dt.datetime.now(_dt.timezone.utc).timestamp() if self.state == "running" else None
         return None if end is None else max(0.0, end - start)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, copy: bool = True) -> dict[str, Any]:
         """The record as run.json holds it; containers are copied one level deep (not with
-        ``asdict``'s recursive copies: ``status --json`` turns thousands of records into rows)."""
-        data: dict[str, Any] = {}
+        ``asdict``'s recursive copies: ``status --json`` turns thousands of records into rows),
+        or not at all with ``copy=False`` (rows printed at once, never changed)."""
+        if not copy:
+            data = {f: getattr(self, f) for f in _FIELDS}
+            data.update({k: v for k, v in self.extra.items() if k not in data})
+            return data
+        data = {}
         for f in _FIELDS:
             v = getattr(self, f)
             data[f] = dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
@@ -492,9 +498,11 @@ def _read_file(paths: RunPaths) -> RunRecord:
         return damaged_record(paths, str(exc))
 
 
-def table_record(paths: RunPaths, data: dict[str, Any] | None = None) -> RunRecord | None:
+def table_record(paths: RunPaths, data: dict[str, Any] | None = None, *, fresh: bool = False
+                 ) -> RunRecord | None:
     """The record of a sweep task that has no run.json yet, from its sweep's table (or
-    ``data``, its line), marked ``from_table``; None when the table holds no usable one."""
+    ``data``, its line: ``fresh`` when decoded for this call alone, so not copied), marked
+    ``from_table``; None when the table holds no usable one."""
     if data is None:
         from hpcexp.core import sweeptable
 
@@ -503,7 +511,9 @@ def table_record(paths: RunPaths, data: dict[str, Any] | None = None) -> RunReco
         return None
     if os.path.islink(paths.dir):
         return damaged_record(paths, "the run folder is a symbolic link; not followed")
-    rec = RunRecord.from_dict(data).copy()   # the table's dicts stay the cache's
+    rec = RunRecord.from_dict(data)
+    if not fresh:
+        rec = rec.copy()   # the table's dicts stay the cache's
     rec.from_table = True
     return rec
 
@@ -661,7 +671,14 @@ def sweep_runs(layout: Layout, sweep_id: str) -> list[tuple[RunPaths, RunRecord]
     with bulk():
         for rid in idx.run_ids:
             paths = RunPaths(folder / rid)
-            if paths.dir.is_symlink():
+            try:
+                mode = os.lstat(paths.dir).st_mode
+            except FileNotFoundError:
+                missing.append(paths)     # a task whose job has not started: no folder yet
+                continue
+            except OSError:
+                mode = 0
+            if stat.S_ISLNK(mode):
                 out.append((paths, damaged_record(paths, "the run folder is a symbolic link; not followed")))
                 continue
             try:
@@ -669,9 +686,12 @@ def sweep_runs(layout: Layout, sweep_id: str) -> list[tuple[RunPaths, RunRecord]
             except NotFound:
                 missing.append(paths)
         if missing and idx.tables:
-            table = idx.records()
+            from hpcexp.core.sweeptable import read_tables
+
+            table = read_tables(idx.tables)   # decoded for this call: its records need no copy
             for paths in missing:
-                rec = table_record(paths, table.get(paths.dir.name)) if paths.dir.name in table else None
+                data = table.get(paths.dir.name)
+                rec = table_record(paths, data, fresh=True) if data is not None else None
                 if rec is not None:   # else never written before its sbatch: nothing of it can run
                     out.append((paths, rec))
     return sorted(out, key=lambda t: (t[1].task_index or 0, t[1].run_id))
