@@ -227,10 +227,7 @@ def new_run_id() -> str:
 def allocate_run(layout: Layout, experiment: str, *, attempts: int = 50) -> RunPaths:
     """Create a new, unique run folder by exclusive mkdir and return its paths."""
     parent = layout.experiment_runs(experiment)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise atomic.storage_error(exc, parent) from exc
+    atomic.ensure_dir(parent)
     for _ in range(attempts):
         paths = layout.run(experiment, new_run_id())
         try:
@@ -254,10 +251,7 @@ def _ensure_folder(paths: RunPaths, record: RunRecord) -> None:
     have made it already): only such records, so a run folder somebody removed is never
     made again by a stray write."""
     if record.from_table:
-        try:
-            paths.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise atomic.storage_error(exc, paths.dir) from exc
+        atomic.ensure_dir(paths.dir)
 
 
 def write_record(paths: RunPaths, record: RunRecord) -> None:
@@ -290,7 +284,7 @@ def replace_record_nosync(paths: RunPaths, record: RunRecord) -> None:
     """
     _refuse_damaged(paths, record)
     _ensure_folder(paths, record)
-    replace_text_nosync(paths.record, record.json_text())
+    atomic.write_text_nosync(paths.record, record.json_text())
     record.from_table = False
 
 
@@ -314,13 +308,7 @@ def write_records(items: Iterable[tuple[RunPaths, RunRecord]], *, threads: int =
 
     def one(item: tuple[RunPaths, RunRecord]) -> BaseException | None:
         try:
-            if durable:
-                _refuse_damaged(*item)
-                _ensure_folder(*item)
-                atomic.write_text(item[0].record, item[1].json_text())
-                item[1].from_table = False
-            else:
-                replace_record_nosync(*item)
+            (write_record if durable else replace_record_nosync)(*item)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
             return exc
         return None
@@ -355,7 +343,7 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]], *, 
     jobs = [(paths.record, text) for (paths, _), (text, _) in zip(items, texts)]
     if len(jobs) < 64:
         for final, text in jobs:
-            replace_text_nosync(final, text)
+            atomic.write_text_nosync(final, text)
         return
     # The first file of a new folder costs the file system most (its directory block is
     # allocated then): from a few threads those costs overlap on several cores.
@@ -363,7 +351,7 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]], *, 
 
     def one(job: tuple[Path, str]) -> BaseException | None:
         try:
-            replace_text_nosync(*job)
+            atomic.write_text_nosync(*job)
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others
             return exc
         return None
@@ -372,11 +360,6 @@ def create_records(table: Path, items: Sequence[tuple[RunPaths, RunRecord]], *, 
         errors = [e for e in pool.map(one, jobs, chunksize=32) if e is not None]
     if errors:
         raise errors[0]
-
-
-def replace_text_nosync(final: Path, text: str) -> None:
-    """Temp and rename without fsync (see :func:`replace_record_nosync`)."""
-    atomic.write_text_nosync(final, text)
 
 
 MAX_RECORD_BYTES = 4 << 20
@@ -543,7 +526,7 @@ def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[R
     from hpcexp.core import sweeptable
 
     items: list[tuple[str, RunPaths, Any]] = []
-    lazy: dict[str, list[Any]] | None = None
+    lazy = sweeptable.by_experiment(layout.sweeps_dir()) if exp_dirs else {}
     for exp_dir in exp_dirs:
         if not exp_dir.is_dir() or exp_dir.is_symlink():
             continue
@@ -558,8 +541,6 @@ def iter_runs(layout: Layout, experiment: str | None = None) -> Iterator[tuple[R
                 items.append((entry.name, paths, False))
                 seen.add(entry.name)
         # sweep tasks whose record is still their sweep's table alone
-        if lazy is None:
-            lazy = sweeptable.by_experiment(layout.sweeps_dir())
         for idx in lazy.get(exp_dir.name, ()):
             missing = [rid for rid in idx.run_ids if rid not in seen]
             if missing:

@@ -59,12 +59,14 @@ def sweep_of(run_id: str) -> str | None:
 
 @dataclass
 class SweepIndex:
-    """What a sweep record says about its tasks: their experiment, ids and tables."""
+    """What a sweep record says about its tasks: their experiment, ids and tables, and its
+    array parts (``submissions``: job name, array job id, submission time...)."""
 
     sweep_id: str
     experiment: str
     run_ids: list[str]
     tables: list[Path]
+    submissions: list[dict[str, Any]] = field(default_factory=list)
     _records: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
 
     def records(self) -> dict[str, dict[str, Any]]:
@@ -100,15 +102,14 @@ def index(sweeps_dir: Path, sweep_id: str) -> SweepIndex | None:
     if isinstance(data, dict) and isinstance(data.get("experiment"), str):
         ids: dict[str, None] = {}
         tables: list[Path] = []
-        for sub in data.get("submissions") or []:
-            if not isinstance(sub, dict):
-                continue
+        subs = [sub for sub in data.get("submissions") or [] if isinstance(sub, dict)]
+        for sub in subs:
             for rid in sub.get("run_ids") or []:
                 if isinstance(rid, str):
                     ids[rid] = None
             if isinstance(sub.get("records"), str):
                 tables.append(sweeps_dir / sweep_id / Path(sub["records"]).name)
-        idx = SweepIndex(sweep_id, data["experiment"], list(ids), tables)
+        idx = SweepIndex(sweep_id, data["experiment"], list(ids), tables, subs)
     else:
         idx = _from_tables(sweeps_dir, sweep_id)
     _CACHE[str(path)] = (key, idx)
@@ -130,7 +131,7 @@ def _from_tables(sweeps_dir: Path, sweep_id: str) -> SweepIndex | None:
     exps = {d.get("experiment") for d in records.values()}
     if len(exps) != 1 or not isinstance(next(iter(exps)), str):
         return None
-    return SweepIndex(sweep_id, str(next(iter(exps))), list(records), tables, records)
+    return SweepIndex(sweep_id, str(next(iter(exps))), list(records), tables, [], records)
 
 
 def read_tables(tables: list[Path]) -> dict[str, dict[str, Any]]:
@@ -166,23 +167,23 @@ def task_record(run_dir: Path) -> dict[str, Any] | None:
     return idx.records().get(run_dir.name)
 
 
-def _sweep_names(sweeps_dir: Path) -> list[str]:
-    """Sweep ids of the new form under ``runs/.sweeps`` (by record, or by folder when the
-    record is gone), sorted."""
+def _sweep_names(sweeps_dir: Path) -> list[tuple[str, str]]:
+    """(sweep id, its YYYYMMDD-HHMMSS) of each sweep of the new form under ``runs/.sweeps``
+    (by record, or by folder when the record is gone), sorted."""
     try:
         with os.scandir(sweeps_dir) as it:
             names = {e.name[:-5] if e.name.endswith(".json") else e.name for e in it}
     except OSError:
         return []
-    return sorted(n for n in names if SWEEP_ID_RE.match(n))
+    found = ((n, SWEEP_ID_RE.match(n)) for n in names)
+    return sorted((n, m.group(1)) for n, m in found if m is not None)
 
 
 def sweeps_of(sweeps_dir: Path, experiment: str, *, since: str = "") -> Iterator[SweepIndex]:
     """The sweeps of ``experiment`` whose tasks may live in their tables alone, newest first;
     ``since`` (``YYYYMMDD-HHMMSS``) passes over older ones without reading them."""
-    for sweep_id in reversed(_sweep_names(sweeps_dir)):
-        m = SWEEP_ID_RE.match(sweep_id)
-        if m is None or m.group(1) < since:
+    for sweep_id, stamp in reversed(_sweep_names(sweeps_dir)):
+        if stamp < since:
             continue
         idx = index(sweeps_dir, sweep_id)
         if idx is not None and idx.experiment == experiment:
@@ -192,7 +193,7 @@ def sweeps_of(sweeps_dir: Path, experiment: str, *, since: str = "") -> Iterator
 def by_experiment(sweeps_dir: Path) -> dict[str, list[SweepIndex]]:
     """Every sweep whose tasks may live in their tables alone, by experiment (one listing)."""
     out: dict[str, list[SweepIndex]] = {}
-    for sweep_id in _sweep_names(sweeps_dir):
+    for sweep_id, _ in _sweep_names(sweeps_dir):
         idx = index(sweeps_dir, sweep_id)
         if idx is not None:
             out.setdefault(idx.experiment, []).append(idx)
@@ -201,11 +202,7 @@ def by_experiment(sweeps_dir: Path) -> dict[str, list[SweepIndex]]:
 
 def prefix_sweeps(sweeps_dir: Path, prefix: str) -> Iterator[SweepIndex]:
     """The sweeps whose task ids could begin with ``prefix`` (a run-id prefix)."""
-    for sweep_id in _sweep_names(sweeps_dir):
-        m = SWEEP_ID_RE.match(sweep_id)
-        if m is None:
-            continue
-        stamp = m.group(1)
+    for sweep_id, stamp in _sweep_names(sweeps_dir):
         if not (stamp.startswith(prefix) or prefix.startswith(stamp)):
             continue
         idx = index(sweeps_dir, sweep_id)

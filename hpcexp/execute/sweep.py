@@ -157,10 +157,7 @@ def new_sweep_id() -> str:
 def allocate_sweep(layout: Layout, *, attempts: int = 50) -> str:
     """A new sweep id, made unique by exclusive mkdir of runs/.sweeps/SWEEP_ID/."""
     parent = layout.sweeps_dir()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise atomic.storage_error(exc, parent) from exc
+    atomic.ensure_dir(parent)
     for _ in range(attempts):
         sweep_id = new_sweep_id()
         try:

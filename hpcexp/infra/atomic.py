@@ -127,6 +127,14 @@ def write_text(final: str | os.PathLike[str], text: str, *, perms: int | None = 
     write_bytes(final, text.encode("utf-8"), perms=perms)
 
 
+def ensure_dir(path: Path) -> None:
+    """``mkdir -p``, with the StorageError that names the folder (full disk, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, path) from exc
+
+
 def write_text_nosync(final: Path, text: str) -> None:
     """Replace ``final`` by temp name and rename WITHOUT fsync: every reader sees the old or
     the new text whole, but a machine crash may bring back the old one. For what is kept

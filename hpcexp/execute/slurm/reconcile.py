@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from hpcexp.core import runs
+from hpcexp.core import runs, sweeptable
 from hpcexp.core.layout import Layout, RunPaths
 from hpcexp.errors import EnvironmentProblem, HpcexpError, SchedulerError
 from hpcexp.execute.slurm import requeue
@@ -136,13 +136,10 @@ def _attach_from_sweeps(layout: Layout, items: list[tuple[RunPaths, runs.RunReco
                 or ids.get("array_task_id") is None:
             continue
         if rec.sweep_id not in parts:
-            try:
-                data = safeio.load_json_file(layout.sweep(rec.sweep_id), max_bytes=64 << 20)
-            except (OSError, ValueError):
-                data = {}
-            subs = data.get("submissions", []) if isinstance(data, dict) else []
-            parts[rec.sweep_id] = {str(sub.get("job_name")): sub for sub in subs
-                                   if isinstance(sub, dict) and sub.get("array_job_id")}
+            # the sweep record as sweep_runs just read it (cached while the file is unchanged)
+            idx = sweeptable.index(layout.sweeps_dir(), rec.sweep_id)
+            parts[rec.sweep_id] = {str(sub.get("job_name")): sub for sub in (idx.submissions if idx else [])
+                                   if sub.get("array_job_id")}
         sub = parts[rec.sweep_id].get(str(ids.get("job_name")))
         if sub is None:
             continue

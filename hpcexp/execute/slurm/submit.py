@@ -112,23 +112,22 @@ def _runtime_program(cache_dir: Path | None = None) -> tuple[str, str | None, st
     from hpcexp.infra import process
     from hpcexp.runtime import versions
 
-    version = None
+    def prefix(program: str) -> str:
+        return "SINGULARITYENV_" if program == "singularity" else "APPTAINERENV_"
+
     if cache_dir is not None:
-        for name in ("apptainer", "singularity"):
-            path = process.which(name)
-            if path is not None:
-                version = versions.known_version(path, cache_dir)
-                if version is not None:
-                    return name, version, "SINGULARITYENV_" if name == "singularity" else "APPTAINERENV_"
-                break
+        name = "apptainer" if process.which("apptainer") else "singularity"
+        path = process.which(name)
+        version = versions.known_version(path, cache_dir) if path else None
+        if version is not None:
+            return name, version, prefix(name)
     from hpcexp.runtime import apptainer
 
     inst = apptainer.detect()
     program = inst.program if inst else "apptainer"
-    prefix = "SINGULARITYENV_" if program == "singularity" else "APPTAINERENV_"
     if inst is not None and cache_dir is not None:
         versions.remember_version(inst.path, inst.version, versions.version_cache(cache_dir))
-    return program, (inst.version if inst else None), prefix
+    return program, (inst.version if inst else None), prefix(program)
 
 
 def _image_fields(image: Any) -> dict[str, Any]:
@@ -142,13 +141,6 @@ def _image_fields(image: Any) -> dict[str, Any]:
 def _chunks(n: int, size: int) -> list[range]:
     size = max(1, size)
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
-
-
-def _make_folder(folder: Path, *, parents: bool = False) -> None:
-    try:
-        folder.mkdir(parents=parents, exist_ok=True)
-    except OSError as exc:
-        raise atomic.storage_error(exc, folder) from exc
 
 
 def _link_script(script: Path, target: Path) -> None:
@@ -390,10 +382,10 @@ def submit_runs(project: Any, exp: Any, image: Any, param_sets: Sequence[Mapping
                 allocated = [layout.run(exp.name, rid)
                              for rid in sweeptable.task_run_ids(str(sweep_id), len(param_sets))]
                 if not dry_run:
-                    _make_folder(layout.experiment_runs(exp.name), parents=True)
+                    atomic.ensure_dir(layout.experiment_runs(exp.name))
                     if payload_env is not None:   # tracking keeps its state in the run folders
                         for p in allocated:
-                            _make_folder(p.dir)
+                            atomic.ensure_dir(p.dir)
             elif dry_run:
                 allocated = [layout.run(exp.name, runs.new_run_id()) for _ in param_sets]
             elif len(param_sets) < 16:
@@ -598,7 +590,7 @@ def _keep_old_script(paths: RunPaths, attempt: int, part_script: Path | None) ->
     if paths.script.exists():
         os.replace(paths.script, old)
     elif part_script is not None and part_script.is_file():
-        _make_folder(paths.dir, parents=True)
+        atomic.ensure_dir(paths.dir)
         _link_script(part_script, old)
 
 
